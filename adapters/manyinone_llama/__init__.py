@@ -1,0 +1,139 @@
+"""Depth (SoFT) adapter for HF causal LMs with the LLaMA layout: llama, mistral, qwen2.
+
+The layout it relies on: `model.model.layers` (decoder layers), `model.model.norm` (final norm),
+`model.lm_head`. Exits are captured with forward hooks on the model's own layers and go through
+the model's own final norm and LM head, so no forward code is copied from transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from manyinone.adapter import ModelAdapter
+from manyinone.budget import Cost
+from manyinone.dims import DepthDim, NestedSpace, SubnetSpec, even_exits
+from manyinone.errors import ManyinoneError
+
+__all__ = ["LlamaDepthAdapter", "truncate_config"]
+
+
+def truncate_config(config, depth: int):
+    """A copy of an HF config with only the first `depth` decoder layers."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = depth
+    # Per-layer lists (sliding/full attention pattern in newer configs) must shrink with the layers.
+    for key in ("layer_types", "sliding_window_pattern_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, list):
+            setattr(config, key, value[:depth])
+    return config
+
+
+class LlamaDepthAdapter(ModelAdapter):
+    name = "llama-depth"
+    model_types = ("llama", "mistral", "qwen2")
+    axes = ("depth",)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        base = getattr(model, "model", None)
+        if not all(hasattr(base, a) for a in ("layers", "norm")) or not hasattr(model, "lm_head"):
+            raise ManyinoneError(
+                f"{type(model).__name__} lacks the LLaMA layout (model.layers, model.norm, lm_head) "
+                f"that the {self.name!r} adapter needs"
+            )
+        self.base = base
+        self.num_layers = len(base.layers)
+
+    # --- space and cost -------------------------------------------------------------------
+    def space(self, choices: Mapping[str, Sequence[int] | None]) -> NestedSpace:
+        self.check_axes(list(choices))
+        exits = choices.get("depth") or even_exits(self.num_layers)
+        return NestedSpace([DepthDim(total=self.num_layers, choices=tuple(exits))])
+
+    def cost(self, spec: SubnetSpec, context: int = 512) -> Cost:
+        depth = spec["depth"]
+        layer = self.base.layers[0]
+        layer_params = sum(p.numel() for p in layer.parameters())
+        matmul_params = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+        attn_width = layer.self_attn.q_proj.out_features
+        head_params = self.model.lm_head.weight.numel()
+        norm_params = sum(p.numel() for p in self.base.norm.parameters())
+        # 2 FLOPs per multiply-add; attention scores and the weighted sum add 2 * 2 * context * width.
+        flops = 2 * (depth * matmul_params + head_params) + depth * 4 * context * attn_width
+        return Cost(params=depth * layer_params + norm_params, flops_per_token=float(flops))
+
+    # --- forward --------------------------------------------------------------------------
+    @contextmanager
+    def _only_first(self, depth: int) -> Iterator[None]:
+        """Run the base model with its first `depth` layers only (layers past the deepest exit cost nothing)."""
+        layers, n = self.base.layers, self.base.config.num_hidden_layers
+        if depth == len(layers):
+            yield
+            return
+        self.base.layers = nn.ModuleList(list(layers)[:depth])
+        self.base.config.num_hidden_layers = depth
+        try:
+            yield
+        finally:
+            self.base.layers = layers
+            self.base.config.num_hidden_layers = n
+
+    def forward_nested(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: Sequence[SubnetSpec]
+    ) -> dict[SubnetSpec, torch.Tensor]:
+        depths = sorted({s["depth"] for s in specs})
+        captured: dict[int, torch.Tensor] = {}
+
+        def capture(depth: int):
+            def hook(_module, _inputs, output):
+                # transformers >= 5 returns a tensor from a decoder layer, older versions a tuple.
+                captured[depth] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        handles = [self.base.layers[d - 1].register_forward_hook(capture(d)) for d in depths]
+        try:
+            with self._only_first(depths[-1]):
+                self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return {s: captured[s["depth"]] for s in specs}  # each [batch, seq, hidden]
+
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.base.norm(hidden))  # [..., vocab]
+
+    # --- export ---------------------------------------------------------------------------
+    def extract(self, spec: SubnetSpec) -> nn.Module:
+        depth = spec["depth"]
+        if not 1 <= depth <= self.num_layers:
+            raise ManyinoneError(f"depth={depth} out of range; allowed 1..{self.num_layers}")
+        config = truncate_config(self.model.config, depth)
+        with torch.device("meta"):
+            sub = type(self.model)(config)
+        keep = {f"model.layers.{i}." for i in range(depth)}
+        state = {
+            k: v
+            for k, v in self.model.state_dict().items()
+            if not k.startswith("model.layers.") or any(k.startswith(p) for p in keep)
+        }
+        sub.load_state_dict(state, strict=False, assign=True)
+        # Non-persistent buffers (rotary frequencies) are not in the state dict: share the originals.
+        buffers = dict(self.model.named_buffers())
+        for name, buf in list(sub.named_buffers()):
+            if not buf.is_meta:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            sub.get_submodule(owner).register_buffer(leaf, buffers[name], persistent=False)
+        if getattr(config, "tie_word_embeddings", False):
+            sub.lm_head.weight = sub.model.embed_tokens.weight
+        leftover = [n for n, t in [*sub.named_parameters(), *sub.named_buffers()] if t.is_meta]
+        if leftover:
+            raise ManyinoneError(f"extract({spec.label}): parameters not filled: {leftover[:3]}")
+        return sub.eval() if not self.model.training else sub

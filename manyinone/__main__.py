@@ -1,0 +1,3 @@
+from manyinone.cli import app
+
+app()

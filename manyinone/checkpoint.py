@@ -1,0 +1,126 @@
+"""The manyinone checkpoint: a plain HF folder whose safetensors metadata indexes every budget.
+
+Layout (all written atomically: a temp folder, then one rename):
+    config.json, tokenizer files   as `save_pretrained` writes them
+    model.safetensors              every tensor once; metadata["manyinone"] = the budget index
+    manyinone.json                 the same index, readable without opening the weights
+
+`AutoModelForCausalLM.from_pretrained(folder)` loads the full model with no manyinone code;
+`manyinone.load(folder, budget=b)` serves the sub-model that fits budget b.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_model
+from torch import nn
+
+from manyinone.adapter import ModelAdapter
+from manyinone.budget import METRICS, resolve_budget
+from manyinone.dims import NestedSpace, SubnetSpec
+from manyinone.errors import ManyinoneError
+
+INDEX_FILE, WEIGHTS_FILE, FORMAT = "manyinone.json", "model.safetensors", "manyinone/1"
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike, merge: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `target`; on success it replaces `target` in one rename.
+
+    With `merge`, files are instead renamed one by one into an existing `target` (a training run
+    folder that also holds logs), the budget index last, so a reader never sees an index whose
+    weights are not in place yet. On any error the temp folder is removed and `target` untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if merge:
+            target.mkdir(exist_ok=True)
+            for item in sorted(tmp.iterdir(), key=lambda p: p.name == INDEX_FILE):
+                os.replace(item, target / item.name)
+            tmp.rmdir()
+        elif target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_index(adapter: ModelAdapter, space: NestedSpace, metric: str = "flops", context: int = 512,
+                **extra: Any) -> dict[str, Any]:
+    """The budget index: every spec of `space` with its absolute and relative cost."""
+    if metric not in METRICS:
+        raise ManyinoneError(f"cost metric {metric!r} unknown; allowed {list(METRICS)}")
+    full = adapter.cost(space.full(), context)
+    specs = []
+    for spec in space.specs():
+        cost = adapter.cost(spec, context)
+        specs.append({"spec": spec.to_dict(), **cost.to_dict(), "relative": cost.relative_to(full)})
+    return {"format": FORMAT, "adapter": adapter.name, "model_type": adapter.model.config.model_type,
+            "space": space.to_dict(), "metric": metric, "context": context, "specs": specs, **extra}
+
+
+def spec_costs(index: dict[str, Any]) -> dict[SubnetSpec, float]:
+    """spec -> relative cost under the index's metric."""
+    return {SubnetSpec(e["spec"]): e["relative"][index["metric"]] for e in index["specs"]}
+
+
+def resolve(index: dict[str, Any], budget: float | None) -> SubnetSpec:
+    return resolve_budget(spec_costs(index), budget)
+
+
+def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str | os.PathLike,
+                    merge: bool = False) -> Path:
+    """Write `model` (+ tokenizer) as an HF folder carrying `index`, atomically (see `atomic_dir`)."""
+    with atomic_dir(out, merge=merge) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        # save_model stores tied tensors (embeddings / LM head) once; transformers re-ties on load.
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "manyinone": json.dumps(index)})
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return Path(out)
+
+
+def read_index(path: str | os.PathLike) -> dict[str, Any]:
+    """The budget index of a checkpoint folder, from manyinone.json or the safetensors metadata."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ManyinoneError(f"checkpoint {str(path)!r} not found (expected a folder written by manyinone)")
+    index_file, weights = folder / INDEX_FILE, folder / WEIGHTS_FILE
+    try:
+        if index_file.is_file():
+            index = json.loads(index_file.read_text())
+        elif weights.is_file():
+            with safe_open(str(weights), framework="pt") as f:
+                index = json.loads((f.metadata() or {})["manyinone"])
+        else:
+            raise ManyinoneError(f"{str(path)!r} is not a manyinone checkpoint: no {INDEX_FILE} or {WEIGHTS_FILE}")
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError, OSError) as exc:
+        raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: cannot read its budget index ({type(exc).__name__})") from None
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        if isinstance(exc, ManyinoneError):
+            raise
+        raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: {WEIGHTS_FILE} unreadable ({exc})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or "specs" not in index:
+        raise ManyinoneError(f"checkpoint {str(path)!r} has an index of unknown format; expected {FORMAT!r}")
+    return index

@@ -1,0 +1,168 @@
+"""`manyinone` command line: thin typer commands over the library functions.
+
+Every bad input ends as `error: <one line>` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from manyinone.errors import ManyinoneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train one LLM as many nested sub-models; export and serve any budget.")
+console = Console()
+
+
+def _friendly(fn: Callable) -> Callable:
+    """Turn ManyinoneError into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ManyinoneError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _int_list(text: Optional[str], name: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ManyinoneError(f"{name} {text!r} malformed; expected comma-separated integers, e.g. 6,12,18,24,30") from None
+
+
+@app.command()
+@_friendly
+def train(
+    model: Optional[str] = typer.Option(None, help="HF folder, hub name, .gguf file or 'smollm2' (default)"),
+    axes: Optional[str] = typer.Option(None, help="comma-separated nested axes, e.g. depth"),
+    exits: Optional[str] = typer.Option(None, help="depth exits, e.g. 6,12,18,24,30 (default: 5 evenly spaced)"),
+    data: Optional[str] = typer.Option(None, help=".json/.jsonl file, HF dataset name, or 'demo' (default)"),
+    rows: Optional[str] = typer.Option(None, help="record slice START:END, e.g. 0:1800"),
+    output: Optional[str] = typer.Option(None, help="run folder (default runs/manyinone)"),
+    epochs: Optional[float] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    config: Optional[Path] = typer.Option(None, help="YAML file with TrainConfig fields"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config field: key=value"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Fine-tune so that every exit is a usable model (SoFT); `--exits 30` alone is plain SFT."""
+    from manyinone.config import load_config
+    from manyinone.train import train as run_training
+
+    cfg = load_config(config, set_, model=model, axes=axes.split(",") if axes else None,
+                      exits=_int_list(exits, "exits"), data=data, rows=rows, output=output, epochs=epochs,
+                      max_steps=max_steps, batch_size=batch_size, lr=lr)
+    out = run_training(cfg, show_progress=not quiet)
+    console.print(f"checkpoint written to [bold]{out}[/] (metrics: {out / 'metrics.jsonl'})")
+
+
+@app.command()
+@_friendly
+def export(
+    ckpt: Path = typer.Argument(..., help="checkpoint folder from `manyinone train`"),
+    output: Path = typer.Option(..., "--output", "-o"),
+    budget: Optional[float] = typer.Option(None, help="fraction of the full cost, 0 < budget <= 1"),
+    all_: bool = typer.Option(False, "--all", help="one budget-indexed checkpoint holding every budget"),
+) -> None:
+    """Write a sub-model as a plain HF checkpoint, or all of them as one budget-indexed one."""
+    from manyinone.export import export_all, export_budget
+
+    if all_ == (budget is not None):
+        raise ManyinoneError("give exactly one of --budget B or --all")
+    out = export_all(ckpt, output) if all_ else export_budget(ckpt, budget, output)
+    console.print(f"exported to [bold]{out}[/]")
+
+
+@app.command()
+@_friendly
+def info(ckpt: Path = typer.Argument(..., help="checkpoint folder")) -> None:
+    """List the budgets, specs and costs a checkpoint holds."""
+    from manyinone.checkpoint import read_index
+
+    index = read_index(ckpt)
+    table = Table(title=f"{ckpt} ({index['adapter']}, {index['model_type']})")
+    for col in ("spec", "params", "GFLOPs/token", "rel. params", "rel. FLOPs"):
+        table.add_column(col, justify="right")
+    for e in index["specs"]:
+        rel = e["relative"]
+        table.add_row(",".join(f"{k}={v}" for k, v in e["spec"].items()), f"{e['params']:,}",
+                      f"{e['flops_per_token'] / 1e9:.3f}", f"{rel['params']:.3f}", f"{rel['flops']:.3f}")
+    console.print(table)
+    console.print(f"budgets resolve by relative {index['metric']}: budget b -> largest spec with cost <= b")
+
+
+@app.command(name="eval")
+@_friendly
+def eval_(
+    ckpt: str = typer.Argument(..., help="checkpoint folder, or any model source with --exits"),
+    data: str = typer.Option(..., help=".json/.jsonl file, HF dataset name or 'demo'"),
+    rows: Optional[str] = typer.Option(None, help="record slice START:END, e.g. 1800:2000"),
+    exits: Optional[str] = typer.Option(None, help="exits to score when CKPT is not a manyinone checkpoint"),
+    template: str = typer.Option("alpaca", help="alpaca or chat"),
+    max_length: int = typer.Option(512),
+    batch_size: int = typer.Option(8),
+    output: Optional[Path] = typer.Option(None, help="folder for eval.json and eval.png (default: CKPT)"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Per-exit table: held-out loss, perplexity, top-1 agreement and KL to full, relative cost."""
+    from manyinone.session import load_for_eval
+    from manyinone.data import load_records, tokenize_records
+    from manyinone.evaluate import evaluate_exits, write_report
+
+    nested, space, costs, dev = load_for_eval(ckpt, _int_list(exits, "exits"), device)
+    examples = tokenize_records(load_records(data, rows), nested.tokenizer, max_length, template)
+    result = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, dev,
+                            costs, show_progress=sys.stderr.isatty())
+    table = Table(title=f"{ckpt} on {data} {rows or ''}")
+    for col in ("exit", "rel. cost", "loss", "ppl", "top-1 agree", "KL to full"):
+        table.add_column(col, justify="right")
+    for r in result:
+        cost = f"{r['relative_cost']:.3f}" if r["relative_cost"] is not None else "-"
+        table.add_row(r["spec"], cost, f"{r['loss']:.3f}", f"{r['perplexity']:.2f}",
+                      f"{r['top1_agreement']:.3f}", f"{r['kl_to_full']:.3f}")
+    console.print(table)
+    out = write_report(result, output or (Path(ckpt) if Path(ckpt).is_dir() else Path("eval")), title=str(ckpt))
+    console.print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+
+
+@app.command()
+@_friendly
+def generate(
+    ckpt: Path = typer.Argument(..., help="checkpoint folder"),
+    prompt: str = typer.Option(..., help="instruction text"),
+    budget: Optional[float] = typer.Option(None, help="fraction of the full cost (default: full model)"),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(0.9),
+    template: Optional[str] = typer.Option(None, help="alpaca or chat (default: the training template)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Sample text from the sub-model that fits the budget."""
+    from manyinone.session import generate_text
+
+    text, spec = generate_text(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template, seed)
+    console.print(f"[dim]({spec.label})[/]")
+    typer.echo(text)
+
+
+def main() -> None:  # pragma: no cover - `python -m manyinone`
+    app()

@@ -1,0 +1,103 @@
+"""Strict training configuration: pydantic, from YAML and/or `key=value` overrides.
+
+Example:
+    >>> cfg = load_config(None, ["lr=2e-5", "exits=[6,12,30]"], output="runs/x")
+    >>> cfg.lr, cfg.exits
+    (2e-05, [6, 12, 30])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from manyinone.errors import ManyinoneError
+
+
+class TrainConfig(BaseModel):
+    """Everything one `manyinone train` run needs; saved beside the run as train_config.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2", description="HF folder, hub name, .gguf file, or 'smollm2' (embedded default)")
+    axes: list[str] = Field(["depth"], description="nested axes to train")
+    exits: list[int] | None = Field(None, description="depth exits, ascending; default: 5 evenly spaced")
+    data: str = Field("demo", description=".json/.jsonl file, HF dataset name, or 'demo'")
+    rows: str | None = Field(None, description="record slice START:END, e.g. 0:1800")
+    template: Literal["alpaca", "chat"] = "alpaca"
+    output: str = Field("runs/manyinone", description="run folder: final checkpoint, metrics, resumable state")
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_length: int = Field(512, gt=8)
+    lr: float = Field(5e-5, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+    sampler: Literal["all", "random-k", "sandwich"] = "all"
+    sampler_k: int = Field(2, gt=0, description="random-k: specs per step; sandwich: random middle specs")
+    exit_weights: list[float] | None = Field(None, description="one loss weight per exit; default all 1")
+    distill_weight: float = Field(0.0, ge=0, description="weight of KL(full || exit) self-distillation")
+    distill_temperature: float = Field(1.0, gt=0)
+
+    seed: int = 0
+    save_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints; 0 = end only")
+    keep_checkpoints: int = Field(2, gt=0)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    cost_metric: Literal["flops", "params"] = "flops"
+    gradient_checkpointing: bool = False
+
+    @field_validator("exits")
+    @classmethod
+    def _exits_sorted(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or value != sorted(set(value))):
+            raise ValueError(f"exits {value} must be non-empty and strictly increasing, e.g. {sorted(set(value))}")
+        return value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ManyinoneError(f"override {item!r} malformed; expected key=value, e.g. lr=2e-5")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "config"
+    allowed = ""
+    if err["type"] == "extra_forbidden":
+        allowed = f"; allowed keys: {', '.join(TrainConfig.model_fields)}"
+    return f"config field {field!r}: {err['msg']} (got {err.get('input')!r:.60}){allowed}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, **fields: Any) -> TrainConfig:
+    """YAML file (optional), then `key=value` overrides, then explicit fields (CLI flags) win."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ManyinoneError(f"config file {str(path)!r} not found") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ManyinoneError(f"config file {str(path)!r} is not valid YAML ({type(exc).__name__})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ManyinoneError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")
+        data.update(loaded or {})
+    data.update(dict(_parse_override(o) for o in overrides or []))
+    data.update({k: v for k, v in fields.items() if v is not None})
+    try:
+        return TrainConfig(**data)
+    except ValidationError as exc:
+        raise ManyinoneError(_first_error(exc)) from None

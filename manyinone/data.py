@@ -1,0 +1,185 @@
+"""Instruction data: Alpaca-style records -> token ids with the prompt masked out of the loss.
+
+Sources: a `.json` / `.jsonl` file (read with `datasets`' JSON loader), an HF `datasets` name, or
+`demo`, a small instruction set generated here so the default job needs no download.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from manyinone.errors import ManyinoneError
+
+IGNORE = -100  # label value skipped by the loss (prompt and padding positions)
+DEMO = "demo"
+TEMPLATES = ("alpaca", "chat")
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+def parse_rows(rows: str | None) -> slice:
+    """'0:1800' -> slice(0, 1800); None or '' -> everything."""
+    if not rows:
+        return slice(None)
+    try:
+        start, _, stop = rows.partition(":")
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise ManyinoneError(f"rows {rows!r} malformed; expected START:END, e.g. 0:1800") from None
+
+
+def demo_records(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
+    """A deterministic toy instruction set (arithmetic, word and list tasks) for offline runs."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "garden", "window", "silver", "forest", "candle", "planet"]
+    records = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            a, b = rng.randint(2, 99), rng.randint(2, 99)
+            records.append({"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."})
+        elif kind == 1:
+            w = rng.choice(words)
+            records.append({"instruction": "Spell the word backwards.", "input": w, "output": f"{w} backwards is {w[::-1]}."})
+        elif kind == 2:
+            xs = rng.sample(range(1, 50), 5)
+            records.append({"instruction": "Sort these numbers from smallest to largest.",
+                            "input": ", ".join(map(str, xs)), "output": ", ".join(map(str, sorted(xs)))})
+        else:
+            ws = rng.sample(words, 3)
+            records.append({"instruction": "Write the words in capital letters.", "input": " ".join(ws),
+                            "output": " ".join(w.upper() for w in ws)})
+    return records
+
+
+def validate_records(records: list[Any], source: str) -> list[dict[str, str]]:
+    """Each row needs non-empty string `instruction` and `output`; `input` is an optional string."""
+    clean = []
+    for i, row in enumerate(records):
+        if not isinstance(row, dict):
+            raise ManyinoneError(f"{source}: row {i} is a {type(row).__name__}, expected an object with instruction/input/output")
+        for key in ("instruction", "output"):
+            value = row.get(key)
+            if not isinstance(value, str) or not value.strip():
+                what = "missing" if value is None else f"not a non-empty string ({value!r:.40})"
+                raise ManyinoneError(f"{source}: row {i} field {key!r} is {what}; rows need instruction, output (and optional input)")
+        extra = row.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise ManyinoneError(f"{source}: row {i} field 'input' is {type(extra).__name__}, expected a string")
+        clean.append({"instruction": row["instruction"], "input": extra or "", "output": row["output"]})
+    return clean
+
+
+def _read_json_rows_plainly(path: Path) -> list[Any]:
+    """Fallback reader used only to point at the bad row when `datasets` cannot parse a file."""
+    text = path.read_text(encoding="utf-8", errors="strict")
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ManyinoneError(f"{path}: row {i} is not valid JSON ({exc.msg})") from None
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManyinoneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list):
+        raise ManyinoneError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+    return rows
+
+
+def load_records(source: str, rows: str | None = None) -> list[dict[str, str]]:
+    """Records from `source`, sliced by `rows` ('START:END'), validated."""
+    selector = parse_rows(rows)
+    if source == DEMO:
+        return validate_records(demo_records()[selector], DEMO)
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(source)
+    if path.suffix in (".json", ".jsonl"):
+        if not path.is_file():
+            raise ManyinoneError(f"data file {source!r} not found")
+        try:
+            table = datasets.load_dataset("json", data_files=str(path), split="train")
+            records = table.to_list()
+        except Exception:  # arrow rejects mixed types or bad JSON: find the row with a plain reader
+            records = _read_json_rows_plainly(path)
+    elif path.exists():
+        raise ManyinoneError(f"data {source!r}: expected a .json/.jsonl file, an HF dataset name or {DEMO!r}")
+    else:
+        try:
+            records = datasets.load_dataset(source, split="train").to_list()
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ManyinoneError(f"cannot load dataset {source!r}: {first}") from None
+    records = validate_records(records[selector], source)
+    if not records:
+        raise ManyinoneError(f"data {source!r} rows {rows!r}: no records selected")
+    return records
+
+
+def prompt_and_response(record: dict[str, str], tokenizer, template: str) -> tuple[str, str]:
+    if template == "chat":
+        content = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                               add_generation_prompt=True)
+    elif template == "alpaca":
+        ctx = ", paired with an input that provides further context" if record["input"] else ""
+        block = f"### Input:\n{record['input']}\n\n" if record["input"] else ""
+        prompt = ALPACA_PROMPT.format(ctx=ctx, instruction=record["instruction"], input_block=block)
+    else:
+        raise ManyinoneError(f"prompt template {template!r} unknown; allowed {list(TEMPLATES)}")
+    return prompt, record["output"] + (tokenizer.eos_token or "")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt positions
+
+
+def tokenize_records(records: list[dict[str, str]], tokenizer, max_length: int, template: str = "alpaca") -> list[Example]:
+    """Tokenize prompt and response separately so the prompt is masked exactly; truncate to max_length."""
+    examples = []
+    for record in records:
+        prompt, response = prompt_and_response(record, tokenizer, template)
+        p = tokenizer(prompt, add_special_tokens=template != "chat")["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        ids = (p + r)[:max_length]
+        labels = ([IGNORE] * len(p) + r)[:max_length]
+        if any(label != IGNORE for label in labels[1:]):  # keep only rows with a supervised token left
+            examples.append(Example(ids, labels))
+    if not examples:
+        raise ManyinoneError(f"no example keeps a response token within max_length={max_length}; raise it")
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels, each [batch, seq]."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a pure function of (seed, epoch), so resume replays it."""
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    return torch.randperm(n, generator=g).tolist()

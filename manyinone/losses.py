@@ -1,0 +1,97 @@
+"""The nested-loss engine: one weighted loss over several sub-networks' outputs.
+
+Pure functions of tensors. The caller hands in each spec's final features (already through the
+model's own final norm) at the supervised positions only, plus the model's LM head as a callable;
+logits are materialised per spec and only for those positions, which keeps memory near plain SFT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from manyinone.dims import SubnetSpec
+from manyinone.errors import ManyinoneError
+
+
+def exit_weights(specs: Sequence[SubnetSpec], weights: Sequence[float] | None) -> dict[SubnetSpec, float]:
+    """Per-spec loss weights: all 1.0 (the paper's plain sum) or one explicit weight per spec."""
+    if weights is None:
+        return {s: 1.0 for s in specs}
+    if len(weights) != len(specs) or any(w < 0 for w in weights):
+        raise ManyinoneError(
+            f"exit weights {list(weights)}: need {len(specs)} non-negative numbers, one per exit "
+            f"{[s.label for s in specs]}"
+        )
+    return dict(zip(specs, map(float, weights)))
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy. logits [tokens, vocab], targets [tokens]."""
+    return F.cross_entropy(logits.float(), targets, reduction="mean")
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) at `temperature`, scaled by T^2 (Hinton et al.).
+
+    student_logits, teacher_logits: [tokens, vocab]; the teacher is detached here.
+    """
+    t = temperature
+    teacher_logp = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)  # [tokens, vocab]
+    student_logp = F.log_softmax(student_logits.float() / t, dim=-1)  # [tokens, vocab]
+    kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)  # [tokens]
+    return kl.mean() * (t * t)
+
+
+@dataclass
+class NestedLossOutput:
+    total: torch.Tensor
+    ce: dict[SubnetSpec, torch.Tensor]  # detached per-spec cross-entropy, for logging
+    kl: dict[SubnetSpec, torch.Tensor]  # detached per-spec distillation term (empty if off)
+
+
+def nested_loss(
+    features: Mapping[SubnetSpec, torch.Tensor],
+    head: Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    weights: Mapping[SubnetSpec, float],
+    teacher: SubnetSpec | None = None,
+    distill_weight: float = 0.0,
+    temperature: float = 1.0,
+) -> NestedLossOutput:
+    """sum_s w_s * (CE_s + distill_weight * KL(teacher || s)).
+
+    features: spec -> [tokens, hidden] features at supervised positions; targets: [tokens].
+    The teacher (normally the full spec) gets no distillation term itself; if it was not sampled
+    this step, distillation is skipped for the step.
+    """
+    use_kd = distill_weight > 0 and teacher is not None and teacher in features
+    # The teacher's logits serve both its own CE and, detached, every other spec's target.
+    teacher_logits = head(features[teacher]) if use_kd else None  # [tokens, vocab]
+    total = torch.zeros((), device=targets.device)
+    ce_parts: dict[SubnetSpec, torch.Tensor] = {}
+    kl_parts: dict[SubnetSpec, torch.Tensor] = {}
+    for spec, feats in features.items():
+        logits = teacher_logits if use_kd and spec == teacher else head(feats)  # [tokens, vocab]
+        ce = token_cross_entropy(logits, targets)
+        term = ce
+        if use_kd and spec != teacher:
+            kl = distill_kl(logits, teacher_logits, temperature)
+            kl_parts[spec] = kl.detach()
+            term = term + distill_weight * kl
+        total = total + weights.get(spec, 1.0) * term
+        ce_parts[spec] = ce.detach()
+    return NestedLossOutput(total=total, ce=ce_parts, kl=kl_parts)
+
+
+def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features that predict a supervised next token, and those tokens.
+
+    hidden: [batch, seq, hidden]; labels: [batch, seq] (HF convention, unshifted).
+    Returns ([tokens, hidden], [tokens]): position t predicts labels[t + 1].
+    """
+    mask = labels[:, 1:] != ignore_index  # [batch, seq-1]
+    return hidden[:, :-1][mask], labels[:, 1:][mask]

@@ -1,0 +1,52 @@
+"""Glue for the CLI's read-side commands: open a model for evaluation or generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from manyinone.api import NestedModel, load, open_checkpoint
+from manyinone.checkpoint import INDEX_FILE, WEIGHTS_FILE, build_index, read_index, resolve
+from manyinone.data import prompt_and_response
+from manyinone.dims import NestedSpace, SubnetSpec
+from manyinone.loading import load_pretrained
+from manyinone.registry import adapter_for
+from manyinone.train import pick_device
+
+
+def load_for_eval(source: str, exits: list[int] | None, device: str = "auto"
+                  ) -> tuple[NestedModel, NestedSpace, dict[str, float], torch.device]:
+    """A manyinone checkpoint, or any model source (HF folder, .gguf, alias) scored at `exits`."""
+    dev = pick_device(device)
+    folder = Path(source)
+    if folder.is_dir() and ((folder / INDEX_FILE).exists() or (folder / WEIGHTS_FILE).exists()):
+        nested = open_checkpoint(folder, device=str(dev))
+    else:
+        model, tokenizer = load_pretrained(source)
+        adapter = adapter_for(model.to(dev).eval())
+        space = adapter.space({"depth": exits})
+        nested = NestedModel(model, tokenizer, adapter, build_index(adapter, space))
+    space = nested.adapter.space({"depth": exits}) if exits else nested.space
+    index = build_index(nested.adapter, space, metric=nested.index.get("metric", "flops"))
+    costs = {SubnetSpec(e["spec"]).label: e["relative"][index["metric"]] for e in index["specs"]}
+    return nested, space, costs, dev
+
+
+def generate_text(ckpt: Path, prompt: str, budget: float | None, max_new_tokens: int, temperature: float,
+                  top_p: float, template: str | None, seed: int) -> tuple[str, SubnetSpec]:
+    """Generate from the sub-model fitting `budget`; the prompt is wrapped in the training template."""
+    from transformers import AutoTokenizer
+
+    index = read_index(ckpt)
+    resolve(index, budget)  # a bad budget fails before any weights load
+    model = load(ckpt, budget)
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    template = template or index.get("train", {}).get("template", "alpaca")
+    text, _ = prompt_and_response({"instruction": prompt, "input": "", "output": ""}, tokenizer, template)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=template != "chat")
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                         **sampling)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True), model.manyinone_spec

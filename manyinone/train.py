@@ -1,0 +1,197 @@
+"""The one training recipe: an explicit loop over nested sub-networks.
+
+Plain SFT is the special case `exits=[L]` (only the full depth). Randomness derives from
+(seed, step) and the data order from (seed, epoch), so a run resumed from its last checkpoint
+retraces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+
+from manyinone.checkpoint import atomic_dir, build_index, save_checkpoint
+from manyinone.config import TrainConfig
+from manyinone.data import collate, epoch_order, load_records, tokenize_records
+from manyinone.errors import ManyinoneError
+from manyinone.loading import load_pretrained
+from manyinone.losses import exit_weights, nested_loss, supervised_positions
+from manyinone.progress import TrainProgress
+from manyinone.registry import adapter_for
+from manyinone.samplers import make_sampler
+
+CHECKPOINTS = "checkpoints"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ManyinoneError(f"device {name!r} unknown; allowed auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ManyinoneError(f"device {name!r} requested but CUDA is not available; use cpu or auto")
+    return device
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(total_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --- resumable state --------------------------------------------------------------------------
+def _checkpoint_dirs(output: Path) -> list[Path]:
+    root = output / CHECKPOINTS
+    done = [p for p in root.glob("step-*") if (p / "state.json").is_file()] if root.is_dir() else []
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_state(output: Path, step: int, model, optimizer, keep: int) -> Path:
+    """Everything needed to continue after optimizer step `step` (state.json marks completeness)."""
+    target = output / CHECKPOINTS / f"step-{step:07d}"
+    with atomic_dir(target) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+    for old in _checkpoint_dirs(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def restore_state(output: Path, model, optimizer) -> int:
+    """Load the newest complete checkpoint under `output`; returns the next step (0 if none)."""
+    dirs = _checkpoint_dirs(output)
+    if not dirs:
+        return 0
+    last = dirs[-1]
+    try:
+        load_model(model, str(last / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location="cpu"))
+        return int(json.loads((last / "state.json").read_text())["step"])
+    except Exception as exc:
+        raise ManyinoneError(f"resume checkpoint {str(last)!r} is corrupt ({type(exc).__name__}); delete it to resume from an earlier one") from None
+
+
+def _check_same_run(output: Path, cfg: TrainConfig) -> None:
+    saved = output / "train_config.yaml"
+    if _checkpoint_dirs(output) and saved.is_file():
+        before = TrainConfig(**yaml.safe_load(saved.read_text()))
+        changed = [k for k in TrainConfig.model_fields if k not in ("max_steps", "save_every", "keep_checkpoints", "device")
+                   and getattr(before, k) != getattr(cfg, k)]
+        if changed:
+            raise ManyinoneError(f"output {str(output)!r} holds a run with different settings {changed}; use a new --output")
+
+
+# --- the loop ---------------------------------------------------------------------------------
+def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
+    """Train per `cfg`; write the final budget-indexed checkpoint into `cfg.output` and return it."""
+    output = Path(cfg.output)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    model, tokenizer = load_pretrained(cfg.model)
+    adapter = adapter_for(model)
+    adapter.check_axes(cfg.axes)
+    space = adapter.space({"depth": cfg.exits})
+    specs = space.specs()
+    weights = exit_weights(specs, cfg.exit_weights)
+    sampler = make_sampler(cfg.sampler, space, cfg.seed, **({"k": cfg.sampler_k} if cfg.sampler == "random-k" else
+                                                           {"n_random": cfg.sampler_k} if cfg.sampler == "sandwich" else {}))
+    examples = tokenize_records(load_records(cfg.data, cfg.rows), tokenizer, cfg.max_length, cfg.template)
+
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = len(examples) // per_step
+    if steps_per_epoch == 0:
+        raise ManyinoneError(f"{len(examples)} examples < batch_size*grad_accum={per_step}; lower the batch size")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+
+    model.to(device).train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    _check_same_run(output, cfg)
+    start = restore_state(output, model, optimizer)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "train_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    order_cache: dict[int, list[int]] = {}
+
+    def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        epoch, within = divmod(step, steps_per_epoch)
+        if epoch not in order_cache:
+            order_cache.clear()
+            order_cache[epoch] = epoch_order(len(examples), cfg.seed, epoch)
+        first = (within * cfg.grad_accum + micro) * cfg.batch_size
+        chosen = [examples[i] for i in order_cache[epoch][first:first + cfg.batch_size]]
+        return {k: v.to(device) for k, v in collate(chosen, tokenizer.pad_token_id).items()}
+
+    metrics_file = (output / "metrics.jsonl").open("a")
+    progress = TrainProgress(total_steps, [s.label for s in specs], enabled=show_progress)
+    with progress:
+        progress.advance_to(start)
+        for step in range(start, total_steps):
+            started = time.perf_counter()
+            lr = lr_at(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sampled = sampler.sample(step)
+            sums: dict[str, float] = {}
+            tokens = 0
+            for micro in range(cfg.grad_accum):
+                batch = micro_batch(step, micro)
+                with autocast:
+                    hidden = adapter.forward_nested(batch["input_ids"], batch["attention_mask"], sampled)
+                    feats, targets = {}, None
+                    for spec, h in hidden.items():
+                        feats[spec], targets = supervised_positions(h, batch["labels"])
+                    out = nested_loss(feats, adapter.exit_logits, targets, weights, teacher=space.full(),
+                                      distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature)
+                (out.total / cfg.grad_accum).backward()
+                tokens += int(batch["attention_mask"].sum())
+                # .item() is a device sync; once per micro-batch is negligible next to the step.
+                for spec, ce in out.ce.items():
+                    sums[f"ce/{spec.label}"] = sums.get(f"ce/{spec.label}", 0.0) + ce.item() / cfg.grad_accum
+                for spec, kl in out.kl.items():
+                    sums[f"kl/{spec.label}"] = sums.get(f"kl/{spec.label}", 0.0) + kl.item() / cfg.grad_accum
+                sums["loss"] = sums.get("loss", 0.0) + out.total.item() / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - started
+            record = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr, **sums,
+                      "grad_norm": float(grad_norm), "tokens": tokens, "step_time_s": elapsed,
+                      "tokens_per_s": tokens / elapsed}
+            if device.type == "cuda":
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            progress.update(step + 1, record)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+                save_state(output, step + 1, model, optimizer, cfg.keep_checkpoints)
+    metrics_file.close()
+
+    model.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    index = build_index(adapter, space, metric=cfg.cost_metric,
+                        train={"model": cfg.model, "data": cfg.data, "rows": cfg.rows, "template": cfg.template,
+                               "steps": total_steps})
+    save_checkpoint(model.to("cpu"), tokenizer, index, output, merge=True)
+    save_state(output, total_steps, model, optimizer, cfg.keep_checkpoints)
+    return output
