@@ -93,6 +93,17 @@ def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float3
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ManyinoneError(f"cannot load model from {str(src)!r}: {first}") from None
+    if src.gguf_file:
+        _forget_gguf_quantization(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _forget_gguf_quantization(model) -> None:
+    """transformers dequantizes GGUF weights to float but keeps a GGUF 'quantizer' that refuses to
+    save and a quantization_config that would mislead loaders: the model is a plain float model."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
