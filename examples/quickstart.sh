@@ -6,9 +6,9 @@ set -euo pipefail
 export HF_HUB_OFFLINE=1
 out=${1:-runs/quickstart}
 manyinone train --model smollm2 --axes depth --exits 6,12,18,24,30 --data demo --rows 0:320 \
-  --output "$out" --max-steps 40 --batch-size 8 --lr 1e-4 --set max_length=128
+  --output "$out" --max-steps 24 --batch-size 4 --lr 1e-4 --set max_length=128
 manyinone info "$out"
-manyinone eval "$out" --data demo --rows 320:400 --max-length 128
+manyinone eval "$out" --data demo --rows 320:360 --max-length 128
 manyinone export "$out" --budget 0.6 --output "$out-b0.6"
 manyinone generate "$out" --budget 0.6 --prompt "What is 12 plus 30?" --max-new-tokens 16
 python -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('$out-b0.6'); print('plain transformers loads the export:', m.config.num_hidden_layers, 'layers')"

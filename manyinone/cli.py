@@ -120,7 +120,7 @@ def eval_(
     template: str = typer.Option("alpaca", help="alpaca or chat"),
     max_length: int = typer.Option(512),
     batch_size: int = typer.Option(8),
-    output: Optional[Path] = typer.Option(None, help="folder for eval.json and eval.png (default: CKPT)"),
+    output: Optional[Path] = typer.Option(None, help="folder for eval.json and eval.png (default: CKPT, or runs/eval)"),
     device: str = typer.Option("auto"),
 ) -> None:
     """Per-exit table: held-out loss, perplexity, top-1 agreement and KL to full, relative cost."""
@@ -140,7 +140,9 @@ def eval_(
         table.add_row(r["spec"], cost, f"{r['loss']:.3f}", f"{r['perplexity']:.2f}",
                       f"{r['top1_agreement']:.3f}", f"{r['kl_to_full']:.3f}")
     console.print(table)
-    out = write_report(result, output or (Path(ckpt) if Path(ckpt).is_dir() else Path("eval")), title=str(ckpt))
+    # Reports go beside a manyinone checkpoint; never into someone else's model folder.
+    default = Path(ckpt) if (Path(ckpt) / "manyinone.json").is_file() else Path("runs/eval")
+    out = write_report(result, output or default, title=str(ckpt))
     console.print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
 
 
