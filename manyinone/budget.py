@@ -51,8 +51,8 @@ def resolve_budget(costs: Mapping[SubnetSpec, float], budget: float | None) -> S
     if budget is None:
         return ranked[-1][0]
     budget = check_budget(budget)
-    # A small tolerance so that budget=0.5 selects a spec whose cost prints as 0.5 exactly.
-    fitting = [spec for spec, cost in ranked if cost <= budget + 1e-9]
+    # Costs compare at the 3 decimals `manyinone info` prints, so typing a printed cost selects that row.
+    fitting = [spec for spec, cost in ranked if min(cost, round(cost, 3)) <= budget + 1e-9]
     if not fitting:
         smallest, cost = ranked[0]
         raise ManyinoneError(

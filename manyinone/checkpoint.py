@@ -121,6 +121,12 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
         if isinstance(exc, ManyinoneError):
             raise
         raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: {WEIGHTS_FILE} unreadable ({exc})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT or "specs" not in index:
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ManyinoneError(f"checkpoint {str(path)!r} has an index of unknown format; expected {FORMAT!r}")
+    missing = [k for k in ("adapter", "model_type", "space", "metric", "specs") if k not in index]
+    specs_ok = isinstance(index.get("specs"), list) and all(
+        isinstance(e, dict) and isinstance(e.get("spec"), dict) and isinstance(e.get("relative"), dict)
+        and index.get("metric") in e["relative"] for e in index["specs"])
+    if missing or not specs_ok:
+        raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: budget index lacks {missing or ['valid specs']}")
     return index

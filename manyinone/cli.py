@@ -38,6 +38,12 @@ def _friendly(fn: Callable) -> Callable:
     return wrapper
 
 
+def _at_least(value: int, low: int, name: str) -> int:
+    if value < low:
+        raise ManyinoneError(f"{name} {value} out of range; allowed >= {low}")
+    return value
+
+
 def _int_list(text: Optional[str], name: str) -> Optional[list[int]]:
     if text is None:
         return None
@@ -128,6 +134,8 @@ def eval_(
     from manyinone.data import load_records, tokenize_records
     from manyinone.evaluate import evaluate_exits, write_report
 
+    _at_least(batch_size, 1, "--batch-size")
+    _at_least(max_length, 9, "--max-length")
     nested, space, costs, dev = load_for_eval(ckpt, _int_list(exits, "exits"), device)
     examples = tokenize_records(load_records(data, rows), nested.tokenizer, max_length, template)
     result = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, dev,
@@ -161,6 +169,7 @@ def generate(
     """Sample text from the sub-model that fits the budget."""
     from manyinone.session import generate_text
 
+    _at_least(max_new_tokens, 1, "--max-new-tokens")
     text, spec = generate_text(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template, seed)
     console.print(f"[dim]({spec.label})[/]")
     typer.echo(text)

@@ -1,6 +1,6 @@
 """Instruction data: Alpaca-style records -> token ids with the prompt masked out of the loss.
 
-Sources: a `.json` / `.jsonl` file (read with `datasets`' JSON loader), an HF `datasets` name, or
+Sources: a `.json` / `.jsonl` file, an HF `datasets` name, or
 `demo`, a small instruction set generated here so the default job needs no download.
 """
 
@@ -61,10 +61,13 @@ def demo_records(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
     return records
 
 
-def validate_records(records: list[Any], source: str) -> list[dict[str, str]]:
-    """Each row needs non-empty string `instruction` and `output`; `input` is an optional string."""
+def validate_records(records: list[Any], source: str, first_row: int = 0) -> list[dict[str, str]]:
+    """Each row needs non-empty string `instruction` and `output`; `input` is an optional string.
+
+    Errors name the row as numbered in the source (`first_row` is the index of records[0]).
+    """
     clean = []
-    for i, row in enumerate(records):
+    for i, row in enumerate(records, start=first_row):
         if not isinstance(row, dict):
             raise ManyinoneError(f"{source}: row {i} is a {type(row).__name__}, expected an object with instruction/input/output")
         for key in ("instruction", "output"):
@@ -79,8 +82,12 @@ def validate_records(records: list[Any], source: str) -> list[dict[str, str]]:
     return clean
 
 
-def _read_json_rows_plainly(path: Path) -> list[Any]:
-    """Fallback reader used only to point at the bad row when `datasets` cannot parse a file."""
+def read_json_rows(path: Path) -> list[Any]:
+    """Rows of a local .json (a list) or .jsonl file, exactly as written.
+
+    Read with the json module rather than `datasets`: its Arrow/pandas conversion coerces types
+    (a numeric-looking string becomes an int), which would hide the real bad row from the checks.
+    """
     text = path.read_text(encoding="utf-8", errors="strict")
     if path.suffix == ".jsonl":
         rows = []
@@ -103,36 +110,39 @@ def _read_json_rows_plainly(path: Path) -> list[Any]:
 def load_records(source: str, rows: str | None = None) -> list[dict[str, str]]:
     """Records from `source`, sliced by `rows` ('START:END'), validated."""
     selector = parse_rows(rows)
-    if source == DEMO:
-        return validate_records(demo_records()[selector], DEMO)
-    import datasets
-
-    datasets.disable_progress_bars()
     path = Path(source)
-    if path.suffix in (".json", ".jsonl"):
+    if source == DEMO:
+        records = demo_records()
+    elif path.suffix in (".json", ".jsonl"):
         if not path.is_file():
             raise ManyinoneError(f"data file {source!r} not found")
         try:
-            table = datasets.load_dataset("json", data_files=str(path), split="train")
-            records = table.to_list()
-        except Exception:  # arrow rejects mixed types or bad JSON: find the row with a plain reader
-            records = _read_json_rows_plainly(path)
+            records = read_json_rows(path)
+        except UnicodeDecodeError:
+            raise ManyinoneError(f"data file {source!r} is not UTF-8 text") from None
     elif path.exists():
         raise ManyinoneError(f"data {source!r}: expected a .json/.jsonl file, an HF dataset name or {DEMO!r}")
     else:
+        import datasets
+
+        datasets.disable_progress_bars()
         try:
             records = datasets.load_dataset(source, split="train").to_list()
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ManyinoneError(f"cannot load dataset {source!r}: {first}") from None
-    records = validate_records(records[selector], source)
+    first_row = selector.indices(len(records))[0]
+    records = validate_records(records[selector], source, first_row)
     if not records:
         raise ManyinoneError(f"data {source!r} rows {rows!r}: no records selected")
     return records
 
 
 def prompt_and_response(record: dict[str, str], tokenizer, template: str) -> tuple[str, str]:
+    """The prompt text (masked out of the loss) and the response text (+ EOS) for one record."""
     if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ManyinoneError("template 'chat' needs a tokenizer with a chat_template; this one has none, use alpaca")
         content = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                add_generation_prompt=True)

@@ -7,6 +7,12 @@ from pathlib import Path
 
 from manyinone.api import open_checkpoint
 from manyinone.checkpoint import read_index, resolve, save_checkpoint
+from manyinone.errors import ManyinoneError
+
+
+def _refuse_overwriting_source(ckpt: str | os.PathLike, output: str | os.PathLike) -> None:
+    if Path(output).resolve() == Path(ckpt).resolve():
+        raise ManyinoneError(f"--output {str(output)!r} is the checkpoint being exported; choose another folder")
 
 
 def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathLike) -> Path:
@@ -14,6 +20,7 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
 
     manyinone.json beside it records the spec and its cost relative to the full model.
     """
+    _refuse_overwriting_source(ckpt, output)
     spec = resolve(read_index(ckpt), budget)  # a bad budget fails before any weights load
     nested = open_checkpoint(ckpt)
     entry = next(e for e in nested.index["specs"] if e["spec"] == spec.to_dict())
@@ -31,5 +38,6 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
 
 def export_all(ckpt: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write one budget-indexed checkpoint (each tensor once) that `manyinone.load(output, budget=b)` serves."""
+    _refuse_overwriting_source(ckpt, output)
     nested = open_checkpoint(ckpt)
     return save_checkpoint(nested.model, nested.tokenizer, nested.index, output)

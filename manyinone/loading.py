@@ -90,7 +90,7 @@ def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float3
     try:
         model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, **src.kwargs())
         tokenizer = AutoTokenizer.from_pretrained(src.folder, **src.kwargs())
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # transformers/safetensors raise many types for a damaged folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ManyinoneError(f"cannot load model from {str(src)!r}: {first}") from None
     if src.gguf_file:

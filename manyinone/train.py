@@ -90,10 +90,19 @@ def _check_same_run(output: Path, cfg: TrainConfig) -> None:
     saved = output / "train_config.yaml"
     if _checkpoint_dirs(output) and saved.is_file():
         before = TrainConfig(**yaml.safe_load(saved.read_text()))
-        changed = [k for k in TrainConfig.model_fields if k not in ("max_steps", "save_every", "keep_checkpoints", "device")
+        changed = [k for k in TrainConfig.model_fields
+                   if k not in ("output", "max_steps", "save_every", "keep_checkpoints", "device")
                    and getattr(before, k) != getattr(cfg, k)]
         if changed:
             raise ManyinoneError(f"output {str(output)!r} holds a run with different settings {changed}; use a new --output")
+
+
+def _metrics_from(path: Path, start: int):
+    """Open metrics.jsonl for appending, dropping lines of steps after `start` (a crashed run's tail)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -141,12 +150,13 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         chosen = [examples[i] for i in order_cache[epoch][first:first + cfg.batch_size]]
         return {k: v.to(device) for k, v in collate(chosen, tokenizer.pad_token_id).items()}
 
-    metrics_file = (output / "metrics.jsonl").open("a")
+    metrics_file = _metrics_from(output / "metrics.jsonl", start)
     progress = TrainProgress(total_steps, [s.label for s in specs], enabled=show_progress)
     with progress:
         progress.advance_to(start)
         for step in range(start, total_steps):
             started = time.perf_counter()
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc. replay exactly after a resume
             lr = lr_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -22,7 +22,12 @@ import torch  # noqa: E402
 # two vCPUs made a training step ~15x slower than one thread. MANYINONE_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("MANYINONE_TEST_THREADS", "1")))
 
-from helpers import build_tiny_model, make_char_tokenizer, sample_batch  # noqa: E402
+# transformers' "Loading weights" bars would bury the CLI's error lines in failure reports.
+from transformers.utils import logging as _hf_logging  # noqa: E402
+
+_hf_logging.disable_progress_bar()
+
+from helpers import build_tiny_model, make_char_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -97,8 +102,3 @@ def trained_run_tied(tiny_llama_tied, tmp_path_factory) -> Path:
     cfg = TrainConfig(model=str(tiny_llama_tied), exits=[1, 2, 3, 4], data="demo", max_steps=2, batch_size=4,
                       lr=1e-3, output=str(out))
     return train(cfg, show_progress=False)
-
-
-@pytest.fixture
-def batch():
-    return sample_batch()

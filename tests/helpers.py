@@ -23,7 +23,7 @@ CHAT_TEMPLATE = (
 
 def make_char_tokenizer():
     """A character-level fast tokenizer: one id per printable ASCII char, decoding without spaces."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}

@@ -37,6 +37,26 @@ def test_exact_cost_fits_despite_float_rounding():
     assert resolve_budget({D1: 0.1 + 0.2, D4: 1.0}, 0.3) == D1
 
 
+# Relative FLOPs of SmolLM2-135M's exits 6, 12, 18, 24, 30 (see test_cli's info test).
+SMOLLM2 = {SubnetSpec(depth=d): c for d, c in
+           ((6, 15 / 43), (12, 22 / 43), (18, 29 / 43), (24, 36 / 43), (30, 1.0))}
+
+
+def test_a_specs_exact_cost_selects_it():
+    for spec, cost in SMOLLM2.items():
+        assert resolve_budget(SMOLLM2, cost) == spec
+
+
+def test_a_specs_cost_as_info_prints_it_selects_it():
+    # 29/43 = 0.67442 prints as 0.674: typing the printed number must not fall to depth 12.
+    for spec, cost in SMOLLM2.items():
+        assert resolve_budget(SMOLLM2, float(f"{cost:.3f}")) == spec
+
+
+def test_a_budget_just_under_the_printed_cost_does_not_fit():
+    assert resolve_budget(SMOLLM2, 0.673) == SubnetSpec(depth=12)
+
+
 def test_ties_break_by_label_whatever_the_order():
     a, b = SubnetSpec(depth=2, width=8), SubnetSpec(depth=3, width=4)
     for costs in ({a: 0.5, b: 0.5, D4: 1.0}, {b: 0.5, a: 0.5, D4: 1.0}):

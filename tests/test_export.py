@@ -66,6 +66,24 @@ def test_export_budget_loads_in_plain_transformers_with_equal_logits(run, tmp_pa
     assert max_abs_diff(nested_exit_logits(run, 2, ids, mask), reference) <= TOL
 
 
+def test_export_every_architecture_without_training(any_tiny_model, tmp_path):
+    """llama (tied/untied), mistral (sliding window) and qwen2 (mixed layer types) export at depth 3."""
+    from manyinone.checkpoint import build_index, save_checkpoint
+    from manyinone.loading import load_pretrained
+    from manyinone.registry import adapter_for
+
+    model, tokenizer = load_pretrained(str(any_tiny_model))
+    adapter = adapter_for(model.eval())
+    ckpt = save_checkpoint(model, tokenizer, build_index(adapter, adapter.space({"depth": [1, 3]})), tmp_path / "ckpt")
+    out = export_budget(ckpt, relative_flops(ckpt)[3], tmp_path / "depth3")
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert plain.config.num_hidden_layers == 3
+    if getattr(model.config, "layer_types", None):
+        assert plain.config.layer_types == model.config.layer_types[:3]
+    ids, mask = sample_batch(seed=3)
+    assert max_abs_diff(logits(plain, ids, mask), nested_exit_logits(ckpt, 3, ids, mask)) <= TOL
+
+
 def test_export_budget_between_exits_takes_the_largest_fitting(trained_run, tmp_path):
     costs = relative_flops(trained_run)
     out = export_budget(trained_run, (costs[2] + costs[4]) / 2, tmp_path / "mid")
