@@ -18,7 +18,7 @@ from torch import nn
 from manyinone.adapter import ModelAdapter
 from manyinone.checkpoint import read_index, resolve
 from manyinone.dims import NestedSpace, SubnetSpec
-from manyinone.errors import ManyinoneError
+from manyinone.errors import ManyinoneError, first_line
 from manyinone.registry import adapter_for
 
 
@@ -48,7 +48,7 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers/safetensors raise many types for a damaged folder
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt or incomplete: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from manyinone.errors import ManyinoneError
+from manyinone.errors import ManyinoneError, first_line
 
 IGNORE = -100  # label value skipped by the loss (prompt and padding positions)
 DEMO = "demo"
@@ -129,7 +129,7 @@ def load_records(source: str, rows: str | None = None) -> list[dict[str, str]]:
         try:
             records = datasets.load_dataset(source, split="train").to_list()
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ManyinoneError(f"cannot load dataset {source!r}: {first}") from None
     first_row = selector.indices(len(records))[0]
     records = validate_records(records[selector], source, first_row)

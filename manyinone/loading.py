@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from manyinone.errors import ManyinoneError
+from manyinone.errors import ManyinoneError, first_line
 from manyinone.registry import adapter_class
 
 # The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI package
@@ -76,7 +76,7 @@ def load_config(source: ModelSource):
     try:
         return AutoConfig.from_pretrained(source.folder, **source.kwargs())
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ManyinoneError(f"cannot load a model config from {str(source)!r}: {first}") from None
 
 
@@ -91,7 +91,7 @@ def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float3
         model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, **src.kwargs())
         tokenizer = AutoTokenizer.from_pretrained(src.folder, **src.kwargs())
     except Exception as exc:  # transformers/safetensors raise many types for a damaged folder
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ManyinoneError(f"cannot load model from {str(src)!r}: {first}") from None
     if src.gguf_file:
         _forget_gguf_quantization(model)
