@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 EXITS = "6,12,18,24,30"
@@ -26,9 +28,15 @@ RECIPES: dict[str, list[str]] = {
 }
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], log: Path | None = None) -> None:
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if log is None:
+        subprocess.run(cmd, check=True)
+        return
+    with log.open("w") as f:  # concurrent jobs each get their own log instead of interleaved output
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"{cmd[3]} failed (exit {done.returncode}); see {log}:\n" + log.read_text()[-2000:])
 
 
 def train_metrics(run_dir: Path) -> dict[str, float]:
@@ -47,7 +55,10 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--train-rows", default="0:1800")
     parser.add_argument("--eval-rows", default="1800:2000")
-    parser.add_argument("--recipes", default="base,sft,soft")
+    parser.add_argument("--recipes", default="base,sft,soft", help=f"comma-separated, from {sorted(RECIPES)}")
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=FLAGS",
+                        help="an extra recipe: `manyinone train` flags, e.g. 'soft-hi=--exits 6,30 --lr 1e-4'")
+    parser.add_argument("--jobs", type=int, default=1, help="recipes trained at once (one GPU holds several)")
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--epochs", default="2")
     parser.add_argument("--batch-size", default="16")
@@ -55,24 +66,35 @@ def main() -> None:
     parser.add_argument("--template", default="alpaca")
     args = parser.parse_args()
 
+    recipes = {name: RECIPES[name] for name in args.recipes.split(",") if name and name != "base"}
+    for item in args.recipe:
+        name, _, flags = item.partition("=")
+        recipes[name] = shlex.split(flags)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "manyinone"]
-    results = {}
-    for recipe in args.recipes.split(","):
+    common = ["--data", args.data, "--rows", args.train_rows, "--epochs", args.epochs,
+              "--batch-size", args.batch_size, "--lr", args.lr, "--set", "max_length=512",
+              "--set", f"template={args.template}", "--quiet"]
+
+    def train_and_eval(recipe: str) -> tuple[str, dict]:
         run_dir = out / recipe
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = run_dir / "log.txt" if args.jobs > 1 else None
         if recipe == "base":
             target = args.model
-        else:
-            run(cli + ["train", "--model", args.model, "--data", args.data, "--rows", args.train_rows,
-                       "--output", str(run_dir), "--epochs", args.epochs, "--batch-size", args.batch_size,
-                       "--lr", args.lr, "--set", "max_length=512", "--set", f"template={args.template}",
-                       "--quiet", *RECIPES[recipe]])
+        else:  # recipe flags come last so they override the common ones
+            run(cli + ["train", "--model", args.model, "--output", str(run_dir), *common, *recipes[recipe]], log)
             target = str(run_dir)
         run(cli + ["eval", target, "--data", args.data, "--rows", args.eval_rows, "--exits", EXITS,
-                   "--template", args.template, "--batch-size", "16", "--output", str(run_dir)])
-        results[recipe] = {"exits": json.loads((run_dir / "eval.json").read_text()),
-                           **({} if recipe == "base" else {"train": train_metrics(run_dir)})}
+                   "--template", args.template, "--batch-size", "16", "--output", str(run_dir)],
+            None if log is None else run_dir / "eval-log.txt")
+        return recipe, {"exits": json.loads((run_dir / "eval.json").read_text()),
+                        **({} if recipe == "base" else {"train": train_metrics(run_dir)})}
+
+    names = (["base"] if "base" in args.recipes.split(",") else []) + list(recipes)
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        results = dict(pool.map(train_and_eval, names))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     exits = [int(e) for e in EXITS.split(",")]
