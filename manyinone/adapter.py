@@ -16,6 +16,7 @@ from torch import nn
 from manyinone.budget import Cost
 from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.errors import ManyinoneError
+from manyinone.lean_loss import LinearHead
 
 
 class ModelAdapter(ABC):
@@ -56,6 +57,14 @@ class ModelAdapter(ABC):
     @abstractmethod
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own final norm and LM head: [..., hidden] -> [..., vocab]."""
+
+    def linear_head(self) -> LinearHead | None:
+        """`exit_logits` split as (final norm, LM head weight) for the memory-lean loss.
+
+        None (the default) when the head is not one bias-free linear map; the loss then calls
+        `exit_logits`. Called after each forward pass (FSDP2 swaps in unsharded weights there).
+        """
+        return None
 
     @abstractmethod
     def cost(self, spec: SubnetSpec, context: int = 512) -> Cost:

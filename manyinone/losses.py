@@ -1,8 +1,10 @@
 """The nested-loss engine: one weighted loss over several sub-networks' outputs.
 
-Pure functions of tensors. The caller hands in each spec's final features (already through the
-model's own final norm) at the supervised positions only, plus the model's LM head as a callable;
-logits are materialised per spec and only for those positions, which keeps memory near plain SFT.
+Pure functions of tensors. The caller hands in each spec's last hidden states at the supervised
+positions only, plus the model's final norm and LM head as a callable; logits are materialised per
+spec and only for those positions. Given a `LinearHead` (norm + head weight) instead, the
+memory-lean path in `lean_loss.py` computes the same numbers without any [tokens, vocab] tensor
+kept for backward.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from manyinone.dims import SubnetSpec
 from manyinone.errors import ManyinoneError
+from manyinone.lean_loss import LinearHead, fused_exit_loss
 
 
 def exit_weights(specs: Sequence[SubnetSpec], weights: Sequence[float] | None) -> dict[SubnetSpec, float]:
@@ -61,14 +64,20 @@ def nested_loss(
     teacher: SubnetSpec | None = None,
     distill_weight: float = 0.0,
     temperature: float = 1.0,
+    chunk_rows: int | None = None,
 ) -> NestedLossOutput:
     """sum_s w_s * (CE_s + distill_weight * KL(teacher || s)).
 
     features: spec -> [tokens, hidden] features at supervised positions; targets: [tokens].
+    head: the exit head (norm + LM head) as a callable, or a `LinearHead` for the memory-lean
+    path (same numbers, chunks of `chunk_rows` tokens, no logits kept for backward).
     The teacher (normally the full spec) gets no distillation term itself; if it was not sampled
     this step, distillation is skipped for the step.
     """
     use_kd = distill_weight > 0 and teacher is not None and teacher in features
+    if isinstance(head, LinearHead):
+        return _lean_nested_loss(features, head, targets, weights, teacher if use_kd else None,
+                                 distill_weight, temperature, chunk_rows)
     # The teacher's logits serve both its own CE and, detached, every other spec's target.
     teacher_logits = head(features[teacher]) if use_kd else None  # [tokens, vocab]
     total = torch.zeros((), device=targets.device)
@@ -85,6 +94,19 @@ def nested_loss(
         total = total + weights.get(spec, 1.0) * term
         ce_parts[spec] = ce.detach()
     return NestedLossOutput(total=total, ce=ce_parts, kl=kl_parts)
+
+
+def _lean_nested_loss(features, head: LinearHead, targets, weights, teacher, distill_weight, temperature,
+                      chunk_rows) -> NestedLossOutput:
+    specs = list(features)
+    normed = [head.norm(features[s]) for s in specs]  # each [tokens, hidden]
+    total, ce, kl = fused_exit_loss(
+        normed, [head.weight] * len(specs), targets, [weights.get(s, 1.0) for s in specs],
+        teacher=specs.index(teacher) if teacher is not None else None,
+        distill_weight=distill_weight, temperature=temperature, chunk_rows=chunk_rows,
+    )
+    kl_parts = {s: kl[i] for i, s in enumerate(specs) if teacher is not None and s != teacher}
+    return NestedLossOutput(total=total, ce={s: ce[i] for i, s in enumerate(specs)}, kl=kl_parts)
 
 
 def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from manyinone.adapter import ModelAdapter
 from manyinone.budget import Cost
 from manyinone.dims import DepthDim, NestedSpace, SubnetSpec, even_exits
 from manyinone.errors import ManyinoneError
+from manyinone.lean_loss import LinearHead
 
 __all__ = ["LlamaDepthAdapter", "truncate_config"]
 
@@ -100,7 +101,9 @@ class LlamaDepthAdapter(ModelAdapter):
         handles = [self.base.layers[d - 1].register_forward_hook(capture(d)) for d in depths]
         try:
             with self._only_first(depths[-1]):
-                self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                # Through the top-level model, so FSDP2's root hooks (embeddings, norm, head) run;
+                # logits_to_keep=1 keeps its own head output to one position per row.
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         finally:
             for h in handles:
                 h.remove()
@@ -108,6 +111,12 @@ class LlamaDepthAdapter(ModelAdapter):
 
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.base.norm(hidden))  # [..., vocab]
+
+    def linear_head(self) -> LinearHead | None:
+        head = self.model.lm_head
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            return None
+        return LinearHead(norm=self.base.norm, weight=head.weight)
 
     # --- export ---------------------------------------------------------------------------
     def extract(self, spec: SubnetSpec) -> nn.Module:
