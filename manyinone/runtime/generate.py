@@ -1,0 +1,210 @@
+"""Generation from one loaded model at any budget per call: static KV cache, CUDA graphs, batching.
+
+Example:
+    >>> rt = Runtime.open("runs/x")
+    >>> out = rt.generate([rt.encode("Name three primes.")], budget=0.5, max_new_tokens=32)
+    >>> rt.decode(out.tokens[0])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from manyinone.checkpoint import resolve
+from manyinone.dims import SubnetSpec
+from manyinone.errors import ManyinoneError
+from manyinone.runtime.sampling import Sampling, choose
+from manyinone.runtime.segments import LayerStack, SegmentRunner
+
+DEFAULT_MAX_LEN = 2048
+
+
+@dataclass
+class Generation:
+    """New tokens per row (stop token excluded), why each row ended, and where the time went.
+
+    prefill_s covers the prompt forward and the first token; decode_s every later token.
+    """
+
+    tokens: list[list[int]]
+    finish: list[str]  # "stop" (a stop token) or "length" (max_new_tokens)
+    depth: int
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        later = sum(max(len(t) - 1, 0) for t in self.tokens)
+        return later / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [batch, longest] left-padded with pad_id, and each row's pad count [batch]."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
+    return ids.to(device), pad.to(device)
+
+
+class Runtime:
+    """One model in memory; each call picks its depth (budget), sampling, batch and speculation.
+
+    graphs: record each decode step shape as a CUDA graph (default: on CUDA); `compile_fn` (e.g.
+    `torch.compile`) is applied to a segment before it is recorded. Not thread-safe: one call at a time
+    (the server serialises requests).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, index: dict[str, Any] | None = None,
+                 max_len: int | None = None, graphs: bool | None = None, compile_fn=None) -> None:
+        self.model, self.tokenizer, self.index = model.eval(), tokenizer, index
+        self.stack = LayerStack(model)
+        self.device = self.stack.device
+        self.graphs = (self.device.type == "cuda") if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise ManyinoneError("CUDA graphs need a CUDA device; this model is on "
+                                 f"{self.device.type} (use graphs=False)")
+        limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LEN
+        self.max_len = int(max_len or min(limit, DEFAULT_MAX_LEN))
+        self.compile_fn = compile_fn
+        self._runners: dict[int, SegmentRunner] = {}
+        self._slots = torch.arange(self.max_len, device=self.device)  # views of it serve as slot inputs
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "auto",
+             **kwargs: Any) -> "Runtime":
+        """A runtime over a manyinone checkpoint folder (any budget it indexes)."""
+        from manyinone.api import open_checkpoint
+        from manyinone.train import pick_device
+
+        nested = open_checkpoint(path, dtype=dtype, device=str(pick_device(device)))
+        return cls(nested.model, nested.tokenizer, nested.index, **kwargs)
+
+    # --- budgets ----------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.stack.num_layers
+
+    def exits(self) -> list[int]:
+        """Depths this model was trained to exit at (all depths for a plain model)."""
+        if self.index is None:
+            return [self.num_layers]
+        return sorted({e["spec"]["depth"] for e in self.index["specs"]})
+
+    def depth_for(self, budget: float | None) -> int:
+        """Decoder layers to run for `budget` (fraction of the full cost; None = all)."""
+        if self.index is None:
+            if budget not in (None, 1, 1.0):
+                raise ManyinoneError(f"budget {budget!r} needs a manyinone checkpoint; this plain model allows "
+                                     "only the full budget (1)")
+            return self.num_layers
+        spec: SubnetSpec = resolve(self.index, budget)
+        return int(spec["depth"])
+
+    # --- text helpers -----------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def default_stop_ids(self) -> set[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None) or getattr(self.model.config, "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        return {int(e) for e in eos if e is not None}
+
+    # --- generation ---------------------------------------------------------------------------
+    def runner(self, batch: int) -> SegmentRunner:
+        """The segment runner (and KV cache) for `batch` rows; kept, so captured graphs are reused."""
+        if batch not in self._runners:
+            cache = self.stack.new_cache(batch, self.max_len)
+            self._runners[batch] = SegmentRunner(self.stack, cache, self.graphs, self.compile_fn)
+        return self._runners[batch]
+
+    def check_request(self, prompts: list[list[int]], max_new_tokens: int, extra: int = 0) -> None:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ManyinoneError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ManyinoneError(f"max_new_tokens {max_new_tokens} out of range; allowed >= 1")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens + extra > self.max_len:
+            raise ManyinoneError(
+                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context limit of "
+                f"{self.max_len - extra} tokens; shorten the prompt or lower max_tokens")
+
+    def stream(self, prompts: list[list[int]], budget: float | None = None, max_new_tokens: int = 64,
+               sampling: Sampling = Sampling(), stop_ids: set[int] | None = None,
+               stats: dict[str, Any] | None = None) -> Iterator[list[list[int]]]:
+        """Plain decoding, all rows together: yields each step's new tokens per row ([] once a row stopped)."""
+        depth = self.depth_for(budget)
+        self.check_request(prompts, max_new_tokens)
+        stop = self.default_stop_ids() if stop_ids is None else stop_ids
+        runner = self.runner(len(prompts))
+        pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
+        generator = torch.Generator(self.device).manual_seed(sampling.seed)
+        with torch.no_grad():
+            ids, pad = left_pad(prompts, pad_id, self.device)
+            logits = runner.prefill(depth, ids, pad)  # [batch, 1, vocab]
+            token = choose(logits[:, -1], sampling, generator)  # [batch]
+            slot, live = ids.shape[1], [True] * len(prompts)
+            for step in range(max_new_tokens):
+                chosen = token.tolist()  # the one CPU-GPU sync per step
+                out = []
+                for row, t in enumerate(chosen):
+                    if live[row] and t in stop:
+                        live[row] = False
+                    out.append([t] if live[row] else [])
+                yield out
+                if step == max_new_tokens - 1 or not any(live):
+                    break
+                _, logits = runner(0, depth, token[:, None], self._slots[slot: slot + 1], pad)
+                token = choose(logits[:, -1], sampling, generator)  # [batch]
+                slot += 1
+        if stats is not None:
+            stats.update(depth=depth, steps=step + 1)
+
+    def generate(self, prompts: list[list[int]], budget: float | None = None, max_new_tokens: int = 64,
+                 sampling: Sampling = Sampling(), stop_ids: set[int] | None = None, speculative: bool = False,
+                 draft_depth: int | None = None, draft_tokens: int | None = None) -> Generation:
+        """Generate for every prompt (token ids); `speculative` drafts with the first layers and verifies
+        with the rest (one prompt at a time), giving the same tokens as plain decoding when greedy."""
+        stats: dict[str, Any] = {}
+        if speculative:
+            from manyinone.runtime.speculative import speculative_stream
+
+            streams = [speculative_stream(self, p, budget, max_new_tokens, sampling, stop_ids, draft_depth,
+                                          draft_tokens, stats) for p in prompts]
+        else:
+            streams = [self.stream(prompts, budget, max_new_tokens, sampling, stop_ids, stats)]
+        tokens: list[list[int]] = [[] for _ in prompts]
+        prefill_s = decode_s = 0.0
+        row0 = 0
+        for stream in streams:
+            start = time.perf_counter()
+            first = True
+            for step in stream:
+                for i, new in enumerate(step):
+                    tokens[row0 + i].extend(new)
+                if first:  # the prompt forward and the first token
+                    synchronize(self.device)
+                    now = time.perf_counter()
+                    prefill_s, start, first = prefill_s + now - start, now, False
+            synchronize(self.device)
+            decode_s += time.perf_counter() - start
+            row0 += len(step)
+        finish = ["stop" if len(t) < max_new_tokens else "length" for t in tokens]
+        return Generation(tokens, finish, stats.get("depth", self.depth_for(budget)), prefill_s, decode_s, stats)

@@ -1,0 +1,81 @@
+"""Token choice: greedy, temperature / top-p sampling, and the acceptance rule of speculative decoding.
+
+Pure tensor functions, no model: the draft/verify loop calls them on logits it already has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from manyinone.errors import ManyinoneError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; otherwise sample from softmax(logits / temperature) cut to top-p mass."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and self.temperature <= 100):
+            raise ManyinoneError(f"temperature {self.temperature!r} out of range; allowed 0 <= temperature <= 100")
+        if not (0 < self.top_p <= 1):
+            raise ManyinoneError(f"top_p {self.top_p!r} out of range; allowed 0 < top_p <= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Sampling distribution [..., vocab] (float32) after temperature and top-p (nucleus) truncation."""
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)  # [..., vocab]
+    if sampling.top_p >= 1:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # [..., vocab]
+    # Keep a token if the mass of the tokens strictly before it is < top_p (so the top token always stays).
+    keep_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < sampling.top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    probs = probs * keep
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids [...] from logits [..., vocab]: argmax when greedy, else a sample."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    probs = probabilities(logits, sampling)
+    flat = probs.reshape(-1, probs.shape[-1])  # [rows, vocab]
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def accept_greedy(draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Number of leading draft tokens [k] equal to the full model's greedy tokens [k] (a 0-dim tensor)."""
+    return (draft == target).long().cumprod(0).sum()
+
+
+def accept_sampled(draft: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling (Leviathan et al. 2023): lossless w.r.t. the target distribution.
+
+    draft [k] tokens sampled from draft_probs [k, vocab]; target_probs [k, vocab] the full model's
+    distributions at the same positions. Token i is kept with probability min(1, p_i(d_i) / q_i(d_i));
+    at the first rejection j a replacement is drawn from normalise(max(p_j - q_j, 0)). Returns
+    (accepted count m, replacement token for position m; meaningless when m == k) as 0-dim tensors.
+    """
+    k = draft.shape[0]
+    rows = torch.arange(k, device=draft.device)
+    p = target_probs[rows, draft]  # [k]
+    q = draft_probs[rows, draft]  # [k]
+    u = torch.rand(k, device=draft.device, generator=generator)
+    accepted = (u * q <= p).long().cumprod(0).sum()
+    j = accepted.clamp(max=k - 1)
+    residual = (target_probs[j] - draft_probs[j]).clamp(min=0)  # [vocab]
+    # p == q exactly leaves no residual mass; then p itself is the right distribution.
+    residual = torch.where(residual.sum() > 0, residual, target_probs[j])
+    replacement = torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
+    return accepted, replacement
