@@ -19,6 +19,7 @@ from manyinone.adapter import ModelAdapter
 from manyinone.checkpoint import read_index, resolve
 from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.errors import ManyinoneError, first_line
+from manyinone.integrity import verify_checksums
 from manyinone.registry import adapter_for
 
 
@@ -40,12 +41,17 @@ class NestedModel:
 
 
 def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> NestedModel:
-    """Load a checkpoint folder written by `manyinone train` or `manyinone export --all`."""
+    """Load a checkpoint folder written by `manyinone train` or `manyinone export --all`.
+
+    Every file is checked against the folder's checksums.json first; weights load from safetensors
+    only (never a pickle), so opening a checkpoint runs no code from it.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     index = read_index(path)
+    verify_checksums(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers/safetensors raise many types for a damaged folder
         first = first_line(exc)

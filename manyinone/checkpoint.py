@@ -11,6 +11,7 @@ Layout (all written atomically: a temp folder, then one rename):
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -28,29 +29,39 @@ from manyinone.adapter import ModelAdapter
 from manyinone.budget import METRICS, resolve_budget
 from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.errors import ManyinoneError
+from manyinone.integrity import fsync_dir, is_write_failure, write_checksums, write_failure
 
 INDEX_FILE, WEIGHTS_FILE, FORMAT = "manyinone.json", "model.safetensors", "manyinone/1"
 
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike, merge: bool = False) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `target`; on success it replaces `target` in one rename.
 
     With `merge`, files are instead renamed one by one into an existing `target` (a training run
     folder that also holds logs), the budget index last, so a reader never sees an index whose
-    weights are not in place yet. On any error the temp folder is removed and `target` untouched.
+    weights are not in place yet. On any error the temp folder is removed and `target` untouched;
+    a failed write (disk full, unwritable folder) raises OutputWriteError naming `target`.
+    With `checksums`, every file written is listed with its sha256 in `checksums.json` (`integrity`).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _recover_interrupted_write(target)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise write_failure(target, exc) from None
     try:
         yield tmp
+        if checksums:
+            write_checksums(tmp)  # sizes + sha256 of everything written, each file fsync'ed
         if merge:
             target.mkdir(exist_ok=True)
             for item in sorted(tmp.iterdir(), key=lambda p: p.name == INDEX_FILE):
                 os.replace(item, target / item.name)
             tmp.rmdir()
+            fsync_dir(target)
         elif target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
@@ -58,9 +69,28 @@ def atomic_dir(target: str | os.PathLike, merge: bool = False) -> Iterator[Path]
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+        fsync_dir(target.parent)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, ManyinoneError) and is_write_failure(exc):
+            raise write_failure(target, exc) from None
         raise
+
+
+def _recover_interrupted_write(target: Path) -> None:
+    """Undo what a write of `target` killed mid-way (SIGKILL, power loss) left beside it.
+
+    `.NAME.tmp-*` is an unfinished write: removed. `.NAME.old-*` is the previous content, moved
+    aside by a write that died before its second rename: put back if `target` is gone, else removed.
+    """
+    name = glob.escape(target.name)
+    for stale in target.parent.glob(f".{name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in target.parent.glob(f".{name}.old-*"):
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
 
 
 def build_index(adapter: ModelAdapter, space: NestedSpace, metric: str = "flops", context: int = 512,
@@ -89,7 +119,7 @@ def resolve(index: dict[str, Any], budget: float | None) -> SubnetSpec:
 def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str | os.PathLike,
                     merge: bool = False) -> Path:
     """Write `model` (+ tokenizer) as an HF folder carrying `index`, atomically (see `atomic_dir`)."""
-    with atomic_dir(out, merge=merge) as tmp:
+    with atomic_dir(out, merge=merge, checksums=True) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

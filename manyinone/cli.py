@@ -31,9 +31,9 @@ def _friendly(fn: Callable) -> Callable:
         except ManyinoneError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # training's graceful stop says where its state was saved
+            typer.echo(f"interrupted: {exc}" if str(exc) else "interrupted", err=True)
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,6 +23,8 @@ from manyinone.checkpoint import atomic_dir, build_index, save_checkpoint
 from manyinone.config import TrainConfig
 from manyinone.data import collate, epoch_order, load_records, tokenize_records
 from manyinone.errors import ManyinoneError
+from manyinone.integrity import verify_checksums, write_failure, write_text_durably
+from manyinone.interrupt import deferred_stop_signals
 from manyinone.loading import load_pretrained
 from manyinone.losses import exit_weights, nested_loss, supervised_positions
 from manyinone.progress import TrainProgress
@@ -63,7 +66,7 @@ def _checkpoint_dirs(output: Path) -> list[Path]:
 def save_state(output: Path, step: int, model, optimizer, keep: int) -> Path:
     """Everything needed to continue after optimizer step `step` (state.json marks completeness)."""
     target = output / CHECKPOINTS / f"step-{step:07d}"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, checksums=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}))
@@ -73,11 +76,20 @@ def save_state(output: Path, step: int, model, optimizer, keep: int) -> Path:
 
 
 def restore_state(output: Path, model, optimizer) -> int:
-    """Load the newest complete checkpoint under `output`; returns the next step (0 if none)."""
+    """Load the newest complete checkpoint under `output`, checksums verified; returns the next step (0 if none).
+
+    Folders of saves a crash cut short (`.step-N.tmp-*`) never count as complete: removed here.
+    """
+    for stale in (output / CHECKPOINTS).glob(".step-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     dirs = _checkpoint_dirs(output)
     if not dirs:
         return 0
     last = dirs[-1]
+    try:
+        verify_checksums(last, "resume checkpoint")
+    except ManyinoneError as exc:
+        raise ManyinoneError(f"{exc}; delete it to resume from an earlier one") from None
     try:
         load_model(model, str(last / "model.safetensors"))
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location="cpu"))
@@ -89,7 +101,11 @@ def restore_state(output: Path, model, optimizer) -> int:
 def _check_same_run(output: Path, cfg: TrainConfig) -> None:
     saved = output / "train_config.yaml"
     if _checkpoint_dirs(output) and saved.is_file():
-        before = TrainConfig(**yaml.safe_load(saved.read_text()))
+        try:
+            before = TrainConfig(**yaml.safe_load(saved.read_text()))
+        except Exception as exc:  # YAML or validation errors: the file was edited or damaged
+            raise ManyinoneError(f"output {str(output)!r} holds an unreadable train_config.yaml ({type(exc).__name__}); "
+                                 "restore it or use a new --output") from None
         changed = [k for k in TrainConfig.model_fields
                    if k not in ("output", "max_steps", "save_every", "keep_checkpoints", "device")
                    and getattr(before, k) != getattr(cfg, k)]
@@ -98,10 +114,17 @@ def _check_same_run(output: Path, cfg: TrainConfig) -> None:
 
 
 def _metrics_from(path: Path, start: int):
-    """Open metrics.jsonl for appending, dropping lines of steps after `start` (a crashed run's tail)."""
+    """Open metrics.jsonl for appending, dropping lines of steps after `start` (a crashed run's tail,
+    including a line a kill cut in half)."""
+    def step_of(line: str) -> int | None:
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in path.read_text(errors="replace").splitlines() if (step_of(line) or start + 1) <= start]
+        write_text_durably(path, "".join(line + "\n" for line in kept))
     return path.open("a")
 
 
@@ -135,8 +158,13 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                                   fused=device.type == "cuda")
     _check_same_run(output, cfg)
     start = restore_state(output, model, optimizer)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "train_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    if start:
+        print(f"resuming from step {start} ({output / CHECKPOINTS})", file=sys.stderr, flush=True)
+    try:  # an unwritable output fails here, before any training time is spent
+        output.mkdir(parents=True, exist_ok=True)
+        write_text_durably(output / "train_config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    except OSError as exc:
+        raise write_failure(output, exc) from None
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     order_cache: dict[int, list[int]] = {}
@@ -152,7 +180,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
 
     metrics_file = _metrics_from(output / "metrics.jsonl", start)
     progress = TrainProgress(total_steps, [s.label for s in specs], enabled=show_progress)
-    with progress:
+    with progress, deferred_stop_signals() as stop:  # SIGTERM/Ctrl-C: save, then exit
         progress.advance_to(start)
         for step in range(start, total_steps):
             started = time.perf_counter()
@@ -192,8 +220,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             progress.update(step + 1, record)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                save_state(output, step + 1, model, optimizer, cfg.keep_checkpoints)
+            periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
+            if (periodic or stop) and step + 1 < total_steps:
+                saved = save_state(output, step + 1, model, optimizer, cfg.keep_checkpoints)
+                if stop:
+                    raise stop.interrupted(step + 1, saved)
     metrics_file.close()
 
     model.eval()
@@ -202,6 +233,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     index = build_index(adapter, space, metric=cfg.cost_metric,
                         train={"model": cfg.model, "data": cfg.data, "rows": cfg.rows, "template": cfg.template,
                                "steps": total_steps})
-    save_checkpoint(model.to("cpu"), tokenizer, index, output, merge=True)
-    save_state(output, total_steps, model, optimizer, cfg.keep_checkpoints)
+    with deferred_stop_signals():  # the run is done: a stop signal now waits for these two saves
+        save_checkpoint(model.to("cpu"), tokenizer, index, output, merge=True)
+        save_state(output, total_steps, model, optimizer, cfg.keep_checkpoints)
     return output
