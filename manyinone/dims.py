@@ -69,9 +69,36 @@ class DepthDim(NestedDimension):
     unit: str = field(default="layers", init=False)
 
 
+@dataclass(frozen=True)
+class WidthDim(NestedDimension):
+    """MLP intermediate neurons kept per layer (the most important first, after reordering)."""
+
+    name: str = field(default="width", init=False)
+    unit: str = field(default="neurons", init=False)
+
+
+@dataclass(frozen=True)
+class HeadsDim(NestedDimension):
+    """Attention query heads kept per layer. With grouped-query attention an adapter keeps whole
+    query groups (and their KV head), so it only accepts multiples of the group size."""
+
+    name: str = field(default="heads", init=False)
+    unit: str = field(default="heads", init=False)
+
+
+DIMENSIONS: dict[str, type[NestedDimension]] = {"depth": DepthDim, "width": WidthDim, "heads": HeadsDim}
+
+
 def even_exits(total: int, count: int = 5) -> tuple[int, ...]:
     """`count` exits spread evenly up to `total`, e.g. (30, 5) -> (6, 12, 18, 24, 30)."""
     return tuple(sorted({max(1, round(total * k / count)) for k in range(1, count + 1)}))
+
+
+def even_sizes(total: int, count: int, multiple: int = 1) -> tuple[int, ...]:
+    """`count` sizes spread evenly up to `total`, each a multiple of `multiple` (a GQA group, a
+    64-neuron tile), e.g. (1536, 4, 64) -> (384, 768, 1152, 1536); (9, 3, 3) -> (3, 6, 9)."""
+    steps = total // multiple
+    return tuple(sorted({max(1, round(steps * k / count)) * multiple for k in range(1, count + 1)} | {total}))
 
 
 class SubnetSpec(Mapping[str, int]):
@@ -159,10 +186,9 @@ class NestedSpace:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Mapping[str, object]]) -> "NestedSpace":
-        known = {"depth": DepthDim}
         dims = []
         for name, fields in data.items():
-            if name not in known:
-                raise ManyinoneError(f"unknown axis {name!r} in checkpoint; known axes {sorted(known)}")
-            dims.append(known[name](total=int(fields["total"]), choices=tuple(fields["choices"])))
+            if name not in DIMENSIONS:
+                raise ManyinoneError(f"unknown axis {name!r} in checkpoint; known axes {sorted(DIMENSIONS)}")
+            dims.append(DIMENSIONS[name](total=int(fields["total"]), choices=tuple(fields["choices"])))
         return cls(dims)

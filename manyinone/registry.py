@@ -2,10 +2,15 @@
 
 Built-in adapters use the same `manyinone.adapters` entry-point group as third-party ones, so
 `pip install my-adapter` is all a user needs to teach manyinone a new architecture.
+
+Several adapters may serve one model type if they offer different axes (llama-depth: depth;
+llama-flextron: depth, width, heads). A request names the axes it needs and gets the adapter with
+the fewest axes that has them all, so depth-only work keeps the plain depth adapter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from torch import nn
@@ -14,7 +19,8 @@ from manyinone.adapter import ModelAdapter
 from manyinone.errors import ManyinoneError
 
 ENTRY_POINT_GROUP = "manyinone.adapters"
-_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+# model_type -> its adapters, fewest axes first (tuples: a copy of the dict is a full snapshot).
+_ADAPTERS: dict[str, tuple[type[ModelAdapter], ...]] = {}
 _discovered = False
 
 
@@ -23,12 +29,16 @@ def register_adapter(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
     if not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
         raise ManyinoneError(f"{adapter!r} is not a ModelAdapter subclass")
     for model_type in adapter.model_types:
-        other = _ADAPTERS.get(model_type)
-        if other is not None and other is not adapter:
-            raise ManyinoneError(
-                f"model_type {model_type!r} already served by {other.name!r}; cannot also register {adapter.name!r}"
-            )
-        _ADAPTERS[model_type] = adapter
+        served = _ADAPTERS.get(model_type, ())
+        if adapter in served:
+            continue
+        for other in served:
+            if set(other.axes) == set(adapter.axes):
+                raise ManyinoneError(
+                    f"model_type {model_type!r} already served by {other.name!r} with axes {list(other.axes)}; "
+                    f"cannot also register {adapter.name!r} for the same axes"
+                )
+        _ADAPTERS[model_type] = tuple(sorted((*served, adapter), key=lambda a: (len(a.axes), a.name)))
     return adapter
 
 
@@ -46,17 +56,23 @@ def registered_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def adapter_class(model_type: str) -> type[ModelAdapter]:
+def adapter_class(model_type: str, axes: Sequence[str] | None = None) -> type[ModelAdapter]:
+    """The adapter for `model_type` with the fewest axes that include all of `axes` (None: any)."""
     _discover()
     if model_type not in _ADAPTERS:
         raise ManyinoneError(
             f"unknown model type {model_type!r}; registered: {registered_model_types()} "
             f"(add one with manyinone.registry.register_adapter)"
         )
-    return _ADAPTERS[model_type]
+    served = _ADAPTERS[model_type]
+    for adapter in served:
+        if axes is None or set(axes) <= set(adapter.axes):
+            return adapter
+    offered = ", ".join(f"{a.name!r} {list(a.axes)}" for a in served)
+    raise ManyinoneError(f"axes {list(axes or [])} not supported for model type {model_type!r}; adapters: {offered}")
 
 
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The registered adapter wrapping `model`, chosen by `model.config.model_type`."""
+def adapter_for(model: nn.Module, axes: Sequence[str] | None = None) -> ModelAdapter:
+    """The registered adapter wrapping `model`, chosen by `model.config.model_type` and the `axes` needed."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return adapter_class(str(model_type))(model)
+    return adapter_class(str(model_type), axes)(model)

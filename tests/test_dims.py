@@ -172,5 +172,5 @@ def test_space_dict_round_trip(depth_space):
 
 
 def test_space_from_dict_unknown_axis():
-    with pytest.raises(ManyinoneError, match="unknown axis 'heads'"):
-        NestedSpace.from_dict({"heads": {"total": 4, "choices": [4]}})
+    with pytest.raises(ManyinoneError, match=r"unknown axis 'experts'.*known axes \['depth', 'heads', 'width'\]"):
+        NestedSpace.from_dict({"experts": {"total": 4, "choices": [4]}})

@@ -1,0 +1,279 @@
+"""Flextron-style elastic width and heads, with SoFT depth, for HF causal LMs with the LLaMA layout.
+
+A sub-network keeps the first `width` MLP neurons and the first `heads` query heads of every layer
+(with grouped-query attention: whole query groups together with their KV head, so K/V stay
+consistent) and the first `depth` layers. `forward_nested` swaps sliced views of the model's own
+weights into the model's own modules for one pass (gradients flow into the full weights); the
+attention and MLP forward code stays transformers' own, which infers head counts from the weights.
+
+Per-layer sizes (a `LayerPlan`, one (width, heads) pair per kept layer) are what the router picks;
+a `SubnetSpec` is the uniform special case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from manyinone.adapter import ModelAdapter
+from manyinone.budget import Cost
+from manyinone.dims import DepthDim, HeadsDim, NestedSpace, SubnetSpec, WidthDim, even_exits, even_sizes
+from manyinone.errors import ManyinoneError
+from manyinone_llama import LlamaDepthAdapter
+
+__all__ = ["LayerPlan", "LlamaFlextronAdapter", "SLICED"]
+
+LayerPlan = tuple[tuple[int, int], ...]  # (width, heads) for each kept layer, bottom first
+
+# Tensor (relative to a decoder layer) -> (dimension it is sliced along, unit that sizes the slice):
+# "q" = heads * head_dim, "kv" = heads / group * head_dim, "mlp" = width neurons.
+SLICED: dict[str, tuple[int, str]] = {
+    "self_attn.q_proj.weight": (0, "q"), "self_attn.q_proj.bias": (0, "q"),
+    "self_attn.k_proj.weight": (0, "kv"), "self_attn.k_proj.bias": (0, "kv"),
+    "self_attn.v_proj.weight": (0, "kv"), "self_attn.v_proj.bias": (0, "kv"),
+    "self_attn.o_proj.weight": (1, "q"),
+    "mlp.gate_proj.weight": (0, "mlp"), "mlp.gate_proj.bias": (0, "mlp"),
+    "mlp.up_proj.weight": (0, "mlp"), "mlp.up_proj.bias": (0, "mlp"),
+    "mlp.down_proj.weight": (1, "mlp"),
+}
+
+
+@contextmanager
+def swapped(replacements: Sequence[tuple[nn.Module, str, torch.Tensor]]) -> Iterator[None]:
+    """Temporarily replace parameters `module.<leaf>` by plain tensors (e.g. sliced views)."""
+    saved: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for module, leaf, tensor in replacements:
+            saved.append((module, leaf, module._parameters.pop(leaf)))
+            setattr(module, leaf, tensor)  # not a Parameter: an ordinary attribute the forward reads
+        yield
+    finally:
+        for module, leaf, param in reversed(saved):
+            delattr(module, leaf)
+            module._parameters[leaf] = param
+
+
+class LlamaFlextronAdapter(ModelAdapter):
+    name = "llama-flextron"
+    model_types = ("llama", "mistral", "qwen2")
+    axes = ("depth", "width", "heads")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.depth = LlamaDepthAdapter(model)  # layout check, depth exits, the own final norm + head
+        self.base, self.num_layers = self.depth.base, self.depth.num_layers
+        attn, mlp = self.base.layers[0].self_attn, self.base.layers[0].mlp
+        self.head_dim = attn.head_dim
+        self.num_heads = attn.q_proj.out_features // self.head_dim
+        self.num_kv_heads = attn.k_proj.out_features // self.head_dim
+        self.group = self.num_heads // self.num_kv_heads  # query heads sharing one KV head
+        self.intermediate = mlp.gate_proj.out_features
+
+    # --- space and plans ------------------------------------------------------------------
+    def space(self, choices: Mapping[str, Sequence[int] | None]) -> NestedSpace:
+        self.check_axes(list(choices))
+        defaults = {
+            "depth": lambda: even_exits(self.num_layers),
+            "width": lambda: even_sizes(self.intermediate, 8, 64 if self.intermediate % 64 == 0 else 1),
+            "heads": lambda: even_sizes(self.num_heads, self.num_kv_heads, self.group),
+        }
+        kinds = {"depth": (DepthDim, self.num_layers), "width": (WidthDim, self.intermediate),
+                 "heads": (HeadsDim, self.num_heads)}
+        dims = []
+        for axis in self.axes:  # a fixed axis order, whatever order the caller used
+            if axis not in choices:
+                continue
+            values = tuple(choices[axis] or defaults[axis]())
+            if axis == "heads" and any(h % self.group for h in values):
+                raise ManyinoneError(
+                    f"heads choices {list(values)}: need multiples of {self.group} (query heads per KV head, "
+                    f"grouped-query attention keeps whole groups); allowed {list(range(self.group, self.num_heads + 1, self.group))}"
+                )
+            cls, total = kinds[axis]
+            dims.append(cls(total=total, choices=values))
+        return NestedSpace(dims)
+
+    def plan(self, spec: Mapping[str, int]) -> LayerPlan:
+        """The per-layer sizes of a uniform spec; axes the spec leaves out are full."""
+        depth = spec.get("depth", self.num_layers)
+        return ((spec.get("width", self.intermediate), spec.get("heads", self.num_heads)),) * depth
+
+    def check_plan(self, plan: LayerPlan) -> LayerPlan:
+        plan = tuple((int(w), int(h)) for w, h in plan)
+        if not 1 <= len(plan) <= self.num_layers:
+            raise ManyinoneError(f"layer plan of {len(plan)} layers; allowed 1..{self.num_layers}")
+        for i, (w, h) in enumerate(plan):
+            if not (1 <= w <= self.intermediate and 1 <= h <= self.num_heads and h % self.group == 0):
+                raise ManyinoneError(
+                    f"layer {i}: width={w}, heads={h} out of range; allowed width 1..{self.intermediate}, "
+                    f"heads a multiple of {self.group} up to {self.num_heads}"
+                )
+        return plan
+
+    def _keep(self, unit: str, width: int, heads: int) -> int:
+        return {"q": heads * self.head_dim, "kv": heads // self.group * self.head_dim, "mlp": width}[unit]
+
+    def _sliced_views(self, plan: LayerPlan) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        views = []
+        for layer, (width, heads) in zip(self.base.layers, plan):
+            for name, (dim, unit) in SLICED.items():
+                owner, _, leaf = name.rpartition(".")
+                module = layer.get_submodule(owner)
+                param = getattr(module, leaf, None)
+                keep = self._keep(unit, width, heads)
+                if param is not None and keep != param.shape[dim]:
+                    views.append((module, leaf, param.narrow(dim, 0, keep)))
+        return views
+
+    @contextmanager
+    def sliced(self, plan: LayerPlan) -> Iterator[None]:
+        """Within the block, the model's layers compute `plan`'s widths and heads (depth unchanged)."""
+        with swapped(self._sliced_views(self.check_plan(plan))):
+            yield
+
+    # --- cost -------------------------------------------------------------------------------
+    def layer_cost(self, index: int, width: int, heads: int, context: int = 512) -> tuple[int, float]:
+        """(parameters, forward FLOPs per token) of decoder layer `index` at `width` and `heads`."""
+        layer = self.base.layers[index]
+        linear_weights = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        params = matmul = 0
+        for name, p in layer.named_parameters():
+            numel = p.numel()
+            if name in SLICED:
+                dim, unit = SLICED[name]
+                numel = numel // p.shape[dim] * self._keep(unit, width, heads)
+            params += numel
+            matmul += numel if name in linear_weights else 0
+        # 2 FLOPs per multiply-add; attention scores and the weighted sum add 2 * 2 * context * width.
+        return params, float(2 * matmul + 4 * context * heads * self.head_dim)
+
+    def plan_cost(self, plan: LayerPlan, context: int = 512) -> Cost:
+        plan = self.check_plan(plan)
+        head = self.model.lm_head.weight.numel()
+        params = sum(p.numel() for p in self.base.norm.parameters())
+        flops = 2.0 * head
+        for i, (w, h) in enumerate(plan):
+            p, f = self.layer_cost(i, w, h, context)
+            params, flops = params + p, flops + f
+        return Cost(params=params, flops_per_token=flops)
+
+    def cost(self, spec: SubnetSpec, context: int = 512) -> Cost:
+        return self.plan_cost(self.plan(spec), context)
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward_nested(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: Sequence[SubnetSpec]
+    ) -> dict[SubnetSpec, torch.Tensor]:
+        # One pass per (width, heads); each pass captures all of its depths at once.
+        groups: dict[tuple[int, int], list[SubnetSpec]] = {}
+        for spec in specs:
+            groups.setdefault(self.plan(spec)[0], []).append(spec)
+        out: dict[SubnetSpec, torch.Tensor] = {}
+        for (width, heads), members in groups.items():
+            if self.model.training and getattr(self.base, "gradient_checkpointing", False) and \
+                    (width, heads) != (self.intermediate, self.num_heads):
+                # Recomputation in backward would run after the sliced weights are swapped back out.
+                raise ManyinoneError("gradient checkpointing cannot train width/heads sub-networks; turn it off")
+            depths = [SubnetSpec(depth=len(self.plan(s))) for s in members]
+            with self.sliced(((width, heads),) * self.num_layers):
+                hidden = self.depth.forward_nested(input_ids, attention_mask, depths)
+            out.update({s: hidden[d] for s, d in zip(members, depths)})  # each [batch, seq, hidden]
+        return out
+
+    def forward_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+        """Last hidden state [batch, seq, hidden] of a per-layer plan (before the final norm)."""
+        depth = SubnetSpec(depth=len(plan))
+        with self.sliced(plan):
+            return self.depth.forward_nested(input_ids, attention_mask, [depth])[depth]
+
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.depth.exit_logits(hidden)  # [..., vocab]
+
+    # --- importance reordering ----------------------------------------------------------------
+    @torch.no_grad()
+    def unit_importance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer: (MLP neuron scores [intermediate], KV-group scores [kv_heads]) for one batch.
+
+        A neuron's score is the energy (sum of squares over real tokens) of its activation entering
+        down_proj; a query group's is the energy of its heads' outputs entering o_proj.
+        """
+        scores: list[list[torch.Tensor]] = [[None, None] for _ in self.base.layers]  # type: ignore[list-item]
+        keep = attention_mask.unsqueeze(-1).to(torch.float32)  # [batch, seq, 1]
+
+        def record(i: int, slot: int):
+            def hook(_module, inputs):
+                act = inputs[0].float() * keep  # [batch, seq, features]
+                energy = act.pow(2).sum(dim=(0, 1))  # [features]
+                if slot == 1:
+                    energy = energy.view(self.num_kv_heads, -1).sum(-1)  # [kv_heads]: group x head_dim summed
+                scores[i][slot] = energy
+            return hook
+
+        handles = []
+        for i, layer in enumerate(self.base.layers):
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(record(i, 0)))
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(record(i, 1)))
+        try:
+            self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return [(n, g) for n, g in scores]
+
+    @torch.no_grad()
+    def permute(self, orders: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Reorder each layer's neurons and KV groups in place: new unit k = old unit order[k].
+
+        The full model computes the same function afterwards; only which prefix a slice keeps changes.
+        orders: per layer, (neuron order [intermediate], group order [kv_heads]), both permutations.
+        """
+        if len(orders) != self.num_layers:
+            raise ManyinoneError(f"permute: {len(orders)} layer orders for {self.num_layers} layers")
+        hd = torch.arange(self.head_dim)
+        for layer, (neurons, groups) in zip(self.base.layers, orders):
+            groups = groups.long().cpu()
+            kv_rows = (groups[:, None] * self.head_dim + hd).flatten()  # [kv_heads * head_dim]
+            heads = (groups[:, None] * self.group + torch.arange(self.group)).flatten()  # [heads]
+            index = {"q": (heads[:, None] * self.head_dim + hd).flatten(), "kv": kv_rows, "mlp": neurons.long().cpu()}
+            for name, (dim, unit) in SLICED.items():
+                owner, _, leaf = name.rpartition(".")
+                param = getattr(layer.get_submodule(owner), leaf, None)
+                if param is not None:
+                    param.copy_(param.index_select(dim, index[unit].to(param.device)))
+
+    # --- export ---------------------------------------------------------------------------------
+    def extract(self, spec: SubnetSpec) -> nn.Module:
+        return self.extract_plan(self.plan(spec))
+
+    def extract_plan(self, plan: LayerPlan) -> nn.Module:
+        """A transformers model computing `plan`. Uniform plans give a config that vanilla
+        transformers rebuilds (smaller intermediate_size / head counts); mixed ones run in memory
+        only (their per-layer sizes are in `config.manyinone_plan`)."""
+        plan = self.check_plan(plan)
+        sub = self.depth.extract(SubnetSpec(depth=len(plan)))  # shares the kept layers' tensors
+        for i, (width, heads) in enumerate(plan):
+            layer = sub.model.layers[i]
+            for name, (dim, unit) in SLICED.items():
+                owner, _, leaf = name.rpartition(".")
+                module = layer.get_submodule(owner)
+                param = getattr(module, leaf, None)
+                keep = self._keep(unit, width, heads)
+                if param is None or keep == param.shape[dim]:
+                    continue
+                # A copy, not a view: safetensors refuses views into a larger shared storage.
+                setattr(module, leaf, nn.Parameter(param.detach().narrow(dim, 0, keep).clone(),
+                                                   requires_grad=param.requires_grad))
+                if leaf == "weight":
+                    module.out_features, module.in_features = module.weight.shape
+            layer.mlp.intermediate_size = width
+        config = sub.config
+        if len(set(plan)) == 1:
+            width, heads = plan[0]
+            config.intermediate_size, config.num_attention_heads = width, heads
+            config.num_key_value_heads, config.head_dim = heads // self.group, self.head_dim
+        else:
+            config.manyinone_plan = [list(p) for p in plan]
+        return sub
