@@ -59,7 +59,7 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return NestedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), index=index)
+    return NestedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model, list(index["space"])), index=index)
 
 
 def load(path: str | os.PathLike, budget: float | None = None, dtype: torch.dtype = torch.float32,

@@ -25,6 +25,10 @@ class TrainConfig(BaseModel):
     model: str = Field("smollm2", description="HF folder, hub name, .gguf file, or 'smollm2' (embedded default)")
     axes: list[str] = Field(["depth"], description="nested axes to train")
     exits: list[int] | None = Field(None, description="depth exits, ascending; default: 5 evenly spaced")
+    widths: list[int] | None = Field(None, description="MLP widths (neurons) for the width axis; default: 8 evenly spaced")
+    heads: list[int] | None = Field(None, description="query heads for the heads axis (whole GQA groups); default: every group count")
+    reorder: bool = Field(True, description="width/heads: sort neurons and heads by importance before training")
+    calibration_batches: int = Field(8, gt=0, description="micro-batches of training data that score importance")
     data: str = Field("demo", description=".json/.jsonl file, HF dataset name, or 'demo'")
     rows: str | None = Field(None, description="record slice START:END, e.g. 0:1800")
     template: Literal["alpaca", "chat"] = "alpaca"
@@ -54,12 +58,17 @@ class TrainConfig(BaseModel):
     cost_metric: Literal["flops", "params"] = "flops"
     gradient_checkpointing: bool = False
 
-    @field_validator("exits")
+    @field_validator("exits", "widths", "heads")
     @classmethod
-    def _exits_sorted(cls, value: list[int] | None) -> list[int] | None:
+    def _exits_sorted(cls, value: list[int] | None, info) -> list[int] | None:
         if value is not None and (not value or value != sorted(set(value))):
-            raise ValueError(f"exits {value} must be non-empty and strictly increasing, e.g. {sorted(set(value))}")
+            raise ValueError(f"{info.field_name} {value} must be non-empty and strictly increasing, e.g. {sorted(set(value))}")
         return value
+
+    def axis_choices(self) -> dict[str, list[int] | None]:
+        """Trained sizes per requested axis (None: the adapter's default), for `adapter.space`."""
+        sizes = {"depth": self.exits, "width": self.widths, "heads": self.heads}
+        return {axis: sizes.get(axis) for axis in self.axes}
 
 
 _STRING_FIELDS = ("model", "data", "rows", "output", "device", "template", "sampler", "cost_metric")

@@ -29,6 +29,7 @@ from manyinone.loading import load_pretrained
 from manyinone.losses import exit_weights, nested_loss, supervised_positions
 from manyinone.progress import TrainProgress
 from manyinone.registry import adapter_for
+from manyinone.reorder import reorder_by_importance
 from manyinone.samplers import make_sampler
 
 CHECKPOINTS = "checkpoints"
@@ -136,9 +137,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
 
     model, tokenizer = load_pretrained(cfg.model)
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, cfg.axes)
     adapter.check_axes(cfg.axes)
-    space = adapter.space({"depth": cfg.exits})
+    space = adapter.space(cfg.axis_choices())
     specs = space.specs()
     weights = exit_weights(specs, cfg.exit_weights)
     sampler = make_sampler(cfg.sampler, space, cfg.seed, **({"k": cfg.sampler_k} if cfg.sampler == "random-k" else
@@ -160,6 +161,13 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     start = restore_state(output, model, optimizer)
     if start:
         print(f"resuming from step {start} ({output / CHECKPOINTS})", file=sys.stderr, flush=True)
+    elif cfg.reorder and {"width", "heads"} & set(cfg.axes):
+        # Prefixes must hold the most important units before any width is trained (a resumed run
+        # restores the already permuted weights instead).
+        calibration = [collate(examples[i:i + cfg.batch_size], tokenizer.pad_token_id)
+                       for i in range(0, min(len(examples), cfg.calibration_batches * cfg.batch_size), cfg.batch_size)]
+        reorder_by_importance(adapter, [(b["input_ids"].to(device), b["attention_mask"].to(device)) for b in calibration],
+                              show_progress=show_progress)
     try:  # an unwritable output fails here, before any training time is spent
         output.mkdir(parents=True, exist_ok=True)
         write_text_durably(output / "train_config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
