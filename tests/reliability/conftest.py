@@ -1,0 +1,38 @@
+"""Fixtures of the reliability tests: reference runs that killed and resumed runs must equal bitwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness import SETTINGS
+
+
+def run_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def reference_weights(tiny_llama, tmp_path_factory):
+    """steps -> final weights of an uninterrupted in-process run with the harness's settings."""
+    from manyinone.config import TrainConfig
+    from manyinone.train import train
+
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def get(steps: int) -> dict[str, torch.Tensor]:
+        if steps not in cache:
+            out = tmp_path_factory.mktemp("reference") / "run"
+            train(TrainConfig(model=str(tiny_llama), output=str(out), max_steps=steps, **SETTINGS), show_progress=False)
+            cache[steps] = run_weights(out)
+        return cache[steps]
+
+    return get
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
