@@ -175,5 +175,57 @@ def generate(
     typer.echo(text)
 
 
+@app.command()
+@_friendly
+def serve(
+    ckpt: Path = typer.Argument(..., help="checkpoint folder"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    device: str = typer.Option("auto"),
+    max_len: Optional[int] = typer.Option(None, help="context limit in tokens (default: min(model's, 2048))"),
+) -> None:
+    """OpenAI-compatible server (/v1/completions, /v1/chat/completions) with per-request `budget` and
+    `speculative` fields. Needs `pip install 'manyinone[serve]'`."""
+    from manyinone.runtime.server import serve as run_server
+
+    run_server(str(ckpt), host, port, dtype, device, max_len)
+
+
+@app.command(name="tune-speculative")
+@_friendly
+def tune_speculative(
+    ckpt: Path = typer.Argument(..., help="checkpoint folder (the choice is written into its manyinone.json)"),
+    data: str = typer.Option("demo", help="prompts: .json/.jsonl file, HF dataset name or 'demo'"),
+    rows: Optional[str] = typer.Option(None, help="record slice START:END"),
+    prompts: int = typer.Option(4, help="how many prompts to time"),
+    max_new_tokens: int = typer.Option(64),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Time self-speculative decoding per (draft exit, draft length) and store the fastest in the checkpoint."""
+    import torch
+
+    from manyinone.runtime import Runtime
+    from manyinone.runtime.tune import autotune, instruction_prompts, store_choice
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ManyinoneError(f"dtype {dtype!r} unknown; allowed {list(dtypes)}")
+    _at_least(prompts, 1, "--prompts")
+    _at_least(max_new_tokens, 2, "--max-new-tokens")
+    runtime = Runtime.open(ckpt, dtype=dtypes[dtype], device=device)
+    choice = autotune(runtime, instruction_prompts(runtime, data, rows, prompts), max_new_tokens)
+    table = Table(title=f"self-speculation on {ckpt} (plain greedy: {choice['baseline_tokens_per_s']:.1f} tok/s)")
+    for col in ("draft exit", "draft length", "tokens/s", "acceptance"):
+        table.add_column(col, justify="right")
+    for t in choice["trials"]:
+        table.add_row(str(t["draft_depth"]), str(t["draft_tokens"]), f"{t['tokens_per_s']:.1f}", f"{t['acceptance']:.2f}")
+    console.print(table)
+    store_choice(ckpt, choice)
+    console.print(f"chose draft exit {choice['draft_depth']}, {choice['draft_tokens']} tokens "
+                  f"({choice['speedup']:.2f}x); written to {ckpt / 'manyinone.json'}")
+
+
 def main() -> None:  # pragma: no cover - `python -m manyinone`
     app()

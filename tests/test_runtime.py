@@ -1,0 +1,107 @@
+"""The runtime's plain decoding: same tokens as HF generate, batching, budgets, sampling, bad requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from manyinone.api import open_checkpoint
+from manyinone.errors import ManyinoneError
+from manyinone.runtime import Runtime, Sampling
+from manyinone.runtime.cache import attention_masks
+from manyinone.runtime.sampling import probabilities
+
+
+def random_prompts(count: int, seed: int = 0, low: int = 3, high: int = 20) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (count,), generator=g).tolist()
+    return [torch.randint(4, 100, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         eos_token_id=None, pad_token_id=3)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_equals_hf_generate(any_tiny_model):
+    """Every architecture (sliding windows included: prompts + answers run past the window of 8)."""
+    model = AutoModelForCausalLM.from_pretrained(any_tiny_model, dtype=torch.float32).eval()
+    rt = Runtime(model, max_len=128)
+    for prompt in random_prompts(3):
+        got = rt.generate([prompt], max_new_tokens=24, stop_ids=set())
+        assert got.tokens[0] == hf_greedy(model, prompt, 24)
+        assert got.finish == ["length"] and got.depth == 4
+
+
+def test_batched_left_padded_rows_equal_single_rows(tiny_qwen2):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+    rt = Runtime(model, max_len=96)
+    prompts = random_prompts(4, seed=1)
+    batched = rt.generate(prompts, max_new_tokens=20, stop_ids=set())
+    for prompt, row in zip(prompts, batched.tokens):
+        assert row == rt.generate([prompt], max_new_tokens=20, stop_ids=set()).tokens[0]
+
+
+def test_budget_runs_the_exported_sub_model(trained_run):
+    nested = open_checkpoint(trained_run)
+    rt = Runtime(nested.model, nested.tokenizer, nested.index, max_len=96)
+    spec = nested.spec_for(0.6)
+    assert rt.depth_for(0.6) == spec["depth"] < rt.num_layers
+    sub = nested.adapter.extract(spec)
+    for prompt in random_prompts(2, seed=2):
+        assert rt.generate([prompt], budget=0.6, max_new_tokens=16, stop_ids=set()).tokens[0] == hf_greedy(sub, prompt, 16)
+    # Back to the full budget on the same loaded model: the cache of the deeper layers is rebuilt correctly.
+    prompt = random_prompts(1, seed=3)[0]
+    assert rt.generate([prompt], max_new_tokens=16, stop_ids=set()).tokens[0] == hf_greedy(nested.model, prompt, 16)
+
+
+def test_stop_token_ends_a_row_and_is_left_out(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rt = Runtime(model, max_len=96)
+    prompt = random_prompts(1, seed=4)[0]
+    free = rt.generate([prompt], max_new_tokens=12, stop_ids=set()).tokens[0]
+    stop_at = free[5]
+    cut = rt.generate([prompt], max_new_tokens=12, stop_ids={stop_at})
+    assert cut.tokens[0] == free[: free.index(stop_at)] and cut.finish == ["stop"]
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rt = Runtime(model, max_len=96)
+    prompt = random_prompts(1, seed=5)[0]
+    a = rt.generate([prompt], max_new_tokens=12, sampling=Sampling(1.0, 1.0, seed=7), stop_ids=set()).tokens
+    b = rt.generate([prompt], max_new_tokens=12, sampling=Sampling(1.0, 1.0, seed=7), stop_ids=set()).tokens
+    greedy = rt.generate([prompt], max_new_tokens=12, stop_ids=set()).tokens
+    nucleus = rt.generate([prompt], max_new_tokens=12, sampling=Sampling(1.0, 1e-6, seed=7), stop_ids=set()).tokens
+    assert a == b and nucleus == greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    probs = probabilities(logits, Sampling(1.0, 0.7))
+    assert torch.allclose(probs, torch.tensor([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]))
+
+
+def test_masks_hide_padding_future_and_out_of_window_slots():
+    full, sliding = attention_masks(torch.tensor([4, 5]), torch.tensor([0, 2]), 8, torch.float32, sliding_window=3)
+    seen = full == 0  # [batch, 1, q, max_len]
+    assert seen[0, 0, 0].tolist() == [True] * 5 + [False] * 3
+    assert seen[1, 0, 1].tolist() == [False, False] + [True] * 4 + [False] * 2
+    assert (sliding == 0)[0, 0, 1].tolist() == [False] * 3 + [True] * 3 + [False] * 2
+
+
+def test_bad_requests_name_the_value(trained_run):
+    nested = open_checkpoint(trained_run)
+    rt = Runtime(nested.model, nested.tokenizer, nested.index, max_len=32)
+    with pytest.raises(ManyinoneError, match="budget 1.5 out of range"):
+        rt.generate([[5, 6]], budget=1.5)
+    with pytest.raises(ManyinoneError, match="exceeds the context limit of 32"):
+        rt.generate([[5] * 30], max_new_tokens=8)
+    with pytest.raises(ManyinoneError, match="at least one token"):
+        rt.generate([[]])
+    with pytest.raises(ManyinoneError, match="top_p"):
+        Sampling(1.0, 0.0)
+    with pytest.raises(ManyinoneError, match="CUDA graphs need a CUDA device"):
+        Runtime(nested.model, graphs=True)
