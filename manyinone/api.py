@@ -21,6 +21,7 @@ from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.errors import ManyinoneError, first_line
 from manyinone.integrity import verify_checksums
 from manyinone.registry import adapter_for
+from manyinone.router import routed_plan
 
 
 @dataclass
@@ -70,6 +71,11 @@ def load(path: str | os.PathLike, budget: float | None = None, dtype: torch.dtyp
     checkpoint's tensors; `model.manyinone_spec` records which sub-network it is.
     """
     nested = open_checkpoint(path, dtype=dtype, device=device)
+    plan = routed_plan(nested.index, budget)  # a router's per-layer plan, if the index holds any
+    if plan is not None:
+        sub = nested.adapter.extract_plan(plan)
+        sub.manyinone_plan = plan
+        return sub.eval()
     spec = nested.spec_for(budget)
     sub = nested.model if spec == nested.space.full() else nested.adapter.extract(spec)
     sub.manyinone_spec = spec

@@ -189,6 +189,49 @@ class LlamaFlextronAdapter(ModelAdapter):
         with self.sliced(plan):
             return self.depth.forward_nested(input_ids, attention_mask, [depth])[depth]
 
+    @contextmanager
+    def masked(self, neuron_masks: torch.Tensor, head_masks: torch.Tensor) -> Iterator[None]:
+        """Within the block, scale each layer's MLP neurons and attention heads per sequence (the
+        router's soft or hard choices). neuron_masks: [batch, layers, intermediate]; head_masks:
+        [batch, layers, heads]. A 0/1 prefix mask computes exactly the sliced sub-network: a dropped
+        query group's KV head then feeds nothing."""
+
+        def scale(mask: torch.Tensor):
+            def hook(_module, inputs):
+                return (inputs[0] * mask[:, None, :].to(inputs[0].dtype),)  # [batch, seq, features]
+            return hook
+
+        handles = []
+        try:
+            for i, layer in enumerate(self.base.layers):
+                heads = head_masks[:, i].repeat_interleave(self.head_dim, dim=-1)  # [batch, heads * head_dim]
+                handles.append(layer.mlp.down_proj.register_forward_pre_hook(scale(neuron_masks[:, i])))
+                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(scale(heads)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def sequence_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean input embedding of each sequence's real tokens [batch, hidden]: what an
+        input-adaptive router sees (known at prefill, so a whole generation keeps one plan)."""
+        emb = self.model.get_input_embeddings()(input_ids).float()  # [batch, seq, hidden]
+        keep = attention_mask.unsqueeze(-1).float()  # [batch, seq, 1]
+        return (emb * keep).sum(1) / keep.sum(1).clamp(min=1)  # [batch, hidden]
+
+    def option_costs(self, options: Sequence[tuple[int, int]], context: int = 512,
+                     metric: str = "flops") -> tuple[torch.Tensor, float]:
+        """([layers, options] cost of each option in each layer, the fixed rest: final norm, LM head),
+        both relative to the full model, so the full plan's layer costs plus the rest sum to 1."""
+        full = self.cost(SubnetSpec(), context)
+        pick = {"flops": 1, "params": 0}[metric]
+        total = (full.params, full.flops_per_token)[pick]
+        table = torch.tensor([[self.layer_cost(i, w, h, context)[pick] / total for w, h in options]
+                              for i in range(self.num_layers)], dtype=torch.float64)
+        rest = 1.0 - float(sum(self.layer_cost(i, self.intermediate, self.num_heads, context)[pick]
+                               for i in range(self.num_layers))) / total
+        return table.float(), rest
+
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.depth.exit_logits(hidden)  # [..., vocab]
 

@@ -1,0 +1,223 @@
+"""Learned router (Flextron): picks each layer's (width, heads) option for a compute budget.
+
+A small network per layer maps the budget (and, in input-adaptive mode, the mean embedding of the
+input sequence) to a distribution over the layer's options. Training keeps the model frozen: the
+router's choice enters the model as prefix masks on MLP neurons and attention heads (a hard choice
+masks exactly what slicing drops), and a penalty keeps the expected cost at the budget.
+
+Static mode: `Router.plan(budget)` resolves a budget to one fixed per-layer configuration.
+
+Example:
+    >>> router = Router(num_layers=30, options=[(768, 6), (1536, 9)])
+    >>> plan = router.plan(0.5)        # ((768, 6), (1536, 9), ...) one pair per layer
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from manyinone.errors import ManyinoneError
+from manyinone.progress import TrainProgress
+
+Option = tuple[int, int]  # (MLP width, query heads)
+
+
+# --- pure math --------------------------------------------------------------------------------
+def expected_cost(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Expected cost of a routing distribution. probs: [batch, layers, options]; table: [layers,
+    options] cost of each option in each layer (any unit: relative FLOPs, ms). Returns [batch]."""
+    return (probs * table).sum(dim=(1, 2))
+
+
+def prefix_masks(probs: torch.Tensor, sizes: torch.Tensor, total: int) -> torch.Tensor:
+    """Soft prefix masks: unit j is kept with the probability that the chosen option keeps >= j+1 units.
+
+    probs: [batch, layers, options]; sizes: [options] units each option keeps. Returns [batch, layers, total];
+    for a one-hot `probs` it is exactly 1 on the chosen prefix and 0 after it.
+    """
+    keep = (torch.arange(total, device=probs.device)[None, :] < sizes.to(probs.device)[:, None]).to(probs.dtype)  # [options, total]
+    return probs @ keep  # [batch, layers, total]
+
+
+def budget_penalty(expected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Mean squared gap between expected relative cost and the budget ([batch] each): both sides
+    count, so the router neither overspends nor wastes the budget it was given."""
+    return (expected - budget).pow(2).mean()
+
+
+# --- the router network ---------------------------------------------------------------------------
+class Router(nn.Module):
+    """Per-layer MLPs from (budget[, mean input embedding]) to logits over `options`."""
+
+    def __init__(self, num_layers: int, options: Sequence[Option], context_size: int | None = None,
+                 hidden: int = 64) -> None:
+        super().__init__()
+        if not options:
+            raise ManyinoneError("a router needs at least one (width, heads) option")
+        self.options = [tuple(int(x) for x in o) for o in options]
+        self.context_size = context_size  # None: static (budget only); else input-adaptive
+        features = 1 + (context_size or 0)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, len(self.options)))
+            for _ in range(num_layers)
+        )
+
+    @property
+    def adaptive(self) -> bool:
+        return self.context_size is not None
+
+    def forward(self, budget: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """budget: [batch] relative budgets; context: [batch, context_size] (adaptive only).
+        Returns logits [batch, layers, options]."""
+        x = budget.float().unsqueeze(-1)  # [batch, 1]
+        if self.adaptive:
+            if context is None:
+                raise ManyinoneError("an input-adaptive router needs the input's context features")
+            x = torch.cat([x, context.float()], dim=-1)  # [batch, 1 + context]
+        return torch.stack([layer(x) for layer in self.layers], dim=1)  # [batch, layers, options]
+
+    @torch.no_grad()
+    def plan(self, budget: float, context: torch.Tensor | None = None) -> tuple[Option, ...]:
+        """The most likely option per layer for `budget` (one sequence's context if adaptive)."""
+        device = next(self.parameters()).device
+        ctx = None if context is None else context.reshape(1, -1).to(device)
+        logits = self(torch.tensor([budget], device=device), ctx)[0]  # [layers, options]
+        return tuple(self.options[i] for i in logits.argmax(-1).tolist())
+
+
+# --- training (model frozen) ---------------------------------------------------------------------------
+@dataclass
+class RouterTraining:
+    budgets: Sequence[float]  # relative budgets drawn uniformly per sequence
+    steps: int = 200
+    lr: float = 1e-2
+    fixed_cost: float = 0.0  # relative cost outside the routed layers (final norm, LM head)
+    cost_weight: float = 10.0  # weight of budget_penalty against the LM loss
+    temperature: float = 1.0  # Gumbel-softmax temperature
+    seed: int = 0
+
+
+def train_router(router: Router, adapter, batches: Sequence[dict[str, torch.Tensor]], table: torch.Tensor,
+                 settings: RouterTraining, context_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 show_progress: bool = False) -> list[dict[str, float]]:
+    """Fit `router` on `batches` (input_ids, attention_mask, labels) with the adapter's model frozen.
+
+    table: [layers, options] relative cost of each option per layer; with `settings.fixed_cost`
+    the full plan costs 1.
+    Choices are hard (straight-through Gumbel-softmax): the forward pass sees a real sub-network.
+    Returns one log row per step.
+    """
+    from manyinone.losses import supervised_positions, token_cross_entropy
+
+    if not batches:
+        raise ManyinoneError("router training needs at least one batch")
+    bad = [b for b in settings.budgets if not 0 < b <= 1]
+    if bad:
+        raise ManyinoneError(f"router budgets {bad} out of range; allowed 0 < budget <= 1")
+    model = adapter.model
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    router.to(device).train()
+    table = table.to(device)
+    widths = torch.tensor([w for w, _ in router.options])
+    heads = torch.tensor([h for _, h in router.options])
+    optimizer = torch.optim.Adam(router.parameters(), lr=settings.lr)
+    rng = random.Random(settings.seed)
+    gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+    log = []
+    with TrainProgress(settings.steps, [], enabled=show_progress, description="router") as progress:
+        for step in range(settings.steps):
+            batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
+            rows = batch["input_ids"].shape[0]
+            budget = torch.tensor([rng.choice(list(settings.budgets)) for _ in range(rows)], device=device)
+            context = context_fn(batch["input_ids"], batch["attention_mask"]) if router.adaptive else None
+            logits = router(budget, context)  # [batch, layers, options]
+            gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=gen).clamp(1e-9, 1 - 1e-9))).to(device)
+            soft = F.softmax((logits + gumbel) / settings.temperature, dim=-1)  # [batch, layers, options]
+            hard = F.one_hot(soft.argmax(-1), len(router.options)).to(soft.dtype)
+            probs = hard + soft - soft.detach()  # straight-through: hard forward, soft gradient
+            neuron_masks = prefix_masks(probs, widths, adapter.intermediate)  # [batch, layers, neurons]
+            head_masks = prefix_masks(probs, heads, adapter.num_heads)  # [batch, layers, heads]
+            with adapter.masked(neuron_masks, head_masks):
+                hidden = adapter.forward_plan(batch["input_ids"], batch["attention_mask"],
+                                              ((adapter.intermediate, adapter.num_heads),) * adapter.num_layers)
+            feats, targets = supervised_positions(hidden, batch["labels"])
+            ce = token_cross_entropy(adapter.exit_logits(feats), targets)
+            spent = expected_cost(F.softmax(logits, -1), table) + settings.fixed_cost  # [batch]
+            loss = ce + settings.cost_weight * budget_penalty(spent, budget)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            log.append({"step": step + 1, "ce": ce.item(), "loss": loss.item(),
+                        "cost_gap": float((spent.detach() - budget).mean())})
+            progress.update(step + 1, {})
+    router.eval()
+    return log
+
+
+# --- static plans in a checkpoint ---------------------------------------------------------------------
+def plan_relative_cost(plan: Sequence[Option], table: torch.Tensor, options: Sequence[Option], fixed: float) -> float:
+    """Relative cost of a per-layer plan from the option cost table ([layers, options])."""
+    return fixed + sum(float(table[i, list(options).index(tuple(o))]) for i, o in enumerate(plan))
+
+
+def routed_plan(index: dict, budget: float | None) -> tuple[Option, ...] | None:
+    """The stored per-layer plan of the largest relative cost within `budget`; None when the index
+    holds no routed plans (or budget is None: the full model)."""
+    from manyinone.budget import check_budget
+
+    routed = index.get("routed") or []
+    if not routed or budget is None:
+        return None
+    budget = check_budget(budget)
+    fitting = [r for r in routed if r["relative"] <= budget + 1e-9]
+    if not fitting:
+        low = min(r["relative"] for r in routed)
+        raise ManyinoneError(f"budget {budget} is below the smallest routed plan (cost {low:.3f}); allowed {low:.3f} <= budget <= 1")
+    best = max(fitting, key=lambda r: (r["relative"], r["budget"]))
+    return tuple(tuple(o) for o in best["plan"])
+
+
+def export_routed(ckpt, router: Router, budgets: Sequence[float], output, context: int = 512):
+    """Write `ckpt`'s model with the router's static plan for each budget in its index (one copy of
+    the weights; `manyinone.load(output, budget=b)` serves the plan that fits b) and the router
+    itself (router.safetensors + router.json) for input-adaptive use."""
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from manyinone.api import open_checkpoint
+    from manyinone.checkpoint import save_checkpoint
+
+    nested = open_checkpoint(ckpt)
+    adapter = nested.adapter
+    if not hasattr(adapter, "extract_plan"):
+        raise ManyinoneError(f"the {adapter.name!r} adapter has no per-layer plans; routing needs a checkpoint trained with width/heads axes")
+    metric = nested.index.get("metric", "flops")
+    table, fixed = adapter.option_costs(router.options, context, metric)
+    routed = []
+    for b in budgets:
+        plan = router.plan(b) if not router.adaptive else None
+        if plan is None:
+            raise ManyinoneError("static export needs a static router; an input-adaptive one routes per input at run time")
+        routed.append({"budget": b, "plan": [list(o) for o in plan],
+                       "relative": plan_relative_cost(plan, table, router.options, fixed)})
+    index = {**nested.index, "routed": routed, "router": {"options": [list(o) for o in router.options],
+                                                          "context_size": router.context_size, "metric": metric}}
+    out = Path(save_checkpoint(nested.model, nested.tokenizer, index, output))
+    # Each router file appears whole or not at all (temp name, then rename).
+    save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(out / ".router.tmp"))
+    os.replace(out / ".router.tmp", out / "router.safetensors")
+    (out / ".router-json.tmp").write_text(json.dumps(index["router"]) + "\n")
+    os.replace(out / ".router-json.tmp", out / "router.json")
+    return out
