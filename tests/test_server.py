@@ -1,0 +1,116 @@
+"""`manyinone serve`: a real uvicorn server on a free local port, driven by the real `openai` client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+
+from manyinone.api import open_checkpoint  # noqa: E402
+from manyinone.runtime import Runtime  # noqa: E402
+from manyinone.runtime.server import create_app  # noqa: E402
+
+MAX_LEN = 320
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    nested = open_checkpoint(trained_run)
+    runtime = Runtime(nested.model, nested.tokenizer, nested.index, max_len=MAX_LEN)
+    app = create_app(runtime, "tiny", template="alpaca", default_max_tokens=16)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    yield client, runtime
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_completion_stream_and_budget(server):
+    client, runtime = server
+    full = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, temperature=0)
+    assert full.choices[0].finish_reason in ("stop", "length") and full.usage.prompt_tokens == len("Hello there")
+    ids = runtime.encode("Hello there")
+    expected = runtime.generate([ids], max_new_tokens=12)
+    assert full.choices[0].text == runtime.decode(expected.tokens[0])
+    streamed = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full.choices[0].text
+    half = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, temperature=0,
+                                     extra_body={"budget": 0.6})
+    assert half.model_extra["manyinone"]["depth"] == runtime.depth_for(0.6) < runtime.num_layers
+    spec = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, temperature=0,
+                                     extra_body={"speculative": True})
+    assert spec.choices[0].text == full.choices[0].text and spec.model_extra["manyinone"]["drafted"] > 0
+
+
+def test_chat_plain_and_streamed_speculative(server):
+    client, _ = server
+    messages = [{"role": "user", "content": "Name a colour."}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert plain.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, extra_body={"speculative": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_list_of_prompts_is_batched(server):
+    client, runtime = server
+    out = client.completions.create(model="tiny", prompt=["ab", "a longer prompt"], max_tokens=6, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1]
+    single = client.completions.create(model="tiny", prompt="a longer prompt", max_tokens=6, temperature=0)
+    assert out.choices[1].text == single.choices[0].text
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"extra_body": {"budget": 0.0}}, "budget 0.0 out of range"),
+    ({"extra_body": {"budget": 0.1}}, "below the smallest sub-model"),
+    ({"extra_body": {"budget": "half"}}, "budget"),
+    ({"prompt": "x" * (MAX_LEN - 4), "max_tokens": 8}, "exceeds the context limit"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": -1}, "temperature"),
+    ({"n": 2}, "n:"),
+])
+def test_bad_requests_get_a_400_naming_the_problem(server, kwargs, message):
+    client, _ = server
+    args = {"model": "tiny", "prompt": "hi", "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**args)
+    assert err.value.status_code == 400 and message in err.value.body["message"]
+
+
+def test_concurrent_requests_all_succeed(server):
+    client, _ = server
+
+    def ask(i: int) -> str:
+        stream = i % 2 == 0
+        kwargs = dict(model="tiny", prompt=f"prompt {i}", max_tokens=8, temperature=0,
+                      extra_body={"budget": 0.6 if i % 3 == 0 else 1.0, "speculative": i % 4 == 1})
+        if stream:
+            return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs))
+        return client.completions.create(**kwargs).choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        first = list(pool.map(ask, range(12)))
+    assert first == [ask(i) for i in range(12)]  # same answers as one at a time: no cross-talk
+    assert client.models.list().data[0].id == "tiny"
