@@ -39,7 +39,7 @@ def main() -> None:
             served = manyinone.load(args.ckpt, budget=cost)
             a = plain(ids).logits
             d1 = (a - served(ids).logits).abs().max().item()
-            d2 = (a - nested.adapter.exit_logits(hidden[spec])).abs().max().item()
+            d2 = (a - nested.exit_logits(spec, hidden[spec])).abs().max().item()
             worst = max(worst, d1, d2)
             print(f"| {spec.label} | {cost:.3f} | {d1:.2e} | {d2:.2e} |")
     print(f"worst max abs diff: {worst:.2e} ({'PASS' if worst <= 1e-5 else 'FAIL'} at 1e-5)")

@@ -19,6 +19,7 @@ from manyinone.adapter import ModelAdapter
 from manyinone.checkpoint import read_index, resolve
 from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.errors import ManyinoneError, first_line
+from manyinone.exit_heads import ExitHeads, module_path
 from manyinone.integrity import verify_checksums
 from manyinone.registry import adapter_for
 from manyinone.router import routed_plan
@@ -32,6 +33,7 @@ class NestedModel:
     tokenizer: Any
     adapter: ModelAdapter
     index: dict[str, Any]
+    exit_heads: ExitHeads | None = None  # per-exit modules, when trained with exit_heads
 
     @property
     def space(self) -> NestedSpace:
@@ -39,6 +41,22 @@ class NestedModel:
 
     def spec_for(self, budget: float | None) -> SubnetSpec:
         return resolve(self.index, budget)
+
+    def exit_logits(self, spec: SubnetSpec, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of `spec` from its last hidden state: its own exit modules if it has any."""
+        if self.exit_heads is not None and spec in self.exit_heads:
+            return self.exit_heads.linear_head(spec)(hidden)  # [..., vocab]
+        return self.adapter.exit_logits(hidden)
+
+    def sub_model(self, spec: SubnetSpec) -> nn.Module:
+        """A plain HF model computing `spec` (exit modules folded into its own norm and untied head)."""
+        if spec == self.space.full():
+            return self.model
+        sub = self.adapter.extract(spec)
+        if self.exit_heads is not None and spec in self.exit_heads:
+            norm = self.adapter.linear_head().norm
+            sub = self.exit_heads.fold(sub, spec, module_path(self.model, norm))
+        return sub
 
 
 def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> NestedModel:
@@ -60,7 +78,12 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return NestedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model, list(index["space"])), index=index)
+    adapter = adapter_for(model, list(index["space"]))
+    heads = None
+    if "exit_heads" in index:
+        shared = adapter.linear_head()
+        heads = ExitHeads.load(path, index["exit_heads"], shared.norm, shared.weight).eval()
+    return NestedModel(model=model, tokenizer=tokenizer, adapter=adapter, index=index, exit_heads=heads)
 
 
 def load(path: str | os.PathLike, budget: float | None = None, dtype: torch.dtype = torch.float32,
@@ -77,6 +100,6 @@ def load(path: str | os.PathLike, budget: float | None = None, dtype: torch.dtyp
         sub.manyinone_plan = plan
         return sub.eval()
     spec = nested.spec_for(budget)
-    sub = nested.model if spec == nested.space.full() else nested.adapter.extract(spec)
+    sub = nested.sub_model(spec)
     sub.manyinone_spec = spec
     return sub.eval()

@@ -117,9 +117,15 @@ def resolve(index: dict[str, Any], budget: float | None) -> SubnetSpec:
 
 
 def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str | os.PathLike,
-                    merge: bool = False) -> Path:
-    """Write `model` (+ tokenizer) as an HF folder carrying `index`, atomically (see `atomic_dir`)."""
+                    merge: bool = False, exit_heads=None) -> Path:
+    """Write `model` (+ tokenizer) as an HF folder carrying `index`, atomically (see `atomic_dir`).
+
+    `exit_heads` (a manyinone.exit_heads.ExitHeads) are written beside the weights and recorded
+    in the index; plain transformers ignores them and loads the full model.
+    """
     with atomic_dir(out, merge=merge, checksums=True) as tmp:
+        if exit_heads is not None:
+            index = {**index, "exit_heads": exit_heads.save(tmp)}
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

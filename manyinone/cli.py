@@ -139,7 +139,7 @@ def eval_(
     nested, space, costs, dev = load_for_eval(ckpt, _int_list(exits, "exits"), device)
     examples = tokenize_records(load_records(data, rows), nested.tokenizer, max_length, template)
     result = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, dev,
-                            costs, show_progress=sys.stderr.isatty())
+                            costs, show_progress=sys.stderr.isatty(), logits_for=nested.exit_logits)
     table = Table(title=f"{ckpt} on {data} {rows or ''}")
     for col in ("exit", "rel. cost", "loss", "ppl", "top-1 agree", "KL to full"):
         table.add_column(col, justify="right")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from manyinone.errors import ManyinoneError
 
@@ -50,6 +50,11 @@ class TrainConfig(BaseModel):
     exit_weights: list[float] | None = Field(None, description="one loss weight per exit; default all 1")
     distill_weight: float = Field(0.0, ge=0, description="weight of KL(full || exit) self-distillation")
     distill_temperature: float = Field(1.0, gt=0)
+    exit_heads: Literal["none", "translator", "head"] = Field(
+        "none", description="per-exit modules: translator = own norm + identity-initialised HxH map before the "
+                            "shared LM head (folds into exports); head = own norm + LM head (the SFT+heads baseline)")
+    exit_heads_lr_scale: float = Field(1.0, gt=0, description="learning rate of the exit modules, as a multiple of lr")
+    freeze_base: bool = Field(False, description="train only the exit modules (SFT+heads: run on an SFT checkpoint)")
 
     seed: int = 0
     save_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints; 0 = end only")
@@ -57,6 +62,8 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     cost_metric: Literal["flops", "params"] = "flops"
     gradient_checkpointing: bool = False
+    loss_impl: Literal["lean", "plain"] = Field(
+        "lean", description="exit losses: lean = fused chunked head + CE, no logits kept (same numbers); plain = logits per exit")
 
     @field_validator("exits", "widths", "heads")
     @classmethod
@@ -65,13 +72,19 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{info.field_name} {value} must be non-empty and strictly increasing, e.g. {sorted(set(value))}")
         return value
 
+    @model_validator(mode="after")
+    def _frozen_needs_heads(self) -> "TrainConfig":
+        if self.freeze_base and self.exit_heads == "none":
+            raise ValueError("freeze_base=true trains only exit modules; set exit_heads to translator or head")
+        return self
+
     def axis_choices(self) -> dict[str, list[int] | None]:
         """Trained sizes per requested axis (None: the adapter's default), for `adapter.space`."""
         sizes = {"depth": self.exits, "width": self.widths, "heads": self.heads}
         return {axis: sizes.get(axis) for axis in self.axes}
 
 
-_STRING_FIELDS = ("model", "data", "rows", "output", "device", "template", "sampler", "cost_metric")
+_STRING_FIELDS = ("model", "data", "rows", "output", "device", "template", "sampler", "cost_metric", "exit_heads")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

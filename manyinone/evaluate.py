@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,17 +14,24 @@ import torch.nn.functional as F
 from manyinone.adapter import ModelAdapter
 from manyinone.checkpoint import atomic_dir
 from manyinone.data import Example, collate
-from manyinone.dims import NestedSpace
+from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.losses import supervised_positions
 from manyinone.progress import TrainProgress
+
+LogitsFn = Callable[[SubnetSpec, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
 def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Example], pad_id: int,
                    batch_size: int = 8, device: str | torch.device = "cpu", costs: dict[str, float] | None = None,
-                   show_progress: bool = False) -> list[dict[str, Any]]:
-    """One row per spec: mean response-token loss, perplexity, top-1 agreement and KL(full || spec)."""
+                   show_progress: bool = False, logits_for: LogitsFn | None = None) -> list[dict[str, Any]]:
+    """One row per spec: mean response-token loss, perplexity, top-1 agreement and KL(full || spec).
+
+    logits_for(spec, hidden) gives an exit's logits (default: the adapter's shared norm and head;
+    pass `NestedModel.exit_logits` for checkpoints with per-exit modules).
+    """
     specs, full = space.specs(), space.full()
+    logits_for = logits_for or (lambda _spec, h: adapter.exit_logits(h))
     sums = {s: {"nll": 0.0, "agree": 0.0, "kl": 0.0} for s in specs}
     count = 0
     adapter.model.eval()
@@ -36,7 +43,7 @@ def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Exa
             with autocast:
                 hidden = adapter.forward_nested(batch["input_ids"], batch["attention_mask"], specs)
             full_feats, targets = supervised_positions(hidden[full], batch["labels"])
-            full_logits = adapter.exit_logits(full_feats).float()  # [tokens, vocab]
+            full_logits = logits_for(full, full_feats).float()  # [tokens, vocab]
             full_logp = F.log_softmax(full_logits, -1)  # [tokens, vocab]
             full_top1 = full_logits.argmax(-1)  # [tokens]
             for spec in specs:
@@ -44,7 +51,7 @@ def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Exa
                     logp = full_logp
                 else:
                     feats, _ = supervised_positions(hidden[spec], batch["labels"])
-                    logp = F.log_softmax(adapter.exit_logits(feats).float(), -1)  # [tokens, vocab]
+                    logp = F.log_softmax(logits_for(spec, feats).float(), -1)  # [tokens, vocab]
                 sums[spec]["nll"] += F.nll_loss(logp, targets, reduction="sum").item()
                 sums[spec]["agree"] += (logp.argmax(-1) == full_top1).sum().item()
                 sums[spec]["kl"] += F.kl_div(logp, full_logp, log_target=True, reduction="sum").item()

@@ -24,11 +24,11 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
     spec = resolve(read_index(ckpt), budget)  # a bad budget fails before any weights load
     nested = open_checkpoint(ckpt)
     entry = next(e for e in nested.index["specs"] if e["spec"] == spec.to_dict())
-    sub = nested.adapter.extract(spec)
+    sub = nested.sub_model(spec)  # exit modules, if any, folded into plain HF modules
     # The exported model is its own full model: its space holds only this spec, at relative cost 1.
     exported = {**entry, "relative_to_source": entry["relative"], "relative": {k: 1.0 for k in entry["relative"]}}
     index = {
-        **nested.index,
+        **{k: v for k, v in nested.index.items() if k != "exit_heads"},
         "space": {axis: {"total": v, "choices": [v]} for axis, v in spec.items()},
         "specs": [exported],
         "exported": {"budget": budget, "spec": spec.to_dict(), "from": str(ckpt)},
@@ -40,4 +40,5 @@ def export_all(ckpt: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write one budget-indexed checkpoint (each tensor once) that `manyinone.load(output, budget=b)` serves."""
     _refuse_overwriting_source(ckpt, output)
     nested = open_checkpoint(ckpt)
-    return save_checkpoint(nested.model, nested.tokenizer, nested.index, output)
+    index = {k: v for k, v in nested.index.items() if k != "exit_heads"}  # save_checkpoint re-records them
+    return save_checkpoint(nested.model, nested.tokenizer, index, output, exit_heads=nested.exit_heads)

@@ -58,7 +58,7 @@ class NestedLossOutput:
 
 def nested_loss(
     features: Mapping[SubnetSpec, torch.Tensor],
-    head: Callable[[torch.Tensor], torch.Tensor],
+    head: Callable[[torch.Tensor], torch.Tensor] | Mapping[SubnetSpec, Callable[[torch.Tensor], torch.Tensor]],
     targets: torch.Tensor,
     weights: Mapping[SubnetSpec, float],
     teacher: SubnetSpec | None = None,
@@ -70,21 +70,23 @@ def nested_loss(
 
     features: spec -> [tokens, hidden] features at supervised positions; targets: [tokens].
     head: the exit head (norm + LM head) as a callable, or a `LinearHead` for the memory-lean
-    path (same numbers, chunks of `chunk_rows` tokens, no logits kept for backward).
+    path (same numbers, chunks of `chunk_rows` tokens, no logits kept for backward); or a mapping
+    spec -> head when exits have their own heads (manyinone.exit_heads).
     The teacher (normally the full spec) gets no distillation term itself; if it was not sampled
     this step, distillation is skipped for the step.
     """
     use_kd = distill_weight > 0 and teacher is not None and teacher in features
-    if isinstance(head, LinearHead):
-        return _lean_nested_loss(features, head, targets, weights, teacher if use_kd else None,
+    heads = head if isinstance(head, Mapping) else {s: head for s in features}
+    if all(isinstance(heads[s], LinearHead) for s in features):
+        return _lean_nested_loss(features, heads, targets, weights, teacher if use_kd else None,
                                  distill_weight, temperature, chunk_rows)
     # The teacher's logits serve both its own CE and, detached, every other spec's target.
-    teacher_logits = head(features[teacher]) if use_kd else None  # [tokens, vocab]
+    teacher_logits = heads[teacher](features[teacher]) if use_kd else None  # [tokens, vocab]
     total = torch.zeros((), device=targets.device)
     ce_parts: dict[SubnetSpec, torch.Tensor] = {}
     kl_parts: dict[SubnetSpec, torch.Tensor] = {}
     for spec, feats in features.items():
-        logits = teacher_logits if use_kd and spec == teacher else head(feats)  # [tokens, vocab]
+        logits = teacher_logits if use_kd and spec == teacher else heads[spec](feats)  # [tokens, vocab]
         ce = token_cross_entropy(logits, targets)
         term = ce
         if use_kd and spec != teacher:
@@ -96,12 +98,12 @@ def nested_loss(
     return NestedLossOutput(total=total, ce=ce_parts, kl=kl_parts)
 
 
-def _lean_nested_loss(features, head: LinearHead, targets, weights, teacher, distill_weight, temperature,
-                      chunk_rows) -> NestedLossOutput:
+def _lean_nested_loss(features, heads: Mapping[SubnetSpec, LinearHead], targets, weights, teacher, distill_weight,
+                      temperature, chunk_rows) -> NestedLossOutput:
     specs = list(features)
-    normed = [head.norm(features[s]) for s in specs]  # each [tokens, hidden]
+    normed = [heads[s].norm(features[s]) for s in specs]  # each [tokens, hidden]
     total, ce, kl = fused_exit_loss(
-        normed, [head.weight] * len(specs), targets, [weights.get(s, 1.0) for s in specs],
+        normed, [heads[s].weight for s in specs], targets, [weights.get(s, 1.0) for s in specs],
         teacher=specs.index(teacher) if teacher is not None else None,
         distill_weight=distill_weight, temperature=temperature, chunk_rows=chunk_rows,
     )

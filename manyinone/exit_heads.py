@@ -1,0 +1,155 @@
+"""Per-exit modules between an exit's hidden state and the vocabulary.
+
+Two kinds, both optional (plain SoFT shares the model's own final norm and LM head at every exit):
+
+- "translator" (manyinone's recipe, after the tuned lens of Belrose et al. 2023): each exit gets
+  its own copy of the final norm and an H x H linear map, initialised to the identity, between
+  that norm and the shared LM head: logits = head(T_k · norm_k(h)). It costs H^2 parameters per
+  exit, takes the burden of "look like the last layer" off the shared layers, and folds into an
+  untied LM head (head · T_k) when a sub-model is exported, so exports stay plain HF models.
+- "head" (the SFT + early-exit heads baseline, the Sorted-LLaMA paper's SFT+ICT): each exit gets
+  its own copy of the final norm and of the whole LM head, trained on a frozen model.
+
+The full depth never gets exit modules: it stays the model's own forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from manyinone.dims import SubnetSpec
+from manyinone.errors import ManyinoneError
+from manyinone.lean_loss import LinearHead
+
+KINDS = ("translator", "head")
+FILE = "exit_heads.safetensors"
+ExitKind = Literal["translator", "head"]
+
+
+def _key(spec: SubnetSpec) -> str:
+    return spec.label.replace("=", "_").replace(",", "__")  # module names may not hold '=' or ','
+
+
+class ExitHeads(nn.Module):
+    """Exit modules for `specs` (never the full one), initialised from `head` (a LinearHead).
+
+    Call `linear_head(spec)` for the LinearHead an exit's loss and logits go through, `fold(sub, spec)`
+    to turn an extracted sub-model into one that computes the same logits with plain HF modules.
+    """
+
+    def __init__(self, kind: ExitKind, specs: Iterable[SubnetSpec], norm: nn.Module, head_weight: torch.Tensor) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ManyinoneError(f"exit_heads {kind!r} unknown; allowed {list(KINDS)} (or none)")
+        self.kind = kind
+        self.specs = list(specs)
+        self.norms = nn.ModuleDict({_key(s): copy.deepcopy(norm) for s in self.specs})
+        hidden = head_weight.shape[1]
+        if kind == "translator":
+            self.maps = nn.ParameterDict({_key(s): nn.Parameter(torch.eye(hidden, dtype=head_weight.dtype,
+                                                                          device=head_weight.device))
+                                          for s in self.specs})
+        else:
+            self.maps = nn.ParameterDict({_key(s): nn.Parameter(head_weight.detach().clone()) for s in self.specs})
+        self._shared = [head_weight]  # a list, so the shared head is not registered as our parameter
+
+    def __contains__(self, spec: SubnetSpec) -> bool:
+        return _key(spec) in self.norms
+
+    def heads_for(self, specs: Iterable[SubnetSpec], shared: LinearHead) -> dict[SubnetSpec, LinearHead]:
+        """spec -> the head its loss and logits go through (`shared` for specs without exit modules)."""
+        return {s: self.linear_head(s) if s in self else shared for s in specs}
+
+    def linear_head(self, spec: SubnetSpec) -> LinearHead:
+        """The exit's norm (+ translator) and head weight: logits = LinearHead(...)(hidden)."""
+        norm, weight = self.norms[_key(spec)], self.maps[_key(spec)]
+        if self.kind == "head":
+            return LinearHead(norm=norm, weight=weight)
+        # T_k · norm_k(h): F.linear(x, T) computes x @ T.T, i.e. T applied to each row.
+        return LinearHead(norm=lambda h: nn.functional.linear(norm(h), weight.to(h.dtype)), weight=self._shared[0])
+
+    def folded_head_weight(self, spec: SubnetSpec) -> torch.Tensor:
+        """[vocab, hidden]: one matrix giving the same logits from norm_k(h) as the exit's head."""
+        weight = self.maps[_key(spec)]
+        if self.kind == "head":
+            return weight.detach().clone()
+        return (self._shared[0].double() @ weight.double()).to(weight.dtype).detach()  # [vocab, hidden]
+
+    def fold(self, sub: nn.Module, spec: SubnetSpec, norm_path: str) -> nn.Module:
+        """Give extracted sub-model `sub` this exit's norm (at `norm_path`) and an untied LM head."""
+        sub.get_submodule(norm_path).load_state_dict(self.norms[_key(spec)].state_dict())
+        head = sub.get_output_embeddings()
+        head.weight = nn.Parameter(self.folded_head_weight(spec).to(head.weight.device), requires_grad=False)
+        sub.config.tie_word_embeddings = False
+        if hasattr(sub.config, "get_text_config"):  # composite configs keep the flag on the text part
+            sub.config.get_text_config().tie_word_embeddings = False
+        return sub
+
+    # --- files --------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> dict:
+        """Write FILE into `folder`; returns the index entry that records it."""
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(Path(folder) / FILE), metadata={"kind": self.kind})
+        return {"file": FILE, "kind": self.kind, "specs": [s.to_dict() for s in self.specs]}
+
+    @classmethod
+    def load(cls, folder: str | Path, entry: dict, norm: nn.Module, head_weight: torch.Tensor) -> ExitHeads:
+        path = Path(folder) / entry.get("file", FILE)
+        try:
+            heads = cls(entry["kind"], [SubnetSpec(s) for s in entry["specs"]], norm, head_weight)
+            state = load_file(str(path), device=str(head_weight.device))
+            heads.load_state_dict({k: v.to(head_weight.dtype) for k, v in state.items()})
+        except ManyinoneError:
+            raise
+        except Exception as exc:  # missing file, damaged header, wrong shapes
+            raise ManyinoneError(f"exit heads {str(path)!r} missing or corrupt ({type(exc).__name__}); "
+                                 "the checkpoint is incomplete") from None
+        return heads
+
+
+def for_adapter(adapter, kind: ExitKind, space) -> ExitHeads:
+    """ExitHeads for every non-full spec of `space`, initialised from the adapter's own norm and head."""
+    head = adapter.linear_head()
+    if head is None or not isinstance(head.norm, nn.Module):
+        raise ManyinoneError(f"exit_heads={kind!r} needs a norm + linear LM head; the {adapter.name!r} adapter has none")
+    return ExitHeads(kind, [s for s in space.specs() if s != space.full()], head.norm, head.weight)
+
+
+ATTRIBUTE = "manyinone_exit_heads"
+
+
+def attach(model: nn.Module, heads: ExitHeads) -> ExitHeads:
+    """Hang `heads` on the model while it trains, so device moves, the optimizer, gradient clipping
+    and the resumable state (model.safetensors of each step) all include them with no extra code."""
+    model.add_module(ATTRIBUTE, heads)
+    return heads
+
+
+@contextmanager
+def detached(model: nn.Module) -> Iterator[ExitHeads | None]:
+    """Take the attached heads off for a plain HF save (its weights file must hold only HF tensors)."""
+    heads = getattr(model, ATTRIBUTE, None)
+    if heads is None:
+        yield None
+        return
+    delattr(model, ATTRIBUTE)
+    try:
+        yield heads
+    finally:
+        model.add_module(ATTRIBUTE, heads)
+
+
+def module_path(model: nn.Module, module: object) -> str:
+    """The dotted name of `module` inside `model` (how an exit's norm is found in a sub-model)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ManyinoneError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")

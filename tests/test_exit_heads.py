@@ -1,0 +1,146 @@
+"""Per-exit modules (translators, SFT+heads): init, loss routing, checkpoint round trip, export folding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import manyinone
+from helpers import max_abs_diff, sample_batch
+from manyinone.config import TrainConfig, load_config
+from manyinone.dims import SubnetSpec
+from manyinone.errors import ManyinoneError
+from manyinone.exit_heads import ExitHeads, for_adapter
+from manyinone.export import export_all, export_budget
+from manyinone.lean_loss import LinearHead
+from manyinone.losses import nested_loss
+from manyinone.registry import adapter_for
+from manyinone.train import train
+
+TOL = 1e-5
+
+
+def _model(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", ["translator", "head"])
+def test_fresh_exit_heads_equal_the_shared_head(tiny_llama, kind):
+    """Initialised from the model's own norm and head, every exit's logits start unchanged."""
+    adapter = adapter_for(_model(tiny_llama))
+    space = adapter.space({"depth": [2, 4]})
+    heads = for_adapter(adapter, kind, space)
+    assert heads.specs == [SubnetSpec(depth=2)]  # never the full depth
+    hidden = torch.randn(5, adapter.model.config.hidden_size)
+    with torch.no_grad():
+        assert max_abs_diff(heads.linear_head(SubnetSpec(depth=2))(hidden), adapter.exit_logits(hidden)) <= TOL
+
+
+def test_translator_is_applied_after_the_exit_norm():
+    """logits = W · (T · norm(h)); checked against a hand-built 2-d example."""
+    norm = torch.nn.Identity()
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # [vocab=3, hidden=2]
+    heads = ExitHeads("translator", [SubnetSpec(depth=1)], norm, weight)
+    with torch.no_grad():
+        heads.maps["depth_1"].copy_(torch.tensor([[0.0, 2.0], [1.0, 0.0]]))  # T swaps and doubles
+    logits = heads.linear_head(SubnetSpec(depth=1))(torch.tensor([[3.0, 5.0]]))
+    # T·h = [10, 3]; W·[10, 3] = [10, 3, 13]
+    assert logits.tolist() == [[10.0, 3.0, 13.0]]
+    assert heads.folded_head_weight(SubnetSpec(depth=1)).tolist() == [[0.0, 2.0], [1.0, 0.0], [1.0, 2.0]]
+
+
+def test_nested_loss_takes_one_head_per_spec():
+    """A mapping of heads gives each spec its own head; lean and plain paths agree."""
+    torch.manual_seed(0)
+    a, b = SubnetSpec(depth=1), SubnetSpec(depth=2)
+    feats = {a: torch.randn(6, 4, requires_grad=True), b: torch.randn(6, 4, requires_grad=True)}
+    targets = torch.randint(0, 7, (6,))
+    w_a, w_b = torch.randn(7, 4), torch.randn(7, 4)
+    lean = {a: LinearHead(norm=lambda h: h, weight=w_a), b: LinearHead(norm=lambda h: h, weight=w_b)}
+    plain = {a: lambda h: h @ w_a.T, b: lambda h: h @ w_b.T}
+    weights = {a: 1.0, b: 2.0}
+    out_lean = nested_loss(feats, lean, targets, weights, teacher=b, distill_weight=0.5)
+    out_plain = nested_loss(feats, plain, targets, weights, teacher=b, distill_weight=0.5)
+    expected_ce_a = torch.nn.functional.cross_entropy(feats[a] @ w_a.T, targets)
+    assert abs(out_plain.ce[a].item() - expected_ce_a.item()) <= 1e-6
+    assert abs(out_lean.total.item() - out_plain.total.item()) <= 1e-5
+    g_lean = torch.autograd.grad(out_lean.total, [feats[a], feats[b]])
+    g_plain = torch.autograd.grad(out_plain.total, [feats[a], feats[b]])
+    for x, y in zip(g_lean, g_plain):
+        assert max_abs_diff(x, y) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def translator_run(tiny_llama_tied, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "translator"
+    cfg = TrainConfig(model=str(tiny_llama_tied), exits=[2, 4], data="demo", max_steps=3, batch_size=4, lr=1e-2,
+                      exit_heads="translator", exit_heads_lr_scale=2.0, output=str(out))
+    return train(cfg, show_progress=False)
+
+
+def test_translator_run_trains_the_maps_and_keeps_the_full_model_plain(translator_run):
+    nested = manyinone.open_checkpoint(translator_run)
+    assert nested.index["exit_heads"]["kind"] == "translator"
+    t = nested.exit_heads.maps["depth_2"]
+    assert not torch.allclose(t, torch.eye(t.shape[0]))  # it was trained
+    # The checkpoint's weights file holds only HF tensors: plain transformers loads it cleanly.
+    plain = AutoModelForCausalLM.from_pretrained(translator_run, dtype=torch.float32, output_loading_info=True)
+    assert not plain[1]["unexpected_keys"] and not plain[1]["missing_keys"]
+
+
+def test_exported_exit_with_translator_equals_the_nested_exit(translator_run, tmp_path):
+    nested = manyinone.open_checkpoint(translator_run)
+    spec = SubnetSpec(depth=2)
+    ids, mask = sample_batch()
+    with torch.no_grad():
+        expected = nested.exit_logits(spec, nested.adapter.forward_nested(ids, mask, [spec])[spec])
+    budget = next(e["relative"]["flops"] for e in nested.index["specs"] if e["spec"] == {"depth": 2})
+    out = export_budget(translator_run, budget, tmp_path / "b")
+    exported = _model(out)
+    assert exported.config.tie_word_embeddings is False and exported.config.num_hidden_layers == 2
+    with torch.no_grad():
+        got = exported(input_ids=ids, attention_mask=mask).logits
+        served = manyinone.load(translator_run, budget=budget)(input_ids=ids, attention_mask=mask).logits
+    assert max_abs_diff(got, expected, mask) <= TOL
+    assert max_abs_diff(served, expected, mask) <= TOL
+    assert "exit_heads" not in manyinone.checkpoint.read_index(out)  # folded: nothing left to load
+
+
+def test_export_all_keeps_the_exit_heads(translator_run, tmp_path):
+    out = export_all(translator_run, tmp_path / "all")
+    again = manyinone.open_checkpoint(out)
+    before = manyinone.open_checkpoint(translator_run)
+    assert torch.equal(again.exit_heads.maps["depth_2"], before.exit_heads.maps["depth_2"])
+
+
+def test_sft_plus_heads_trains_only_the_heads(trained_run, tmp_path):
+    """The baseline: exit heads on a frozen SFT checkpoint; the base weights stay bit-identical."""
+    cfg = TrainConfig(model=str(trained_run), exits=[2, 4], data="demo", max_steps=2, batch_size=4, lr=1e-2,
+                      exit_heads="head", freeze_base=True, output=str(tmp_path / "heads"))
+    out = train(cfg, show_progress=False)
+    before, after = _model(trained_run).state_dict(), _model(out).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    heads = manyinone.open_checkpoint(out).exit_heads
+    assert heads.kind == "head"
+    assert not torch.equal(heads.maps["depth_2"], before["lm_head.weight"])  # its own head moved
+
+
+def test_missing_exit_heads_file_is_a_clear_error(translator_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(translator_run, copy)
+    (copy / "exit_heads.safetensors").unlink()
+    (copy / "checksums.json").unlink(missing_ok=True)  # so the missing file itself is what gets reported
+    with pytest.raises(ManyinoneError, match="exit_heads"):
+        manyinone.open_checkpoint(copy)
+
+
+def test_freeze_base_without_exit_heads_is_refused():
+    with pytest.raises(ManyinoneError, match="freeze_base"):
+        load_config(None, ["freeze_base=true"])
+    with pytest.raises(ManyinoneError, match="exit_heads"):
+        load_config(None, ["exit_heads=lens"])
