@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from manyinone.adapter import ModelAdapter
-from manyinone.checkpoint import read_index, resolve
+from manyinone.checkpoint import INDEX_FILE, read_index, resolve
 from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.errors import ManyinoneError, first_line
 from manyinone.exit_heads import ExitHeads, module_path
-from manyinone.integrity import verify_checksums
+from manyinone.integrity import CHECKSUMS_FILE, verify_checksums
 from manyinone.registry import adapter_for
 from manyinone.router import routed_plan
 
@@ -67,8 +68,10 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    folder = Path(path)
+    if (folder / CHECKSUMS_FILE).is_file() or (folder / INDEX_FILE).is_file():
+        verify_checksums(folder)  # before read_index, so a damaged manyinone.json is named as such
     index = read_index(path)
-    verify_checksums(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -132,7 +133,11 @@ def is_write_failure(exc: BaseException) -> bool:
 
 def write_failure(target: Path, exc: BaseException) -> OutputWriteError:
     """A one-line error for a failed write of `target`, with the free space left where it goes."""
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:  # safetensors: "... I/O error: No space left on device (os error 28)"; torch: "unexpected pos ..."
+        found = re.search(r"I/O error: (.+?) \(os error", str(exc))
+        reason = found.group(1) if found else "the write failed (disk full?)"
     try:
         free = f"; {shutil.disk_usage(target.parent).free / 2**20:,.1f} MiB free there"
     except OSError:
