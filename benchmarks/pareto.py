@@ -1,0 +1,303 @@
+"""Depth vs width vs both vs routed: one Pareto plot of held-out loss against FLOPs and measured ms.
+
+Trains each variant from the same pretrained model (in-process, `manyinone.train`), evaluates every
+sub-network on held-out records, measures a per-layer latency table on the device, trains a static
+router on the width run, and times decoding of the exported half-width model against the full one.
+
+GPU (SmolLM2 + Alpaca, ~6 min on an H100):
+    python benchmarks/pareto.py --model /root/smollm2-hf --data /root/alpaca_2000.json --out /root/pareto
+CPU smoke test (tiny random model, demo data, ~1 min):
+    python benchmarks/pareto.py --smoke --out runs/pareto-smoke
+Writes <out>/results.json, <out>/results.md, <out>/pareto.png and <out>/latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from manyinone.api import open_checkpoint
+from manyinone.config import TrainConfig
+from manyinone.data import collate, load_records, tokenize_records
+from manyinone.dims import SubnetSpec
+from manyinone.evaluate import evaluate_exits
+from manyinone.latency import measure_latency, option_table, plan_ms, save_table
+from manyinone.losses import supervised_positions
+from manyinone.router import Router, RouterTraining, plan_relative_cost, train_router
+from manyinone.train import pick_device, train
+
+VARIANTS = ("depth", "width", "depth+width", "routed")
+
+
+def settings(args) -> dict:
+    """Per-variant TrainConfig fields; the smoke run shrinks the same recipes onto a 4-layer model."""
+    L = 4 if args.smoke else 30
+    exits = [2, 3, 4] if args.smoke else [6, 12, 15, 18, 24, 30]
+    elastic = {"sampler": "sandwich", "sampler_k": 2, "distill_weight": args.distill}
+    return {
+        "depth": {"axes": ["depth"], "exits": exits},  # SoFT: every exit every step
+        "width": {"axes": ["width", "heads"], **elastic},
+        "depth+width": {"axes": ["depth", "width", "heads"], "exits": [L // 2, 3 * L // 4, L] if not args.smoke else [2, 4],
+                        **elastic},
+    }
+
+
+def held_out_loss_of_plan(adapter, plan, examples, pad_id, device, batch_size) -> float:
+    """Mean response-token NLL of one per-layer plan (the router's static choice)."""
+    total, count = 0.0, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+            with autocast:
+                hidden = adapter.forward_plan(batch["input_ids"], batch["attention_mask"], plan)
+            feats, targets = supervised_positions(hidden, batch["labels"])
+            logits = adapter.exit_logits(feats).float()  # [tokens, vocab]
+            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            count += targets.numel()
+    return total / count
+
+
+def decode_rate(model, prompt_ids, batch: int, new_tokens: int, device, repeats: int) -> float:
+    """Greedy tokens/s of plain `generate` for `batch` copies of a prompt (exactly new_tokens each)."""
+    ids = prompt_ids.repeat(batch, 1).to(device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, pad_token_id=model.config.eos_token_id)
+    model.generate(ids, **kwargs)  # warm-up: kernels, allocator
+    rates = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model.generate(ids, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates.append(batch * new_tokens / (time.perf_counter() - start))
+    return max(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model")
+    parser.add_argument("--data")
+    parser.add_argument("--train-rows", default="0:1800")
+    parser.add_argument("--eval-rows", default="1800:2000")
+    parser.add_argument("--out", default="runs/pareto")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--distill", type=float, default=0.5, help="self-distillation weight for width variants")
+    parser.add_argument("--router-steps", type=int, default=150)
+    parser.add_argument("--smoke", action="store_true", help="tiny random model + demo data on CPU")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from helpers import build_tiny_model  # a 4-layer LLaMA and a character tokenizer
+
+        torch.set_num_threads(1)
+        args.model = str(build_tiny_model(out / "tiny-model"))
+        args.data, args.train_rows, args.eval_rows = "demo", "0:300", "300:340"
+        args.batch_size, args.max_length, args.router_steps = 4, 256, 5
+    elif not (args.model and args.data):
+        parser.error("--model and --data are required (or --smoke)")
+    device = pick_device("auto")
+    variants = args.variants.split(",")
+    recipes = settings(args)
+    common = dict(model=args.model, data=args.data, rows=args.train_rows, epochs=args.epochs,
+                  batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, cost_metric="flops",
+                  **({"max_steps": 3} if args.smoke else {}))
+
+    results: dict[str, dict] = {}
+    latency = None
+    eval_examples = None
+    for name in [v for v in variants if v in recipes] + (["width"] if "routed" in variants and "width" not in variants else []):
+        if name in results:
+            continue
+        started = time.perf_counter()
+        run_dir = train(TrainConfig(**common, **recipes[name], output=str(out / name)), show_progress=False)
+        train_s = time.perf_counter() - started
+        nested = open_checkpoint(run_dir, device=str(device))
+        adapter, index = nested.adapter, nested.index
+        if eval_examples is None:
+            eval_examples = tokenize_records(load_records(args.data, args.eval_rows), nested.tokenizer,
+                                             args.max_length, "alpaca")
+        rows = evaluate_exits(adapter, nested.space, eval_examples, nested.tokenizer.pad_token_id, args.batch_size,
+                              device)
+        by_label = {",".join(f"{k}={v}" for k, v in sorted(e["spec"].items())): e for e in index["specs"]}
+        points = []
+        if latency is None and name != "depth":
+            # One latency table for every variant: every (width, heads) option of this space.
+            space = nested.space
+            options = [(w, h) for w in space.dims["width"].choices for h in space.dims["heads"].choices]
+            latency = measure_latency(adapter, options, batch=args.batch_size, seq=min(args.max_length, 512),
+                                      repeats=2 if args.smoke else 10)
+            save_table(latency, out / "latency.json")
+        for r in rows:
+            entry = by_label[r["spec"]]
+            points.append({"spec": r["spec"], "loss": r["loss"], "params": entry["relative"]["params"],
+                           "flops": entry["relative"]["flops"], "plan": [list(p) for p in adapter_plan(adapter, entry["spec"])]})
+        results[name] = {"points": points, "train_s": train_s, "run": str(run_dir)}
+        print(f"{name}: trained in {train_s:.0f} s, {len(points)} sub-networks evaluated", flush=True)
+
+    if "routed" in variants:
+        started = time.perf_counter()
+        nested = open_checkpoint(results["width"]["run"], device=str(device))
+        adapter = nested.adapter
+        space = nested.space
+        options = [(w, h) for w in space.dims["width"].choices for h in space.dims["heads"].choices]
+        table, rest = adapter.option_costs(options)
+        budgets = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+        train_examples = tokenize_records(load_records(args.data, args.train_rows), nested.tokenizer, args.max_length, "alpaca")
+        batches = [collate(train_examples[i:i + args.batch_size], nested.tokenizer.pad_token_id)
+                   for i in range(0, len(train_examples) - args.batch_size + 1, args.batch_size)]
+        torch.manual_seed(0)
+        router = Router(adapter.num_layers, options)
+        train_router(router, adapter, batches, table,
+                     RouterTraining(budgets=budgets, steps=args.router_steps, lr=1e-2, fixed_cost=rest))
+        params_table, params_rest = adapter.option_costs(options, metric="params")
+        points = []
+        for b in budgets:
+            plan = router.plan(b)
+            loss = held_out_loss_of_plan(adapter, plan, eval_examples, nested.tokenizer.pad_token_id, device, args.batch_size)
+            points.append({"spec": f"router@{b}", "loss": loss, "flops": plan_relative_cost(plan, table, options, rest),
+                           "params": plan_relative_cost(plan, params_table, options, params_rest),
+                           "plan": [list(p) for p in plan]})
+        results["routed"] = {"points": points, "train_s": time.perf_counter() - started, "run": results["width"]["run"]}
+        print(f"routed: router trained and {len(points)} budgets evaluated", flush=True)
+
+    # Measured-ms axis: every plan priced with the latency table (same device, same shapes).
+    if latency is not None:
+        full_layers = int(latency["num_layers"])
+        full = max((tuple(map(int, k.split(","))) for k in latency["layer_ms"]), key=lambda o: (o[0], o[1]))
+        full_ms = plan_ms(latency, [full] * full_layers)
+        for res in results.values():
+            for p in res["points"]:
+                p["ms"] = plan_ms(latency, [tuple(o) for o in p["plan"]])
+                p["ms_rel"] = p["ms"] / full_ms
+
+    speed = measure_decoding(results, out, args, device) if "width" in results and device.type == "cuda" or args.smoke else {}
+    summary = summarise(results)
+    (out / "results.json").write_text(json.dumps({"variants": results, "summary": summary, "latency": latency,
+                                                  "decode": speed}, indent=2) + "\n")
+    write_markdown(out, results, summary, speed, latency)
+    plot(out / "pareto.png", results)
+    print((out / "results.md").read_text())
+
+
+def adapter_plan(adapter, spec: dict) -> tuple:
+    if hasattr(adapter, "plan"):
+        return adapter.plan(spec)
+    # The depth adapter: full width and heads in each kept layer.
+    attn, mlp = adapter.base.layers[0].self_attn, adapter.base.layers[0].mlp
+    return ((mlp.gate_proj.out_features, attn.q_proj.out_features // attn.head_dim),) * spec["depth"]
+
+
+def best_within(points, key: str, limit: float):
+    # Costs compare at 3 decimals, as budgets do: depth 15 of 30 (0.5 + the final norm) is "half".
+    fitting = [p for p in points if round(p.get(key, 2.0), 3) <= limit + 1e-9]
+    return min(fitting, key=lambda p: p["loss"]) if fitting else None
+
+
+def summarise(results) -> dict:
+    """Per variant: the best held-out loss within half the params, half the FLOPs, half the measured ms."""
+    return {name: {key: (lambda b: None if b is None else {"spec": b["spec"], "loss": b["loss"], key: b[key]})(
+        best_within(res["points"], key, 0.5)) for key in ("params", "flops", "ms_rel")} for name, res in results.items()}
+
+
+def measure_decoding(results, out: Path, args, device) -> dict:
+    """Export the width run's best sub-network within half the params as a plain HF folder, reload it
+    with transformers and time greedy decoding against the full model (and the half-depth SoFT one)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    nested = open_checkpoint(results["width"]["run"])
+    half = best_within([p for p in results["width"]["points"]], "params", 0.5)
+    if half is None:
+        return {}
+    spec = dict(kv.split("=") for kv in half["spec"].split(","))
+    sub = nested.adapter.extract(SubnetSpec({k: int(v) for k, v in spec.items()}))
+    sub.save_pretrained(out / "half-width")
+    nested.tokenizer.save_pretrained(out / "half-width")
+    models = {"full": AutoModelForCausalLM.from_pretrained(results["width"]["run"], dtype=dtype),
+              "half-width": AutoModelForCausalLM.from_pretrained(out / "half-width", dtype=dtype)}
+    if "depth" in results:
+        depth_half = best_within(results["depth"]["points"], "params", 0.5)
+        if depth_half is not None:
+            dn = open_checkpoint(results["depth"]["run"])
+            d = int(depth_half["spec"].split("=")[1])
+            dn.adapter.extract(dn.space.validate({"depth": d})).save_pretrained(out / "half-depth")
+            models["half-depth"] = AutoModelForCausalLM.from_pretrained(out / "half-depth", dtype=dtype)
+    prompt = nested.tokenizer("Give three tips for staying healthy.", return_tensors="pt")["input_ids"]
+    new_tokens, repeats = (4, 1) if args.smoke else (128, 2)
+    speed = {"spec": half["spec"], "new_tokens": new_tokens, "dtype": str(dtype).removeprefix("torch.")}
+    for batch in (1, 16):
+        for name, model in models.items():  # side by side, same prompt, same process
+            model.to(device).eval()
+            speed[f"{name}/batch{batch}"] = decode_rate(model, prompt, batch, new_tokens, device, repeats)
+            model.to("cpu")
+        speed[f"speedup/batch{batch}"] = speed[f"half-width/batch{batch}"] / speed[f"full/batch{batch}"]
+    return speed
+
+
+def write_markdown(out: Path, results, summary, speed, latency) -> None:
+    lines = ["| variant | best loss ≤ 0.5 params (spec) | best loss ≤ 0.5 FLOPs | best loss ≤ 0.5 measured ms | train s |",
+             "| --- | --- | --- | --- | --- |"]
+    cell = lambda b: "—" if b is None else f"{b['loss']:.3f} ({b['spec']})"  # noqa: E731
+    for name, res in results.items():
+        s = summary[name]
+        lines.append(f"| {name} | {cell(s['params'])} | {cell(s['flops'])} | {cell(s['ms_rel'])} | {res['train_s']:.0f} |")
+    for key, what in (("flops", "FLOP"), ("ms_rel", "measured millisecond")):
+        ranked = sorted((s[key]["loss"], n) for n, s in summary.items() if s[key] is not None)
+        if ranked:
+            lines.append(f"\nAt half the {what}s, the best quality comes from **{ranked[0][1]}** (loss {ranked[0][0]:.3f}).")
+    if latency:
+        lines.append(f"\nLatency table: {latency['device']}, forward of [{latency['batch']}, {latency['seq']}] tokens, "
+                     f"{latency['dtype']}; layer ms per (width, heads) and {latency['rest_ms']:.2f} ms outside the layers.")
+    if speed:
+        lines.append(f"\nDecoding ({speed['dtype']}, greedy, {speed['new_tokens']} new tokens, plain transformers generate), "
+                     f"tokens/s: " + ", ".join(f"{k} {v:,.1f}" for k, v in speed.items() if "/" in k and "speedup" not in k)
+                     + f"; half-width ({speed['spec']}) speed-up {speed['speedup/batch1']:.2f}x at batch 1, "
+                     f"{speed['speedup/batch16']:.2f}x at batch 16.")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, results) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_ms = all("ms_rel" in p for res in results.values() for p in res["points"])
+    fig, axes = plt.subplots(1, 2 if has_ms else 1, figsize=(11 if has_ms else 6, 4), squeeze=False)
+    for ax, key, label in zip(axes[0], ("flops", "ms_rel"), ("relative FLOPs per token", "relative measured latency")):
+        for name, res in results.items():
+            pts = sorted(res["points"], key=lambda p: p[key])
+            frontier, best = [], float("inf")
+            for p in pts:  # the variant's Pareto front: each point beats every cheaper one
+                if p["loss"] < best:
+                    frontier.append(p)
+                    best = p["loss"]
+            line = ax.plot([p[key] for p in frontier], [p["loss"] for p in frontier], marker="o", label=name)[0]
+            ax.scatter([p[key] for p in pts], [p["loss"] for p in pts], s=8, alpha=0.3, color=line.get_color())
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Measured latency lookup table: milliseconds per decoder layer for each (width, heads) option,
+so budgets can be given in milliseconds as well as fractions (Flextron's latency surrogate).
+
+Measured once on the target device through the adapter's own sliced forward: for each option, the
+whole model at depth L and at depth 1; the difference over L - 1 is one layer, the rest is the
+embedding, final norm and LM head. Stored as JSON beside a checkpoint.
+
+Example:
+    >>> table = measure_latency(adapter, [(768, 6), (1536, 9)], batch=16, seq=512)
+    >>> plan_ms(table, [(768, 6)] * 30)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from manyinone.errors import ManyinoneError
+
+Option = tuple[int, int]
+
+
+def _key(option: Option) -> str:
+    return f"{option[0]},{option[1]}"
+
+
+def _timed_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of fn() in ms, synchronising the device around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_latency(adapter, options: Sequence[Option], batch: int = 16, seq: int = 512, repeats: int = 10,
+                    warmup: int = 3, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """{"layer_ms": {"w,h": ms of one layer}, "rest_ms": ms outside the layers, ...} for one forward
+    of [batch, seq] tokens on the model's device (bf16 autocast on CUDA unless `dtype` says otherwise)."""
+    model = adapter.model.eval()
+    device = next(model.parameters()).device
+    num_layers = adapter.num_layers
+    if num_layers < 2:
+        raise ManyinoneError("a latency table needs a model of at least 2 layers (it times depth L against depth 1)")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    mask = torch.ones_like(ids)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    layer_ms, rest = {}, []
+    for option in options:
+        with autocast:
+            deep = _timed_ms(lambda: adapter.forward_plan(ids, mask, (tuple(option),) * num_layers), device, repeats, warmup)
+            one = _timed_ms(lambda: adapter.forward_plan(ids, mask, (tuple(option),)), device, repeats, warmup)
+        per_layer = max(deep - one, 0.0) / (num_layers - 1)
+        layer_ms[_key(option)] = per_layer
+        rest.append(max(one - per_layer, 0.0))
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "batch": batch, "seq": seq, "dtype": str(dtype).removeprefix("torch."), "num_layers": num_layers,
+            "layer_ms": layer_ms, "rest_ms": statistics.median(rest)}
+
+
+def plan_ms(table: dict[str, Any], plan: Sequence[Option]) -> float:
+    """Estimated ms of one forward of a per-layer plan: the rest plus each layer's measured time."""
+    missing = sorted({_key(o) for o in plan} - set(table["layer_ms"]))
+    if missing:
+        raise ManyinoneError(f"latency table has no entry for options {missing}; measured: {sorted(table['layer_ms'])}")
+    return table["rest_ms"] + sum(table["layer_ms"][_key(o)] for o in plan)
+
+
+def relative_budget(table: dict[str, Any], full_plan: Sequence[Option], ms: float) -> float:
+    """A budget in milliseconds as a fraction of the full plan's measured time (for `--budget`)."""
+    full = plan_ms(table, full_plan)
+    if not ms > 0:
+        raise ManyinoneError(f"latency budget {ms!r} ms out of range; allowed > 0 (full model: {full:.2f} ms)")
+    return min(ms / full, 1.0)
+
+
+def option_table(table: dict[str, Any], options: Sequence[Option], num_layers: int, full_plan: Sequence[Option]
+                 ) -> tuple[torch.Tensor, float]:
+    """Router cost table from measured latency: ([layers, options] ms / full ms, rest share)."""
+    full = plan_ms(table, full_plan)
+    row = [table["layer_ms"][_key(o)] / full for o in options]
+    return torch.tensor([row] * num_layers), table["rest_ms"] / full
+
+
+def save_table(table: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(table, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_table(path: str | Path) -> dict[str, Any]:
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManyinoneError(f"latency table {str(path)!r} unreadable ({type(exc).__name__})") from None
+    if not isinstance(table, dict) or "layer_ms" not in table or "rest_ms" not in table:
+        raise ManyinoneError(f"latency table {str(path)!r} lacks layer_ms/rest_ms; write it with measure_latency")
+    return table

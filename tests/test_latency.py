@@ -1,0 +1,37 @@
+"""Latency lookup table: pricing plans by hand, budgets in ms, a real (tiny) measurement, file round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from manyinone.errors import ManyinoneError
+from manyinone.latency import load_table, measure_latency, option_table, plan_ms, relative_budget, save_table
+from manyinone_flextron import LlamaFlextronAdapter
+
+TABLE = {"layer_ms": {"64,2": 1.0, "128,4": 3.0}, "rest_ms": 2.0, "num_layers": 4}
+
+
+def test_plan_ms_and_ms_budgets_by_hand():
+    assert plan_ms(TABLE, [(128, 4)] * 4) == 14.0
+    assert plan_ms(TABLE, [(64, 2), (128, 4)]) == 6.0
+    assert relative_budget(TABLE, [(128, 4)] * 4, 7.0) == 0.5
+    assert relative_budget(TABLE, [(128, 4)] * 4, 100.0) == 1.0
+    table, rest = option_table(TABLE, [(64, 2), (128, 4)], 4, [(128, 4)] * 4)  # [layers, options]
+    assert table.shape == (4, 2) and table[0].tolist() == pytest.approx([1 / 14, 3 / 14]) and rest == pytest.approx(2 / 14)
+    with pytest.raises(ManyinoneError, match=r"no entry for options \['32,2'\]"):
+        plan_ms(TABLE, [(32, 2)])
+    with pytest.raises(ManyinoneError, match="latency budget -1 ms out of range"):
+        relative_budget(TABLE, [(128, 4)] * 4, -1)
+
+
+def test_measured_table_round_trips(tiny_llama, tmp_path):
+    adapter = LlamaFlextronAdapter(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    table = measure_latency(adapter, [(32, 2), (128, 4)], batch=2, seq=16, repeats=2, warmup=1)
+    assert set(table["layer_ms"]) == {"32,2", "128,4"} and table["rest_ms"] >= 0 and table["num_layers"] == 4
+    assert all(v >= 0 for v in table["layer_ms"].values())
+    assert load_table(save_table(table, tmp_path / "latency.json")) == table
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ManyinoneError, match="lacks layer_ms/rest_ms"):
+        load_table(tmp_path / "bad.json")
