@@ -88,9 +88,19 @@ def export(
     output: Path = typer.Option(..., "--output", "-o"),
     budget: Optional[float] = typer.Option(None, help="fraction of the full cost, 0 < budget <= 1"),
     all_: bool = typer.Option(False, "--all", help="one budget-indexed checkpoint holding every budget"),
+    budget_ms: Optional[float] = typer.Option(None, help="a budget in measured milliseconds (needs --latency)"),
+    latency: Optional[Path] = typer.Option(None, help="latency table JSON (benchmarks/pareto.py writes one)"),
 ) -> None:
     """Write a sub-model as a plain HF checkpoint, or all of them as one budget-indexed one."""
     from manyinone.export import export_all, export_budget
+
+    if budget_ms is not None:
+        from manyinone.checkpoint import read_index
+        from manyinone.latency import index_budget_for_ms, load_table
+
+        if latency is None or budget is not None:
+            raise ManyinoneError("--budget-ms needs --latency TABLE.json and no --budget")
+        budget = index_budget_for_ms(read_index(ckpt), load_table(latency), budget_ms)
 
     if all_ == (budget is not None):
         raise ManyinoneError("give exactly one of --budget B or --all")

@@ -89,6 +89,29 @@ def relative_budget(table: dict[str, Any], full_plan: Sequence[Option], ms: floa
     return min(ms / full, 1.0)
 
 
+def spec_plan(spec: dict[str, int], space: dict[str, dict]) -> list[Option]:
+    """The per-layer (width, heads) of a uniform spec, axes it lacks at their totals in `space`
+    (an index's "space"; a depth-only index needs the table's full option, see `index_budget_for_ms`)."""
+    total = {axis: int(v["total"]) for axis, v in space.items()}
+    depth = spec.get("depth", total.get("depth"))
+    return [(spec.get("width", total.get("width")), spec.get("heads", total.get("heads")))] * int(depth)
+
+
+def index_budget_for_ms(index: dict[str, Any], table: dict[str, Any], ms: float) -> float:
+    """The relative cost (the index's metric) of the index's sub-network with the largest measured
+    time within `ms`, so `--budget-ms` resolves through the ordinary budget path."""
+    full_width, full_heads = max(tuple(map(int, k.split(","))) for k in table["layer_ms"])
+    space = {"width": {"total": full_width}, "heads": {"total": full_heads},
+             "depth": {"total": table["num_layers"]}, **index["space"]}
+    priced = [(plan_ms(table, spec_plan(e["spec"], space)), e["relative"][index["metric"]]) for e in index["specs"]]
+    fitting = [p for p in priced if p[0] <= ms]
+    if not fitting:
+        fastest = min(t for t, _ in priced)
+        raise ManyinoneError(f"latency budget {ms} ms is below the fastest sub-model ({fastest:.2f} ms on "
+                             f"{table.get('device', '?')}); allowed >= {fastest:.2f}")
+    return max(fitting)[1]
+
+
 def option_table(table: dict[str, Any], options: Sequence[Option], num_layers: int, full_plan: Sequence[Option]
                  ) -> tuple[torch.Tensor, float]:
     """Router cost table from measured latency: ([layers, options] ms / full ms, rest share)."""

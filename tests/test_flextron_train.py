@@ -82,3 +82,30 @@ def test_bad_width_settings_are_one_line_errors(tiny_llama, tmp_path):
     with pytest.raises(ManyinoneError, match="gradient checkpointing cannot train width"):
         train(TrainConfig(model=str(tiny_llama), axes=["width"], widths=[64], data="demo", max_steps=1,
                           batch_size=4, gradient_checkpointing=True, output=str(tmp_path / "z")), show_progress=False)
+
+
+def test_export_by_measured_milliseconds(width_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from manyinone.cli import app
+    from manyinone.latency import index_budget_for_ms, save_table
+
+    # A hand-made table: a layer costs width/64 ms plus heads/2 ms; 1 ms outside the layers.
+    options = [(w, h) for w in (32, 64, 128) for h in (2, 4)]
+    table = {"device": "test", "num_layers": 4, "rest_ms": 1.0,
+             "layer_ms": {f"{w},{h}": w / 64 + h / 2 for w, h in options}}
+    index = read_index(width_run)
+    # depth 4, width 64, heads 2: 1 + 4 * (1 + 1) = 9 ms, the slowest spec within 9.5 ms
+    budget = index_budget_for_ms(index, table, 9.5)
+    want = next(e for e in index["specs"] if e["spec"] == {"depth": 4, "width": 64, "heads": 2})
+    assert budget == want["relative"]["flops"]
+    with pytest.raises(ManyinoneError, match=r"latency budget 2.0 ms is below the fastest sub-model \(4.00 ms on test\)"):
+        index_budget_for_ms(index, table, 2.0)
+    path = save_table(table, tmp_path / "latency.json")
+    result = CliRunner().invoke(app, ["export", str(width_run), "--budget-ms", "9.5", "--latency", str(path),
+                                      "--output", str(tmp_path / "fast")])
+    assert result.exit_code == 0, result.output
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fast")
+    assert (exported.config.intermediate_size, exported.config.num_attention_heads) == (64, 2)
+    bad = CliRunner().invoke(app, ["export", str(width_run), "--budget-ms", "9.5", "--output", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--budget-ms needs --latency" in bad.output
