@@ -161,10 +161,10 @@ def main() -> None:
 
     nested = open_checkpoint(args.ckpt, dtype=dtype, device=device)
     opts = dict(graphs=graphs, compile_fn=compile_fn)
-    probe = Runtime(nested.model, nested.tokenizer, nested.index, max_len=8, graphs=False)
+    probe = Runtime.from_nested(nested, max_len=8, graphs=False)
     prompts = instruction_prompts(probe, args.prompts, args.rows, args.count)
     max_len = max(len(p) for p in prompts) + args.new_tokens + 32
-    rt = Runtime(nested.model, nested.tokenizer, nested.index, max_len=max_len, **opts)
+    rt = Runtime.from_nested(nested, max_len=max_len, **opts)
     depth_b = rt.depth_for(args.budget)
     print(f"{args.ckpt}: {rt.num_layers} layers, exits {rt.exits()}, budget {args.budget} -> depth {depth_b}; "
           f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens; {args.dtype} on {device}"
@@ -174,7 +174,7 @@ def main() -> None:
     guarded("runtime full", lambda: runtime_rows(rt, prompts, args.new_tokens, args.repeats), results, errors)
     guarded(f"runtime budget {args.budget}", lambda: runtime_rows(rt, prompts, args.new_tokens, args.repeats,
                                                                    budget=args.budget), results, errors)
-    sub = nested.adapter.extract(nested.spec_for(args.budget))
+    sub = nested.sub_model(nested.spec_for(args.budget))
     sub_rt = Runtime(sub, nested.tokenizer, None, max_len=max_len, **opts)
     guarded(f"exported depth {depth_b}", lambda: runtime_rows(sub_rt, prompts, args.new_tokens, args.repeats),
             results, errors)
@@ -205,7 +205,7 @@ def main() -> None:
     if choice:
         def float32_equality():
             full32 = open_checkpoint(args.ckpt, dtype=torch.float32, device=device)
-            rt32 = Runtime(full32.model, full32.tokenizer, full32.index, max_len=max_len, **opts)
+            rt32 = Runtime.from_nested(full32, max_len=max_len, **opts)
             plain = rt32.generate(prompts[:1], max_new_tokens=8, stop_ids=set())  # warm-up
             plain = [rt32.generate([p], max_new_tokens=args.new_tokens, stop_ids=set()).tokens[0] for p in prompts]
             spec = [rt32.generate([p], max_new_tokens=args.new_tokens, stop_ids=set(), **spec_kw).tokens[0]

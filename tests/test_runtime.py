@@ -105,3 +105,28 @@ def test_bad_requests_name_the_value(trained_run):
         Sampling(1.0, 0.0)
     with pytest.raises(ManyinoneError, match="CUDA graphs need a CUDA device"):
         Runtime(nested.model, graphs=True)
+
+
+def test_per_exit_heads_are_used_at_their_depth(tiny_llama_tied, tmp_path):
+    """A checkpoint trained with per-exit translators: budget tokens equal the folded exported sub-model's."""
+    from manyinone.config import TrainConfig
+    from manyinone.train import train
+
+    cfg = TrainConfig(model=str(tiny_llama_tied), exits=[2, 4], data="demo", max_steps=2, batch_size=4, lr=1e-2,
+                      exit_heads="translator", output=str(tmp_path / "run"))
+    run = train(cfg, show_progress=False)
+    rt = Runtime.open(run, device="cpu", max_len=96)
+    nested = open_checkpoint(run)
+    spec = nested.spec_for(0.6)
+    assert spec["depth"] == 2
+    sub = nested.sub_model(spec)
+    for prompt in random_prompts(2, seed=6):
+        got = rt.generate([prompt], budget=0.6, max_new_tokens=12, stop_ids=set()).tokens[0]
+        assert got == hf_greedy(sub, prompt, 12)
+
+
+def test_width_nested_checkpoints_are_refused_clearly(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    index = {"space": {"depth": {"total": 4, "choices": [4]}, "width": {"total": 128, "choices": [64, 128]}}}
+    with pytest.raises(ManyinoneError, match="depth-nested checkpoints"):
+        Runtime(model, index=index)

@@ -68,9 +68,14 @@ class Runtime:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, index: dict[str, Any] | None = None,
-                 max_len: int | None = None, graphs: bool | None = None, compile_fn=None) -> None:
+                 max_len: int | None = None, graphs: bool | None = None, compile_fn=None,
+                 exit_logits=None) -> None:
         self.model, self.tokenizer, self.index = model.eval(), tokenizer, index
-        self.stack = LayerStack(model)
+        axes = list((index or {}).get("space") or {})
+        if index is not None and any(a != "depth" for a in axes):
+            raise ManyinoneError(f"the runtime serves depth-nested checkpoints; this one nests {axes} "
+                                 "(export a budget and serve that plain model instead)")
+        self.stack = LayerStack(model, exit_logits)
         self.device = self.stack.device
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
@@ -89,8 +94,20 @@ class Runtime:
         from manyinone.api import open_checkpoint
         from manyinone.train import pick_device
 
-        nested = open_checkpoint(path, dtype=dtype, device=str(pick_device(device)))
-        return cls(nested.model, nested.tokenizer, nested.index, **kwargs)
+        return cls.from_nested(open_checkpoint(path, dtype=dtype, device=str(pick_device(device))), **kwargs)
+
+    @classmethod
+    def from_nested(cls, nested, **kwargs: Any) -> "Runtime":
+        """A runtime over an opened checkpoint (`manyinone.api.NestedModel`), its per-exit heads included."""
+        exit_logits = None
+        if nested.exit_heads is not None:  # per-exit modules: each depth exits through its own
+            param = next(nested.model.parameters())
+            nested.exit_heads.to(device=param.device, dtype=param.dtype)
+
+            def exit_logits(depth: int, hidden: torch.Tensor) -> torch.Tensor:
+                return nested.exit_logits(SubnetSpec({"depth": depth}), hidden)
+
+        return cls(nested.model, nested.tokenizer, nested.index, exit_logits=exit_logits, **kwargs)
 
     # --- budgets ----------------------------------------------------------------------------
     @property

@@ -21,7 +21,9 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # both take an additive [batch, 1
 class LayerStack:
     """The pieces of a LLaMA-layout causal LM the runtime drives, plus which layers slide their window."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, exit_logits: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """`exit_logits(depth, hidden)`: logits of an exit with its own modules (per-exit heads); default the
+        model's own final norm and LM head, shared by every exit (SoFT)."""
         base = getattr(model, "model", None)
         if not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
             raise ManyinoneError(f"{type(model).__name__} lacks the LLaMA layout (embed_tokens, layers, norm, "
@@ -31,7 +33,7 @@ class LayerStack:
         if attn not in ATTENTION_IMPLEMENTATIONS:
             raise ManyinoneError(f"attention implementation {attn!r} unsupported by the runtime; "
                                  f"allowed {list(ATTENTION_IMPLEMENTATIONS)}")
-        self.model, self.base = model, base
+        self.model, self.base, self.exit_logits = model, base, exit_logits
         self.num_layers = len(base.layers)
         self.window = getattr(config, "sliding_window", None)
         types = getattr(config, "layer_types", None)
@@ -73,8 +75,10 @@ class LayerStack:
             hidden = out[0] if isinstance(out, tuple) else out
         if not head:
             return hidden, None
-        normed = base.norm(hidden[:, -1:] if last_only else hidden)
-        return hidden, self.model.lm_head(normed).float()  # [batch, q or 1, vocab]
+        out = hidden[:, -1:] if last_only else hidden
+        if self.exit_logits is not None:
+            return hidden, self.exit_logits(end, out).float()  # [batch, q or 1, vocab]
+        return hidden, self.model.lm_head(base.norm(out)).float()
 
 
 class CapturedCall:
