@@ -7,8 +7,10 @@ retraces the uninterrupted run exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -19,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
+from manyinone import distributed
 from manyinone.checkpoint import atomic_dir, build_index, save_checkpoint
 from manyinone.config import TrainConfig
 from manyinone.data import collate, epoch_order, load_records, tokenize_records
@@ -133,7 +136,8 @@ def _metrics_from(path: Path, start: int):
 def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     """Train per `cfg`; write the final budget-indexed checkpoint into `cfg.output` and return it."""
     output = Path(cfg.output)
-    device = pick_device(cfg.device)
+    rt = distributed.Runtime.from_env()  # several processes only under torchrun (WORLD_SIZE > 1)
+    device = rt.device(cfg.device) if rt.distributed else pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     model, tokenizer = load_pretrained(cfg.model)
@@ -146,19 +150,20 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                                                            {"n_random": cfg.sampler_k} if cfg.sampler == "sandwich" else {}))
     examples = tokenize_records(load_records(cfg.data, cfg.rows), tokenizer, cfg.max_length, cfg.template)
 
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = cfg.batch_size * cfg.grad_accum * rt.world
     steps_per_epoch = len(examples) // per_step
     if steps_per_epoch == 0:
         raise ManyinoneError(f"{len(examples)} examples < batch_size*grad_accum={per_step}; lower the batch size")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
-    model.to(device).train()
+    (rt.shard(model) if rt.distributed else model.to(device)).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     _check_same_run(output, cfg)
-    start = restore_state(output, model, optimizer)
+    save = functools.partial(distributed.save_state, rt) if rt.distributed else save_state
+    start = distributed.restore_state(rt, output, model, optimizer) if rt.distributed else restore_state(output, model, optimizer)
     if start:
         print(f"resuming from step {start} ({output / CHECKPOINTS})", file=sys.stderr, flush=True)
     elif cfg.reorder and {"width", "heads"} & set(cfg.axes):
@@ -182,12 +187,12 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         if epoch not in order_cache:
             order_cache.clear()
             order_cache[epoch] = epoch_order(len(examples), cfg.seed, epoch)
-        first = (within * cfg.grad_accum + micro) * cfg.batch_size
+        first = distributed.micro_batch_start(within, micro, cfg.grad_accum, cfg.batch_size, rt.world, rt.rank)
         chosen = [examples[i] for i in order_cache[epoch][first:first + cfg.batch_size]]
         return {k: v.to(device) for k, v in collate(chosen, tokenizer.pad_token_id).items()}
 
-    metrics_file = _metrics_from(output / "metrics.jsonl", start)
-    progress = TrainProgress(total_steps, [s.label for s in specs], enabled=show_progress)
+    metrics_file = _metrics_from(output / "metrics.jsonl", start) if rt.is_main else open(os.devnull, "w")
+    progress = TrainProgress(total_steps, [s.label for s in specs], enabled=show_progress and rt.is_main)
     with progress, deferred_stop_signals() as stop:  # SIGTERM/Ctrl-C: save, then exit
         progress.advance_to(start)
         for step in range(start, total_steps):
@@ -206,7 +211,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                     feats, targets = {}, None
                     for spec, h in hidden.items():
                         feats[spec], targets = supervised_positions(h, batch["labels"])
-                    out = nested_loss(feats, adapter.exit_logits, targets, weights, teacher=space.full(),
+                    head = (cfg.loss_impl == "lean" and adapter.linear_head()) or adapter.exit_logits
+                    out = nested_loss(feats, head, targets, weights, teacher=space.full(),
                                       distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature)
                 (out.total / cfg.grad_accum).backward()
                 tokens += int(batch["attention_mask"].sum())
@@ -220,8 +226,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
+            sums, tokens = rt.mean(sums), rt.total(tokens)  # over ranks
             record = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr, **sums,
-                      "grad_norm": float(grad_norm), "tokens": tokens, "step_time_s": elapsed,
+                      "grad_norm": distributed.scalar(grad_norm), "tokens": tokens, "step_time_s": elapsed,
                       "tokens_per_s": tokens / elapsed}
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -230,7 +237,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             progress.update(step + 1, record)
             periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
             if (periodic or stop) and step + 1 < total_steps:
-                saved = save_state(output, step + 1, model, optimizer, cfg.keep_checkpoints)
+                saved = save(output, step + 1, model, optimizer, cfg.keep_checkpoints)
                 if stop:
                     raise stop.interrupted(step + 1, saved)
     metrics_file.close()
@@ -242,6 +249,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                         train={"model": cfg.model, "data": cfg.data, "rows": cfg.rows, "template": cfg.template,
                                "steps": total_steps})
     with deferred_stop_signals():  # the run is done: a stop signal now waits for these two saves
-        save_checkpoint(model.to("cpu"), tokenizer, index, output, merge=True)
-        save_state(output, total_steps, model, optimizer, cfg.keep_checkpoints)
+        final = (distributed.unsharded_copy(rt, model, lambda: load_pretrained(cfg.model)[0]) if rt.distributed
+                 else model.to("cpu"))
+        if rt.is_main:
+            save_checkpoint(final, tokenizer, index, output, merge=True)
+        save(output, total_steps, model, optimizer, cfg.keep_checkpoints)
+    rt.close()
     return output

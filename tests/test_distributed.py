@@ -1,0 +1,98 @@
+"""Training under torchrun: FSDP2 on two CPU processes (gloo) retraces one process at grad_accum 2.
+
+The integration test launches `torchrun --nproc-per-node 2 -m manyinone train` twice (2 steps, then a
+resume to 4 from the torch distributed checkpoint) and compares losses and final weights with one
+uninterrupted single-process run of 4 steps. Same float32 math, gradients averaged over ranks instead
+of over micro-batches: losses agree to relative 1e-5; weights to absolute 1e-5 (1% of one Adam
+update at lr 1e-3: Adam's normalisation magnifies summation-order noise in tiny gradients).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from manyinone.config import TrainConfig
+from manyinone.distributed import Runtime, decoder_layers, micro_batch_start, world_size_from_env
+from manyinone.errors import ManyinoneError
+from manyinone.train import train
+
+
+def _covered(world: int, grad_accum: int, batch: int, step: int) -> list[list[int]]:
+    """Example indices per (micro, rank) in launch order."""
+    out = []
+    for micro in range(grad_accum):
+        for rank in range(world):
+            first = micro_batch_start(step, micro, grad_accum, batch, world, rank)
+            out.append(list(range(first, first + batch)))
+    return out
+
+
+def test_ranks_split_a_step_like_gradient_accumulation():
+    for step in range(3):
+        assert _covered(2, 1, 4, step) == _covered(1, 2, 4, step)
+        assert _covered(2, 2, 3, step) == _covered(1, 4, 3, step)
+    # Single process: the formula train.py always had.
+    assert micro_batch_start(5, 1, 3, 8, 1, 0) == (5 * 3 + 1) * 8
+
+
+def test_single_process_runtime_is_inert(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rt = Runtime.from_env()
+    assert (rt.world, rt.rank, rt.distributed, rt.is_main) == (1, 0, False, True)
+    assert rt.mean({"loss": 2.5}) == {"loss": 2.5} and rt.total(7) == 7
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ManyinoneError, match="WORLD_SIZE='two'"):
+        world_size_from_env()
+
+
+def test_decoder_layers_found_by_the_models_own_class_names(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert decoder_layers(model) == list(model.model.layers)
+    with pytest.raises(ManyinoneError, match="names no decoder layer class"):
+        decoder_layers(nn.Linear(2, 2))
+
+
+def _torchrun(cfg_args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "manyinone", "train", "--quiet", *cfg_args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+
+
+def _losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_process_fsdp2_run_equals_one_process_and_resumes(tiny_llama, tmp_path):
+    common = dict(model=str(tiny_llama), exits=[2, 4], data="demo", batch_size=2, lr=1e-3, device="cpu",
+                  distill_weight=0.5, min_lr_ratio=1.0)  # constant lr: a 2-step run then 2 more = 4 steps
+    ref = train(TrainConfig(**common, grad_accum=2, max_steps=4, output=str(tmp_path / "one")), show_progress=False)
+
+    two = tmp_path / "two"
+    args = ["--model", str(tiny_llama), "--exits", "2,4", "--batch-size", "2", "--lr", "1e-3", "--output", str(two),
+            "--set", "device=cpu", "--set", "distill_weight=0.5", "--set", "min_lr_ratio=1.0", "--set", "gradient_checkpointing=true"]
+    first = _torchrun([*args, "--max-steps", "2"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = json.loads((two / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state == {"step": 2, "format": "dcp", "world": 2}
+    resumed = _torchrun([*args, "--max-steps", "4"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step 2" in resumed.stderr
+
+    assert _losses(two) == pytest.approx(_losses(ref), rel=1e-5, abs=1e-6)
+    want, got = load_file(ref / "model.safetensors"), load_file(two / "model.safetensors")
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+    assert json.loads((two / "manyinone.json").read_text())["specs"] == json.loads((ref / "manyinone.json").read_text())["specs"]
