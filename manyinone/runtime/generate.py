@@ -148,7 +148,8 @@ class Runtime:
     def runner(self, batch: int) -> SegmentRunner:
         """The segment runner (and KV cache) for `batch` rows; kept, so captured graphs are reused."""
         if batch not in self._runners:
-            cache = self.stack.new_cache(batch, self.max_len)
+            # Key length a multiple of 16: what fused attention kernels want for an explicit mask.
+            cache = self.stack.new_cache(batch, -(-self.max_len // 16) * 16)
             self._runners[batch] = SegmentRunner(self.stack, cache, self.graphs, self.compile_fn)
         return self._runners[batch]
 
@@ -178,8 +179,19 @@ class Runtime:
             logits = runner.prefill(depth, ids, pad)  # [batch, 1, vocab]
             token = choose(logits[:, -1], sampling, generator)  # [batch]
             slot, live = ids.shape[1], [True] * len(prompts)
+            cuda = self.device.type == "cuda"
+            host = torch.empty(len(prompts), dtype=torch.long, pin_memory=cuda)
             for step in range(max_new_tokens):
-                chosen = token.tolist()  # the one CPU-GPU sync per step
+                if cuda:  # read this token while the GPU already computes the next one
+                    host.copy_(token, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record()
+                if step < max_new_tokens - 1:
+                    _, logits = runner(0, depth, token[:, None], self._slots[slot: slot + 1], pad)
+                    following = choose(logits[:, -1], sampling, generator)  # [batch]
+                if cuda:
+                    ready.synchronize()
+                chosen = (host if cuda else token).tolist()  # the one CPU-GPU sync per step
                 out = []
                 for row, t in enumerate(chosen):
                     if live[row] and t in stop:
@@ -188,9 +200,7 @@ class Runtime:
                 yield out
                 if step == max_new_tokens - 1 or not any(live):
                     break
-                _, logits = runner(0, depth, token[:, None], self._slots[slot: slot + 1], pad)
-                token = choose(logits[:, -1], sampling, generator)  # [batch]
-                slot += 1
+                token, slot = following, slot + 1
         if stats is not None:
             stats.update(depth=depth, steps=step + 1)
 

@@ -82,7 +82,7 @@ def speculative_stream(runtime, prompt: list[int], budget: float | None, max_new
                 fix = target[matched.clamp(max=k - 1)]
             else:
                 matched, fix = accept_sampled(drafts, draft_probs, probabilities(logits[0], sampling), generator)
-            m, fix_id, draft_ids = int(matched), int(fix), drafts.tolist()  # one sync per round
+            m, fix_id, *draft_ids = torch.cat([matched.view(1), fix.view(1), drafts]).tolist()  # one sync per round
             new = draft_ids[:m] + ([fix_id] if m < k else [])
             token = fix if m < k else drafts[k - 1]
             rounds, drafted, accepted = rounds + 1, drafted + k, accepted + m
