@@ -121,3 +121,19 @@ def test_autotune_stores_its_choice_and_the_runtime_uses_it(trained_run_tied, tm
     rt2 = Runtime(reopened.model, reopened.tokenizer, reopened.index, max_len=96)
     out = rt2.generate([[5, 6, 7]], max_new_tokens=8, stop_ids=set(), speculative=True)
     assert (out.stats["draft_depth"], out.stats["draft_tokens"]) == (choice["draft_depth"], choice["draft_tokens"])
+
+
+def test_cli_tune_speculative_writes_the_choice_and_bad_input_is_one_line(trained_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from manyinone.cli import app
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_run, ckpt)
+    result = CliRunner().invoke(app, ["tune-speculative", str(ckpt), "--prompts", "1", "--max-new-tokens", "6",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((ckpt / "manyinone.json").read_text())["runtime"]["speculative"]["draft_depth"] == 2
+    open_checkpoint(ckpt)  # checksums still verify after the index changed
+    bad = CliRunner().invoke(app, ["serve", str(ckpt), "--dtype", "int3"])
+    assert bad.exit_code == 2 and "error: dtype 'int3' unknown" in bad.output
