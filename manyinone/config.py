@@ -121,6 +121,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **f
             raise ManyinoneError(f"config file {str(path)!r} is not valid YAML ({type(exc).__name__})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ManyinoneError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")
+        odd = [k for k in (loaded or {}) if not isinstance(k, str)]  # YAML allows `? ` and `1:` keys
+        if odd:
+            raise ManyinoneError(f"config file {str(path)!r} has a key {odd[0]!r} that is not a name; allowed keys: "
+                                 f"{', '.join(TrainConfig.model_fields)}")
         data.update(loaded or {})
     data.update(dict(_parse_override(o) for o in overrides or []))
     data.update({k: v for k, v in fields.items() if v is not None})

@@ -78,6 +78,10 @@ def validate_records(records: list[Any], source: str, first_row: int = 0) -> lis
         extra = row.get("input")
         if extra is not None and not isinstance(extra, str):
             raise ManyinoneError(f"{source}: row {i} field 'input' is {type(extra).__name__}, expected a string")
+        for key in ("instruction", "input", "output"):
+            if not is_unicode(row.get(key) or ""):
+                raise ManyinoneError(f"{source}: row {i} field {key!r} is not valid Unicode (it holds a lone surrogate, "
+                                     "e.g. JSON \\ud800); fix the text")
         clean.append({"instruction": row["instruction"], "input": extra or "", "output": row["output"]})
     return clean
 
@@ -138,8 +142,21 @@ def load_records(source: str, rows: str | None = None) -> list[dict[str, str]]:
     return records
 
 
+def is_unicode(text: str) -> bool:
+    """False for strings no tokenizer accepts: lone surrogates (JSON "\\ud800", undecodable argv bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def prompt_and_response(record: dict[str, str], tokenizer, template: str) -> tuple[str, str]:
     """The prompt text (masked out of the loss) and the response text (+ EOS) for one record."""
+    bad = next((v for v in record.values() if isinstance(v, str) and not is_unicode(v)), None)
+    if bad is not None:
+        raise ManyinoneError(f"text {bad!r:.40} is not valid Unicode (a lone surrogate, e.g. from bytes that are "
+                             "not UTF-8); pass UTF-8 text")
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ManyinoneError("template 'chat' needs a tokenizer with a chat_template; this one has none, use alpaca")
