@@ -36,13 +36,15 @@ VARIANTS = ("depth", "width", "depth+width", "routed")
 
 def settings(args) -> dict:
     """Per-variant TrainConfig fields; the smoke run shrinks the same recipes onto a 4-layer model."""
-    L = 4 if args.smoke else 30
     exits = [2, 3, 4] if args.smoke else [6, 12, 15, 18, 24, 30]
     elastic = {"sampler": "sandwich", "sampler_k": 2, "distill_weight": args.distill}
+    if not args.smoke:
+        # SmolLM2's MLP (1536): 512 (9 heads) and 640 (6 heads) are the widest within half the params.
+        elastic["widths"] = [192, 384, 512, 640, 768, 1024, 1280, 1536]
     return {
         "depth": {"axes": ["depth"], "exits": exits},  # SoFT: every exit every step
         "width": {"axes": ["width", "heads"], **elastic},
-        "depth+width": {"axes": ["depth", "width", "heads"], "exits": [L // 2, 3 * L // 4, L] if not args.smoke else [2, 4],
+        "depth+width": {"axes": ["depth", "width", "heads"], "exits": [2, 4] if args.smoke else [15, 20, 25, 30],
                         **elastic},
     }
 

@@ -146,7 +146,7 @@ def train_router(router: Router, adapter, batches: Sequence[dict[str, torch.Tens
             probs = hard + soft - soft.detach()  # straight-through: hard forward, soft gradient
             neuron_masks = prefix_masks(probs, widths, adapter.intermediate)  # [batch, layers, neurons]
             head_masks = prefix_masks(probs, heads, adapter.num_heads)  # [batch, layers, heads]
-            with adapter.masked(neuron_masks, head_masks):
+            with adapter.masked(neuron_masks, head_masks), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
                 hidden = adapter.forward_plan(batch["input_ids"], batch["attention_mask"],
                                               ((adapter.intermediate, adapter.num_heads),) * adapter.num_layers)
             feats, targets = supervised_positions(hidden, batch["labels"])
@@ -186,15 +186,53 @@ def routed_plan(index: dict, budget: float | None) -> tuple[Option, ...] | None:
     return tuple(tuple(o) for o in best["plan"])
 
 
-def export_routed(ckpt, router: Router, budgets: Sequence[float], output, context: int = 512):
-    """Write `ckpt`'s model with the router's static plan for each budget in its index (one copy of
-    the weights; `manyinone.load(output, budget=b)` serves the plan that fits b) and the router
-    itself (router.safetensors + router.json) for input-adaptive use."""
+ROUTER_WEIGHTS, ROUTER_CONFIG = "router.safetensors", "router.json"
+
+
+def save_router(router: Router, folder, metric: str = "flops") -> dict:
+    """Write router.safetensors + router.json into `folder`, each whole or not at all."""
     import json
     import os
     from pathlib import Path
 
     from safetensors.torch import save_file
+
+    folder = Path(folder)
+    config = {"options": [list(o) for o in router.options], "context_size": router.context_size,
+              "hidden": router.layers[0][0].out_features, "num_layers": len(router.layers), "metric": metric}
+    save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(folder / ".router.tmp"))
+    os.replace(folder / ".router.tmp", folder / ROUTER_WEIGHTS)
+    (folder / ".router-json.tmp").write_text(json.dumps(config) + "\n")
+    os.replace(folder / ".router-json.tmp", folder / ROUTER_CONFIG)
+    return config
+
+
+def load_router(folder) -> Router:
+    """The router stored beside a checkpoint by `export_routed`."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / ROUTER_CONFIG).is_file() or not (folder / ROUTER_WEIGHTS).is_file():
+        raise ManyinoneError(f"{str(folder)!r} holds no router ({ROUTER_CONFIG} + {ROUTER_WEIGHTS}); "
+                             f"write one with manyinone.router.export_routed")
+    try:
+        config = json.loads((folder / ROUTER_CONFIG).read_text())
+        router = Router(config["num_layers"], [tuple(o) for o in config["options"]], config["context_size"],
+                        config["hidden"])
+        router.load_state_dict(load_file(str(folder / ROUTER_WEIGHTS)))
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise ManyinoneError(f"router in {str(folder)!r} is corrupt ({type(exc).__name__})") from None
+    return router.eval()
+
+
+def export_routed(ckpt, router: Router, budgets: Sequence[float], output, context: int = 512):
+    """Write `ckpt`'s model (one copy of the weights) with the router beside it. A static router's
+    plan for each of `budgets` goes into the index, so `manyinone.load(output, budget=b)` serves the
+    plan that fits b; an input-adaptive one is used per prompt by `manyinone.runtime.routed`."""
+    from pathlib import Path
 
     from manyinone.api import open_checkpoint
     from manyinone.checkpoint import save_checkpoint
@@ -203,21 +241,18 @@ def export_routed(ckpt, router: Router, budgets: Sequence[float], output, contex
     adapter = nested.adapter
     if not hasattr(adapter, "extract_plan"):
         raise ManyinoneError(f"the {adapter.name!r} adapter has no per-layer plans; routing needs a checkpoint trained with width/heads axes")
+    if len(router.layers) != adapter.num_layers:
+        raise ManyinoneError(f"router has {len(router.layers)} layers, the model {adapter.num_layers}")
     metric = nested.index.get("metric", "flops")
     table, fixed = adapter.option_costs(router.options, context, metric)
     routed = []
-    for b in budgets:
-        plan = router.plan(b) if not router.adaptive else None
-        if plan is None:
-            raise ManyinoneError("static export needs a static router; an input-adaptive one routes per input at run time")
+    for b in [] if router.adaptive else budgets:
+        plan = router.plan(b)
         routed.append({"budget": b, "plan": [list(o) for o in plan],
                        "relative": plan_relative_cost(plan, table, router.options, fixed)})
-    index = {**nested.index, "routed": routed, "router": {"options": [list(o) for o in router.options],
-                                                          "context_size": router.context_size, "metric": metric}}
+    index = {**nested.index, "routed": routed,
+             "router": {"options": [list(o) for o in router.options], "context_size": router.context_size,
+                        "metric": metric}}
     out = Path(save_checkpoint(nested.model, nested.tokenizer, index, output))
-    # Each router file appears whole or not at all (temp name, then rename).
-    save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(out / ".router.tmp"))
-    os.replace(out / ".router.tmp", out / "router.safetensors")
-    (out / ".router-json.tmp").write_text(json.dumps(index["router"]) + "\n")
-    os.replace(out / ".router-json.tmp", out / "router.json")
+    save_router(router, out, metric)
     return out

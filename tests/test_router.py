@@ -142,3 +142,27 @@ def test_static_plans_export_into_one_checkpoint_that_load_serves(width_run, tmp
     low = min(r["relative"] for r in index["routed"])
     with pytest.raises(ManyinoneError, match="below the smallest routed plan"):
         manyinone.load(out, budget=low / 2)
+
+
+@torch.no_grad()
+def test_input_adaptive_router_routes_each_prompt_in_the_runtime(width_run, tmp_path, char_tokenizer):
+    from manyinone.router import load_router
+    from manyinone.runtime.routed import RoutedRuntime
+
+    torch.manual_seed(0)
+    router = Router(4, OPTIONS, context_size=64)
+    out = export_routed(width_run, router, [0.5], tmp_path / "adaptive")
+    assert read_index(out)["routed"] == []  # plans are chosen per prompt, not stored
+    again = load_router(out)
+    assert again.adaptive and all(torch.equal(a, b) for a, b in zip(router.state_dict().values(), again.state_dict().values()))
+    rt = RoutedRuntime.open(out)
+    prompts = [char_tokenizer("What is 2 plus 2?")["input_ids"], char_tokenizer("Hi")["input_ids"]]
+    result = rt.generate(prompts, budget=0.5, max_new_tokens=6)
+    assert len(result.plans) == 2 and all(len(p) == 4 and set(p) <= set(OPTIONS) for p in result.plans)
+    for prompt, plan, tokens in zip(prompts, result.plans, result.tokens):
+        assert plan == rt.plan_for(prompt, 0.5)
+        alone = rt.adapter.extract_plan(plan).generate(input_ids=torch.tensor([prompt]), max_new_tokens=6,
+                                                       do_sample=False, pad_token_id=3)[0, len(prompt):].tolist()
+        assert tokens == (alone[:alone.index(2)] if 2 in alone else alone)
+    with pytest.raises(ManyinoneError, match="holds no router"):
+        RoutedRuntime.open(width_run)
