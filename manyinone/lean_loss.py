@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Rows per chunk are chosen so one float32 [rows, vocab] block is about this large; a handful of
-# such blocks are alive at once inside the loop (logits, softmax, teacher distribution).
-CHUNK_BYTES = 64 * 2**20
+# Rows per chunk are chosen so one float32 [rows, vocab] block is about this large; two to five
+# such blocks are alive at once inside the loop (logits, gradient, teacher distribution). Larger
+# chunks mean fewer passes over the float32 [vocab, hidden] gradient accumulator.
+CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,17 @@ class LeanPlan:
 
 def default_chunk_rows(vocab: int) -> int:
     return max(16, CHUNK_BYTES // (4 * vocab))
+
+
+def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b for a float32 `acc` and half-precision a, b: on CUDA in one GEMM with a float32
+    output (no rounded [vocab, hidden] intermediate); elsewhere through a temporary."""
+    if acc.is_cuda and a.dtype != acc.dtype:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=acc.dtype)
+        except (RuntimeError, TypeError):  # torch without addmm(out_dtype=...)
+            pass
+    return acc.add_(a @ b)
 
 
 def _matmul_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -122,9 +134,9 @@ class _FusedExitLoss(torch.autograd.Function):
                     grad = grad.to(dt)  # [c, vocab]
                     if grad_feats[i] is not None:
                         grad_feats[i][rows] = (grad @ w_dt).to(grad_feats[i].dtype)  # [c, hidden]
-                    acc = grad_heads[plan.head_of[i]]
-                    if acc is not None:
-                        acc.add_(grad.t() @ x)  # [vocab, hidden]
+                    slot = plan.head_of[i]
+                    if grad_heads[slot] is not None:
+                        grad_heads[slot] = _accumulate_matmul(grad_heads[slot], grad.t(), x)  # [vocab, hidden]
         ce = ce_sum / tokens  # [exits]
         kl = kl_sum * (temp * temp) / tokens  # [exits]
         w = torch.tensor(plan.loss_weights, dtype=torch.float32, device=ce.device)
