@@ -199,8 +199,8 @@ def test_folder_without_config(tmp_path):
 
 
 def test_unsupported_axis(tiny_llama, tmp_path):
-    line = _train_error("--model", tiny_llama, "--axes", "width", output=tmp_path / "out")
-    assert "'width'" in line and "allowed: ['depth']" in line
+    line = _train_error("--model", tiny_llama, "--axes", "depth,experts", output=tmp_path / "out")
+    assert "axes ['depth', 'experts'] not supported" in line and "'llama-flextron' ['depth', 'width', 'heads']" in line
 
 
 @pytest.mark.parametrize("exits, needle", [
