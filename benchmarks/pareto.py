@@ -141,6 +141,8 @@ def main() -> None:
             # One latency table for every variant: every (width, heads) option of this space.
             space = nested.space
             options = [(w, h) for w in space.dims["width"].choices for h in space.dims["heads"].choices]
+            if device.type == "cuda":
+                adapter.model.to(torch.bfloat16)  # time bf16 weights, not per-call casts (evaluation is done)
             latency = measure_latency(adapter, options, batch=args.batch_size, seq=min(args.max_length, 512),
                                       repeats=2 if args.smoke else 10)
             save_table(latency, out / "latency.json")
@@ -246,9 +248,33 @@ def measure_decoding(results, out: Path, args, device) -> dict:
         for name, model in models.items():  # side by side, same prompt, same process
             model.to(device).eval()
             speed[f"{name}/batch{batch}"] = decode_rate(model, prompt, batch, new_tokens, device, repeats)
+            if device.type == "cuda":  # manyinone's runtime: static KV cache + CUDA graphs
+                try:
+                    speed[f"{name}/batch{batch}/runtime"] = runtime_rate(model, prompt, batch, new_tokens, repeats)
+                except Exception as exc:  # report, do not lose the rest of the benchmark
+                    speed[f"{name}/batch{batch}/runtime-error"] = f"{type(exc).__name__}: {exc}"[:200]
             model.to("cpu")
         speed[f"speedup/batch{batch}"] = speed[f"half-width/batch{batch}"] / speed[f"full/batch{batch}"]
+        if f"half-width/batch{batch}/runtime" in speed and f"full/batch{batch}/runtime" in speed:
+            speed[f"speedup/batch{batch}/runtime"] = speed[f"half-width/batch{batch}/runtime"] / speed[f"full/batch{batch}/runtime"]
     return speed
+
+
+def runtime_rate(model, prompt_ids, batch: int, new_tokens: int, repeats: int) -> float:
+    """Greedy tokens/s through manyinone.runtime.Runtime (CUDA graphs), no early stop."""
+    from manyinone.runtime import Runtime
+
+    rt = Runtime(model, None, None, max_len=prompt_ids.shape[1] + new_tokens + 16)
+    prompts = [prompt_ids[0].tolist()] * batch
+    rt.generate(prompts, None, new_tokens, stop_ids=set())  # warm-up: graph capture
+    rates = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        rt.generate(prompts, None, new_tokens, stop_ids=set())
+        torch.cuda.synchronize()
+        rates.append(batch * new_tokens / (time.perf_counter() - start))
+    return max(rates)
 
 
 def write_markdown(out: Path, results, summary, speed, latency) -> None:
@@ -267,9 +293,12 @@ def write_markdown(out: Path, results, summary, speed, latency) -> None:
                      f"{latency['dtype']}; layer ms per (width, heads) and {latency['rest_ms']:.2f} ms outside the layers.")
     if speed:
         lines.append(f"\nDecoding ({speed['dtype']}, greedy, {speed['new_tokens']} new tokens, plain transformers generate), "
-                     f"tokens/s: " + ", ".join(f"{k} {v:,.1f}" for k, v in speed.items() if "/" in k and "speedup" not in k)
+                     f"tokens/s: " + ", ".join(f"{k} {v:,.1f}" for k, v in speed.items()
+                                               if "/" in k and "speedup" not in k and isinstance(v, float))
                      + f"; half-width ({speed['spec']}) speed-up {speed['speedup/batch1']:.2f}x at batch 1, "
-                     f"{speed['speedup/batch16']:.2f}x at batch 16.")
+                     f"{speed['speedup/batch16']:.2f}x at batch 16"
+                     + "".join(f"; {k} {v:.2f}x" for k, v in speed.items() if k.startswith("speedup") and k.endswith("runtime"))
+                     + "".join(f"; {k}: {v}" for k, v in speed.items() if k.endswith("error")) + ".")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
