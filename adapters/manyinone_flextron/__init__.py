@@ -236,6 +236,9 @@ class LlamaFlextronAdapter(ModelAdapter):
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.depth.exit_logits(hidden)  # [..., vocab]
 
+    def linear_head(self):
+        return self.depth.linear_head()  # the memory-lean loss's (final norm, head weight)
+
     # --- importance reordering ----------------------------------------------------------------
     @torch.no_grad()
     def unit_importance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
