@@ -138,8 +138,13 @@ def eval_(
     batch_size: int = typer.Option(8),
     output: Optional[Path] = typer.Option(None, help="folder for eval.json and eval.png (default: CKPT, or runs/eval)"),
     device: str = typer.Option("auto"),
+    text: Optional[Path] = typer.Option(None, help="raw text file (e.g. WikiText-2 test): perplexity per exit"),
+    text_blocks: Optional[int] = typer.Option(None, help="score only the first N blocks of --text"),
+    qa: Optional[Path] = typer.Option(None, help="QA .jsonl (question, golden_answers): greedy exact match per exit"),
+    qa_limit: Optional[int] = typer.Option(None, help="score only the first N questions of --qa"),
 ) -> None:
-    """Per-exit table: held-out loss, perplexity, top-1 agreement and KL to full, relative cost."""
+    """Per-exit table: held-out loss, perplexity, top-1 agreement and KL to full, relative cost;
+    optionally raw-text perplexity (--text) and closed-book QA exact match (--qa)."""
     from manyinone.session import load_for_eval
     from manyinone.data import load_records, tokenize_records
     from manyinone.evaluate import evaluate_exits, write_report
@@ -150,18 +155,45 @@ def eval_(
     examples = tokenize_records(load_records(data, rows), nested.tokenizer, max_length, template)
     result = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, dev,
                             costs, show_progress=sys.stderr.isatty(), logits_for=nested.exit_logits)
+    extra_cols = _extra_metrics(result, nested, space, dev, template, max_length, batch_size, text, text_blocks, qa, qa_limit)
     table = Table(title=f"{ckpt} on {data} {rows or ''}")
-    for col in ("exit", "rel. cost", "loss", "ppl", "top-1 agree", "KL to full"):
+    for col in ("exit", "rel. cost", "loss", "ppl", "top-1 agree", "KL to full", *extra_cols.values()):
         table.add_column(col, justify="right")
     for r in result:
         cost = f"{r['relative_cost']:.3f}" if r["relative_cost"] is not None else "-"
         table.add_row(r["spec"], cost, f"{r['loss']:.3f}", f"{r['perplexity']:.2f}",
-                      f"{r['top1_agreement']:.3f}", f"{r['kl_to_full']:.3f}")
+                      f"{r['top1_agreement']:.3f}", f"{r['kl_to_full']:.3f}",
+                      *(f"{r[key]:.3f}" if key != "text_ppl" else f"{r[key]:.2f}" for key in extra_cols))
     console.print(table)
     # Reports go beside a manyinone checkpoint; never into someone else's model folder.
     default = Path(ckpt) if (Path(ckpt) / "manyinone.json").is_file() else Path("runs/eval")
     out = write_report(result, output or default, title=str(ckpt))
     console.print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+
+
+def _extra_metrics(rows, nested, space, device, template, max_length, batch_size, text, text_blocks, qa, qa_limit
+                   ) -> dict[str, str]:
+    """Add raw-text perplexity and QA scores to each exit's row; returns key -> column title."""
+    from manyinone.evaluate import evaluate_exits
+    from manyinone.tasks import qa_scores, read_qa, text_examples
+
+    columns: dict[str, str] = {}
+    if text is not None:
+        _at_least(text_blocks or 1, 1, "--text-blocks")
+        blocks = text_examples(text, nested.tokenizer, max_length, text_blocks)
+        scored = evaluate_exits(nested.adapter, space, blocks, nested.tokenizer.pad_token_id, batch_size, device,
+                                logits_for=nested.exit_logits, show_progress=sys.stderr.isatty())
+        for row, s in zip(rows, scored):
+            row["text_ppl"], row["text_file"] = s["perplexity"], str(text)
+        columns["text_ppl"] = f"{text.name} ppl"
+    if qa is not None:
+        _at_least(qa_limit or 1, 1, "--qa-limit")
+        scores = qa_scores(nested, space, read_qa(qa, qa_limit), template, max(batch_size, 8), device=device,
+                           show_progress=sys.stderr.isatty())
+        for row in rows:
+            row.update(scores[row["spec"]])
+        columns.update({"qa_em": "QA EM", "qa_contains": "QA contains"})
+    return columns
 
 
 @app.command()

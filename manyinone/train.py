@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
-from manyinone import distributed
+from manyinone import distributed, exit_heads
 from manyinone.checkpoint import atomic_dir, build_index, save_checkpoint
 from manyinone.config import TrainConfig
 from manyinone.data import collate, epoch_order, load_records, tokenize_records
@@ -132,6 +132,19 @@ def _metrics_from(path: Path, start: int):
     return path.open("a")
 
 
+def _param_groups(model, heads, cfg: TrainConfig) -> list[dict]:
+    """Base weights at lr (frozen with freeze_base), exit modules at lr * exit_heads_lr_scale."""
+    own = {id(p) for p in heads.parameters()} if heads is not None else set()
+    base = [p for p in model.parameters() if id(p) not in own]
+    if cfg.freeze_base:
+        for p in base:
+            p.requires_grad_(False)
+    groups = [{"params": base, "lr_scale": 1.0}] if not cfg.freeze_base else []
+    if heads is not None:
+        groups.append({"params": list(heads.parameters()), "lr_scale": cfg.exit_heads_lr_scale})
+    return groups
+
+
 # --- the loop ---------------------------------------------------------------------------------
 def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     """Train per `cfg`; write the final budget-indexed checkpoint into `cfg.output` and return it."""
@@ -146,6 +159,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     space = adapter.space(cfg.axis_choices())
     specs = space.specs()
     weights = exit_weights(specs, cfg.exit_weights)
+    exit_modules = None
+    if cfg.exit_heads != "none":
+        if rt.distributed:
+            raise ManyinoneError(f"exit_heads={cfg.exit_heads!r} runs on one device only; use exit_heads=none under torchrun")
+        exit_modules = exit_heads.attach(model, exit_heads.for_adapter(adapter, cfg.exit_heads, space))
     sampler = make_sampler(cfg.sampler, space, cfg.seed, **({"k": cfg.sampler_k} if cfg.sampler == "random-k" else
                                                            {"n_random": cfg.sampler_k} if cfg.sampler == "sandwich" else {}))
     examples = tokenize_records(load_records(cfg.data, cfg.rows), tokenizer, cfg.max_length, cfg.template)
@@ -159,7 +177,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     (rt.shard(model) if rt.distributed else model.to(device)).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(_param_groups(model, exit_modules, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     _check_same_run(output, cfg)
     save = functools.partial(distributed.save_state, rt) if rt.distributed else save_state
@@ -193,14 +211,14 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
 
     metrics_file = _metrics_from(output / "metrics.jsonl", start) if rt.is_main else open(os.devnull, "w")
     progress = TrainProgress(total_steps, [s.label for s in specs], enabled=show_progress and rt.is_main)
-    with progress, deferred_stop_signals() as stop:  # SIGTERM/Ctrl-C: save, then exit
+    with progress, metrics_file, deferred_stop_signals() as stop:  # SIGTERM/Ctrl-C: save, then exit
         progress.advance_to(start)
         for step in range(start, total_steps):
             started = time.perf_counter()
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc. replay exactly after a resume
             lr = lr_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             sampled = sampler.sample(step)
             sums: dict[str, float] = {}
             tokens = 0
@@ -212,6 +230,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                     for spec, h in hidden.items():
                         feats[spec], targets = supervised_positions(h, batch["labels"])
                     head = (cfg.loss_impl == "lean" and adapter.linear_head()) or adapter.exit_logits
+                    if exit_modules is not None:  # exits with their own modules; the full depth keeps the model's head
+                        head = exit_modules.heads_for(feats, head)
                     out = nested_loss(feats, head, targets, weights, teacher=space.full(),
                                       distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature)
                 (out.total / cfg.grad_accum).backward()
@@ -252,7 +272,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         final = (distributed.unsharded_copy(rt, model, lambda: load_pretrained(cfg.model)[0]) if rt.distributed
                  else model.to("cpu"))
         if rt.is_main:
-            save_checkpoint(final, tokenizer, index, output, merge=True)
+            with exit_heads.detached(final) as trained_heads:
+                save_checkpoint(final, tokenizer, index, output, merge=True, exit_heads=trained_heads)
         save(output, total_steps, model, optimizer, cfg.keep_checkpoints)
     rt.close()
     return output
