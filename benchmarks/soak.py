@@ -3,7 +3,7 @@ resident memory, live tensors and module hooks are sampled; any upward drift is 
 graphs kept alive, hooks added per step, metrics held in memory). Also checks that metrics.jsonl,
 the progress bar and the kept checkpoints stay correct to the last step.
 
-    python benchmarks/soak.py                       # 3000 steps, checkpoint every 50 (~3-4 min, 2 cores)
+    python benchmarks/soak.py                       # 3000 steps, checkpoint every 50 (~5 min, 2 cores)
     python benchmarks/soak.py --smoke               # 200 steps, a few seconds
     python benchmarks/soak.py --steps 20000 --json soak.json
 
