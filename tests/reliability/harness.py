@@ -32,10 +32,9 @@ def train_command(model: Path, output: Path, steps: int, **overrides) -> list[st
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
-    env.pop("MANYINONE_TEST_PAUSE_AT", None) if "MANYINONE_TEST_PAUSE_AT" not in extra else None
-    return env
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MANYINONE_TEST_")}
+    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 def complete_steps(output: Path) -> list[int]:
@@ -87,8 +86,8 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float = 120.0, poll: float
 
 
 def kill_and_resume(model: Path, output: Path, steps: int, kills: int, seed: int, log: Path) -> KillReport:
-    """SIGKILL `kills` times (a third of them inside a checkpoint write), restarting the same command
-    after each; then let the last restart finish. Returns what happened at each kill and restart."""
+    """SIGKILL `kills` times (a third of them, and the last, inside a checkpoint write), restarting the
+    same command after each; then let the last restart finish. Returns what happened at each kill and restart."""
     rng = random.Random(seed)
     report = KillReport()
     expected_start = 0
@@ -100,14 +99,18 @@ def kill_and_resume(model: Path, output: Path, steps: int, kills: int, seed: int
         start = max(complete_steps(output), default=0)
         # Every third kill lands inside a checkpoint write; so does any kill near the end, where a
         # random moment could fall after the run has finished.
-        in_save = len(report.kills) % 3 == 2 or start >= steps - 3
+        # The last kill always lands in the final checkpoint's write.
+        last = len(report.kills) == kills - 1
+        in_save = len(report.kills) % 3 == 2 or start >= steps - 3 or last
         marker = log / f"marker-{attempt}"
         extra = {}
         if in_save:
             # Checkpoint file writes of this process: weights + optimizer per step left, then the
             # final checkpoint's weights and the final resumable state's two files.
+            # Pause within the next three saves (weights or optimizer file), so kills spread over the run.
             writes = 2 * max(steps - 1 - start, 0) + 3
-            extra = {"MANYINONE_TEST_PAUSE_AT": str(rng.randint(1, writes)), "MANYINONE_TEST_MARKER": str(marker)}
+            pause_at = writes - 2 if last else min(writes, 2 * rng.randint(0, 2) + rng.randint(1, 2))
+            extra = {"MANYINONE_TEST_PAUSE_AT": str(pause_at), "MANYINONE_TEST_MARKER": str(marker)}
         stderr_path = log / f"stderr-{attempt}.txt"
         metrics = output / "metrics.jsonl"
         stale = metrics.stat().st_ino if metrics.is_file() else None  # the killed run's file, with its tail

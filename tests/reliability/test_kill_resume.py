@@ -23,6 +23,7 @@ def check_kill_chain(model, tmp_path, reference_weights, steps: int, kills: int,
     in_save = [k for k in report.kills if k["how"] == "in-save"]
     assert len(report.kills) == kills and len(in_save) >= kills // 3
     assert all(k["leftovers"] for k in in_save), in_save  # killed mid-write: a temp folder was left
+    assert f"/.{out.name}.tmp-" in report.kills[-1]["file"]  # the last one inside the final checkpoint's write
     assert report.resumes == [(expected, expected) for expected, _ in report.resumes]
     assert_bitwise_equal(run_weights(out), reference_weights(steps))
     assert metrics_steps(out) == list(range(1, steps + 1))  # one line per step, no duplicate tail
@@ -47,4 +48,4 @@ def test_kill_and_resume_short(tiny_llama, tmp_path, reference_weights):
 def test_kill_and_resume_long(tiny_llama, tmp_path, reference_weights, request):
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("the 24-kill version runs with -m slow")
-    check_kill_chain(tiny_llama, tmp_path, reference_weights, steps=40, kills=24, seed=2)
+    check_kill_chain(tiny_llama, tmp_path, reference_weights, steps=48, kills=24, seed=2)
