@@ -20,7 +20,7 @@ from manyinone.errors import ManyinoneError
 class TrainConfig(BaseModel):
     """Everything one `manyinone train` run needs; saved beside the run as train_config.yaml."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr=inf or nan is never meant
 
     model: str = Field("smollm2", description="HF folder, hub name, .gguf file, or 'smollm2' (embedded default)")
     axes: list[str] = Field(["depth"], description="nested axes to train")
@@ -95,7 +95,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         return key.strip(), raw
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: an integer too long for Python to convert
         value = raw
     return key.strip(), value
 
@@ -117,7 +117,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **f
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise ManyinoneError(f"config file {str(path)!r} not found") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: bad UTF-8, an integer of >4300 digits
             raise ManyinoneError(f"config file {str(path)!r} is not valid YAML ({type(exc).__name__})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ManyinoneError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from harness import SETTINGS
-
-
-def run_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model.safetensors"))
+from harness import SETTINGS, run_weights
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +24,3 @@ def reference_weights(tiny_llama, tmp_path_factory):
         return cache[steps]
 
     return get
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 KILLABLE = Path(__file__).with_name("killable_train.py")
 RESUMED = re.compile(r"resuming from step (\d+)")
 
@@ -150,6 +153,15 @@ def kill_and_resume(model: Path, output: Path, steps: int, kills: int, seed: int
         raise RuntimeError(f"final resume failed (rc={done.returncode}): {done.stderr[-3000:]}")
     report.resumes.append((expected_start, _resumed_step(done.stderr)))
     return report
+
+
+def run_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def metrics_steps(output: Path) -> list[int]:

@@ -5,6 +5,7 @@ handled correctly or refused with a one-line ManyinoneError; nothing else may es
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -34,6 +35,13 @@ def _report_counts():
     if os.environ.get("MANYINONE_RELIABILITY_REPORT"):
         with open(os.environ["MANYINONE_RELIABILITY_REPORT"], "a") as f:
             f.write(json.dumps({"fuzzed": dict(RUN), "fuzzed_total": sum(RUN.values())}) + "\n")
+
+
+def all_finite(cfg: TrainConfig) -> bool:
+    """An accepted config never holds inf or nan (lr=inf would train to nan silently)."""
+    values = [v for v in cfg.model_dump().values() if isinstance(v, (float, list))]
+    numbers = [x for v in values for x in (v if isinstance(v, list) else [v]) if isinstance(x, float)]
+    return all(math.isfinite(x) for x in numbers)
 
 
 def one_line(exc: ManyinoneError) -> str:
@@ -73,7 +81,7 @@ def test_yaml_config_mappings(mapping):
         except ManyinoneError as exc:
             one_line(exc)
         else:
-            assert isinstance(cfg, TrainConfig)
+            assert isinstance(cfg, TrainConfig) and all_finite(cfg)
 
 
 @FUZZ
@@ -90,7 +98,8 @@ def test_yaml_config_files_of_any_bytes(raw):
 
 
 @FUZZ
-@given(st.lists(st.one_of(nasty_text, st.builds(lambda k, v: f"{k}={v}", st.sampled_from(FIELDS), nasty_text)),
+@given(st.lists(st.one_of(nasty_text, st.builds(lambda k, v: f"{k}={v}", st.sampled_from(FIELDS),
+                                               st.one_of(nasty_text, st.sampled_from(["inf", ".nan", "-1", "1e400", "[1, .inf]"])))),
                 max_size=5))
 def test_set_overrides(overrides):
     RUN["--set overrides"] += 1
@@ -99,7 +108,7 @@ def test_set_overrides(overrides):
     except ManyinoneError as exc:
         one_line(exc)
     else:
-        assert isinstance(cfg, TrainConfig)
+        assert isinstance(cfg, TrainConfig) and all_finite(cfg)
 
 
 # --- budgets and exits --------------------------------------------------------------------------

@@ -10,8 +10,7 @@ import os
 import pytest
 
 import manyinone
-from conftest import assert_bitwise_equal, run_weights
-from harness import kill_and_resume, leftovers, metrics_steps
+from harness import assert_bitwise_equal, kill_and_resume, leftovers, metrics_steps, run_weights
 from manyinone.integrity import verify_checksums
 
 

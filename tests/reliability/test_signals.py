@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import assert_bitwise_equal, run_weights
-from harness import SETTINGS, child_env, complete_steps, metrics_lines, metrics_steps, train_command
+from harness import (SETTINGS, assert_bitwise_equal, child_env, complete_steps, metrics_lines, metrics_steps, run_weights,
+                     train_command)
 
 STEPS = 12
 

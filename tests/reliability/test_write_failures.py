@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 
 import manyinone
 import manyinone.checkpoint as checkpoint
-from conftest import assert_bitwise_equal, run_weights
-from harness import SETTINGS, child_env, leftovers, train_command
+from harness import SETTINGS, assert_bitwise_equal, child_env, leftovers, run_weights, train_command
 from manyinone.checkpoint import atomic_dir
 from manyinone.cli import app
 from manyinone.config import TrainConfig
