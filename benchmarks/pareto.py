@@ -38,9 +38,8 @@ def settings(args) -> dict:
     """Per-variant TrainConfig fields; the smoke run shrinks the same recipes onto a 4-layer model."""
     exits = [2, 3, 4] if args.smoke else [6, 12, 15, 18, 24, 30]
     elastic = {"sampler": "sandwich", "sampler_k": 2, "distill_weight": args.distill}
-    if not args.smoke:
-        # SmolLM2's MLP (1536): 512 (9 heads) and 640 (6 heads) are the widest within half the params.
-        elastic["widths"] = [192, 384, 512, 640, 768, 1024, 1280, 1536]
+    if args.widths:
+        elastic["widths"] = [int(w) for w in args.widths.split(",")]
     return {
         "depth": {"axes": ["depth"], "exits": exits},  # SoFT: every exit every step
         "width": {"axes": ["width", "heads"], **elastic},
@@ -97,6 +96,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--distill", type=float, default=0.5, help="self-distillation weight for width variants")
     parser.add_argument("--router-steps", type=int, default=150)
+    parser.add_argument("--router-cost-weight", type=float, default=30.0, help="weight of the budget penalty")
+    # SmolLM2's MLP (1536): 512 (9 heads) and 640 (6 heads) are the widest within half the params.
+    parser.add_argument("--widths", default="192,384,512,640,768,1024,1280,1536",
+                        help="MLP widths of the width variants ('' = the adapter's default)")
+    parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny random model + demo data on CPU")
     args = parser.parse_args()
 
@@ -109,7 +113,7 @@ def main() -> None:
         torch.set_num_threads(1)
         args.model = str(build_tiny_model(out / "tiny-model"))
         args.data, args.train_rows, args.eval_rows = "demo", "0:300", "300:340"
-        args.batch_size, args.max_length, args.router_steps = 4, 256, 5
+        args.batch_size, args.max_length, args.router_steps, args.widths = 4, 256, 5, ""
     elif not (args.model and args.data):
         parser.error("--model and --data are required (or --smoke)")
     device = pick_device("auto")
@@ -144,7 +148,7 @@ def main() -> None:
             if device.type == "cuda":
                 adapter.model.to(torch.bfloat16)  # time bf16 weights, not per-call casts (evaluation is done)
             latency = measure_latency(adapter, options, batch=args.batch_size, seq=min(args.max_length, 512),
-                                      repeats=2 if args.smoke else 10)
+                                      repeats=2 if args.smoke else args.latency_repeats)
             save_table(latency, out / "latency.json")
         for r in rows:
             entry = by_label[r["spec"]]
@@ -167,7 +171,8 @@ def main() -> None:
         torch.manual_seed(0)
         router = Router(adapter.num_layers, options)
         train_router(router, adapter, batches, table,
-                     RouterTraining(budgets=budgets, steps=args.router_steps, lr=1e-2, fixed_cost=rest))
+                     RouterTraining(budgets=budgets, steps=args.router_steps, lr=1e-2, fixed_cost=rest,
+                                    cost_weight=args.router_cost_weight))
         params_table, params_rest = adapter.option_costs(options, metric="params")
         points = []
         for b in budgets:

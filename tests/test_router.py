@@ -134,7 +134,7 @@ def test_static_plans_export_into_one_checkpoint_that_load_serves(width_run, tmp
     entry = index["routed"][0]
     sub = manyinone.load(out, budget=entry["relative"])
     plan = tuple(tuple(o) for o in entry["plan"])
-    assert sub.manyinone_plan == plan
+    assert sub.manyinone_plan == plan and sub.manyinone_spec.label == "depth=4"
     nested = manyinone.open_checkpoint(out)
     ids, mask = sample_batch()
     want = nested.adapter.exit_logits(nested.adapter.forward_plan(ids, mask, plan))
