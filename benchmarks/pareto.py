@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=0.5, help="self-distillation weight for width variants")
     parser.add_argument("--router-steps", type=int, default=150)
     parser.add_argument("--router-cost-weight", type=float, default=30.0, help="weight of the budget penalty")
+    parser.add_argument("--router-metric", choices=["flops", "ms"], default="flops",
+                        help="what the router's budgets measure: FLOPs, or the measured latency table")
     # SmolLM2's MLP (1536): 512 (9 heads) and 640 (6 heads) are the widest within half the params.
     parser.add_argument("--widths", default="192,384,512,640,768,1024,1280,1536",
                         help="MLP widths of the width variants ('' = the adapter's default)")
@@ -164,6 +166,9 @@ def main() -> None:
         space = nested.space
         options = [(w, h) for w in space.dims["width"].choices for h in space.dims["heads"].choices]
         table, rest = adapter.option_costs(options)
+        if args.router_metric == "ms" and latency is not None:
+            full_plan = [(adapter.intermediate, adapter.num_heads)] * adapter.num_layers
+            table, rest = option_table(latency, options, adapter.num_layers, full_plan)  # budgets in measured ms
         budgets = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
         train_examples = tokenize_records(load_records(args.data, args.train_rows), nested.tokenizer, args.max_length, "alpaca")
         batches = [collate(train_examples[i:i + args.batch_size], nested.tokenizer.pad_token_id)
@@ -173,12 +178,13 @@ def main() -> None:
         train_router(router, adapter, batches, table,
                      RouterTraining(budgets=budgets, steps=args.router_steps, lr=1e-2, fixed_cost=rest,
                                     cost_weight=args.router_cost_weight))
+        flops_table, flops_rest = adapter.option_costs(options)
         params_table, params_rest = adapter.option_costs(options, metric="params")
         points = []
         for b in budgets:
             plan = router.plan(b)
             loss = held_out_loss_of_plan(adapter, plan, eval_examples, nested.tokenizer.pad_token_id, device, args.batch_size)
-            points.append({"spec": f"router@{b}", "loss": loss, "flops": plan_relative_cost(plan, table, options, rest),
+            points.append({"spec": f"router@{b}", "loss": loss, "flops": plan_relative_cost(plan, flops_table, options, flops_rest),
                            "params": plan_relative_cost(plan, params_table, options, params_rest),
                            "plan": [list(p) for p in plan]})
         results["routed"] = {"points": points, "train_s": time.perf_counter() - started, "run": results["width"]["run"]}
