@@ -6,7 +6,7 @@ set -euo pipefail
 recipes=${1:-base,sft,soft}
 shift || true  # the rest goes to quality.py (e.g. --jobs 4 --recipe NAME=FLAGS)
 source benchmarks/gpu_setup.sh
-python3 benchmarks/quality.py --model /root/smollm2-hf --data /root/data/alpaca_2000.json --recipes "$recipes" \
+timeout "${QUALITY_TIMEOUT:-3000}" python3 benchmarks/quality.py --model /root/smollm2-hf --data /root/data/alpaca_2000.json --recipes "$recipes" \
   --out /root/quality --text /root/data/wikitext2_raw_test.txt --qa /root/data/triviaqa_1k.jsonl "$@" 2>&1 \
   | grep -v "Loading weights" > "$OUT/quality.log" || true
 tail -60 "$OUT/quality.log"
