@@ -144,3 +144,16 @@ def test_freeze_base_without_exit_heads_is_refused():
         load_config(None, ["freeze_base=true"])
     with pytest.raises(ManyinoneError, match="exit_heads"):
         load_config(None, ["exit_heads=lens"])
+
+
+def test_exit_heads_lr_scale_sets_the_translators_step(tiny_llama, tmp_path):
+    """Adam's first step moves each weight by about lr: the translators must move by lr * scale."""
+    lr, scale = 1e-3, 7.0
+    cfg = TrainConfig(model=str(tiny_llama), exits=[2, 4], data="demo", max_steps=1, batch_size=4, lr=lr,
+                      exit_heads="translator", exit_heads_lr_scale=scale, output=str(tmp_path / "run"))
+    out = train(cfg, show_progress=False)
+    moved_map = (manyinone.open_checkpoint(out).exit_heads.maps["depth_2"] - torch.eye(64)).abs().max().item()
+    before, after = _model(tiny_llama).state_dict(), _model(out).state_dict()
+    moved_body = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert moved_map == pytest.approx(lr * scale, rel=1e-3)
+    assert moved_body == pytest.approx(lr, rel=1e-3)
