@@ -117,15 +117,18 @@ def resolve(index: dict[str, Any], budget: float | None) -> SubnetSpec:
 
 
 def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str | os.PathLike,
-                    merge: bool = False, exit_heads=None) -> Path:
+                    merge: bool = False, exit_heads=None, write_extra=None) -> Path:
     """Write `model` (+ tokenizer) as an HF folder carrying `index`, atomically (see `atomic_dir`).
 
     `exit_heads` (a manyinone.exit_heads.ExitHeads) are written beside the weights and recorded
-    in the index; plain transformers ignores them and loads the full model.
+    in the index; plain transformers ignores them and loads the full model. `write_extra(folder)`
+    adds more files (a router) inside the same atomic write, so the checksums cover them too.
     """
     with atomic_dir(out, merge=merge, checksums=True) as tmp:
         if exit_heads is not None:
             index = {**index, "exit_heads": exit_heads.save(tmp)}
+        if write_extra is not None:
+            write_extra(tmp)
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

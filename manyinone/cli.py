@@ -179,7 +179,8 @@ def _extra_metrics(rows, nested, space, device, template, max_length, batch_size
 
     columns: dict[str, str] = {}
     if text is not None:
-        _at_least(text_blocks or 1, 1, "--text-blocks")
+        if text_blocks is not None:
+            _at_least(text_blocks, 1, "--text-blocks")
         blocks = text_examples(text, nested.tokenizer, max_length, text_blocks)
         scored = evaluate_exits(nested.adapter, space, blocks, nested.tokenizer.pad_token_id, batch_size, device,
                                 logits_for=nested.exit_logits, show_progress=sys.stderr.isatty())
@@ -187,7 +188,8 @@ def _extra_metrics(rows, nested, space, device, template, max_length, batch_size
             row["text_ppl"], row["text_file"] = s["perplexity"], str(text)
         columns["text_ppl"] = f"{text.name} ppl"
     if qa is not None:
-        _at_least(qa_limit or 1, 1, "--qa-limit")
+        if qa_limit is not None:
+            _at_least(qa_limit, 1, "--qa-limit")
         scores = qa_scores(nested, space, read_qa(qa, qa_limit), template, max(batch_size, 8), device=device,
                            show_progress=sys.stderr.isatty())
         for row in rows:

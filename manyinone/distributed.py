@@ -183,6 +183,11 @@ def restore_state(rt: Runtime, output: Path, model: nn.Module, optimizer) -> int
     if meta.get("format") != "dcp":
         raise ManyinoneError(f"resume checkpoint {str(last)!r} was written by a single-process run; "
                              "resume it without torchrun (or start a new --output)")
+    if meta.get("world") != rt.world:
+        # The data order and the number of steps depend on the world size: resuming on another
+        # number of GPUs would silently change the run.
+        raise ManyinoneError(f"resume checkpoint {str(last)!r} was written by {meta.get('world')} processes; "
+                             f"resume with torchrun --nproc-per-node {meta.get('world')} (or start a new --output)")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     try:

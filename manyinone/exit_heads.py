@@ -85,7 +85,10 @@ class ExitHeads(nn.Module):
 
     def fold(self, sub: nn.Module, spec: SubnetSpec, norm_path: str) -> nn.Module:
         """Give extracted sub-model `sub` this exit's norm (at `norm_path`) and an untied LM head."""
-        sub.get_submodule(norm_path).load_state_dict(self.norms[_key(spec)].state_dict())
+        # A fresh module, never a copy into the old one: extracted sub-models share their tensors
+        # with the full model, so writing into the norm's weight would change the full model too.
+        parent, _, leaf = norm_path.rpartition(".")
+        setattr(sub.get_submodule(parent) if parent else sub, leaf, copy.deepcopy(self.norms[_key(spec)]))
         head = sub.get_output_embeddings()
         head.weight = nn.Parameter(self.folded_head_weight(spec).to(head.weight.device), requires_grad=False)
         sub.config.tie_word_embeddings = False

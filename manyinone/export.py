@@ -28,7 +28,8 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
     # The exported model is its own full model: its space holds only this spec, at relative cost 1.
     exported = {**entry, "relative_to_source": entry["relative"], "relative": {k: 1.0 for k in entry["relative"]}}
     index = {
-        **{k: v for k, v in nested.index.items() if k != "exit_heads"},
+        # Exit modules are folded in; a router's per-layer plans belong to the source's full model.
+        **{k: v for k, v in nested.index.items() if k not in ("exit_heads", "routed", "router")},
         "space": {axis: {"total": v, "choices": [v]} for axis, v in spec.items()},
         "specs": [exported],
         "exported": {"budget": budget, "spec": spec.to_dict(), "from": str(ckpt)},

@@ -131,8 +131,15 @@ def save_table(table: dict[str, Any], path: str | Path) -> Path:
 def load_table(path: str | Path) -> dict[str, Any]:
     try:
         table = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManyinoneError(f"latency table {str(path)!r} unreadable ({type(exc).__name__})") from None
-    if not isinstance(table, dict) or "layer_ms" not in table or "rest_ms" not in table:
-        raise ManyinoneError(f"latency table {str(path)!r} lacks layer_ms/rest_ms; write it with measure_latency")
+    keys_ok = isinstance(table, dict) and isinstance(table.get("layer_ms"), dict) and table["layer_ms"] \
+        and isinstance(table.get("num_layers"), int) and "rest_ms" in table
+    try:
+        options_ok = keys_ok and all(len(tuple(map(int, k.split(",")))) == 2 for k in table["layer_ms"])
+    except ValueError:
+        options_ok = False
+    if not options_ok:
+        raise ManyinoneError(f"latency table {str(path)!r} lacks layer_ms (keys 'width,heads'), rest_ms or "
+                             "num_layers; write it with measure_latency")
     return table

@@ -223,7 +223,7 @@ def load_router(folder) -> Router:
         router = Router(config["num_layers"], [tuple(o) for o in config["options"]], config["context_size"],
                         config["hidden"])
         router.load_state_dict(load_file(str(folder / ROUTER_WEIGHTS)))
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # json, safetensors and torch each raise their own types for a bad file
         raise ManyinoneError(f"router in {str(folder)!r} is corrupt ({type(exc).__name__})") from None
     return router.eval()
 
@@ -250,9 +250,9 @@ def export_routed(ckpt, router: Router, budgets: Sequence[float], output, contex
         plan = router.plan(b)
         routed.append({"budget": b, "plan": [list(o) for o in plan],
                        "relative": plan_relative_cost(plan, table, router.options, fixed)})
-    index = {**nested.index, "routed": routed,
+    index = {**{k: v for k, v in nested.index.items() if k != "exit_heads"}, "routed": routed,
              "router": {"options": [list(o) for o in router.options], "context_size": router.context_size,
                         "metric": metric}}
-    out = Path(save_checkpoint(nested.model, nested.tokenizer, index, output))
-    save_router(router, out, metric)
-    return out
+    # The router's files go into the same atomic write as the weights (and into its checksums).
+    return Path(save_checkpoint(nested.model, nested.tokenizer, index, output, exit_heads=nested.exit_heads,
+                                write_extra=lambda folder: save_router(router, folder, metric)))

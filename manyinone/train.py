@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -95,6 +96,13 @@ def restore_state(output: Path, model, optimizer) -> int:
     except ManyinoneError as exc:
         raise ManyinoneError(f"{exc}; delete it to resume from an earlier one") from None
     try:
+        written_by = json.loads((last / "state.json").read_text()).get("world")
+    except Exception:  # unreadable: reported as corrupt below
+        written_by = None
+    if written_by:
+        raise ManyinoneError(f"resume checkpoint {str(last)!r} was written by {written_by} processes under torchrun; "
+                             f"resume with torchrun --nproc-per-node {written_by} (or start a new --output)")
+    try:
         load_model(model, str(last / "model.safetensors"))
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location="cpu"))
         return int(json.loads((last / "state.json").read_text())["step"])
@@ -141,7 +149,8 @@ def _param_groups(model, heads, cfg: TrainConfig) -> list[dict]:
             p.requires_grad_(False)
     groups = [{"params": base, "lr_scale": 1.0}] if not cfg.freeze_base else []
     if heads is not None:
-        groups.append({"params": list(heads.parameters()), "lr_scale": cfg.exit_heads_lr_scale})
+        # No weight decay: it would pull identity-initialised translators towards zero.
+        groups.append({"params": list(heads.parameters()), "lr_scale": cfg.exit_heads_lr_scale, "weight_decay": 0.0})
     return groups
 
 
@@ -159,6 +168,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     space = adapter.space(cfg.axis_choices())
     specs = space.specs()
     weights = exit_weights(specs, cfg.exit_weights)
+    if rt.distributed and {"width", "heads"} & set(cfg.axes):
+        raise ManyinoneError(f"axes {cfg.axes} train on one device only (width/heads slice unsharded weights); "
+                             "use axes=[depth] under torchrun")
     exit_modules = None
     if cfg.exit_heads != "none":
         if rt.distributed:
@@ -218,7 +230,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc. replay exactly after a resume
             lr = lr_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # runs saved before exit modules have none
             sampled = sampler.sample(step)
             sums: dict[str, float] = {}
             tokens = 0
@@ -246,7 +258,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
+            sums["_stop"] = float(bool(stop))  # every rank must agree to stop at the same step
             sums, tokens = rt.mean(sums), rt.total(tokens)  # over ranks
+            if sums.pop("_stop") > 0 and not stop:
+                stop.signum = signal.SIGTERM  # another rank was signalled (torchrun forwards SIGTERM)
             record = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr, **sums,
                       "grad_norm": distributed.scalar(grad_norm), "tokens": tokens, "step_time_s": elapsed,
                       "tokens_per_s": tokens / elapsed}

@@ -157,3 +157,14 @@ def test_exit_heads_lr_scale_sets_the_translators_step(tiny_llama, tmp_path):
     moved_body = max((after[k] - before[k]).abs().max().item() for k in before)
     assert moved_map == pytest.approx(lr * scale, rel=1e-3)
     assert moved_body == pytest.approx(lr, rel=1e-3)
+
+
+def test_building_an_exit_sub_model_leaves_the_full_model_alone(translator_run):
+    """Sub-models share tensors with the full model: folding an exit's norm must not write into them."""
+    nested = manyinone.open_checkpoint(translator_run)
+    norm_before = nested.model.model.norm.weight.detach().clone()
+    with torch.no_grad():  # make the exit's norm differ from the final one, so a leak would show
+        nested.exit_heads.norms["depth_2"].weight.mul_(3.0)
+    sub = nested.sub_model(SubnetSpec(depth=2))
+    assert torch.equal(nested.model.model.norm.weight, norm_before)
+    assert torch.equal(sub.model.norm.weight, nested.exit_heads.norms["depth_2"].weight)

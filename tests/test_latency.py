@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -33,5 +35,15 @@ def test_measured_table_round_trips(tiny_llama, tmp_path):
     assert all(v >= 0 for v in table["layer_ms"].values())
     assert load_table(save_table(table, tmp_path / "latency.json")) == table
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ManyinoneError, match="lacks layer_ms/rest_ms"):
+    with pytest.raises(ManyinoneError, match="lacks layer_ms"):
         load_table(tmp_path / "bad.json")
+
+
+def test_table_without_layer_count_or_with_bad_keys_is_refused(tmp_path):
+    """`export --budget-ms` reads num_layers and 'width,heads' keys: a table lacking them fails on load."""
+    path = tmp_path / "t.json"
+    for table in ({"layer_ms": {"32,2": 0.1}, "rest_ms": 0.5},
+                  {"layer_ms": {"wide": 0.1}, "rest_ms": 0.5, "num_layers": 4}):
+        path.write_text(json.dumps(table))
+        with pytest.raises(ManyinoneError, match="lacks layer_ms"):
+            load_table(path)
