@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -102,7 +103,8 @@ class Engine:
             raise ManyinoneError("stream supports one prompt per request; got a list of prompts")
         max_new = max_tokens or self.default_max_tokens
         rt.check_request(ids, max_new, extra)
-        sampling = Sampling(req.temperature, req.top_p, req.seed if req.seed is not None else 0)
+        # Without a seed each request samples afresh (as OpenAI's API does); with one it replays exactly.
+        sampling = Sampling(req.temperature, req.top_p, req.seed if req.seed is not None else secrets.randbits(31))
         return {"prompts": ids, "budget": req.budget, "max_new_tokens": max_new, "sampling": sampling,
                 "speculative": req.speculative, "stops": req.stops(), "depth": depth}
 
