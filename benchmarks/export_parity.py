@@ -40,9 +40,11 @@ def main() -> None:
             a = plain(ids).logits
             d1 = (a - served(ids).logits).abs().max().item()
             d2 = (a - nested.exit_logits(spec, hidden[spec])).abs().max().item()
-            worst = max(worst, d1, d2)
+            # Relative to the logits' scale: folding an exit's translator into its LM head (head·T)
+            # changes the float32 summation order, so compare against the logits' own size.
+            worst = max(worst, max(d1, d2) / a.abs().max().item())
             print(f"| {spec.label} | {cost:.3f} | {d1:.2e} | {d2:.2e} |")
-    print(f"worst max abs diff: {worst:.2e} ({'PASS' if worst <= 1e-5 else 'FAIL'} at 1e-5)")
+    print(f"worst max abs diff / max abs logit: {worst:.2e} ({'PASS' if worst <= 1e-5 else 'FAIL'} at 1e-5)")
 
 
 if __name__ == "__main__":
