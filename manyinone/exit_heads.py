@@ -39,7 +39,8 @@ def _key(spec: SubnetSpec) -> str:
 
 
 class ExitHeads(nn.Module):
-    """Exit modules for `specs` (never the full one), initialised from `head` (a LinearHead).
+    """Exit modules for `specs` (never the full one), initialised from the model's final `norm` and
+    LM head weight `head_weight` ([vocab, hidden]; shared, not copied, by translators).
 
     Call `linear_head(spec)` for the LinearHead an exit's loss and logits go through, `fold(sub, spec)`
     to turn an extracted sub-model into one that computes the same logits with plain HF modules.
