@@ -34,6 +34,22 @@ from manyinone.integrity import fsync_dir, is_write_failure, write_checksums, wr
 INDEX_FILE, WEIGHTS_FILE, FORMAT = "manyinone.json", "model.safetensors", "manyinone/1"
 
 
+# Resumable training state inside a run folder: checkpoints/step-NNNNNNN/, complete once state.json
+# is in it. One layout for single-process (train.py) and torchrun (distributed.py) runs.
+CHECKPOINTS = "checkpoints"
+
+
+def resume_dir(output: Path, step: int) -> Path:
+    return output / CHECKPOINTS / f"step-{step:07d}"
+
+
+def complete_resume_dirs(output: Path) -> list[Path]:
+    """The complete resumable checkpoints under run folder `output`, oldest first."""
+    root = output / CHECKPOINTS
+    done = [p for p in root.glob("step-*") if (p / "state.json").is_file()] if root.is_dir() else []
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `target`; on success it replaces `target` in one rename.

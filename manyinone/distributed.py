@@ -31,9 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from manyinone.checkpoint import complete_resume_dirs, resume_dir
 from manyinone.errors import ManyinoneError
-
-CHECKPOINTS = "checkpoints"  # the same folder layout as train.py's single-process state
 
 
 def world_size_from_env() -> int:
@@ -139,18 +138,12 @@ def scalar(value: Any) -> float:
 
 
 # --- resumable state: torch distributed checkpoint ------------------------------------------------
-def _complete(output: Path) -> list[Path]:
-    root = output / CHECKPOINTS
-    done = [p for p in root.glob("step-*") if (p / "state.json").is_file()] if root.is_dir() else []
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
 def save_state(rt: Runtime, output: Path, step: int, model: nn.Module, optimizer, keep: int) -> Path:
     """Every rank writes its shards into one temp folder; rank 0 then marks it complete and renames it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    target = output / CHECKPOINTS / f"step-{step:07d}"
+    target = resume_dir(output, step)
     tmp = target.parent / f".{target.name}.tmp-dcp"  # one name all ranks agree on
     if rt.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -164,7 +157,7 @@ def save_state(rt: Runtime, output: Path, step: int, model: nn.Module, optimizer
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-        for old in _complete(output)[:-keep]:
+        for old in complete_resume_dirs(output)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     rt.barrier()
     return target
@@ -175,7 +168,7 @@ def restore_state(rt: Runtime, output: Path, model: nn.Module, optimizer) -> int
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    dirs = _complete(output)
+    dirs = complete_resume_dirs(output)
     if not dirs:
         return 0
     last = dirs[-1]

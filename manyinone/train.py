@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_model, save_model
 
 from manyinone import distributed, exit_heads
-from manyinone.checkpoint import atomic_dir, build_index, save_checkpoint
+from manyinone.checkpoint import CHECKPOINTS, atomic_dir, build_index, complete_resume_dirs, resume_dir, save_checkpoint
 from manyinone.config import TrainConfig
 from manyinone.data import collate, epoch_order, load_records, tokenize_records
 from manyinone.errors import ManyinoneError
@@ -36,7 +36,6 @@ from manyinone.registry import adapter_for
 from manyinone.reorder import reorder_by_importance
 from manyinone.samplers import make_sampler
 
-CHECKPOINTS = "checkpoints"
 
 
 def pick_device(name: str) -> torch.device:
@@ -62,20 +61,14 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 # --- resumable state --------------------------------------------------------------------------
-def _checkpoint_dirs(output: Path) -> list[Path]:
-    root = output / CHECKPOINTS
-    done = [p for p in root.glob("step-*") if (p / "state.json").is_file()] if root.is_dir() else []
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
 def save_state(output: Path, step: int, model, optimizer, keep: int) -> Path:
     """Everything needed to continue after optimizer step `step` (state.json marks completeness)."""
-    target = output / CHECKPOINTS / f"step-{step:07d}"
+    target = resume_dir(output, step)
     with atomic_dir(target, checksums=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}))
-    for old in _checkpoint_dirs(output)[:-keep]:
+    for old in complete_resume_dirs(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
@@ -87,7 +80,7 @@ def restore_state(output: Path, model, optimizer) -> int:
     """
     for stale in (output / CHECKPOINTS).glob(".step-*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    dirs = _checkpoint_dirs(output)
+    dirs = complete_resume_dirs(output)
     if not dirs:
         return 0
     last = dirs[-1]
@@ -112,7 +105,7 @@ def restore_state(output: Path, model, optimizer) -> int:
 
 def _check_same_run(output: Path, cfg: TrainConfig) -> None:
     saved = output / "train_config.yaml"
-    if _checkpoint_dirs(output) and saved.is_file():
+    if complete_resume_dirs(output) and saved.is_file():
         try:
             before = TrainConfig(**yaml.safe_load(saved.read_text()))
         except Exception as exc:  # YAML or validation errors: the file was edited or damaged
