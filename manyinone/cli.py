@@ -248,17 +248,14 @@ def tune_speculative(
     device: str = typer.Option("auto"),
 ) -> None:
     """Time self-speculative decoding per (draft exit, draft length) and store the fastest in the checkpoint."""
-    import torch
-
     from manyinone.runtime import Runtime
+    from manyinone.runtime.generate import dtype_named
     from manyinone.runtime.tune import autotune, instruction_prompts, store_choice
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ManyinoneError(f"dtype {dtype!r} unknown; allowed {list(dtypes)}")
+    torch_dtype = dtype_named(dtype)
     _at_least(prompts, 1, "--prompts")
     _at_least(max_new_tokens, 2, "--max-new-tokens")
-    runtime = Runtime.open(ckpt, dtype=dtypes[dtype], device=device)
+    runtime = Runtime.open(ckpt, dtype=torch_dtype, device=device)
     choice = autotune(runtime, instruction_prompts(runtime, data, rows, prompts), max_new_tokens)
     table = Table(title=f"self-speculation on {ckpt} (plain greedy: {choice['baseline_tokens_per_s']:.1f} tok/s)")
     for col in ("draft exit", "draft length", "tokens/s", "acceptance"):

@@ -46,6 +46,16 @@ class Generation:
         return later / self.decode_s if self.decode_s > 0 else 0.0
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """The weights dtype for a CLI/server `--dtype` value."""
+    if name not in DTYPES:
+        raise ManyinoneError(f"dtype {name!r} unknown; allowed {list(DTYPES)}")
+    return DTYPES[name]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

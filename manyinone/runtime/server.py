@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from manyinone.errors import ManyinoneError
-from manyinone.runtime.generate import Runtime
+from manyinone.runtime.generate import Runtime, dtype_named
 from manyinone.runtime.sampling import Sampling
 from manyinone.runtime.speculative import draft_settings
 
@@ -257,16 +257,11 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "auto",
           max_len: int | None = None, default_max_tokens: int = 256) -> None:
     """Load `ckpt` once and serve it until interrupted."""
-    import torch
-
     try:
         import uvicorn
     except ImportError:
         raise ManyinoneError("serving needs FastAPI and uvicorn: pip install 'manyinone[serve]'") from None
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ManyinoneError(f"dtype {dtype!r} unknown; allowed {list(dtypes)}")
-    runtime = Runtime.open(ckpt, dtype=dtypes[dtype], device=device, max_len=max_len)
+    runtime = Runtime.open(ckpt, dtype=dtype_named(dtype), device=device, max_len=max_len)
     template = (runtime.index or {}).get("train", {}).get("template", "alpaca")
     from pathlib import Path
 
