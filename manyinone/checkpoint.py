@@ -141,8 +141,11 @@ def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str
     adds more files (a router) inside the same atomic write, so the checksums cover them too.
     """
     with atomic_dir(out, merge=merge, checksums=True) as tmp:
+        # The index records exit modules exactly when this write stores them (a source's entry
+        # never outlives them: an export folds them in, an --all export writes them again).
+        index = {k: v for k, v in index.items() if k != "exit_heads"}
         if exit_heads is not None:
-            index = {**index, "exit_heads": exit_heads.save(tmp)}
+            index["exit_heads"] = exit_heads.save(tmp)
         if write_extra is not None:
             write_extra(tmp)
         model.config.save_pretrained(tmp)

@@ -28,8 +28,8 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
     # The exported model is its own full model: its space holds only this spec, at relative cost 1.
     exported = {**entry, "relative_to_source": entry["relative"], "relative": {k: 1.0 for k in entry["relative"]}}
     index = {
-        # Exit modules are folded in; a router's per-layer plans belong to the source's full model.
-        **{k: v for k, v in nested.index.items() if k not in ("exit_heads", "routed", "router")},
+        # A router's per-layer plans belong to the source's full model (exit modules are folded in).
+        **{k: v for k, v in nested.index.items() if k not in ("routed", "router")},
         "space": {axis: {"total": v, "choices": [v]} for axis, v in spec.items()},
         "specs": [exported],
         "exported": {"budget": budget, "spec": spec.to_dict(), "from": str(ckpt)},
@@ -41,5 +41,4 @@ def export_all(ckpt: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write one budget-indexed checkpoint (each tensor once) that `manyinone.load(output, budget=b)` serves."""
     _refuse_overwriting_source(ckpt, output)
     nested = open_checkpoint(ckpt)
-    index = {k: v for k, v in nested.index.items() if k != "exit_heads"}  # save_checkpoint re-records them
-    return save_checkpoint(nested.model, nested.tokenizer, index, output, exit_heads=nested.exit_heads)
+    return save_checkpoint(nested.model, nested.tokenizer, nested.index, output, exit_heads=nested.exit_heads)

@@ -250,7 +250,7 @@ def export_routed(ckpt, router: Router, budgets: Sequence[float], output, contex
         plan = router.plan(b)
         routed.append({"budget": b, "plan": [list(o) for o in plan],
                        "relative": plan_relative_cost(plan, table, router.options, fixed)})
-    index = {**{k: v for k, v in nested.index.items() if k != "exit_heads"}, "routed": routed,
+    index = {**nested.index, "routed": routed,
              "router": {"options": [list(o) for o in router.options], "context_size": router.context_size,
                         "metric": metric}}
     # The router's files go into the same atomic write as the weights (and into its checksums).
