@@ -37,7 +37,6 @@ from manyinone.reorder import reorder_by_importance
 from manyinone.samplers import make_sampler
 
 
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,19 +87,24 @@ def restore_state(output: Path, model, optimizer) -> int:
         verify_checksums(last, "resume checkpoint")
     except ManyinoneError as exc:
         raise ManyinoneError(f"{exc}; delete it to resume from an earlier one") from None
+    def corrupt(exc: Exception) -> ManyinoneError:
+        return ManyinoneError(f"resume checkpoint {str(last)!r} is corrupt ({type(exc).__name__}); "
+                              "delete it to resume from an earlier one")
+
     try:
-        written_by = json.loads((last / "state.json").read_text()).get("world")
-    except Exception:  # unreadable: reported as corrupt below
-        written_by = None
+        state = json.loads((last / "state.json").read_text())
+        step, written_by = int(state["step"]), state.get("world")
+    except Exception as exc:
+        raise corrupt(exc) from None
     if written_by:
         raise ManyinoneError(f"resume checkpoint {str(last)!r} was written by {written_by} processes under torchrun; "
                              f"resume with torchrun --nproc-per-node {written_by} (or start a new --output)")
     try:
         load_model(model, str(last / "model.safetensors"))
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location="cpu"))
-        return int(json.loads((last / "state.json").read_text())["step"])
     except Exception as exc:
-        raise ManyinoneError(f"resume checkpoint {str(last)!r} is corrupt ({type(exc).__name__}); delete it to resume from an earlier one") from None
+        raise corrupt(exc) from None
+    return step
 
 
 def _check_same_run(output: Path, cfg: TrainConfig) -> None:
