@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from manyinone.api import open_checkpoint
+from manyinone.io.api import open_checkpoint
 from manyinone.runtime import Runtime
 from manyinone.runtime.tune import autotune, instruction_prompts, store_choice
 
@@ -39,8 +39,8 @@ def smoke_checkpoint(folder: Path) -> Path:
     """A tiny random 8-layer LLaMA saved as a manyinone checkpoint with exits 2,4,6,8 (no training)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from manyinone.checkpoint import build_index, save_checkpoint
-    from manyinone.registry import adapter_for
+    from manyinone.io.checkpoint import build_index, save_checkpoint
+    from manyinone.core.registry import adapter_for
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from helpers import make_char_tokenizer  # the test suite's character tokenizer: no hub access

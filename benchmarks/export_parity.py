@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import manyinone
-from manyinone.api import open_checkpoint
-from manyinone.checkpoint import spec_costs
-from manyinone.export import export_budget
+from manyinone.io.api import open_checkpoint
+from manyinone.io.checkpoint import spec_costs
+from manyinone.io.export import export_budget
 
 
 def main() -> None:

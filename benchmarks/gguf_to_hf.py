@@ -5,7 +5,7 @@
 
 import sys
 
-from manyinone.loading import load_pretrained
+from manyinone.io.loading import load_pretrained
 
 model, tokenizer = load_pretrained(sys.argv[1])
 model.save_pretrained(sys.argv[2])

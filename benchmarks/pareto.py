@@ -1,6 +1,6 @@
 """Depth vs width vs both vs routed: one Pareto plot of held-out loss against FLOPs and measured ms.
 
-Trains each variant from the same pretrained model (in-process, `manyinone.train`), evaluates every
+Trains each variant from the same pretrained model (in-process, `manyinone.train.loop`), evaluates every
 sub-network on held-out records, measures a per-layer latency table on the device, trains a static
 router on the width run, and times decoding of the exported half-width model against the full one.
 
@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from manyinone.api import open_checkpoint
-from manyinone.config import TrainConfig
-from manyinone.data import collate, load_records, tokenize_records
-from manyinone.dims import SubnetSpec
-from manyinone.evaluate import evaluate_exits
-from manyinone.latency import measure_latency, option_table, plan_ms, save_table
-from manyinone.losses import supervised_positions
-from manyinone.router import Router, RouterTraining, plan_relative_cost, train_router
-from manyinone.train import pick_device, train
+from manyinone.io.api import open_checkpoint
+from manyinone.train.config import TrainConfig
+from manyinone.train.data import collate, load_records, tokenize_records
+from manyinone.core.space import SubnetSpec
+from manyinone.eval.evaluate import evaluate_exits
+from manyinone.elastic.latency import measure_latency, option_table, plan_ms, save_table
+from manyinone.train.losses import supervised_positions
+from manyinone.elastic.router import Router, RouterTraining, plan_relative_cost, train_router
+from manyinone.train.loop import pick_device, train
 
 VARIANTS = ("depth", "width", "depth+width", "routed")
 

@@ -53,8 +53,8 @@ def soak(model_dir: Path, output: Path, steps: int, save_every: int, sample_ever
     """Train `steps` steps in this process, sampling memory every `sample_every`; returns the figures."""
     import torch
 
-    import manyinone.train as train_module
-    from manyinone.config import TrainConfig
+    import manyinone.train.loop as train_module
+    from manyinone.train.config import TrainConfig
 
     torch.set_num_threads(1)
     cfg = TrainConfig(model=str(model_dir), output=str(output), exits=[2, 4], data="demo", batch_size=2,
@@ -96,7 +96,7 @@ def soak(model_dir: Path, output: Path, steps: int, save_every: int, sample_ever
 
 def check(output: Path, cfg, samples: list[dict], seen: dict) -> dict:
     """Memory flat after warm-up, metrics exact for every step, the right checkpoints kept."""
-    from manyinone.train import lr_at
+    from manyinone.train.loop import lr_at
 
     steps = cfg.max_steps
     warm = [s for s in samples if s["step"] > steps // 5]  # allocator and caches settle in the first fifth

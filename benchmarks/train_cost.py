@@ -21,7 +21,7 @@ n_exits: heads evaluated (1 for SFT, 5 for SoFT with 5 exits). MFU = FLOPs / ste
     python benchmarks/train_cost.py --shape smollm2 --batch 16 --seq 512
     python benchmarks/train_cost.py --shape 7b --batch 4 --seq 2048   # ~90 GiB for hf-sft: --batch 2 on 80 GiB
     torchrun --nproc-per-node 2 benchmarks/train_cost.py --shape 13b --batch 4 --seq 2048 --checkpointing \
-        --variants sft,soft                                       # FSDP2 through manyinone.distributed
+        --variants sft,soft                                       # FSDP2 through manyinone.train.distributed
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from manyinone.dims import SubnetSpec, even_exits
-from manyinone.distributed import Runtime
-from manyinone.losses import nested_loss, supervised_positions
-from manyinone.registry import adapter_for
+from manyinone.core.space import SubnetSpec, even_exits
+from manyinone.train.distributed import Runtime
+from manyinone.train.losses import nested_loss, supervised_positions
+from manyinone.core.registry import adapter_for
 
 SHAPES = {  # LLaMA layouts; random weights are enough for cost
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

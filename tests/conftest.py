@@ -83,8 +83,8 @@ def char_tokenizer():
 @pytest.fixture(scope="session")
 def trained_run(tiny_llama, tmp_path_factory) -> Path:
     """A 4-step run on the demo data, exits 2 and 4: the checkpoint export/eval tests read."""
-    from manyinone.config import TrainConfig
-    from manyinone.train import train
+    from manyinone.train.config import TrainConfig
+    from manyinone.train.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "trained"
     cfg = TrainConfig(model=str(tiny_llama), exits=[2, 4], data="demo", max_steps=4, batch_size=4,
@@ -95,8 +95,8 @@ def trained_run(tiny_llama, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run_tied(tiny_llama_tied, tmp_path_factory) -> Path:
     """Like `trained_run`, with a tied embedding / LM head (stored once in safetensors)."""
-    from manyinone.config import TrainConfig
-    from manyinone.train import train
+    from manyinone.train.config import TrainConfig
+    from manyinone.train.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "trained_tied"
     cfg = TrainConfig(model=str(tiny_llama_tied), exits=[1, 2, 3, 4], data="demo", max_steps=2, batch_size=4,

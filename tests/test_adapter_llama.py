@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import manyinone
 from helpers import max_abs_diff, sample_batch, tiny_config
-from manyinone.adapter import ModelAdapter
-from manyinone.budget import Cost
-from manyinone.checkpoint import build_index
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.registry import adapter_class, adapter_for, register_adapter, registered_model_types
+from manyinone.core.adapter import ModelAdapter
+from manyinone.core.cost import Cost
+from manyinone.io.checkpoint import build_index
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.core.registry import adapter_class, adapter_for, register_adapter, registered_model_types
 from manyinone_llama import LlamaDepthAdapter, truncate_config
 
 PACKAGE = Path(manyinone.__file__).parent
@@ -236,7 +236,7 @@ def test_llama_adapter_on_a_model_without_the_layout(tiny_gpt2):
 @pytest.fixture
 def clean_registry(monkeypatch):
     """Register test adapters into a copy of the registry, discarded after the test."""
-    import manyinone.registry as registry
+    import manyinone.core.registry as registry
 
     registry.registered_model_types()  # discover the built-ins first
     monkeypatch.setattr(registry, "_ADAPTERS", dict(registry._ADAPTERS))
@@ -280,16 +280,18 @@ def test_register_rejects_non_adapters(clean_registry):
 # --- architecture knowledge stays in adapters ------------------------------------------------------
 def test_core_never_imports_transformers_models():
     offenders = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):  # recursive: the runtime and every subpackage too
         source = path.read_text()
+        name = path.relative_to(PACKAGE).as_posix()
         if "transformers.models" in source:
-            offenders.append(f"{path.name}: mentions transformers.models")
+            offenders.append(f"{name}: mentions transformers.models")
         for node in ast.walk(ast.parse(source)):
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            offenders += [f"{path.name}: imports {n}" for n in names if n.startswith("transformers.models")]
-    assert len(list(PACKAGE.glob("*.py"))) > 10  # the scan really looked at the package
+            offenders += [f"{name}: imports {n}" for n in names if n.startswith("transformers.models")]
+    assert len(list(PACKAGE.rglob("*.py"))) > 10  # the scan really looked at the package
+    assert any(p.parent.name == "runtime" for p in PACKAGE.rglob("*.py"))  # ... including the runtime
     assert offenders == []

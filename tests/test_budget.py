@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from manyinone.budget import Cost, check_budget, resolve_budget
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
+from manyinone.core.cost import Cost, check_budget, resolve_budget
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
 
 D1, D2, D3, D4 = (SubnetSpec(depth=d) for d in (1, 2, 3, 4))
 COSTS = {D1: 0.25, D2: 0.5, D3: 0.75, D4: 1.0}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from manyinone.checkpoint import read_index
+from manyinone.io.checkpoint import read_index
 from manyinone.cli import app
 
 
@@ -80,8 +80,8 @@ def test_budget_printed_by_info_selects_its_row(tmp_path):
     """Only the index is needed: costs of a SmolLM2-shaped model (30 layers) built on the meta device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from manyinone.checkpoint import INDEX_FILE, build_index, resolve
-    from manyinone.registry import adapter_for
+    from manyinone.io.checkpoint import INDEX_FILE, build_index, resolve
+    from manyinone.core.registry import adapter_for
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from helpers import CHAT_TEMPLATE, EOS_ID, PAD_ID
-from manyinone.data import (
+from manyinone.train.data import (
     ALPACA_PROMPT, IGNORE, Example, collate, demo_records, epoch_order, load_records, parse_rows,
     prompt_and_response, tokenize_records, validate_records,
 )
-from manyinone.errors import ManyinoneError
+from manyinone.core.errors import ManyinoneError
 
 GOOD = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},

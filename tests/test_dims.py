@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from manyinone.dims import DepthDim, NestedDimension, NestedSpace, SubnetSpec, even_exits
-from manyinone.errors import ManyinoneError
+from manyinone.core.space import DepthDim, NestedDimension, NestedSpace, SubnetSpec, even_exits
+from manyinone.core.errors import ManyinoneError
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from manyinone.config import TrainConfig
-from manyinone.distributed import Runtime, decoder_layers, micro_batch_start, world_size_from_env
-from manyinone.errors import ManyinoneError
-from manyinone.train import train
+from manyinone.train.config import TrainConfig
+from manyinone.train.distributed import Runtime, decoder_layers, micro_batch_start, world_size_from_env
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.loop import train
 
 
 def _covered(world: int, grad_accum: int, batch: int, step: int) -> list[list[int]]:

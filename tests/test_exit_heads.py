@@ -10,15 +10,15 @@ from transformers import AutoModelForCausalLM
 
 import manyinone
 from helpers import max_abs_diff, sample_batch
-from manyinone.config import TrainConfig, load_config
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.exit_heads import ExitHeads, for_adapter
-from manyinone.export import export_all, export_budget
-from manyinone.lean_loss import LinearHead
-from manyinone.losses import nested_loss
-from manyinone.registry import adapter_for
-from manyinone.train import train
+from manyinone.train.config import TrainConfig, load_config
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.exit_heads import ExitHeads, for_adapter
+from manyinone.io.export import export_all, export_budget
+from manyinone.train.lean_loss import LinearHead
+from manyinone.train.losses import nested_loss
+from manyinone.core.registry import adapter_for
+from manyinone.train.loop import train
 
 TOL = 1e-5
 
@@ -106,7 +106,7 @@ def test_exported_exit_with_translator_equals_the_nested_exit(translator_run, tm
         served = manyinone.load(translator_run, budget=budget)(input_ids=ids, attention_mask=mask).logits
     assert max_abs_diff(got, expected, mask) <= TOL
     assert max_abs_diff(served, expected, mask) <= TOL
-    assert "exit_heads" not in manyinone.checkpoint.read_index(out)  # folded: nothing left to load
+    assert "exit_heads" not in manyinone.io.checkpoint.read_index(out)  # folded: nothing left to load
 
 
 def test_export_all_keeps_the_exit_heads(translator_run, tmp_path):

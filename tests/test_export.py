@@ -13,12 +13,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import manyinone
-import manyinone.checkpoint as checkpoint
+import manyinone.io.checkpoint as checkpoint
 from helpers import max_abs_diff, sample_batch
-from manyinone.checkpoint import read_index
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.export import export_all, export_budget
+from manyinone.io.checkpoint import read_index
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.io.export import export_all, export_budget
 
 TOL = 1e-5
 
@@ -68,9 +68,9 @@ def test_export_budget_loads_in_plain_transformers_with_equal_logits(run, tmp_pa
 
 def test_export_every_architecture_without_training(any_tiny_model, tmp_path):
     """llama (tied/untied), mistral (sliding window) and qwen2 (mixed layer types) export at depth 3."""
-    from manyinone.checkpoint import build_index, save_checkpoint
-    from manyinone.loading import load_pretrained
-    from manyinone.registry import adapter_for
+    from manyinone.io.checkpoint import build_index, save_checkpoint
+    from manyinone.io.loading import load_pretrained
+    from manyinone.core.registry import adapter_for
 
     model, tokenizer = load_pretrained(str(any_tiny_model))
     adapter = adapter_for(model.eval())

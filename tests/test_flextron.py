@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import max_abs_diff, sample_batch
-from manyinone.dims import HeadsDim, NestedSpace, SubnetSpec, WidthDim, even_sizes
-from manyinone.errors import ManyinoneError
-from manyinone.registry import adapter_class, adapter_for
-from manyinone.reorder import importance_orders, reorder_by_importance
+from manyinone.core.space import HeadsDim, NestedSpace, SubnetSpec, WidthDim, even_sizes
+from manyinone.core.errors import ManyinoneError
+from manyinone.core.registry import adapter_class, adapter_for
+from manyinone.elastic.reorder import importance_orders, reorder_by_importance
 from manyinone_flextron import LlamaFlextronAdapter
 from manyinone_llama import LlamaDepthAdapter
 

@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM
 
 import manyinone
 from helpers import max_abs_diff, sample_batch
-from manyinone.checkpoint import read_index
-from manyinone.config import TrainConfig
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.export import export_budget
-from manyinone.train import train
+from manyinone.io.checkpoint import read_index
+from manyinone.train.config import TrainConfig
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.io.export import export_budget
+from manyinone.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_export_by_measured_milliseconds(width_run, tmp_path):
     from typer.testing import CliRunner
 
     from manyinone.cli import app
-    from manyinone.latency import index_budget_for_ms, save_table
+    from manyinone.elastic.latency import index_budget_for_ms, save_table
 
     # A hand-made table: a layer costs width/64 ms plus heads/2 ms; 1 ms outside the layers.
     options = [(w, h) for w in (32, 64, 128) for h in (2, 4)]

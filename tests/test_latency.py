@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from manyinone.errors import ManyinoneError
-from manyinone.latency import load_table, measure_latency, option_table, plan_ms, relative_budget, save_table
+from manyinone.core.errors import ManyinoneError
+from manyinone.elastic.latency import load_table, measure_latency, option_table, plan_ms, relative_budget, save_table
 from manyinone_flextron import LlamaFlextronAdapter
 
 TABLE = {"layer_ms": {"64,2": 1.0, "128,4": 3.0}, "rest_ms": 2.0, "num_layers": 4}

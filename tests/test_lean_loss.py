@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from helpers import sample_batch
-from manyinone.dims import SubnetSpec
-from manyinone.lean_loss import LinearHead, fused_exit_loss
-from manyinone.losses import nested_loss, supervised_positions
-from manyinone.registry import adapter_for
+from manyinone.core.space import SubnetSpec
+from manyinone.train.lean_loss import LinearHead, fused_exit_loss
+from manyinone.train.losses import nested_loss, supervised_positions
+from manyinone.core.registry import adapter_for
 
 TOKENS, HIDDEN, VOCAB = 23, 8, 31
 SPECS = [SubnetSpec(depth=d) for d in (1, 2, 4)]

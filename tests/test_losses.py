@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.losses import distill_kl, exit_weights, nested_loss, supervised_positions, token_cross_entropy
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.losses import distill_kl, exit_weights, nested_loss, supervised_positions, token_cross_entropy
 
 S1, S2, S4 = SubnetSpec(depth=1), SubnetSpec(depth=2), SubnetSpec(depth=4)
 LN3 = math.log(3.0)

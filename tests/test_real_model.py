@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM
 
 import manyinone
 from helpers import max_abs_diff
-from manyinone.checkpoint import build_index, read_index, save_checkpoint
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.export import export_budget
-from manyinone.loading import load_pretrained, smollm2_path
-from manyinone.registry import adapter_for
+from manyinone.io.checkpoint import build_index, read_index, save_checkpoint
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.io.export import export_budget
+from manyinone.io.loading import load_pretrained, smollm2_path
+from manyinone.core.registry import adapter_for
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 
 import manyinone
 from helpers import max_abs_diff, sample_batch
-from manyinone.checkpoint import read_index
-from manyinone.data import collate, load_records, tokenize_records
-from manyinone.errors import ManyinoneError
-from manyinone.router import (Router, RouterTraining, budget_penalty, expected_cost, export_routed,
+from manyinone.io.checkpoint import read_index
+from manyinone.train.data import collate, load_records, tokenize_records
+from manyinone.core.errors import ManyinoneError
+from manyinone.elastic.router import (Router, RouterTraining, budget_penalty, expected_cost, export_routed,
                               plan_relative_cost, prefix_masks, train_router)
 from manyinone_flextron import LlamaFlextronAdapter
 
@@ -110,8 +110,8 @@ def test_input_adaptive_router_trains_on_the_sequence_context(adapter, char_toke
 
 @pytest.fixture(scope="module")
 def width_run(tiny_llama, tmp_path_factory):
-    from manyinone.config import TrainConfig
-    from manyinone.train import train
+    from manyinone.train.config import TrainConfig
+    from manyinone.train.loop import train
 
     cfg = TrainConfig(model=str(tiny_llama), axes=["width", "heads"], widths=[32, 64], data="demo", max_steps=2,
                       batch_size=4, sampler="sandwich", calibration_batches=1,
@@ -146,7 +146,7 @@ def test_static_plans_export_into_one_checkpoint_that_load_serves(width_run, tmp
 
 @torch.no_grad()
 def test_input_adaptive_router_routes_each_prompt_in_the_runtime(width_run, tmp_path, char_tokenizer):
-    from manyinone.router import load_router
+    from manyinone.elastic.router import load_router
     from manyinone.runtime.routed import RoutedRuntime
 
     torch.manual_seed(0)

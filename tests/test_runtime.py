@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from manyinone.api import open_checkpoint
-from manyinone.errors import ManyinoneError
+from manyinone.io.api import open_checkpoint
+from manyinone.core.errors import ManyinoneError
 from manyinone.runtime import Runtime, Sampling
 from manyinone.runtime.cache import attention_masks
 from manyinone.runtime.sampling import probabilities
@@ -109,8 +109,8 @@ def test_bad_requests_name_the_value(trained_run):
 
 def test_per_exit_heads_are_used_at_their_depth(tiny_llama_tied, tmp_path):
     """A checkpoint trained with per-exit translators: budget tokens equal the folded exported sub-model's."""
-    from manyinone.config import TrainConfig
-    from manyinone.train import train
+    from manyinone.train.config import TrainConfig
+    from manyinone.train.loop import train
 
     cfg = TrainConfig(model=str(tiny_llama_tied), exits=[2, 4], data="demo", max_steps=2, batch_size=4, lr=1e-2,
                       exit_heads="translator", output=str(tmp_path / "run"))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from manyinone.dims import DepthDim, NestedSpace, SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.samplers import AllSpecs, RandomK, Sandwich, make_sampler
+from manyinone.core.space import DepthDim, NestedSpace, SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.samplers import AllSpecs, RandomK, Sandwich, make_sampler
 
 STEPS = range(40)
 

@@ -13,7 +13,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from manyinone.api import open_checkpoint  # noqa: E402
+from manyinone.io.api import open_checkpoint  # noqa: E402
 from manyinone.runtime import Runtime  # noqa: E402
 from manyinone.runtime.server import create_app  # noqa: E402
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from manyinone.api import open_checkpoint
-from manyinone.errors import ManyinoneError
+from manyinone.io.api import open_checkpoint
+from manyinone.core.errors import ManyinoneError
 from manyinone.runtime import Runtime, Sampling
 from manyinone.runtime.sampling import accept_sampled
 from manyinone.runtime.tune import autotune, store_choice

@@ -1,4 +1,4 @@
-"""Raw-text perplexity and closed-book QA per exit (manyinone.tasks and `manyinone eval --text/--qa`)."""
+"""Raw-text perplexity and closed-book QA per exit (manyinone.eval.tasks and `manyinone eval --text/--qa`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 import manyinone
 from manyinone.cli import app
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.tasks import alias_contained, exact_match, normalize_answer, qa_scores, read_qa, text_examples
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.eval.tasks import alias_contained, exact_match, normalize_answer, qa_scores, read_qa, text_examples
 
 TEXT = "The cat sat on the mat. " * 20
 
@@ -87,8 +87,8 @@ def test_qa_scores_match_greedy_answers_of_each_exit(trained_run, tmp_path):
     assert set(scores) == {"depth=2", "depth=4"}
     assert all(s == {"qa_em": 0.0, "qa_contains": 0.0} for s in scores.values())
     # Now make the gold answers the exit's own greedy answers, found through plain HF generate.
-    from manyinone.data import prompt_and_response
-    from manyinone.tasks import QA_INSTRUCTION, first_line
+    from manyinone.train.data import prompt_and_response
+    from manyinone.eval.tasks import QA_INSTRUCTION, first_line
 
     sub = nested.sub_model(SubnetSpec(depth=2))
     answered = []

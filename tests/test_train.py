@@ -10,16 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import manyinone.train as train_module
-from manyinone.config import TrainConfig
-from manyinone.data import load_records, tokenize_records
-from manyinone.dims import DepthDim, NestedSpace
-from manyinone.errors import ManyinoneError
-from manyinone.evaluate import evaluate_exits
-from manyinone.loading import load_pretrained
-from manyinone.registry import adapter_for
-from manyinone.samplers import RandomK, Sandwich
-from manyinone.train import lr_at, train
+import manyinone.train.loop as train_module
+from manyinone.train.config import TrainConfig
+from manyinone.train.data import load_records, tokenize_records
+from manyinone.core.space import DepthDim, NestedSpace
+from manyinone.core.errors import ManyinoneError
+from manyinone.eval.evaluate import evaluate_exits
+from manyinone.io.loading import load_pretrained
+from manyinone.core.registry import adapter_for
+from manyinone.train.samplers import RandomK, Sandwich
+from manyinone.train.loop import lr_at, train
 
 # Short examples keep each step cheap; the demo prompts are ~170 characters, responses ~20.
 FAST = dict(data="demo", batch_size=2, max_length=200, lr=1e-3)

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from manyinone.adapter import ModelAdapter
-from manyinone.budget import Cost
-from manyinone.dims import DepthDim, HeadsDim, NestedSpace, SubnetSpec, WidthDim, even_exits, even_sizes
-from manyinone.errors import ManyinoneError
+from manyinone.core.adapter import ModelAdapter
+from manyinone.core.cost import Cost
+from manyinone.core.space import DepthDim, HeadsDim, NestedSpace, SubnetSpec, WidthDim, even_exits, even_sizes
+from manyinone.core.errors import ManyinoneError
 from manyinone_llama import LlamaDepthAdapter
 
 __all__ = ["LayerPlan", "LlamaFlextronAdapter", "SLICED"]

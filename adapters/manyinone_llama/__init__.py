@@ -14,11 +14,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from manyinone.adapter import ModelAdapter
-from manyinone.budget import Cost
-from manyinone.dims import DepthDim, NestedSpace, SubnetSpec, even_exits
-from manyinone.errors import ManyinoneError
-from manyinone.lean_loss import LinearHead
+from manyinone.core.adapter import ModelAdapter
+from manyinone.core.cost import Cost
+from manyinone.core.space import DepthDim, NestedSpace, SubnetSpec, even_exits
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.lean_loss import LinearHead
 
 __all__ = ["LlamaDepthAdapter", "truncate_config"]
 

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from manyinone.checkpoint import resolve
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
+from manyinone.io.checkpoint import resolve
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.sampling import Sampling, choose
-from manyinone.runtime.segments import LayerStack, SegmentRunner
+from manyinone.runtime.stack import LayerStack, SegmentRunner
 
 DEFAULT_MAX_LEN = 2048
 
@@ -101,14 +101,14 @@ class Runtime:
     def open(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "auto",
              **kwargs: Any) -> "Runtime":
         """A runtime over a manyinone checkpoint folder (any budget it indexes)."""
-        from manyinone.api import open_checkpoint
-        from manyinone.train import pick_device
+        from manyinone.io.api import open_checkpoint
+        from manyinone.train.loop import pick_device
 
         return cls.from_nested(open_checkpoint(path, dtype=dtype, device=str(pick_device(device))), **kwargs)
 
     @classmethod
     def from_nested(cls, nested, **kwargs: Any) -> "Runtime":
-        """A runtime over an opened checkpoint (`manyinone.api.NestedModel`), its per-exit heads included."""
+        """A runtime over an opened checkpoint (`manyinone.io.api.NestedModel`), its per-exit heads included."""
         exit_logits = None
         if nested.exit_heads is not None:  # per-exit modules: each depth exits through its own
             param = next(nested.model.parameters())

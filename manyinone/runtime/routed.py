@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from manyinone.api import NestedModel, open_checkpoint
-from manyinone.budget import check_budget
-from manyinone.errors import ManyinoneError
-from manyinone.router import Option, Router, load_router
+from manyinone.io.api import NestedModel, open_checkpoint
+from manyinone.core.cost import check_budget
+from manyinone.core.errors import ManyinoneError
+from manyinone.elastic.router import Option, Router, load_router
 
 
 @dataclass

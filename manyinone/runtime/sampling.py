@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from manyinone.errors import ManyinoneError
+from manyinone.core.errors import ManyinoneError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from manyinone.errors import ManyinoneError
+from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.generate import Runtime, dtype_named
 from manyinone.runtime.sampling import Sampling
 from manyinone.runtime.speculative import draft_settings
@@ -82,7 +82,7 @@ class Engine:
         if getattr(tok, "chat_template", None):
             return tok.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
                                            add_generation_prompt=True)
-        from manyinone.data import prompt_and_response
+        from manyinone.train.data import prompt_and_response
 
         # No chat template: the checkpoint's training template around the last user message.
         user = [m.content for m in messages if m.role == "user"] or [messages[-1].content]

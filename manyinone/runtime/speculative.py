@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from manyinone.errors import ManyinoneError
+from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.sampling import Sampling, accept_greedy, accept_sampled, choose, probabilities
 
 DEFAULT_DRAFT_TOKENS = 4

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from manyinone.checkpoint import INDEX_FILE, read_index
-from manyinone.errors import ManyinoneError
+from manyinone.io.checkpoint import INDEX_FILE, read_index
+from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.generate import Generation, Runtime
 
 DRAFT_LENGTHS = (2, 3, 4, 6, 8)
@@ -21,7 +21,7 @@ DRAFT_LENGTHS = (2, 3, 4, 6, 8)
 def instruction_prompts(runtime: Runtime, data: str, rows: str | None, count: int) -> list[list[int]]:
     """Token ids of the first `count` instructions of a data set, wrapped in the checkpoint's training
     template (what the model saw in training), answers left out."""
-    from manyinone.data import load_records, prompt_and_response
+    from manyinone.train.data import load_records, prompt_and_response
 
     template = ((runtime.index or {}).get("train") or {}).get("template", "alpaca")
     records = load_records(data, rows)[:count]
@@ -74,7 +74,7 @@ def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 6
 def store_choice(ckpt: str | os.PathLike, choice: dict[str, Any]) -> Path:
     """Write `choice` into the checkpoint's budget index (manyinone.json) and its entry in checksums.json,
     each replaced in one rename. The checkpoint is verified first, so a damaged one is never re-blessed."""
-    from manyinone.integrity import CHECKSUMS_FILE, file_digest, verify_checksums, write_text_durably
+    from manyinone.io.integrity import CHECKSUMS_FILE, file_digest, verify_checksums, write_text_durably
 
     folder = Path(ckpt)
     index = read_index(folder)

@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import max_abs_diff, sample_batch
-from manyinone.config import TrainConfig
-from manyinone.dims import SubnetSpec
-from manyinone.registry import adapter_for
-from manyinone.train import train
+from manyinone.train.config import TrainConfig
+from manyinone.core.space import SubnetSpec
+from manyinone.core.registry import adapter_for
+from manyinone.train.loop import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from manyinone.lean_loss import fused_exit_loss
+from manyinone.train.lean_loss import fused_exit_loss
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

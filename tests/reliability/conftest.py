@@ -11,8 +11,8 @@ from harness import SETTINGS, run_weights
 @pytest.fixture(scope="session")
 def reference_weights(tiny_llama, tmp_path_factory):
     """steps -> final weights of an uninterrupted in-process run with the harness's settings."""
-    from manyinone.config import TrainConfig
-    from manyinone.train import train
+    from manyinone.train.config import TrainConfig
+    from manyinone.train.loop import train
 
     cache: dict[int, dict[str, torch.Tensor]] = {}
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-import manyinone.checkpoint as checkpoint
-import manyinone.train as train_module
+import manyinone.io.checkpoint as checkpoint
+import manyinone.train.loop as train_module
 from manyinone.cli import app
 
 torch.set_num_threads(1)  # the same reduction order as the in-process reference run (tests/conftest.py)

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 import manyinone
 from manyinone.cli import app
-from manyinone.config import TrainConfig
-from manyinone.errors import ManyinoneError
-from manyinone.export import export_all, export_budget
-from manyinone.integrity import CHECKSUMS_FILE, file_digest, verify_checksums, write_checksums
-from manyinone.train import train
+from manyinone.train.config import TrainConfig
+from manyinone.core.errors import ManyinoneError
+from manyinone.io.export import export_all, export_budget
+from manyinone.io.integrity import CHECKSUMS_FILE, file_digest, verify_checksums, write_checksums
+from manyinone.train.loop import train
 
 
 @pytest.fixture

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from manyinone.budget import resolve_budget
-from manyinone.cli import _int_list, app
-from manyinone.config import TrainConfig, load_config
-from manyinone.data import IGNORE, load_records, parse_rows, tokenize_records
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
+from manyinone.core.cost import resolve_budget
+from manyinone.cli.main import _int_list, app
+from manyinone.train.config import TrainConfig, load_config
+from manyinone.train.data import IGNORE, load_records, parse_rows, tokenize_records
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
 
 EXAMPLES = int(os.environ.get("MANYINONE_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -151,8 +151,8 @@ def test_exit_lists(text, tiny_adapter):
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_llama):
-    from manyinone.loading import load_pretrained
-    from manyinone.registry import adapter_for
+    from manyinone.io.loading import load_pretrained
+    from manyinone.core.registry import adapter_for
 
     return adapter_for(load_pretrained(str(tiny_llama))[0])
 

@@ -11,7 +11,7 @@ import pytest
 
 import manyinone
 from harness import assert_bitwise_equal, kill_and_resume, leftovers, metrics_steps, run_weights
-from manyinone.integrity import verify_checksums
+from manyinone.io.integrity import verify_checksums
 
 
 def check_kill_chain(model, tmp_path, reference_weights, steps: int, kills: int, seed: int) -> dict:

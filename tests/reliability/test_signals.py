@@ -18,8 +18,8 @@ STEPS = 12
 
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_saves_then_exits(tiny_llama, tmp_path, reference_weights, capsys, signum, exit_code):
-    from manyinone.config import TrainConfig
-    from manyinone.train import train
+    from manyinone.train.config import TrainConfig
+    from manyinone.train.loop import train
 
     out = tmp_path / "run"
     # save_every=0: no periodic checkpoints, so the only resumable state is the one the signal saves.

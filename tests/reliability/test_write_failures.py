@@ -15,14 +15,14 @@ import pytest
 from typer.testing import CliRunner
 
 import manyinone
-import manyinone.checkpoint as checkpoint
+import manyinone.io.checkpoint as checkpoint
 from harness import SETTINGS, assert_bitwise_equal, child_env, leftovers, run_weights, train_command
-from manyinone.checkpoint import atomic_dir
+from manyinone.io.checkpoint import atomic_dir
 from manyinone.cli import app
-from manyinone.config import TrainConfig
-from manyinone.export import export_budget
-from manyinone.integrity import OutputWriteError, verify_checksums
-from manyinone.train import train
+from manyinone.train.config import TrainConfig
+from manyinone.io.export import export_budget
+from manyinone.io.integrity import OutputWriteError, verify_checksums
+from manyinone.train.loop import train
 
 
 def state_bytes(run: Path) -> int:

@@ -13,8 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from manyinone.errors import ManyinoneError
-from manyinone.progress import TrainProgress
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.progress import TrainProgress
 
 LayerScores = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: (neuron scores, group scores)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
 
 METRICS = ("flops", "params")
 

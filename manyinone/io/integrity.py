@@ -21,7 +21,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from manyinone.errors import ManyinoneError
+from manyinone.core.errors import ManyinoneError
 
 CHECKSUMS_FILE = "checksums.json"
 _CHUNK = 1 << 20  # bytes read at a time while hashing

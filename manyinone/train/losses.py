@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.lean_loss import LinearHead, fused_exit_loss
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.lean_loss import LinearHead, fused_exit_loss
 
 
 def exit_weights(specs: Sequence[SubnetSpec], weights: Sequence[float] | None) -> dict[SubnetSpec, float]:
@@ -71,7 +71,7 @@ def nested_loss(
     features: spec -> [tokens, hidden] features at supervised positions; targets: [tokens].
     head: the exit head (norm + LM head) as a callable, or a `LinearHead` for the memory-lean
     path (same numbers, chunks of `chunk_rows` tokens, no logits kept for backward); or a mapping
-    spec -> head when exits have their own heads (manyinone.exit_heads).
+    spec -> head when exits have their own heads (manyinone.train.exit_heads).
     The teacher (normally the full spec) gets no distillation term itself; if it was not sampled
     this step, distillation is skipped for the step.
     """

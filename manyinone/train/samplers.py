@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-from manyinone.dims import NestedSpace, SubnetSpec
-from manyinone.errors import ManyinoneError
+from manyinone.core.space import NestedSpace, SubnetSpec
+from manyinone.core.errors import ManyinoneError
 
 
 class Sampler(Protocol):

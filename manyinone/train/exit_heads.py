@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.lean_loss import LinearHead
+from manyinone.core.space import SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.lean_loss import LinearHead
 
 KINDS = ("translator", "head")
 FILE = "exit_heads.safetensors"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from manyinone.errors import ManyinoneError
+from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.cache import StaticKVCache, attention_masks, position_ids
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # both take an additive [batch, 1, q, keys] mask

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from manyinone.errors import ManyinoneError
-from manyinone.progress import TrainProgress
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.progress import TrainProgress
 
 Option = tuple[int, int]  # (MLP width, query heads)
 
@@ -113,7 +113,7 @@ def train_router(router: Router, adapter, batches: Sequence[dict[str, torch.Tens
     Choices are hard (straight-through Gumbel-softmax): the forward pass sees a real sub-network.
     Returns one log row per step.
     """
-    from manyinone.losses import supervised_positions, token_cross_entropy
+    from manyinone.train.losses import supervised_positions, token_cross_entropy
 
     if not batches:
         raise ManyinoneError("router training needs at least one batch")
@@ -172,7 +172,7 @@ def plan_relative_cost(plan: Sequence[Option], table: torch.Tensor, options: Seq
 def routed_plan(index: dict, budget: float | None) -> tuple[Option, ...] | None:
     """The stored per-layer plan of the largest relative cost within `budget`; None when the index
     holds no routed plans (or budget is None: the full model)."""
-    from manyinone.budget import check_budget
+    from manyinone.core.cost import check_budget
 
     routed = index.get("routed") or []
     if not routed or budget is None:
@@ -217,7 +217,7 @@ def load_router(folder) -> Router:
     folder = Path(folder)
     if not (folder / ROUTER_CONFIG).is_file() or not (folder / ROUTER_WEIGHTS).is_file():
         raise ManyinoneError(f"{str(folder)!r} holds no router ({ROUTER_CONFIG} + {ROUTER_WEIGHTS}); "
-                             f"write one with manyinone.router.export_routed")
+                             f"write one with manyinone.elastic.router.export_routed")
     try:
         config = json.loads((folder / ROUTER_CONFIG).read_text())
         router = Router(config["num_layers"], [tuple(o) for o in config["options"]], config["context_size"],
@@ -234,8 +234,8 @@ def export_routed(ckpt, router: Router, budgets: Sequence[float], output, contex
     plan that fits b; an input-adaptive one is used per prompt by `manyinone.runtime.routed`."""
     from pathlib import Path
 
-    from manyinone.api import open_checkpoint
-    from manyinone.checkpoint import save_checkpoint
+    from manyinone.io.api import open_checkpoint
+    from manyinone.io.checkpoint import save_checkpoint
 
     nested = open_checkpoint(ckpt)
     adapter = nested.adapter

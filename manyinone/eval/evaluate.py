@@ -11,12 +11,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from manyinone.adapter import ModelAdapter
-from manyinone.checkpoint import atomic_dir
-from manyinone.data import Example, collate
-from manyinone.dims import NestedSpace, SubnetSpec
-from manyinone.losses import supervised_positions
-from manyinone.progress import TrainProgress
+from manyinone.core.adapter import ModelAdapter
+from manyinone.io.checkpoint import atomic_dir
+from manyinone.train.data import Example, collate
+from manyinone.core.space import NestedSpace, SubnetSpec
+from manyinone.train.losses import supervised_positions
+from manyinone.train.progress import TrainProgress
 
 LogitsFn = Callable[[SubnetSpec, torch.Tensor], torch.Tensor]
 

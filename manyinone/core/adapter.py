@@ -13,17 +13,17 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from manyinone.budget import Cost
-from manyinone.dims import NestedSpace, SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.lean_loss import LinearHead
+from manyinone.core.cost import Cost
+from manyinone.core.space import NestedSpace, SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.lean_loss import LinearHead
 
 
 class ModelAdapter(ABC):
     """Wraps one loaded HF causal LM and exposes it as a nested space of sub-networks.
 
     Subclasses set `name`, the HF `model_types` they serve and the `axes` they support, and are
-    registered with `manyinone.registry.register_adapter` (or the `manyinone.adapters` entry point).
+    registered with `manyinone.core.registry.register_adapter` (or the `manyinone.adapters` entry point).
     """
 
     name: ClassVar[str]

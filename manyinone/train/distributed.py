@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from manyinone.checkpoint import complete_resume_dirs, resume_dir
-from manyinone.errors import ManyinoneError
+from manyinone.io.checkpoint import complete_resume_dirs, resume_dir
+from manyinone.core.errors import ManyinoneError
 
 
 def world_size_from_env() -> int:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from manyinone.errors import ManyinoneError
+from manyinone.core.errors import ManyinoneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train one LLM as many nested sub-models; export and serve any budget.")
@@ -71,8 +71,8 @@ def train(
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
     """Fine-tune so that every exit is a usable model (SoFT); `--exits 30` alone is plain SFT."""
-    from manyinone.config import load_config
-    from manyinone.train import train as run_training
+    from manyinone.train.config import load_config
+    from manyinone.train.loop import train as run_training
 
     cfg = load_config(config, set_, model=model, axes=axes.split(",") if axes else None,
                       exits=_int_list(exits, "exits"), data=data, rows=rows, output=output, epochs=epochs,
@@ -92,11 +92,11 @@ def export(
     latency: Optional[Path] = typer.Option(None, help="latency table JSON (benchmarks/pareto.py writes one)"),
 ) -> None:
     """Write a sub-model as a plain HF checkpoint, or all of them as one budget-indexed one."""
-    from manyinone.export import export_all, export_budget
+    from manyinone.io.export import export_all, export_budget
 
     if budget_ms is not None:
-        from manyinone.checkpoint import read_index
-        from manyinone.latency import index_budget_for_ms, load_table
+        from manyinone.io.checkpoint import read_index
+        from manyinone.elastic.latency import index_budget_for_ms, load_table
 
         if latency is None or budget is not None:
             raise ManyinoneError("--budget-ms needs --latency TABLE.json and no --budget")
@@ -112,7 +112,7 @@ def export(
 @_friendly
 def info(ckpt: Path = typer.Argument(..., help="checkpoint folder")) -> None:
     """List the budgets, specs and costs a checkpoint holds."""
-    from manyinone.checkpoint import read_index
+    from manyinone.io.checkpoint import read_index
 
     index = read_index(ckpt)
     table = Table(title=f"{ckpt} ({index['adapter']}, {index['model_type']})")
@@ -145,9 +145,9 @@ def eval_(
 ) -> None:
     """Per-exit table: held-out loss, perplexity, top-1 agreement and KL to full, relative cost;
     optionally raw-text perplexity (--text) and closed-book QA exact match (--qa)."""
-    from manyinone.session import load_for_eval
-    from manyinone.data import load_records, tokenize_records
-    from manyinone.evaluate import evaluate_exits, write_report
+    from manyinone.eval.session import load_for_eval
+    from manyinone.train.data import load_records, tokenize_records
+    from manyinone.eval.evaluate import evaluate_exits, write_report
 
     _at_least(batch_size, 1, "--batch-size")
     _at_least(max_length, 9, "--max-length")
@@ -174,8 +174,8 @@ def eval_(
 def _extra_metrics(rows, nested, space, device, template, max_length, batch_size, text, text_blocks, qa, qa_limit
                    ) -> dict[str, str]:
     """Add raw-text perplexity and QA scores to each exit's row; returns key -> column title."""
-    from manyinone.evaluate import evaluate_exits
-    from manyinone.tasks import qa_scores, read_qa, text_examples
+    from manyinone.eval.evaluate import evaluate_exits
+    from manyinone.eval.tasks import qa_scores, read_qa, text_examples
 
     columns: dict[str, str] = {}
     if text is not None:
@@ -211,7 +211,7 @@ def generate(
     seed: int = typer.Option(0),
 ) -> None:
     """Sample text from the sub-model that fits the budget."""
-    from manyinone.session import generate_text
+    from manyinone.eval.session import generate_text
 
     _at_least(max_new_tokens, 1, "--max-new-tokens")
     text, spec = generate_text(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template, seed)

@@ -18,7 +18,7 @@ from abc import ABC
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from manyinone.errors import ManyinoneError
+from manyinone.core.errors import ManyinoneError
 
 
 @dataclass(frozen=True)

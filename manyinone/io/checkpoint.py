@@ -25,11 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import save_model
 from torch import nn
 
-from manyinone.adapter import ModelAdapter
-from manyinone.budget import METRICS, resolve_budget
-from manyinone.dims import NestedSpace, SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.integrity import fsync_dir, is_write_failure, write_checksums, write_failure
+from manyinone.core.adapter import ModelAdapter
+from manyinone.core.cost import METRICS, resolve_budget
+from manyinone.core.space import NestedSpace, SubnetSpec
+from manyinone.core.errors import ManyinoneError
+from manyinone.io.integrity import fsync_dir, is_write_failure, write_checksums, write_failure
 
 INDEX_FILE, WEIGHTS_FILE, FORMAT = "manyinone.json", "model.safetensors", "manyinone/1"
 
@@ -136,7 +136,7 @@ def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str
                     merge: bool = False, exit_heads=None, write_extra=None) -> Path:
     """Write `model` (+ tokenizer) as an HF folder carrying `index`, atomically (see `atomic_dir`).
 
-    `exit_heads` (a manyinone.exit_heads.ExitHeads) are written beside the weights and recorded
+    `exit_heads` (a manyinone.train.exit_heads.ExitHeads) are written beside the weights and recorded
     in the index; plain transformers ignores them and loads the full model. `write_extra(folder)`
     adds more files (a router) inside the same atomic write, so the checksums cover them too.
     """

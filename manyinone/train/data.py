@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from manyinone.errors import ManyinoneError, first_line
+from manyinone.core.errors import ManyinoneError, first_line
 
 IGNORE = -100  # label value skipped by the loss (prompt and padding positions)
 DEMO = "demo"

@@ -22,19 +22,20 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
-from manyinone import distributed, exit_heads
-from manyinone.checkpoint import CHECKPOINTS, atomic_dir, build_index, complete_resume_dirs, resume_dir, save_checkpoint
-from manyinone.config import TrainConfig
-from manyinone.data import collate, epoch_order, load_records, tokenize_records
-from manyinone.errors import ManyinoneError
-from manyinone.integrity import verify_checksums, write_failure, write_text_durably
-from manyinone.interrupt import deferred_stop_signals
-from manyinone.loading import load_pretrained
-from manyinone.losses import exit_weights, nested_loss, supervised_positions
-from manyinone.progress import TrainProgress
-from manyinone.registry import adapter_for
-from manyinone.reorder import reorder_by_importance
-from manyinone.samplers import make_sampler
+from manyinone.train import distributed
+from manyinone.train import exit_heads
+from manyinone.io.checkpoint import CHECKPOINTS, atomic_dir, build_index, complete_resume_dirs, resume_dir, save_checkpoint
+from manyinone.train.config import TrainConfig
+from manyinone.train.data import collate, epoch_order, load_records, tokenize_records
+from manyinone.core.errors import ManyinoneError
+from manyinone.io.integrity import verify_checksums, write_failure, write_text_durably
+from manyinone.train.interrupt import deferred_stop_signals
+from manyinone.io.loading import load_pretrained
+from manyinone.train.losses import exit_weights, nested_loss, supervised_positions
+from manyinone.train.progress import TrainProgress
+from manyinone.core.registry import adapter_for
+from manyinone.elastic.reorder import reorder_by_importance
+from manyinone.train.samplers import make_sampler
 
 
 def pick_device(name: str) -> torch.device:

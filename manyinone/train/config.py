@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from manyinone.errors import ManyinoneError
+from manyinone.core.errors import ManyinoneError
 
 
 class TrainConfig(BaseModel):

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from manyinone.api import NestedModel, load, open_checkpoint
-from manyinone.checkpoint import INDEX_FILE, build_index, read_index, resolve
-from manyinone.data import prompt_and_response
-from manyinone.dims import NestedSpace, SubnetSpec
-from manyinone.loading import load_pretrained
-from manyinone.registry import adapter_for
-from manyinone.train import pick_device
+from manyinone.io.api import NestedModel, load, open_checkpoint
+from manyinone.io.checkpoint import INDEX_FILE, build_index, read_index, resolve
+from manyinone.train.data import prompt_and_response
+from manyinone.core.space import NestedSpace, SubnetSpec
+from manyinone.io.loading import load_pretrained
+from manyinone.core.registry import adapter_for
+from manyinone.train.loop import pick_device
 
 
 def load_for_eval(source: str, exits: list[int] | None, device: str = "auto"

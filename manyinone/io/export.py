@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from manyinone.api import open_checkpoint
-from manyinone.checkpoint import read_index, resolve, save_checkpoint
-from manyinone.errors import ManyinoneError
+from manyinone.io.api import open_checkpoint
+from manyinone.io.checkpoint import read_index, resolve, save_checkpoint
+from manyinone.core.errors import ManyinoneError
 
 
 def _refuse_overwriting_source(ckpt: str | os.PathLike, output: str | os.PathLike) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from manyinone.errors import ManyinoneError
+from manyinone.core.errors import ManyinoneError
 
 Option = tuple[int, int]
 

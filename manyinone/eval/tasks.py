@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from manyinone.data import Example, prompt_and_response
-from manyinone.dims import NestedSpace
-from manyinone.errors import ManyinoneError
-from manyinone.progress import TrainProgress
+from manyinone.train.data import Example, prompt_and_response
+from manyinone.core.space import NestedSpace
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.progress import TrainProgress
 
 QA_INSTRUCTION = "Answer the following trivia question with just the answer, in a few words.\n\n{question}"
 

@@ -1,0 +1,1 @@
+"""Post-training elasticity: importance reordering, the budget router, measured latency tables."""

@@ -1,0 +1,1 @@
+"""Evaluation: per-exit loss/accuracy, raw-text perplexity and QA tasks."""

@@ -1,0 +1,1 @@
+"""Files: durable writes, checksums, checkpoints and their index, model loading, export, the load API."""

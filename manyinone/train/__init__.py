@@ -1,0 +1,1 @@
+"""Training: config, data, samplers, losses, exit heads, the loop and its distributed/resume plumbing."""
