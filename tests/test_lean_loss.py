@@ -61,7 +61,7 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
 def test_fused_loss_equals_plain_loss_and_gradients(chunk_rows, teacher, distill_weight, temperature):
     feats, (w,), targets = _leaves(0)
     loss_weights = [0.5, 1.0, 2.0]
-    total, ce, kl = fused_exit_loss(feats, [w] * 3, targets, loss_weights, teacher, distill_weight, temperature,
+    total, ce, kl, _ = fused_exit_loss(feats, [w] * 3, targets, loss_weights, teacher, distill_weight, temperature,
                                     chunk_rows=chunk_rows)
     ref_total, ref_ce, ref_kl = _plain(feats, [w] * 3, targets, loss_weights, teacher, distill_weight, temperature)
     _close(total, ref_total)
@@ -76,7 +76,7 @@ def test_fused_loss_equals_plain_loss_and_gradients(chunk_rows, teacher, distill
 def test_fused_loss_with_distinct_heads_per_exit():
     feats, heads, targets = _leaves(1, exits=3, heads=2)
     per_exit = [heads[0], heads[1], heads[0]]
-    total, _, _ = fused_exit_loss(feats, per_exit, targets, [1, 1, 1], teacher=2, distill_weight=1.0, chunk_rows=4)
+    total, _, _, _ = fused_exit_loss(feats, per_exit, targets, [1, 1, 1], teacher=2, distill_weight=1.0, chunk_rows=4)
     ref, _, _ = _plain(feats, per_exit, targets, [1, 1, 1], 2, 1.0, 1.0)
     _close(total, ref)
     for got, want in zip(_grads(total, [*feats, *heads]), _grads(ref, [*feats, *heads])):
@@ -85,7 +85,7 @@ def test_fused_loss_with_distinct_heads_per_exit():
 
 def test_fused_loss_scales_with_the_incoming_gradient():
     feats, (w,), targets = _leaves(2)
-    total, _, _ = fused_exit_loss(feats, [w] * 3, targets, [1, 1, 1], chunk_rows=7)
+    total, _, _, _ = fused_exit_loss(feats, [w] * 3, targets, [1, 1, 1], chunk_rows=7)
     ref, _, _ = _plain(feats, [w] * 3, targets, [1, 1, 1], None, 0.0, 1.0)
     for got, want in zip(_grads(total * -3.5, [*feats, w]), _grads(ref * -3.5, [*feats, w])):
         _close(got, want)
@@ -111,7 +111,7 @@ def test_fused_loss_keeps_no_tokens_by_vocab_tensor_for_backward():
 def test_fused_loss_without_grad_gives_the_loss():
     feats, (w,), targets = _leaves(4)
     with torch.no_grad():
-        total, ce, _ = fused_exit_loss(feats, [w] * 3, targets, [1, 1, 1], chunk_rows=6)
+        total, ce, _, _ = fused_exit_loss(feats, [w] * 3, targets, [1, 1, 1], chunk_rows=6)
     ref, ref_ce, _ = _plain(feats, [w] * 3, targets, [1, 1, 1], None, 0.0, 1.0)
     _close(total, ref.detach())
     _close(ce, torch.stack(ref_ce).detach())
@@ -120,7 +120,7 @@ def test_fused_loss_without_grad_gives_the_loss():
 def test_fused_loss_under_bf16_autocast_matches_plain_within_bf16():
     feats, (w,), targets = _leaves(5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        total, _, _ = fused_exit_loss(feats, [w] * 3, targets, [1, 1, 1], teacher=2, distill_weight=1.0, chunk_rows=5)
+        total, _, _, _ = fused_exit_loss(feats, [w] * 3, targets, [1, 1, 1], teacher=2, distill_weight=1.0, chunk_rows=5)
         ref, _, _ = _plain(feats, [w] * 3, targets, [1, 1, 1], 2, 1.0, 1.0)
     # Both round logits to bf16 identically, then do float32 math: the losses agree to float32 noise.
     _close(total, ref, rtol=1e-5, atol=1e-5)

@@ -142,20 +142,30 @@ def eval_(
     text_blocks: Optional[int] = typer.Option(None, help="score only the first N blocks of --text"),
     qa: Optional[Path] = typer.Option(None, help="QA .jsonl (question, golden_answers): greedy exact match per exit"),
     qa_limit: Optional[int] = typer.Option(None, help="score only the first N questions of --qa"),
+    gen_prompts: int = typer.Option(0, help="agreement on generations: the full depth greedily continues the first "
+                                            "N prompts; each exit's top-1 agreement and KL to full on those tokens"),
+    gen_tokens: int = typer.Option(128, help="new tokens per prompt for --gen-prompts"),
 ) -> None:
     """Per-exit table: held-out loss, perplexity, top-1 agreement and KL to full, relative cost;
-    optionally raw-text perplexity (--text) and closed-book QA exact match (--qa)."""
+    optionally raw-text perplexity (--text), closed-book QA exact match (--qa) and agreement on the
+    full depth's own generations (--gen-prompts)."""
     from manyinone.eval.session import load_for_eval
     from manyinone.train.data import load_records, tokenize_records
     from manyinone.eval.evaluate import evaluate_exits, write_report
 
     _at_least(batch_size, 1, "--batch-size")
     _at_least(max_length, 9, "--max-length")
+    _at_least(gen_prompts, 0, "--gen-prompts")
+    _at_least(gen_tokens, 1, "--gen-tokens")
     nested, space, costs, dev = load_for_eval(ckpt, _int_list(exits, "exits"), device)
-    examples = tokenize_records(load_records(data, rows), nested.tokenizer, max_length, template)
+    records = load_records(data, rows)
+    examples = tokenize_records(records, nested.tokenizer, max_length, template)
     result = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, dev,
                             costs, show_progress=sys.stderr.isatty(), logits_for=nested.exit_logits)
     extra_cols = _extra_metrics(result, nested, space, dev, template, max_length, batch_size, text, text_blocks, qa, qa_limit)
+    if gen_prompts:
+        extra_cols.update(_generation_agreement(result, nested, space, dev, records[:gen_prompts], template,
+                                                gen_tokens, batch_size))
     table = Table(title=f"{ckpt} on {data} {rows or ''}")
     for col in ("exit", "rel. cost", "loss", "ppl", "top-1 agree", "KL to full", *extra_cols.values()):
         table.add_column(col, justify="right")
@@ -169,6 +179,24 @@ def eval_(
     default = Path(ckpt) if (Path(ckpt) / "manyinone.json").is_file() else Path("runs/eval")
     out = write_report(result, output or default, title=str(ckpt))
     console.print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+
+
+def _generation_agreement(rows, nested, space, device, records, template, new_tokens, batch_size) -> dict[str, str]:
+    """Per exit: top-1 agreement and KL to full on the full depth's own greedy continuations."""
+    from manyinone.train.data import encode_prompt
+    from manyinone.eval.evaluate import add_generation_agreement, evaluate_exits, generation_examples
+    from manyinone.runtime.generate import Runtime
+
+    runtime = Runtime.from_nested(nested)
+    prompts = [encode_prompt(r, nested.tokenizer, template) for r in records]
+    examples = generation_examples(lambda chunk: runtime.generate(chunk, None, new_tokens).tokens, prompts,
+                                   max(batch_size, 16))
+    if not examples:
+        raise ManyinoneError("--gen-prompts: the full depth generated no token for any prompt (it stopped at once)")
+    scored = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, device,
+                            logits_for=nested.exit_logits, show_progress=sys.stderr.isatty())
+    add_generation_agreement(rows, scored)
+    return {"gen_agreement": "gen agree", "gen_kl": "gen KL"}
 
 
 def _extra_metrics(rows, nested, space, device, template, max_length, batch_size, text, text_blocks, qa, qa_limit
@@ -234,6 +262,61 @@ def serve(
     from manyinone.runtime.server import serve as run_server
 
     run_server(str(ckpt), host, port, dtype, device, max_len)
+
+
+@app.command(name="distill-data")
+@_friendly
+def distill_data(
+    teacher: str = typer.Option(..., help="the model that writes the responses: HF folder, .gguf, alias or run folder"),
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL file to write (Alpaca records)"),
+    data: str = typer.Option("demo", help="prompts: .json/.jsonl file, HF dataset name or 'demo'"),
+    rows: Optional[str] = typer.Option(None, help="record slice START:END, e.g. 0:1800"),
+    template: str = typer.Option("alpaca", help="alpaca or chat: the prompt format training uses"),
+    samples: int = typer.Option(4, help="responses per prompt"),
+    temperature: float = typer.Option(0.8, help="sampling temperature (0 = greedy: one distinct sample)"),
+    top_p: float = typer.Option(0.95),
+    max_new_tokens: int = typer.Option(256),
+    batch_size: int = typer.Option(64, help="prompts sampled together"),
+    seed: int = typer.Option(0),
+    dtype: str = typer.Option("bfloat16", help="float32, bfloat16 or float16"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Sample responses from a teacher on the training prompts into a resumable JSONL dataset
+    (run the same command again to resume); train mixes it in with --set mix_data=FILE."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from manyinone.train.data import load_records
+    from manyinone.train.distill_data import SampleSettings, distill_dataset, runtime_sampler
+    from manyinone.io.loading import load_pretrained
+    from manyinone.runtime.generate import dtype_named
+    from manyinone.runtime.sampling import Sampling
+    from manyinone.train.loop import pick_device
+
+    for value, name in ((samples, "--samples"), (max_new_tokens, "--max-new-tokens"), (batch_size, "--batch-size")):
+        _at_least(value, 1, name)
+    Sampling(temperature, top_p, seed)  # bad temperature / top-p / seed: refused before any weights load
+    records = load_records(data, rows)
+    settings = SampleSettings(teacher, data, rows, template, samples, temperature, top_p, max_new_tokens, batch_size,
+                              seed)
+    weights = dtype_named(dtype)
+    dev = pick_device(device)
+    model, tokenizer = load_pretrained(teacher, dtype=weights)
+    tokens = [0]
+    sample = runtime_sampler(model.to(dev), tokenizer, template, max_new_tokens, temperature, top_p,
+                             counter=lambda n: tokens.__setitem__(0, tokens[0] + n))
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]distill-data"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("sample", total=len(records) * samples, speed="")
+        path, written = distill_dataset(
+            output, settings, records, sample,
+            lambda done, total: bar.update(task, completed=done,
+                                           speed=f"{tokens[0] / (time.perf_counter() - started):,.0f} tok/s"))
+    seconds = time.perf_counter() - started
+    console.print(f"wrote {path}: {written} new records, {tokens[0]:,} tokens sampled in {seconds:.0f} s "
+                  f"({tokens[0] / max(seconds, 1e-9):,.0f} tok/s)")
 
 
 @app.command(name="tune-speculative")

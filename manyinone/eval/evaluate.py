@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from manyinone.core.adapter import ModelAdapter
 from manyinone.io.checkpoint import atomic_dir
-from manyinone.train.data import Example, collate
+from manyinone.train.data import IGNORE, Example, collate
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.train.losses import supervised_positions
 from manyinone.train.progress import TrainProgress
@@ -25,14 +25,15 @@ LogitsFn = Callable[[SubnetSpec, torch.Tensor], torch.Tensor]
 def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Example], pad_id: int,
                    batch_size: int = 8, device: str | torch.device = "cpu", costs: dict[str, float] | None = None,
                    show_progress: bool = False, logits_for: LogitsFn | None = None) -> list[dict[str, Any]]:
-    """One row per spec: mean response-token loss, perplexity, top-1 agreement and KL(full || spec).
+    """One row per spec: mean response-token loss, perplexity, top-1 accuracy (argmax == target),
+    top-1 agreement and KL(full || spec).
 
     logits_for(spec, hidden) gives an exit's logits (default: the adapter's shared norm and head;
     pass `NestedModel.exit_logits` for checkpoints with per-exit modules).
     """
     specs, full = space.specs(), space.full()
     logits_for = logits_for or (lambda _spec, h: adapter.exit_logits(h))
-    sums = {s: {"nll": 0.0, "agree": 0.0, "kl": 0.0} for s in specs}
+    sums = {s: {"nll": 0.0, "agree": 0.0, "kl": 0.0, "hit": 0.0} for s in specs}
     count = 0
     adapter.model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -53,7 +54,9 @@ def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Exa
                     feats, _ = supervised_positions(hidden[spec], batch["labels"])
                     logp = F.log_softmax(logits_for(spec, feats).float(), -1)  # [tokens, vocab]
                 sums[spec]["nll"] += F.nll_loss(logp, targets, reduction="sum").item()
-                sums[spec]["agree"] += (logp.argmax(-1) == full_top1).sum().item()
+                top1 = logp.argmax(-1)  # [tokens]
+                sums[spec]["agree"] += (top1 == full_top1).sum().item()
+                sums[spec]["hit"] += (top1 == targets).sum().item()
                 sums[spec]["kl"] += F.kl_div(logp, full_logp, log_target=True, reduction="sum").item()
             count += targets.numel()
             progress.update(i + 1, {})
@@ -62,9 +65,30 @@ def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Exa
         loss = sums[spec]["nll"] / count
         rows.append({"spec": spec.label, **spec.to_dict(), "relative_cost": (costs or {}).get(spec.label),
                      "loss": loss, "perplexity": math.exp(min(loss, 80.0)),
+                     "top1_accuracy": sums[spec]["hit"] / count,
                      "top1_agreement": sums[spec]["agree"] / count, "kl_to_full": sums[spec]["kl"] / count,
                      "tokens": count})
     return rows
+
+
+def generation_examples(generate: Callable[[list[list[int]]], list[list[int]]], prompts: list[list[int]],
+                        batch_size: int = 16) -> list[Example]:
+    """Each prompt followed by what `generate` (the full depth, greedy) continued it with; only the
+    generated tokens are scored, so an exit's top-1 accuracy on these examples is its agreement
+    with the full depth on the full depth's own output: what speculative decoding accepts."""
+    examples = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        for prompt, new in zip(chunk, generate(chunk)):
+            if new:
+                examples.append(Example(input_ids=list(prompt) + list(new), labels=[IGNORE] * len(prompt) + list(new)))
+    return examples
+
+
+def add_generation_agreement(rows: list[dict[str, Any]], scored: list[dict[str, Any]]) -> None:
+    """Copy the scores on the full depth's own generations into each exit's row."""
+    for row, s in zip(rows, scored):
+        row.update(gen_agreement=s["top1_accuracy"], gen_kl=s["kl_to_full"], gen_tokens=s["tokens"])
 
 
 def write_report(rows: list[dict[str, Any]], output: str | os.PathLike, title: str = "") -> Path:

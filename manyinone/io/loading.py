@@ -80,13 +80,15 @@ def load_config(source: ModelSource):
         raise ManyinoneError(f"cannot load a model config from {str(source)!r}: {first}") from None
 
 
-def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for `source`; fails fast on an architecture no adapter serves."""
+def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float32, require_adapter: bool = True):
+    """(model, tokenizer) for `source`; fails fast on an architecture no adapter serves (unless
+    `require_adapter` is off: a frozen teacher may be any causal LM)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = source if isinstance(source, ModelSource) else resolve_source(source)
     config = load_config(src)
-    adapter_class(config.model_type)  # unknown model type -> clear error before loading weights
+    if require_adapter:
+        adapter_class(config.model_type)  # unknown model type -> clear error before loading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, **src.kwargs())
         tokenizer = AutoTokenizer.from_pretrained(src.folder, **src.kwargs())

@@ -56,6 +56,19 @@ class TrainConfig(BaseModel):
     exit_heads_lr_scale: float = Field(1.0, gt=0, description="learning rate of the exit modules, as a multiple of lr")
     freeze_base: bool = Field(False, description="train only the exit modules (SFT+heads: run on an SFT checkpoint)")
 
+    teacher: str | None = Field(None, description="frozen teacher (HF folder, hub name, .gguf, alias or run folder) "
+                                                  "sharing the tokenizer; every exit gets a KL term towards it")
+    teacher_weight: float = Field(1.0, ge=0, description="weight of each exit's KL to the teacher (full depth excluded)")
+    teacher_full_weight: float = Field(1.0, ge=0, description="weight of the full depth's KL to the teacher")
+    teacher_temperature: float = Field(1.0, gt=0)
+    teacher_kl: Literal["forward", "reverse"] = Field(
+        "forward", description="forward = KL(teacher || exit) (mass-covering); reverse = KL(exit || teacher) (mode-seeking)")
+    teacher_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    mix_data: str | None = Field(None, description="a second record source (e.g. `manyinone distill-data` output) "
+                                                   "mixed into every epoch")
+    mix_rows: str | None = Field(None, description="record slice of mix_data, START:END")
+    mix_ratio: float = Field(0.5, ge=0, le=1, description="fraction of each epoch's examples drawn from mix_data")
+
     seed: int = 0
     save_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints; 0 = end only")
     keep_checkpoints: int = Field(2, gt=0)
@@ -84,7 +97,8 @@ class TrainConfig(BaseModel):
         return {axis: sizes.get(axis) for axis in self.axes}
 
 
-_STRING_FIELDS = ("model", "data", "rows", "output", "device", "template", "sampler", "cost_metric", "exit_heads")
+_STRING_FIELDS = ("model", "data", "rows", "output", "device", "template", "sampler", "cost_metric", "exit_heads",
+                  "teacher", "teacher_kl", "teacher_dtype", "mix_data", "mix_rows")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

@@ -178,12 +178,18 @@ class Example:
     labels: list[int]  # IGNORE on prompt positions
 
 
+def encode_prompt(record: dict[str, str], tokenizer, template: str) -> list[int]:
+    """The prompt's token ids exactly as training sees them (a chat template brings its own BOS)."""
+    prompt, _ = prompt_and_response(record, tokenizer, template)
+    return tokenizer(prompt, add_special_tokens=template != "chat")["input_ids"]
+
+
 def tokenize_records(records: list[dict[str, str]], tokenizer, max_length: int, template: str = "alpaca") -> list[Example]:
     """Tokenize prompt and response separately so the prompt is masked exactly; truncate to max_length."""
     examples = []
     for record in records:
-        prompt, response = prompt_and_response(record, tokenizer, template)
-        p = tokenizer(prompt, add_special_tokens=template != "chat")["input_ids"]
+        _, response = prompt_and_response(record, tokenizer, template)
+        p = encode_prompt(record, tokenizer, template)
         r = tokenizer(response, add_special_tokens=False)["input_ids"]
         ids = (p + r)[:max_length]
         labels = ([IGNORE] * len(p) + r)[:max_length]
@@ -210,3 +216,30 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: a pure function of (seed, epoch), so resume replays it."""
     g = torch.Generator().manual_seed(seed * 10_007 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def mixed_count(labelled: int, pool: int, ratio: float) -> int:
+    """How many pool (generated) examples join each epoch so they make up `ratio` of it.
+
+    ratio 0: none; ratio 1: the whole pool and no labelled example; otherwise
+    round(labelled * ratio / (1 - ratio)), at most the pool's size.
+    """
+    if not 0 <= ratio <= 1:
+        raise ManyinoneError(f"mix_ratio {ratio!r} out of range; allowed 0 <= mix_ratio <= 1")
+    if ratio == 1:
+        return pool
+    return min(pool, round(labelled * ratio / (1 - ratio)))
+
+
+def mixed_epoch_order(labelled: int, pool: int, per_epoch: int, ratio: float, seed: int, epoch: int) -> list[int]:
+    """One epoch's example order over labelled examples [0, labelled) and pool examples
+    [labelled, labelled + pool): every labelled one (none when ratio is 1) plus `per_epoch` pool
+    examples. Successive epochs take successive slices of one seeded permutation of the pool, so
+    several samples per prompt are all seen before any repeats. Pure in (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 10_007 + 7)
+    pool_order = torch.randperm(pool, generator=g).tolist() if pool else []
+    first = epoch * per_epoch
+    chosen = [labelled + pool_order[(first + i) % pool] for i in range(per_epoch)] if pool else []
+    members = ([] if ratio == 1 else list(range(labelled))) + chosen
+    shuffle = epoch_order(len(members), seed, epoch)
+    return [members[i] for i in shuffle]

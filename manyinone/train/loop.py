@@ -26,16 +26,17 @@ from manyinone.train import distributed
 from manyinone.train import exit_heads
 from manyinone.io.checkpoint import CHECKPOINTS, atomic_dir, build_index, complete_resume_dirs, resume_dir, save_checkpoint
 from manyinone.train.config import TrainConfig
-from manyinone.train.data import collate, epoch_order, load_records, tokenize_records
+from manyinone.train.data import collate, load_records, mixed_count, mixed_epoch_order, tokenize_records
 from manyinone.core.errors import ManyinoneError
 from manyinone.io.integrity import verify_checksums, write_failure, write_text_durably
 from manyinone.train.interrupt import deferred_stop_signals
 from manyinone.io.loading import load_pretrained
-from manyinone.train.losses import exit_weights, nested_loss, supervised_positions
+from manyinone.train.losses import TeacherTarget, exit_weights, nested_loss, supervised_positions
 from manyinone.train.progress import TrainProgress
 from manyinone.core.registry import adapter_for
 from manyinone.elastic.reorder import reorder_by_importance
 from manyinone.train.samplers import make_sampler
+from manyinone.train.teacher import Teacher
 
 
 def pick_device(name: str) -> torch.device:
@@ -177,11 +178,17 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     sampler = make_sampler(cfg.sampler, space, cfg.seed, **({"k": cfg.sampler_k} if cfg.sampler == "random-k" else
                                                            {"n_random": cfg.sampler_k} if cfg.sampler == "sandwich" else {}))
     examples = tokenize_records(load_records(cfg.data, cfg.rows), tokenizer, cfg.max_length, cfg.template)
+    labelled = len(examples)
+    pool = tokenize_records(load_records(cfg.mix_data, cfg.mix_rows), tokenizer, cfg.max_length, cfg.template) \
+        if cfg.mix_data else []
+    examples += pool  # indices [labelled, labelled + len(pool)) are the mixed-in records
+    pool_per_epoch = mixed_count(labelled, len(pool), cfg.mix_ratio) if pool else 0
+    epoch_size = (0 if pool and cfg.mix_ratio == 1 else labelled) + pool_per_epoch
 
     per_step = cfg.batch_size * cfg.grad_accum * rt.world
-    steps_per_epoch = len(examples) // per_step
+    steps_per_epoch = epoch_size // per_step
     if steps_per_epoch == 0:
-        raise ManyinoneError(f"{len(examples)} examples < batch_size*grad_accum={per_step}; lower the batch size")
+        raise ManyinoneError(f"{epoch_size} examples < batch_size*grad_accum={per_step}; lower the batch size")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
     (rt.shard(model) if rt.distributed else model.to(device)).train()
@@ -207,6 +214,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     except OSError as exc:
         raise write_failure(output, exc) from None
 
+    teacher = teacher_target = None
+    if cfg.teacher:
+        teacher = Teacher.load(cfg.teacher, tokenizer, cfg.output, device, getattr(torch, cfg.teacher_dtype))
+        full = space.full()
+        teacher_weights = {s: cfg.teacher_full_weight if s == full else cfg.teacher_weight for s in specs}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     order_cache: dict[int, list[int]] = {}
 
@@ -214,7 +226,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         epoch, within = divmod(step, steps_per_epoch)
         if epoch not in order_cache:
             order_cache.clear()
-            order_cache[epoch] = epoch_order(len(examples), cfg.seed, epoch)
+            order_cache[epoch] = mixed_epoch_order(labelled, len(pool), pool_per_epoch, cfg.mix_ratio, cfg.seed, epoch)
         first = distributed.micro_batch_start(within, micro, cfg.grad_accum, cfg.batch_size, rt.world, rt.rank)
         chosen = [examples[i] for i in order_cache[epoch][first:first + cfg.batch_size]]
         return {k: v.to(device) for k, v in collate(chosen, tokenizer.pad_token_id).items()}
@@ -232,8 +244,19 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             sampled = sampler.sample(step)
             sums: dict[str, float] = {}
             tokens = 0
+            teacher_s = 0.0
             for micro in range(cfg.grad_accum):
                 batch = micro_batch(step, micro)
+                if teacher is not None:  # the teacher's forward is part of the step: timed on its own
+                    teacher_started = time.perf_counter()
+                    with autocast:
+                        t_feats, _ = supervised_positions(teacher.hidden(batch["input_ids"], batch["attention_mask"]),
+                                                          batch["labels"])  # [tokens, teacher_hidden]
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    teacher_s += time.perf_counter() - teacher_started
+                    teacher_target = TeacherTarget(t_feats, teacher.head_weight, teacher_weights,
+                                                   cfg.teacher_temperature, cfg.teacher_kl == "reverse")
                 with autocast:
                     hidden = adapter.forward_nested(batch["input_ids"], batch["attention_mask"], sampled)
                     feats, targets = {}, None
@@ -243,7 +266,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                     if exit_modules is not None:  # exits with their own modules; the full depth keeps the model's head
                         head = exit_modules.heads_for(feats, head)
                     out = nested_loss(feats, head, targets, weights, teacher=space.full(),
-                                      distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature)
+                                      distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature,
+                                      frozen=teacher_target)
                 (out.total / cfg.grad_accum).backward()
                 tokens += int(batch["attention_mask"].sum())
                 # .item() is a device sync; once per micro-batch is negligible next to the step.
@@ -251,6 +275,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                     sums[f"ce/{spec.label}"] = sums.get(f"ce/{spec.label}", 0.0) + ce.item() / cfg.grad_accum
                 for spec, kl in out.kl.items():
                     sums[f"kl/{spec.label}"] = sums.get(f"kl/{spec.label}", 0.0) + kl.item() / cfg.grad_accum
+                for spec, kl in (out.teacher_kl or {}).items():
+                    sums[f"teacher_kl/{spec.label}"] = sums.get(f"teacher_kl/{spec.label}", 0.0) + kl.item() / cfg.grad_accum
                 sums["loss"] = sums.get("loss", 0.0) + out.total.item() / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -262,7 +288,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                 stop.signum = signal.SIGTERM  # another rank was signalled (torchrun forwards SIGTERM)
             record = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr, **sums,
                       "grad_norm": distributed.scalar(grad_norm), "tokens": tokens, "step_time_s": elapsed,
-                      "tokens_per_s": tokens / elapsed}
+                      "tokens_per_s": tokens / elapsed, **({"teacher_s": teacher_s} if teacher is not None else {})}
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             metrics_file.write(json.dumps(record) + "\n")
