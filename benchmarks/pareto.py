@@ -29,7 +29,8 @@ from manyinone.eval.evaluate import evaluate_exits
 from manyinone.elastic.latency import measure_latency, option_table, plan_ms, save_table
 from manyinone.train.losses import supervised_positions
 from manyinone.elastic.router import Router, RouterTraining, plan_relative_cost, train_router
-from manyinone.train.loop import pick_device, train
+from manyinone.core.device import pick_device
+from manyinone.train.loop import train
 
 VARIANTS = ("depth", "width", "depth+width", "routed")
 

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from manyinone.train.config import TrainConfig
-from manyinone.train.distributed import Runtime, decoder_layers, micro_batch_start, world_size_from_env
+from manyinone.train.distributed import Runtime, decoder_layers, micro_batch_start, restore_state, world_size_from_env
 from manyinone.core.errors import ManyinoneError
+from manyinone.io.integrity import verify_checksums
 from manyinone.train.loop import train
 
 
@@ -86,6 +87,7 @@ def test_two_process_fsdp2_run_equals_one_process_and_resumes(tiny_llama, tmp_pa
     assert first.returncode == 0, first.stderr[-3000:]
     state = json.loads((two / "checkpoints" / "step-0000002" / "state.json").read_text())
     assert state == {"step": 2, "format": "dcp", "world": 2}
+    assert verify_checksums(two / "checkpoints" / "step-0000002", "resume checkpoint")  # shards + state.json listed
     resumed = _torchrun([*args, "--max-steps", "4"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step 2" in resumed.stderr
@@ -96,3 +98,14 @@ def test_two_process_fsdp2_run_equals_one_process_and_resumes(tiny_llama, tmp_pa
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
     assert json.loads((two / "manyinone.json").read_text())["specs"] == json.loads((ref / "manyinone.json").read_text())["specs"]
+
+
+@pytest.mark.parametrize("content", ['{"step": 2, "format": "dc', "", '{"format": "dcp", "world": 2}'])
+def test_a_damaged_state_json_is_a_clean_error(tmp_path, content):
+    """restore_state reads state.json through checkpoint.read_resume_state: a one-line error, no JSONDecodeError."""
+    last = tmp_path / "checkpoints" / "step-0000002"
+    last.mkdir(parents=True)
+    (last / "state.json").write_text(content)
+    with pytest.warns(UserWarning, match="no checksums.json"):
+        with pytest.raises(ManyinoneError, match=r"resume checkpoint .*step-0000002' is corrupt .*delete it"):
+            restore_state(Runtime(), tmp_path, nn.Linear(2, 2), None)

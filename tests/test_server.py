@@ -15,7 +15,8 @@ pytest.importorskip("fastapi")
 
 from manyinone.io.api import open_checkpoint  # noqa: E402
 from manyinone.runtime import Runtime  # noqa: E402
-from manyinone.runtime.server import create_app  # noqa: E402
+from manyinone.runtime.server import Engine, Message, create_app  # noqa: E402
+from manyinone.train.data import tokenize_records, encode_prompt  # noqa: E402
 
 MAX_LEN = 320
 
@@ -64,10 +65,15 @@ def test_completion_stream_and_budget(server):
 
 
 def test_chat_plain_and_streamed_speculative(server):
-    client, _ = server
+    client, runtime = server
     messages = [{"role": "user", "content": "Name a colour."}]
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     assert plain.choices[0].message.role == "assistant"
+    # The reply is greedy decoding of the message in the checkpoint's training template (not a constant):
+    prompt = encode_prompt({"instruction": "Name a colour.", "input": "", "output": ""}, runtime.tokenizer, "alpaca")
+    expected = runtime.generate([prompt], max_new_tokens=10)
+    assert plain.choices[0].message.content == runtime.decode(expected.tokens[0])
+    assert plain.usage.prompt_tokens == len(prompt)
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
                                                  stream=True, extra_body={"speculative": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
@@ -114,3 +120,23 @@ def test_concurrent_requests_all_succeed(server):
         first = list(pool.map(ask, range(12)))
     assert first == [ask(i) for i in range(12)]  # same answers as one at a time: no cross-talk
     assert client.models.list().data[0].id == "tiny"
+
+
+def test_chat_prompt_has_one_bos_exactly_as_training_encoded_it(trained_run):
+    """A tokenizer that adds BOS, with a chat template that writes it too: the server's prompt ids are the
+    ids training used for the same message (one BOS), not the tokenizer default (two)."""
+    from tokenizers.processors import TemplateProcessing
+
+    from helpers import BOS_ID, CHAT_TEMPLATE
+
+    nested = open_checkpoint(trained_run)
+    tok = nested.tokenizer
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    tok.chat_template = CHAT_TEMPLATE
+    assert tok("hi")["input_ids"][0] == BOS_ID  # the tokenizer default adds a BOS
+    engine = Engine(Runtime(nested.model, tok, nested.index, max_len=MAX_LEN), template="chat")
+    ids = engine.chat_prompt([Message(role="user", content="Name a colour.")])
+    trained = tokenize_records([{"instruction": "Name a colour.", "input": "", "output": "x"}], tok, 512, "chat")[0]
+    prompt_len = trained.labels.index(next(label for label in trained.labels if label != -100))
+    assert ids == trained.input_ids[:prompt_len]
+    assert ids.count(BOS_ID) == 1

@@ -292,7 +292,7 @@ def distill_data(
     from manyinone.io.loading import load_pretrained
     from manyinone.runtime.generate import dtype_named
     from manyinone.runtime.sampling import Sampling
-    from manyinone.train.loop import pick_device
+    from manyinone.core.device import pick_device
 
     for value, name in ((samples, "--samples"), (max_new_tokens, "--max-new-tokens"), (batch_size, "--batch-size")):
         _at_least(value, 1, name)

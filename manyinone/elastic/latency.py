@@ -121,10 +121,11 @@ def option_table(table: dict[str, Any], options: Sequence[Option], num_layers: i
 
 
 def save_table(table: dict[str, Any], path: str | Path) -> Path:
+    """Write `table` as JSON through the durable writer (fsync, one rename)."""
+    from manyinone.io.durable import write_text_durably
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(table, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_durably(path, json.dumps(table, indent=2) + "\n")
     return path
 
 

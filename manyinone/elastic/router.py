@@ -169,30 +169,13 @@ def plan_relative_cost(plan: Sequence[Option], table: torch.Tensor, options: Seq
     return fixed + sum(float(table[i, list(options).index(tuple(o))]) for i, o in enumerate(plan))
 
 
-def routed_plan(index: dict, budget: float | None) -> tuple[Option, ...] | None:
-    """The stored per-layer plan of the largest relative cost within `budget`; None when the index
-    holds no routed plans (or budget is None: the full model)."""
-    from manyinone.core.cost import check_budget
-
-    routed = index.get("routed") or []
-    if not routed or budget is None:
-        return None
-    budget = check_budget(budget)
-    fitting = [r for r in routed if r["relative"] <= budget + 1e-9]
-    if not fitting:
-        low = min(r["relative"] for r in routed)
-        raise ManyinoneError(f"budget {budget} is below the smallest routed plan (cost {low:.3f}); allowed {low:.3f} <= budget <= 1")
-    best = max(fitting, key=lambda r: (r["relative"], r["budget"]))
-    return tuple(tuple(o) for o in best["plan"])
-
-
 ROUTER_WEIGHTS, ROUTER_CONFIG = "router.safetensors", "router.json"
 
 
 def save_router(router: Router, folder, metric: str = "flops") -> dict:
-    """Write router.safetensors + router.json into `folder`, each whole or not at all."""
+    """Write router.safetensors + router.json into `folder`, the temp folder of an atomic write
+    (`save_checkpoint(write_extra=...)`): that write fsyncs, checksums and renames them with the weights."""
     import json
-    import os
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -200,10 +183,8 @@ def save_router(router: Router, folder, metric: str = "flops") -> dict:
     folder = Path(folder)
     config = {"options": [list(o) for o in router.options], "context_size": router.context_size,
               "hidden": router.layers[0][0].out_features, "num_layers": len(router.layers), "metric": metric}
-    save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(folder / ".router.tmp"))
-    os.replace(folder / ".router.tmp", folder / ROUTER_WEIGHTS)
-    (folder / ".router-json.tmp").write_text(json.dumps(config) + "\n")
-    os.replace(folder / ".router-json.tmp", folder / ROUTER_CONFIG)
+    save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(folder / ROUTER_WEIGHTS))
+    (folder / ROUTER_CONFIG).write_text(json.dumps(config) + "\n")
     return config
 
 

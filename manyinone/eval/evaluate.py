@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from manyinone.core.adapter import ModelAdapter
-from manyinone.io.checkpoint import atomic_dir
+from manyinone.io.durable import atomic_dir
 from manyinone.train.data import IGNORE, Example, collate
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.train.losses import supervised_positions

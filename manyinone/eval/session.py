@@ -8,11 +8,11 @@ import torch
 
 from manyinone.io.api import NestedModel, load, open_checkpoint
 from manyinone.io.checkpoint import INDEX_FILE, build_index, read_index, resolve
-from manyinone.train.data import prompt_and_response
+from manyinone.train.data import encode_prompt
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.io.loading import load_pretrained
 from manyinone.core.registry import adapter_for
-from manyinone.train.loop import pick_device
+from manyinone.core.device import pick_device
 
 
 def load_for_eval(source: str, exits: list[int] | None, device: str = "auto"
@@ -43,8 +43,8 @@ def generate_text(ckpt: Path, prompt: str, budget: float | None, max_new_tokens:
     model = load(ckpt, budget)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     template = template or index.get("train", {}).get("template", "alpaca")
-    text, _ = prompt_and_response({"instruction": prompt, "input": "", "output": ""}, tokenizer, template)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=template != "chat")
+    ids = encode_prompt({"instruction": prompt, "input": "", "output": ""}, tokenizer, template)
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,

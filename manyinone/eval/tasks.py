@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from manyinone.train.data import Example, prompt_and_response
+from manyinone.train.data import Example, adds_special_tokens, prompt_and_response
 from manyinone.core.space import NestedSpace
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.progress import TrainProgress
@@ -103,7 +103,7 @@ def qa_scores(nested, space: NestedSpace, records: list[dict[str, Any]], templat
                 em = contains = 0
                 for b_index, start in enumerate(batches):
                     enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                                    add_special_tokens=template != "chat").to(device)
+                                    add_special_tokens=adds_special_tokens(template)).to(device)
                     with autocast:
                         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                              pad_token_id=tokenizer.pad_token_id)

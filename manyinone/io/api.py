@@ -17,13 +17,12 @@ import torch
 from torch import nn
 
 from manyinone.core.adapter import ModelAdapter
-from manyinone.io.checkpoint import INDEX_FILE, read_index, resolve
+from manyinone.io.checkpoint import INDEX_FILE, read_index, resolve, routed_plan
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError, first_line
 from manyinone.train.exit_heads import ExitHeads, module_path
 from manyinone.io.integrity import CHECKSUMS_FILE, verify_checksums
 from manyinone.core.registry import adapter_for
-from manyinone.elastic.router import routed_plan
 
 
 @dataclass

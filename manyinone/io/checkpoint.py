@@ -11,13 +11,8 @@ Layout (all written atomically: a temp folder, then one rename):
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +21,10 @@ from safetensors.torch import save_model
 from torch import nn
 
 from manyinone.core.adapter import ModelAdapter
-from manyinone.core.cost import METRICS, resolve_budget
+from manyinone.core.cost import METRICS, check_budget, resolve_budget
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError
-from manyinone.io.integrity import fsync_dir, is_write_failure, write_checksums, write_failure
+from manyinone.io.durable import atomic_dir
 
 INDEX_FILE, WEIGHTS_FILE, FORMAT = "manyinone.json", "model.safetensors", "manyinone/1"
 
@@ -43,70 +38,36 @@ def resume_dir(output: Path, step: int) -> Path:
     return output / CHECKPOINTS / f"step-{step:07d}"
 
 
+def resume_corrupt(folder: Path, exc: BaseException) -> ManyinoneError:
+    return ManyinoneError(f"resume checkpoint {str(folder)!r} is corrupt ({type(exc).__name__}); "
+                          "delete it to resume from an earlier one")
+
+
+def read_resume_state(folder: Path) -> dict[str, Any]:
+    """The checked state.json of resume folder `folder` (checksums verified first): {"step": int, ...}.
+
+    A damaged folder or state.json is a one-line ManyinoneError saying to delete it, never a raw
+    JSONDecodeError; single-process (train.py) and torchrun (distributed.py) resumes both read here.
+    """
+    from manyinone.io.integrity import verify_checksums
+
+    try:
+        verify_checksums(folder, "resume checkpoint")
+    except ManyinoneError as exc:
+        raise ManyinoneError(f"{exc}; delete it to resume from an earlier one") from None
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        state["step"] = int(state["step"])
+    except Exception as exc:
+        raise resume_corrupt(folder, exc) from None
+    return state
+
+
 def complete_resume_dirs(output: Path) -> list[Path]:
     """The complete resumable checkpoints under run folder `output`, oldest first."""
     root = output / CHECKPOINTS
     done = [p for p in root.glob("step-*") if (p / "state.json").is_file()] if root.is_dir() else []
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
-@contextmanager
-def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; on success it replaces `target` in one rename.
-
-    With `merge`, files are instead renamed one by one into an existing `target` (a training run
-    folder that also holds logs), the budget index last, so a reader never sees an index whose
-    weights are not in place yet. On any error the temp folder is removed and `target` untouched;
-    a failed write (disk full, unwritable folder) raises OutputWriteError naming `target`.
-    With `checksums`, every file written is listed with its sha256 in `checksums.json` (`integrity`).
-    """
-    target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _recover_interrupted_write(target)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as exc:
-        raise write_failure(target, exc) from None
-    try:
-        yield tmp
-        if checksums:
-            write_checksums(tmp)  # sizes + sha256 of everything written, each file fsync'ed
-        if merge:
-            target.mkdir(exist_ok=True)
-            for item in sorted(tmp.iterdir(), key=lambda p: p.name == INDEX_FILE):
-                os.replace(item, target / item.name)
-            tmp.rmdir()
-            fsync_dir(target)
-        elif target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_dir(target.parent)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, ManyinoneError) and is_write_failure(exc):
-            raise write_failure(target, exc) from None
-        raise
-
-
-def _recover_interrupted_write(target: Path) -> None:
-    """Undo what a write of `target` killed mid-way (SIGKILL, power loss) left beside it.
-
-    `.NAME.tmp-*` is an unfinished write: removed. `.NAME.old-*` is the previous content, moved
-    aside by a write that died before its second rename: put back if `target` is gone, else removed.
-    """
-    name = glob.escape(target.name)
-    for stale in target.parent.glob(f".{name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for old in target.parent.glob(f".{name}.old-*"):
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, target)
 
 
 def build_index(adapter: ModelAdapter, space: NestedSpace, metric: str = "flops", context: int = 512,
@@ -130,6 +91,21 @@ def spec_costs(index: dict[str, Any]) -> dict[SubnetSpec, float]:
 
 def resolve(index: dict[str, Any], budget: float | None) -> SubnetSpec:
     return resolve_budget(spec_costs(index), budget)
+
+
+def routed_plan(index: dict, budget: float | None) -> tuple[tuple[int, int], ...] | None:
+    """The stored per-layer plan of the largest relative cost within `budget`; None when the index
+    holds no routed plans (or budget is None: the full model)."""
+    routed = index.get("routed") or []
+    if not routed or budget is None:
+        return None
+    budget = check_budget(budget)
+    fitting = [r for r in routed if r["relative"] <= budget + 1e-9]
+    if not fitting:
+        low = min(r["relative"] for r in routed)
+        raise ManyinoneError(f"budget {budget} is below the smallest routed plan (cost {low:.3f}); allowed {low:.3f} <= budget <= 1")
+    best = max(fitting, key=lambda r: (r["relative"], r["budget"]))
+    return tuple(tuple(o) for o in best["plan"])
 
 
 def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str | os.PathLike,

@@ -1,4 +1,5 @@
-"""Checksums and durable writes for every folder manyinone writes (checkpoints, exports, resume state).
+"""Checksums for every folder manyinone writes (checkpoints, exports, resume state): hashing and
+verifying here; `durable.write_checksums` writes the listing.
 
 Each such folder carries `checksums.json`: `{file name: {"bytes": n, "sha256": hex}}` for every file
 written with it, computed (and fsync'ed) before the folder is renamed into place. Readers verify it
@@ -6,7 +7,7 @@ before loading anything, so a truncated copy or an altered file is refused with 
 file, never loaded silently.
 
 Example:
-    >>> write_checksums(folder)          # after the files are written, before the rename
+    >>> durable.write_checksums(folder)  # after the files are written, before the rename
     >>> verify_checksums(folder)         # raises ManyinoneError naming a missing/truncated/altered file
 """
 
@@ -15,9 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -25,13 +23,6 @@ from manyinone.core.errors import ManyinoneError
 
 CHECKSUMS_FILE = "checksums.json"
 _CHUNK = 1 << 20  # bytes read at a time while hashing
-
-
-class OutputWriteError(ManyinoneError, OSError):
-    """Writing an output failed (disk full, unwritable folder); what was there before is intact.
-
-    Also an OSError, so callers catching I/O errors keep working.
-    """
 
 
 def file_digest(path: Path, sync: bool = False) -> tuple[int, str]:
@@ -44,17 +35,6 @@ def file_digest(path: Path, sync: bool = False) -> tuple[int, str]:
         if sync:
             os.fsync(f.fileno())
     return size, digest.hexdigest()
-
-
-def write_checksums(folder: Path) -> dict[str, dict]:
-    """List every file of `folder` (not sub-folders) in `folder/checksums.json`; returns the listing."""
-    listing = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != CHECKSUMS_FILE:
-            size, sha = file_digest(path, sync=True)
-            listing[path.name] = {"bytes": size, "sha256": sha}
-    write_text_durably(folder / CHECKSUMS_FILE, json.dumps(listing, indent=1) + "\n")
-    return listing
 
 
 def verify_checksums(folder: str | os.PathLike, what: str = "checkpoint") -> bool:
@@ -88,58 +68,3 @@ def verify_checksums(folder: str | os.PathLike, what: str = "checkpoint") -> boo
         if file_digest(path)[1] != expected_sha:
             raise ManyinoneError(f"{broken}: {name} is altered (its sha256 differs from {CHECKSUMS_FILE})")
     return True
-
-
-def write_text_durably(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename, so a crash leaves the old or the new file, never half."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def is_write_failure(exc: BaseException) -> bool:
-    """True for the errors a full disk or an unwritable folder raises through our writers.
-
-    safetensors and torch.save wrap the OS error in their own types (SafetensorError "I/O error",
-    RuntimeError from torch's zip writer), so the type alone does not tell.
-    """
-    if isinstance(exc, OSError):
-        return True
-    text = str(exc)
-    return (type(exc).__name__ == "SafetensorError" and "I/O error" in text) or (
-        isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text))
-
-
-def write_failure(target: Path, exc: BaseException) -> OutputWriteError:
-    """A one-line error for a failed write of `target`, with the free space left where it goes."""
-    if isinstance(exc, OSError) and exc.strerror:
-        reason = exc.strerror
-    else:  # safetensors: "... I/O error: No space left on device (os error 28)"; torch: "unexpected pos ..."
-        found = re.search(r"I/O error: (.+?) \(os error", str(exc))
-        reason = found.group(1) if found else "the write failed (disk full?)"
-    try:
-        free = f"; {shutil.disk_usage(target.parent).free / 2**20:,.1f} MiB free there"
-    except OSError:
-        free = ""
-    return OutputWriteError(f"cannot write {str(target)!r}: {reason}{free}; what was there before is left intact")

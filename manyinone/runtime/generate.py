@@ -102,7 +102,7 @@ class Runtime:
              **kwargs: Any) -> "Runtime":
         """A runtime over a manyinone checkpoint folder (any budget it indexes)."""
         from manyinone.io.api import open_checkpoint
-        from manyinone.train.loop import pick_device
+        from manyinone.core.device import pick_device
 
         return cls.from_nested(open_checkpoint(path, dtype=dtype, device=str(pick_device(device))), **kwargs)
 
@@ -141,8 +141,12 @@ class Runtime:
         return int(spec["depth"])
 
     # --- text helpers -----------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
+    def encode(self, text: str, template: str = "raw") -> list[int]:
+        """Token ids of `text` as training tokenized prompts (`train.data.encode_text`): "chat" for a
+        chat-template text (its special tokens are already in it), anything else for plain text."""
+        from manyinone.train.data import encode_text
+
+        return encode_text(self.tokenizer, text, template)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

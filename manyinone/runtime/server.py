@@ -77,19 +77,21 @@ class Engine:
         self.runtime, self.template, self.default_max_tokens = runtime, template, default_max_tokens
         self.lock = threading.Lock()
 
-    def chat_prompt(self, messages: list[Message]) -> str:
+    def chat_prompt(self, messages: list[Message]) -> list[int]:
+        """Token ids of a chat, encoded as training encoded prompts (one BOS, never two)."""
         tok = self.runtime.tokenizer
         if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
+            text = tok.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
                                            add_generation_prompt=True)
-        from manyinone.train.data import prompt_and_response
+            return self.runtime.encode(text, "chat")
+        from manyinone.train.data import encode_prompt
 
         # No chat template: the checkpoint's training template around the last user message.
         user = [m.content for m in messages if m.role == "user"] or [messages[-1].content]
         template = "alpaca" if self.template == "chat" else self.template
-        return prompt_and_response({"instruction": user[-1], "input": "", "output": ""}, tok, template)[0]
+        return encode_prompt({"instruction": user[-1], "input": "", "output": ""}, tok, template)
 
-    def check(self, req: _Common, prompts: list[str], max_tokens: int | None) -> dict[str, Any]:
+    def check(self, req: _Common, prompts: list[str | list[int]], max_tokens: int | None) -> dict[str, Any]:
         """Everything a bad request could get wrong, before any work: raises ManyinoneError."""
         rt = self.runtime
         depth = rt.depth_for(req.budget)
@@ -98,7 +100,7 @@ class Engine:
             if depth == 1:
                 raise ManyinoneError("speculative decoding needs a depth above 1; raise the budget or set speculative false")
             extra = draft_settings(rt, depth, None, None)[1]  # the draft may run k slots past the answer
-        ids = [rt.encode(p) for p in prompts]
+        ids = [p if isinstance(p, list) else rt.encode(p) for p in prompts]  # text or already-encoded ids
         if req.stream and len(ids) > 1:
             raise ManyinoneError("stream supports one prompt per request; got a list of prompts")
         max_new = max_tokens or self.default_max_tokens

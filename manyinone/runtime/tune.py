@@ -21,15 +21,13 @@ DRAFT_LENGTHS = (2, 3, 4, 6, 8)
 def instruction_prompts(runtime: Runtime, data: str, rows: str | None, count: int) -> list[list[int]]:
     """Token ids of the first `count` instructions of a data set, wrapped in the checkpoint's training
     template (what the model saw in training), answers left out."""
-    from manyinone.train.data import load_records, prompt_and_response
+    from manyinone.train.data import encode_prompt, load_records
 
     template = ((runtime.index or {}).get("train") or {}).get("template", "alpaca")
     records = load_records(data, rows)[:count]
     if not records:
         raise ManyinoneError(f"data {data!r} rows {rows!r} hold no records; need at least one prompt")
-    tok = runtime.tokenizer
-    texts = [prompt_and_response(r, tok, template)[0] for r in records]
-    return [tok(t, add_special_tokens=template != "chat")["input_ids"] for t in texts]
+    return [encode_prompt(r, runtime.tokenizer, template) for r in records]
 
 
 def decode_rate(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int, budget: float | None = None,
@@ -74,7 +72,8 @@ def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 6
 def store_choice(ckpt: str | os.PathLike, choice: dict[str, Any]) -> Path:
     """Write `choice` into the checkpoint's budget index (manyinone.json) and its entry in checksums.json,
     each replaced in one rename. The checkpoint is verified first, so a damaged one is never re-blessed."""
-    from manyinone.io.integrity import CHECKSUMS_FILE, file_digest, verify_checksums, write_text_durably
+    from manyinone.io.durable import write_text_durably
+    from manyinone.io.integrity import CHECKSUMS_FILE, file_digest, verify_checksums
 
     folder = Path(ckpt)
     index = read_index(folder)

@@ -172,6 +172,21 @@ def prompt_and_response(record: dict[str, str], tokenizer, template: str) -> tup
     return prompt, record["output"] + (tokenizer.eos_token or "")
 
 
+def adds_special_tokens(template: str) -> bool:
+    """Whether the tokenizer adds its special tokens (BOS) to a prompt text of `template`.
+
+    A chat-template text already carries them, so adding them again would give the model a second
+    BOS that training never showed it; any other text (alpaca, a raw completion prompt) gets them.
+    """
+    return template != "chat"
+
+
+def encode_text(tokenizer, text: str, template: str) -> list[int]:
+    """Token ids of an already-templated prompt text, as training tokenized it (see `encode_prompt`).
+    `template`: "chat" for chat-template text (its BOS is in it), anything else for plain text."""
+    return tokenizer(text, add_special_tokens=adds_special_tokens(template))["input_ids"]
+
+
 @dataclass
 class Example:
     input_ids: list[int]
@@ -179,9 +194,10 @@ class Example:
 
 
 def encode_prompt(record: dict[str, str], tokenizer, template: str) -> list[int]:
-    """The prompt's token ids exactly as training sees them (a chat template brings its own BOS)."""
+    """The prompt's token ids exactly as training sees them (a chat template brings its own BOS): the one
+    prompt encoder for training, eval, the runtime's tuning and the server."""
     prompt, _ = prompt_and_response(record, tokenizer, template)
-    return tokenizer(prompt, add_special_tokens=template != "chat")["input_ids"]
+    return encode_text(tokenizer, prompt, template)
 
 
 def tokenize_records(records: list[dict[str, str]], tokenizer, max_length: int, template: str = "alpaca") -> list[Example]:

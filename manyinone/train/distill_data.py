@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from manyinone.core.errors import ManyinoneError
-from manyinone.io.integrity import fsync_dir, write_failure, write_text_durably
+from manyinone.io.durable import append_durably, fsync_dir, publish_file, truncate_durably, write_failure, write_text_durably
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,7 @@ def read_partial(path: Path, records: list[dict[str, str]]) -> set[tuple[int, in
     raw = path.read_bytes()
     complete = raw[:raw.rfind(b"\n") + 1]  # everything up to the last whole line
     if len(complete) != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-            os.fsync(f.fileno())
+        truncate_durably(path, len(complete))
     done = set()
     for n, line in enumerate(complete.decode("utf-8").splitlines()):
         try:
@@ -132,16 +130,14 @@ def distill_dataset(output: str | os.PathLike, settings: SampleSettings, records
                                          "prompt_index": p, "sample": s, "prompt_sha256": prompt_sha(rec)},
                                         ensure_ascii=False) + "\n")
             try:
-                f.write("".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
+                append_durably(f, "".join(lines))
             except OSError as exc:
                 raise write_failure(partial, exc) from None
             done.update(todo)
             written += len(lines)
             if progress is not None:
                 progress(len(done), total)
-    os.replace(partial, out)  # complete: one rename publishes it
+    publish_file(partial, out)  # complete: one rename publishes it
     meta.unlink(missing_ok=True)
     fsync_dir(out.parent)
     return out, written

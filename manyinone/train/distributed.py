@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from manyinone.io.checkpoint import complete_resume_dirs, resume_dir
+from manyinone.io.checkpoint import complete_resume_dirs, read_resume_state, resume_corrupt, resume_dir
+from manyinone.io.durable import publish_dir, write_checksums
 from manyinone.core.errors import ManyinoneError
 
 
@@ -154,9 +155,8 @@ def save_state(rt: Runtime, output: Path, step: int, model: nn.Module, optimizer
     rt.barrier()
     if rt.is_main:
         (tmp / "state.json").write_text(json.dumps({"step": step, "format": "dcp", "world": rt.world}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        write_checksums(tmp)  # sizes + sha256 of the shards and state.json, each fsync'ed
+        publish_dir(tmp, target)  # one rename (old state moved aside first), then fsync of the folder
         for old in complete_resume_dirs(output)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     rt.barrier()
@@ -172,7 +172,7 @@ def restore_state(rt: Runtime, output: Path, model: nn.Module, optimizer) -> int
     if not dirs:
         return 0
     last = dirs[-1]
-    meta = json.loads((last / "state.json").read_text())
+    meta = read_resume_state(last)  # checksums verified; a damaged state.json is a clean error
     if meta.get("format") != "dcp":
         raise ManyinoneError(f"resume checkpoint {str(last)!r} was written by a single-process run; "
                              "resume it without torchrun (or start a new --output)")
@@ -186,10 +186,9 @@ def restore_state(rt: Runtime, output: Path, model: nn.Module, optimizer) -> int
     try:
         dcp.load(state, checkpoint_id=str(last))
     except Exception as exc:
-        raise ManyinoneError(f"resume checkpoint {str(last)!r} is corrupt ({type(exc).__name__}); "
-                             "delete it to resume from an earlier one") from None
+        raise resume_corrupt(last, exc) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return int(meta["step"])
+    return meta["step"]
 
 
 def unsharded_copy(rt: Runtime, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:

@@ -24,11 +24,13 @@ from safetensors.torch import load_model, save_model
 
 from manyinone.train import distributed
 from manyinone.train import exit_heads
-from manyinone.io.checkpoint import CHECKPOINTS, atomic_dir, build_index, complete_resume_dirs, resume_dir, save_checkpoint
+from manyinone.io.checkpoint import (CHECKPOINTS, build_index, complete_resume_dirs, read_resume_state, resume_corrupt,
+                                     resume_dir, save_checkpoint)
+from manyinone.io.durable import atomic_dir, write_failure, write_text_durably
 from manyinone.train.config import TrainConfig
 from manyinone.train.data import collate, load_records, mixed_count, mixed_epoch_order, tokenize_records
+from manyinone.core.device import pick_device
 from manyinone.core.errors import ManyinoneError
-from manyinone.io.integrity import verify_checksums, write_failure, write_text_durably
 from manyinone.train.interrupt import deferred_stop_signals
 from manyinone.io.loading import load_pretrained
 from manyinone.train.losses import TeacherTarget, exit_weights, nested_loss, supervised_positions
@@ -37,18 +39,6 @@ from manyinone.core.registry import adapter_for
 from manyinone.elastic.reorder import reorder_by_importance
 from manyinone.train.samplers import make_sampler
 from manyinone.train.teacher import Teacher
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ManyinoneError(f"device {name!r} unknown; allowed auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ManyinoneError(f"device {name!r} requested but CUDA is not available; use cpu or auto")
-    return device
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -85,19 +75,8 @@ def restore_state(output: Path, model, optimizer) -> int:
     if not dirs:
         return 0
     last = dirs[-1]
-    try:
-        verify_checksums(last, "resume checkpoint")
-    except ManyinoneError as exc:
-        raise ManyinoneError(f"{exc}; delete it to resume from an earlier one") from None
-    def corrupt(exc: Exception) -> ManyinoneError:
-        return ManyinoneError(f"resume checkpoint {str(last)!r} is corrupt ({type(exc).__name__}); "
-                              "delete it to resume from an earlier one")
-
-    try:
-        state = json.loads((last / "state.json").read_text())
-        step, written_by = int(state["step"]), state.get("world")
-    except Exception as exc:
-        raise corrupt(exc) from None
+    state = read_resume_state(last)
+    step, written_by = state["step"], state.get("world")
     if written_by:
         raise ManyinoneError(f"resume checkpoint {str(last)!r} was written by {written_by} processes under torchrun; "
                              f"resume with torchrun --nproc-per-node {written_by} (or start a new --output)")
@@ -105,7 +84,7 @@ def restore_state(output: Path, model, optimizer) -> int:
         load_model(model, str(last / "model.safetensors"))
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location="cpu"))
     except Exception as exc:
-        raise corrupt(exc) from None
+        raise resume_corrupt(last, exc) from None
     return step
 
 

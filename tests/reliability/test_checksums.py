@@ -17,7 +17,8 @@ from manyinone.cli import app
 from manyinone.train.config import TrainConfig
 from manyinone.core.errors import ManyinoneError
 from manyinone.io.export import export_all, export_budget
-from manyinone.io.integrity import CHECKSUMS_FILE, file_digest, verify_checksums, write_checksums
+from manyinone.io.durable import write_checksums
+from manyinone.io.integrity import CHECKSUMS_FILE, file_digest, verify_checksums
 from manyinone.train.loop import train
 
 

@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 import manyinone
 import manyinone.io.checkpoint as checkpoint
 from harness import SETTINGS, assert_bitwise_equal, child_env, leftovers, run_weights, train_command
-from manyinone.io.checkpoint import atomic_dir
+from manyinone.io.durable import OutputWriteError, atomic_dir
 from manyinone.cli import app
 from manyinone.train.config import TrainConfig
 from manyinone.io.export import export_budget
-from manyinone.io.integrity import OutputWriteError, verify_checksums
+from manyinone.io.integrity import verify_checksums
 from manyinone.train.loop import train
 
 
