@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from manyinone.core.adapter import ModelAdapter
-from manyinone.io.checkpoint import INDEX_FILE, read_index, resolve, routed_plan
+from manyinone.io.checkpoint import INDEX_FILE, load_index, resolve, routed_plan
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError, first_line
 from manyinone.train.exit_heads import ExitHeads, module_path
@@ -70,7 +70,8 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     folder = Path(path)
     if (folder / CHECKSUMS_FILE).is_file() or (folder / INDEX_FILE).is_file():
         verify_checksums(folder)  # before read_index, so a damaged manyinone.json is named as such
-    index = read_index(path)
+    typed = load_index(path)
+    index = typed.to_dict()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -80,6 +81,7 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
+    typed.check_model(model.config.num_hidden_layers, f"checkpoint {str(path)!r}")  # depth <= the model's layers
     adapter = adapter_for(model, list(index["space"]))
     heads = None
     if "exit_heads" in index:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ from safetensors.torch import save_model
 from torch import nn
 
 from manyinone.core.adapter import ModelAdapter
-from manyinone.core.cost import METRICS, check_budget, resolve_budget
+from manyinone.core.cost import METRICS
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.io.durable import atomic_dir
+from manyinone.core.index import FORMAT, BudgetIndex, dumps_index, parse_index
 
-INDEX_FILE, WEIGHTS_FILE, FORMAT = "manyinone.json", "model.safetensors", "manyinone/1"
+INDEX_FILE, WEIGHTS_FILE = "manyinone.json", "model.safetensors"
 
 
 # Resumable training state inside a run folder: checkpoints/step-NNNNNNN/, complete once state.json
@@ -84,28 +86,52 @@ def build_index(adapter: ModelAdapter, space: NestedSpace, metric: str = "flops"
             "space": space.to_dict(), "metric": metric, "context": context, "specs": specs, **extra}
 
 
-def spec_costs(index: dict[str, Any]) -> dict[SubnetSpec, float]:
+def load_index(path: str | os.PathLike) -> BudgetIndex:
+    """The one reader: the typed budget index of a checkpoint folder (manyinone.json, else the copy
+    in the safetensors metadata; the one writer keeps both identical). Every problem is one line."""
+    folder = Path(path)
+    source = f"checkpoint {str(path)!r}"
+    if not folder.is_dir():
+        raise ManyinoneError(f"{source} not found (expected a folder written by manyinone)")
+    index_file, weights = folder / INDEX_FILE, folder / WEIGHTS_FILE
+    try:
+        if index_file.is_file():
+            raw = json.loads(index_file.read_text())
+        elif weights.is_file():
+            with safe_open(str(weights), framework="pt") as f:
+                raw = json.loads((f.metadata() or {})["manyinone"])
+        else:
+            raise ManyinoneError(f"{str(path)!r} is not a manyinone checkpoint: no {INDEX_FILE} or {WEIGHTS_FILE}")
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError, OSError) as exc:
+        raise ManyinoneError(f"{source} is corrupt: cannot read its budget index ({type(exc).__name__})") from None
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        if isinstance(exc, ManyinoneError):
+            raise
+        raise ManyinoneError(f"{source} is corrupt: {WEIGHTS_FILE} unreadable ({exc})") from None
+    return parse_index(raw, source)
+
+
+def read_index(path: str | os.PathLike) -> dict[str, Any]:
+    """`load_index` as the plain dict stored on disk (validated), for callers that read it as JSON."""
+    return load_index(path).to_dict()
+
+
+def _typed(index: BudgetIndex | dict[str, Any]) -> BudgetIndex:
+    return index if isinstance(index, BudgetIndex) else parse_index(index, "budget index")
+
+
+def spec_costs(index: BudgetIndex | dict[str, Any]) -> dict[SubnetSpec, float]:
     """spec -> relative cost under the index's metric."""
-    return {SubnetSpec(e["spec"]): e["relative"][index["metric"]] for e in index["specs"]}
+    return _typed(index).spec_costs()
 
 
-def resolve(index: dict[str, Any], budget: float | None) -> SubnetSpec:
-    return resolve_budget(spec_costs(index), budget)
+def resolve(index: BudgetIndex | dict[str, Any], budget: float | None) -> SubnetSpec:
+    return _typed(index).resolve(budget)
 
 
-def routed_plan(index: dict, budget: float | None) -> tuple[tuple[int, int], ...] | None:
-    """The stored per-layer plan of the largest relative cost within `budget`; None when the index
-    holds no routed plans (or budget is None: the full model)."""
-    routed = index.get("routed") or []
-    if not routed or budget is None:
-        return None
-    budget = check_budget(budget)
-    fitting = [r for r in routed if r["relative"] <= budget + 1e-9]
-    if not fitting:
-        low = min(r["relative"] for r in routed)
-        raise ManyinoneError(f"budget {budget} is below the smallest routed plan (cost {low:.3f}); allowed {low:.3f} <= budget <= 1")
-    best = max(fitting, key=lambda r: (r["relative"], r["budget"]))
-    return tuple(tuple(o) for o in best["plan"])
+def routed_plan(index: BudgetIndex | dict[str, Any], budget: float | None) -> tuple[tuple[int, int], ...] | None:
+    """The stored per-layer plan of the largest relative cost within `budget` (BudgetIndex.routed_plan)."""
+    return _typed(index).routed_plan(budget)
 
 
 def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str | os.PathLike,
@@ -116,6 +142,7 @@ def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str
     in the index; plain transformers ignores them and loads the full model. `write_extra(folder)`
     adds more files (a router) inside the same atomic write, so the checksums cover them too.
     """
+    parse_index(index, "budget index being written")  # a bad index fails before anything is written
     with atomic_dir(out, merge=merge, checksums=True) as tmp:
         # The index records exit modules exactly when this write stores them (a source's entry
         # never outlives them: an export folds them in, an --all export writes them again).
@@ -130,37 +157,63 @@ def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # save_model stores tied tensors (embeddings / LM head) once; transformers re-ties on load.
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "manyinone": json.dumps(index)})
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        _write_index_copies(tmp, index, lambda metadata: save_model(model, str(tmp / WEIGHTS_FILE), metadata=metadata))
     return Path(out)
 
 
-def read_index(path: str | os.PathLike) -> dict[str, Any]:
-    """The budget index of a checkpoint folder, from manyinone.json or the safetensors metadata."""
+def _write_index_copies(folder: Path, index: BudgetIndex | dict[str, Any], write_weights) -> None:
+    """The one writer: the index serialised once, into the weights' metadata and manyinone.json alike."""
+    text = dumps_index(index)
+    write_weights({"format": "pt", "manyinone": text})
+    (folder / INDEX_FILE).write_text(json.dumps(json.loads(text), indent=2) + "\n")
+
+
+def rewrite_index(path: str | os.PathLike, update) -> Path:
+    """Change a checkpoint's budget index in place: `update(index dict) -> index dict`.
+
+    Both copies change together in one atomic folder write: the weights file is rewritten with the
+    new metadata (tensor bytes copied unchanged), manyinone.json beside it, the other files hard-linked
+    (copied where links are unsupported), checksums recomputed. The checkpoint is verified first, so a
+    damaged one is never re-blessed; a crash leaves the old checkpoint or the new one.
+    """
+    from manyinone.io.integrity import CHECKSUMS_FILE, verify_checksums
+
     folder = Path(path)
-    if not folder.is_dir():
-        raise ManyinoneError(f"checkpoint {str(path)!r} not found (expected a folder written by manyinone)")
-    index_file, weights = folder / INDEX_FILE, folder / WEIGHTS_FILE
-    try:
-        if index_file.is_file():
-            index = json.loads(index_file.read_text())
-        elif weights.is_file():
-            with safe_open(str(weights), framework="pt") as f:
-                index = json.loads((f.metadata() or {})["manyinone"])
+    index = update(read_index(folder))
+    parse_index(index, "budget index being written")
+    listed = verify_checksums(folder)
+    with atomic_dir(folder, checksums=listed) as tmp:
+        for item in folder.iterdir():
+            if item.name in (WEIGHTS_FILE, INDEX_FILE, CHECKSUMS_FILE):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(item, tmp / item.name)
+        if (folder / WEIGHTS_FILE).is_file():
+            _write_index_copies(tmp, index, lambda metadata: _copy_safetensors(folder / WEIGHTS_FILE, tmp / WEIGHTS_FILE,
+                                                                               metadata))
         else:
-            raise ManyinoneError(f"{str(path)!r} is not a manyinone checkpoint: no {INDEX_FILE} or {WEIGHTS_FILE}")
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError, OSError) as exc:
-        raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: cannot read its budget index ({type(exc).__name__})") from None
-    except Exception as exc:  # safetensors raises its own error type for a damaged header
-        if isinstance(exc, ManyinoneError):
-            raise
-        raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: {WEIGHTS_FILE} unreadable ({exc})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ManyinoneError(f"checkpoint {str(path)!r} has an index of unknown format; expected {FORMAT!r}")
-    missing = [k for k in ("adapter", "model_type", "space", "metric", "specs") if k not in index]
-    specs_ok = isinstance(index.get("specs"), list) and all(
-        isinstance(e, dict) and isinstance(e.get("spec"), dict) and isinstance(e.get("relative"), dict)
-        and index.get("metric") in e["relative"] for e in index["specs"])
-    if missing or not specs_ok:
-        raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: budget index lacks {missing or ['valid specs']}")
-    return index
+            (tmp / INDEX_FILE).write_text(json.dumps(json.loads(dumps_index(index)), indent=2) + "\n")
+    return folder
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_safetensors(src: Path, dst: Path, metadata: dict[str, str]) -> None:
+    """Copy a safetensors file with new header metadata; the tensor bytes are streamed unchanged."""
+    with open(src, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = metadata
+        data = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        data += b" " * (-len(data) % 8)  # the format pads the header to an 8-byte boundary
+        with open(dst, "wb") as out:
+            out.write(len(data).to_bytes(8, "little"))
+            out.write(data)
+            shutil.copyfileobj(f, out, 1 << 20)

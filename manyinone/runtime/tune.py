@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from manyinone.io.checkpoint import INDEX_FILE, read_index
+from manyinone.io.checkpoint import INDEX_FILE, read_index, rewrite_index
 from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.generate import Generation, Runtime
 
@@ -70,24 +70,19 @@ def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 6
 
 
 def store_choice(ckpt: str | os.PathLike, choice: dict[str, Any]) -> Path:
-    """Write `choice` into the checkpoint's budget index (manyinone.json) and its entry in checksums.json,
-    each replaced in one rename. The checkpoint is verified first, so a damaged one is never re-blessed."""
-    from manyinone.io.durable import write_text_durably
-    from manyinone.io.integrity import CHECKSUMS_FILE, file_digest, verify_checksums
-
+    """Record `choice` in the checkpoint's budget index: manyinone.json and the copy in the weights'
+    metadata change together (`checkpoint.rewrite_index`, one atomic folder write, checksums renewed).
+    The checkpoint is verified first, so a damaged one is never re-blessed."""
     folder = Path(ckpt)
-    index = read_index(folder)
-    target = folder / INDEX_FILE
-    if not target.is_file():
+    if not (folder / INDEX_FILE).is_file():
+        read_index(folder)  # a missing or foreign folder: that error first
         raise ManyinoneError(f"checkpoint {str(ckpt)!r} has no {INDEX_FILE} to record the tuned settings in")
-    listed = verify_checksums(folder)
     keep = ("depth", "draft_depth", "draft_tokens", "tokens_per_s", "baseline_tokens_per_s", "speedup",
             "acceptance", "device", "dtype", "prompts", "max_new_tokens")
-    index.setdefault("runtime", {})["speculative"] = {k: choice[k] for k in keep if k in choice}
-    write_text_durably(target, json.dumps(index, indent=2) + "\n")
-    if listed:
-        listing = json.loads((folder / CHECKSUMS_FILE).read_text(encoding="utf-8"))
-        size, sha = file_digest(target, sync=True)
-        listing[INDEX_FILE] = {"bytes": size, "sha256": sha}
-        write_text_durably(folder / CHECKSUMS_FILE, json.dumps(listing, indent=1) + "\n")
-    return target
+
+    def update(index: dict[str, Any]) -> dict[str, Any]:
+        index.setdefault("runtime", {})["speculative"] = {k: choice[k] for k in keep if k in choice}
+        return index
+
+    rewrite_index(folder, update)
+    return folder / INDEX_FILE
