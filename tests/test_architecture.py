@@ -101,3 +101,34 @@ print(training)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+LLAMA_NAMES = {"embed_tokens", "rotary_emb", "k_proj", "q_proj", "v_proj", "o_proj", "lm_head", "self_attn",
+               "gate_proj", "up_proj", "down_proj"}
+
+
+def test_no_architecture_attribute_names_outside_adapters():
+    """The runtime (and all of manyinone/) gets the model's modules from its adapter (`decoder_stack`),
+    never by one architecture's attribute names."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in LLAMA_NAMES:
+                offenders.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("hasattr", "getattr") and \
+                    len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value in LLAMA_NAMES:
+                offenders.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno} {node.func.id}(.., {node.args[1].value!r})")
+    assert any(p.parent.name == "runtime" for p in PACKAGE.rglob("*.py"))
+    assert offenders == []
+
+
+def test_plan_users_check_the_declared_protocol_not_hasattr():
+    """Width/heads callers go through core.adapter.PlanAdapter (require_plans), never hasattr duck typing."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr" and len(node.args) > 1 \
+                    and isinstance(node.args[1], ast.Constant) and node.args[1].value in (
+                        "extract_plan", "forward_plan", "masked", "intermediate", "num_heads", "unit_importance"):
+                offenders.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno}")
+    assert offenders == []

@@ -6,8 +6,10 @@ consistent) and the first `depth` layers. `forward_nested` swaps sliced views of
 weights into the model's own modules for one pass (gradients flow into the full weights); the
 attention and MLP forward code stays transformers' own, which infers head counts from the weights.
 
-Per-layer sizes (a `LayerPlan`, one (width, heads) pair per kept layer) are what the router picks;
-a `SubnetSpec` is the uniform special case.
+Each axis is a `manyinone.core.axes.Axis` built here from LLaMA's module names: it owns its slicing
+table, its importance score and its mask hook. Per-layer sizes (a `LayerPlan`, one (width, heads)
+pair per kept layer, as the router and the index store them) become one `SubnetSpec` per layer
+inside (`layer_specs`); a `SubnetSpec` for the whole model is the uniform special case.
 """
 
 from __future__ import annotations
@@ -18,27 +20,29 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from manyinone.core.adapter import ModelAdapter
+from manyinone.core.adapter import LayerPlan, ModelAdapter
+from manyinone.core.axes import Axis, Slice, hooked
 from manyinone.core.cost import Cost
 from manyinone.core.space import DepthDim, HeadsDim, NestedSpace, SubnetSpec, WidthDim, even_exits, even_sizes
 from manyinone.core.errors import ManyinoneError
 from manyinone_llama import LlamaDepthAdapter
 
-__all__ = ["LayerPlan", "LlamaFlextronAdapter", "SLICED"]
+__all__ = ["LayerPlan", "LlamaFlextronAdapter", "PLAN_AXES", "llama_axes"]
 
-LayerPlan = tuple[tuple[int, int], ...]  # (width, heads) for each kept layer, bottom first
+PLAN_AXES = ("width", "heads")  # the per-layer axes, in the order a (width, heads) pair lists them
 
-# Tensor (relative to a decoder layer) -> (dimension it is sliced along, unit that sizes the slice):
-# "q" = heads * head_dim, "kv" = heads / group * head_dim, "mlp" = width neurons.
-SLICED: dict[str, tuple[int, str]] = {
-    "self_attn.q_proj.weight": (0, "q"), "self_attn.q_proj.bias": (0, "q"),
-    "self_attn.k_proj.weight": (0, "kv"), "self_attn.k_proj.bias": (0, "kv"),
-    "self_attn.v_proj.weight": (0, "kv"), "self_attn.v_proj.bias": (0, "kv"),
-    "self_attn.o_proj.weight": (1, "q"),
-    "mlp.gate_proj.weight": (0, "mlp"), "mlp.gate_proj.bias": (0, "mlp"),
-    "mlp.up_proj.weight": (0, "mlp"), "mlp.up_proj.bias": (0, "mlp"),
-    "mlp.down_proj.weight": (1, "mlp"),
-}
+
+def llama_axes(intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, Axis]:
+    """The width and heads axes of a LLaMA-layout decoder layer: what each slices, where its units enter."""
+    group = num_heads // num_kv_heads  # query heads sharing one KV head
+    mlp = [Slice(f"mlp.{p}.{leaf}", 0) for p in ("gate_proj", "up_proj") for leaf in ("weight", "bias")]
+    q = [Slice(f"self_attn.q_proj.{leaf}", 0, head_dim) for leaf in ("weight", "bias")]
+    kv = [Slice(f"self_attn.{p}.{leaf}", 0, head_dim, group) for p in ("k_proj", "v_proj") for leaf in ("weight", "bias")]
+    return {
+        "width": Axis("width", intermediate, "mlp.down_proj", (*mlp, Slice("mlp.down_proj.weight", 1))),
+        "heads": Axis("heads", num_heads, "self_attn.o_proj", (*q, *kv, Slice("self_attn.o_proj.weight", 1, head_dim)),
+                      unit_size=head_dim, group=group),
+    }
 
 
 @contextmanager
@@ -71,6 +75,8 @@ class LlamaFlextronAdapter(ModelAdapter):
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
         self.group = self.num_heads // self.num_kv_heads  # query heads sharing one KV head
         self.intermediate = mlp.gate_proj.out_features
+        self.layer_axes = llama_axes(self.intermediate, self.num_heads, self.num_kv_heads, self.head_dim)
+        self._slices = {name: (axis, s) for axis in self.layer_axes.values() for name, s in axis.tensors.items()}
 
     # --- space and plans ------------------------------------------------------------------
     def space(self, choices: Mapping[str, Sequence[int] | None]) -> NestedSpace:
@@ -102,6 +108,10 @@ class LlamaFlextronAdapter(ModelAdapter):
         depth = spec.get("depth", self.num_layers)
         return ((spec.get("width", self.intermediate), spec.get("heads", self.num_heads)),) * depth
 
+    def layer_specs(self, plan: LayerPlan) -> tuple[SubnetSpec, ...]:
+        """A checked plan as one SubnetSpec per layer: {"width": w, "heads": h}."""
+        return tuple(SubnetSpec(dict(zip(PLAN_AXES, option))) for option in self.check_plan(plan))
+
     def check_plan(self, plan: LayerPlan) -> LayerPlan:
         plan = tuple((int(w), int(h)) for w, h in plan)
         if not 1 <= len(plan) <= self.num_layers:
@@ -114,38 +124,26 @@ class LlamaFlextronAdapter(ModelAdapter):
                 )
         return plan
 
-    def _keep(self, unit: str, width: int, heads: int) -> int:
-        return {"q": heads * self.head_dim, "kv": heads // self.group * self.head_dim, "mlp": width}[unit]
-
-    def _sliced_views(self, plan: LayerPlan) -> list[tuple[nn.Module, str, torch.Tensor]]:
-        views = []
-        for layer, (width, heads) in zip(self.base.layers, plan):
-            for name, (dim, unit) in SLICED.items():
-                owner, _, leaf = name.rpartition(".")
-                module = layer.get_submodule(owner)
-                param = getattr(module, leaf, None)
-                keep = self._keep(unit, width, heads)
-                if param is not None and keep != param.shape[dim]:
-                    views.append((module, leaf, param.narrow(dim, 0, keep)))
-        return views
-
     @contextmanager
     def sliced(self, plan: LayerPlan) -> Iterator[None]:
         """Within the block, the model's layers compute `plan`'s widths and heads (depth unchanged)."""
-        with swapped(self._sliced_views(self.check_plan(plan))):
+        views = [view for layer, spec in zip(self.base.layers, self.layer_specs(plan))
+                 for axis in self.layer_axes.values() for view in axis.views(layer, spec[axis.name])]
+        with swapped(views):
             yield
 
     # --- cost -------------------------------------------------------------------------------
     def layer_cost(self, index: int, width: int, heads: int, context: int = 512) -> tuple[int, float]:
         """(parameters, forward FLOPs per token) of decoder layer `index` at `width` and `heads`."""
         layer = self.base.layers[index]
+        sizes = {"width": width, "heads": heads}
         linear_weights = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         params = matmul = 0
         for name, p in layer.named_parameters():
             numel = p.numel()
-            if name in SLICED:
-                dim, unit = SLICED[name]
-                numel = numel // p.shape[dim] * self._keep(unit, width, heads)
+            if name in self._slices:
+                axis, s = self._slices[name]
+                numel = axis.params_kept(s, numel, p.shape[s.dim], sizes[axis.name])
             params += numel
             matmul += numel if name in linear_weights else 0
         # 2 FLOPs per multiply-add; attention scores and the weighted sum add 2 * 2 * context * width.
@@ -197,17 +195,11 @@ class LlamaFlextronAdapter(ModelAdapter):
         [batch, layers, heads]. A 0/1 prefix mask computes exactly the sliced sub-network: a dropped
         query group's KV head then feeds nothing."""
 
-        def scale(mask: torch.Tensor):
-            def hook(_module, inputs):
-                return (inputs[0] * mask[:, None, :].to(inputs[0].dtype),)  # [batch, seq, features]
-            return hook
-
+        masks = {"width": neuron_masks, "heads": head_masks}  # each [batch, layers, units]
         handles = []
         try:
-            for i, layer in enumerate(self.base.layers):
-                heads = head_masks[:, i].repeat_interleave(self.head_dim, dim=-1)  # [batch, heads * head_dim]
-                handles.append(layer.mlp.down_proj.register_forward_pre_hook(scale(neuron_masks[:, i])))
-                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(scale(heads)))
+            for name, axis in self.layer_axes.items():
+                handles += hooked(self.base.layers, axis, lambda i, axis=axis, m=masks[name]: axis.mask_hook(m[:, i]))
             yield
         finally:
             for h in handles:
@@ -239,6 +231,9 @@ class LlamaFlextronAdapter(ModelAdapter):
     def linear_head(self):
         return self.depth.linear_head()  # the memory-lean loss's (final norm, head weight)
 
+    def decoder_stack(self):
+        return self.depth.decoder_stack()  # the runtime serves the full width (export a width to serve it)
+
     # --- importance reordering ----------------------------------------------------------------
     @torch.no_grad()
     def unit_importance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -250,19 +245,13 @@ class LlamaFlextronAdapter(ModelAdapter):
         scores: list[list[torch.Tensor]] = [[None, None] for _ in self.base.layers]  # type: ignore[list-item]
         keep = attention_mask.unsqueeze(-1).to(torch.float32)  # [batch, seq, 1]
 
-        def record(i: int, slot: int):
-            def hook(_module, inputs):
-                act = inputs[0].float() * keep  # [batch, seq, features]
-                energy = act.pow(2).sum(dim=(0, 1))  # [features]
-                if slot == 1:
-                    energy = energy.view(self.num_kv_heads, -1).sum(-1)  # [kv_heads]: group x head_dim summed
-                scores[i][slot] = energy
-            return hook
+        def record(i: int, slot: int, axis):
+            return axis.score_hook(lambda energy: scores[i].__setitem__(slot, energy), keep)
 
         handles = []
-        for i, layer in enumerate(self.base.layers):
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(record(i, 0)))
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(record(i, 1)))
+        for slot, name in enumerate(PLAN_AXES):  # width: one score per neuron; heads: per KV group
+            axis = self.layer_axes[name]
+            handles += hooked(self.base.layers, axis, lambda i, slot=slot, axis=axis: record(i, slot, axis))
         try:
             self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
@@ -279,17 +268,9 @@ class LlamaFlextronAdapter(ModelAdapter):
         """
         if len(orders) != self.num_layers:
             raise ManyinoneError(f"permute: {len(orders)} layer orders for {self.num_layers} layers")
-        hd = torch.arange(self.head_dim)
-        for layer, (neurons, groups) in zip(self.base.layers, orders):
-            groups = groups.long().cpu()
-            kv_rows = (groups[:, None] * self.head_dim + hd).flatten()  # [kv_heads * head_dim]
-            heads = (groups[:, None] * self.group + torch.arange(self.group)).flatten()  # [heads]
-            index = {"q": (heads[:, None] * self.head_dim + hd).flatten(), "kv": kv_rows, "mlp": neurons.long().cpu()}
-            for name, (dim, unit) in SLICED.items():
-                owner, _, leaf = name.rpartition(".")
-                param = getattr(layer.get_submodule(owner), leaf, None)
-                if param is not None:
-                    param.copy_(param.index_select(dim, index[unit].to(param.device)))
+        for layer, layer_orders in zip(self.base.layers, orders):
+            for name, order in zip(PLAN_AXES, layer_orders):
+                self.layer_axes[name].permute(layer, order)
 
     # --- export ---------------------------------------------------------------------------------
     def extract(self, spec: SubnetSpec) -> nn.Module:
@@ -301,21 +282,14 @@ class LlamaFlextronAdapter(ModelAdapter):
         only (their per-layer sizes are in `config.manyinone_plan`)."""
         plan = self.check_plan(plan)
         sub = self.depth.extract(SubnetSpec(depth=len(plan)))  # shares the kept layers' tensors
-        for i, (width, heads) in enumerate(plan):
-            layer = sub.model.layers[i]
-            for name, (dim, unit) in SLICED.items():
-                owner, _, leaf = name.rpartition(".")
-                module = layer.get_submodule(owner)
-                param = getattr(module, leaf, None)
-                keep = self._keep(unit, width, heads)
-                if param is None or keep == param.shape[dim]:
-                    continue
-                # A copy, not a view: safetensors refuses views into a larger shared storage.
-                setattr(module, leaf, nn.Parameter(param.detach().narrow(dim, 0, keep).clone(),
-                                                   requires_grad=param.requires_grad))
-                if leaf == "weight":
-                    module.out_features, module.in_features = module.weight.shape
-            layer.mlp.intermediate_size = width
+        for layer, spec in zip(sub.model.layers, self.layer_specs(plan)):
+            for axis in self.layer_axes.values():
+                for module, leaf, view in axis.views(layer, spec[axis.name]):
+                    # A copy, not a view: safetensors refuses views into a larger shared storage.
+                    setattr(module, leaf, nn.Parameter(view.detach().clone(), requires_grad=view.requires_grad))
+                    if leaf == "weight":
+                        module.out_features, module.in_features = module.weight.shape
+            layer.mlp.intermediate_size = spec["width"]
         config = sub.config
         if len(set(plan)) == 1:
             width, heads = plan[0]

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from manyinone.core.adapter import ModelAdapter
+from manyinone.core.adapter import DecoderStack, ModelAdapter
 from manyinone.core.cost import Cost
 from manyinone.core.space import DepthDim, NestedSpace, SubnetSpec, even_exits
 from manyinone.core.errors import ManyinoneError
@@ -117,6 +117,17 @@ class LlamaDepthAdapter(ModelAdapter):
         if not isinstance(head, nn.Linear) or head.bias is not None:
             return None
         return LinearHead(norm=self.base.norm, weight=head.weight)
+
+    # --- runtime ---------------------------------------------------------------------------
+    def decoder_stack(self) -> DecoderStack:
+        base = self.base
+        if not hasattr(base, "embed_tokens") or not hasattr(base, "rotary_emb"):
+            raise ManyinoneError(f"{type(self.model).__name__} lacks the LLaMA layout (embed_tokens, layers, norm, "
+                                 "rotary_emb) that the runtime drives")
+        attn = base.layers[0].self_attn
+        return DecoderStack(embed=lambda ids, _positions: base.embed_tokens(ids), layers=base.layers,
+                            rotary=base.rotary_emb, head=self.exit_logits,
+                            kv_heads=attn.k_proj.out_features // attn.head_dim, head_dim=attn.head_dim)
 
     # --- export ---------------------------------------------------------------------------
     def extract(self, spec: SubnetSpec) -> nn.Module:

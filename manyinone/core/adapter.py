@@ -1,14 +1,23 @@
 """The contract between manyinone's core and one model architecture.
 
 An adapter knows one architecture (which modules are layers, neurons, heads) and nothing about
-the CLI, the data or the training loop. The core only calls the methods below.
+the CLI, the data or the training loop. The core only calls what is declared here:
+
+* `ModelAdapter`: every adapter (depth exits, cost, export, the runtime's `decoder_stack`);
+* `PlanAdapter`: adapters with per-layer width/heads plans (the router, latency tables, routing);
+* `Reorderable`: adapters that can sort their units by importance before elastic training.
+
+The two protocols are checked with `isinstance` where they are needed, so an adapter that lacks a
+method is refused with one line naming the protocol, not an AttributeError deep inside a loop.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -17,6 +26,30 @@ from manyinone.core.cost import Cost
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.lean_loss import LinearHead
+
+
+Option = tuple[int, int]  # one layer's (MLP width, query heads)
+LayerPlan = tuple[Option, ...]  # one Option per kept layer, bottom first
+
+
+@dataclass
+class DecoderStack:
+    """The model's own pieces the runtime drives, handed over by the adapter (`decoder_stack`).
+
+    embed(ids [batch, q], positions [batch, q]) -> hidden [batch, q, hidden], with whatever the
+    architecture does there (scaling, learned positions); layers: the decoder layers, each called as
+    transformers calls them (hidden, attention_mask=, position_ids=, past_key_values=, use_cache=,
+    position_embeddings=); rotary(hidden, positions) -> the (cos, sin) the layers take, or None;
+    head(hidden) -> logits through the model's own final norm and LM head; kv_heads, head_dim: the
+    KV cache's shape per layer. The hidden state an exit sees is taken before the final norm.
+    """
+
+    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    layers: Sequence[nn.Module]
+    rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+    head: Callable[[torch.Tensor], torch.Tensor]
+    kv_heads: int
+    head_dim: int
 
 
 class ModelAdapter(ABC):
@@ -73,3 +106,61 @@ class ModelAdapter(ABC):
     @abstractmethod
     def extract(self, spec: SubnetSpec) -> nn.Module:
         """A plain HF model computing exactly `spec`, sharing tensors with the wrapped model."""
+
+    def decoder_stack(self) -> DecoderStack:
+        """The pieces the runtime's KV-cached decoding drives (`DecoderStack`); adapters whose
+        models the runtime cannot drive keep this default, and the runtime refuses them in one line."""
+        raise ManyinoneError(f"the {self.name!r} adapter hands the runtime no decoder stack; "
+                             "serve an exported model through transformers instead")
+
+
+@runtime_checkable
+class PlanAdapter(Protocol):
+    """An adapter with per-layer (width, heads) plans: what the router, latency tables and routed
+    generation call (see adapters/manyinone_flextron)."""
+
+    name: str
+    num_layers: int  # decoder layers
+    intermediate: int  # MLP neurons per layer (the full width)
+    num_heads: int  # query heads per layer (the full heads)
+
+    def plan(self, spec: Mapping[str, int]) -> LayerPlan: ...
+
+    def check_plan(self, plan: LayerPlan) -> LayerPlan: ...
+
+    def forward_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: LayerPlan) -> torch.Tensor: ...
+
+    def masked(self, neuron_masks: torch.Tensor, head_masks: torch.Tensor) -> AbstractContextManager[None]: ...
+
+    def sequence_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def option_costs(self, options: Sequence[Option], context: int = 512,
+                     metric: str = "flops") -> tuple[torch.Tensor, float]: ...
+
+    def extract_plan(self, plan: LayerPlan) -> nn.Module: ...
+
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+LayerScores = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: (neuron scores, group scores)
+
+
+@runtime_checkable
+class Reorderable(Protocol):
+    """What an adapter offers for importance reordering (see adapters/manyinone_flextron)."""
+
+    name: str
+
+    def unit_importance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LayerScores: ...
+
+    def permute(self, orders: LayerScores) -> None: ...
+
+
+def require_plans(adapter, what: str) -> PlanAdapter:
+    """`adapter` as a PlanAdapter, or one line saying `what` needs width/heads plans."""
+    if not isinstance(adapter, PlanAdapter):
+        missing = [m for m in ("plan", "check_plan", "forward_plan", "masked", "sequence_context", "option_costs",
+                               "extract_plan", "num_layers", "intermediate", "num_heads") if not hasattr(adapter, m)]
+        raise ManyinoneError(f"the {adapter.name!r} adapter has no per-layer plans (PlanAdapter lacks {missing}); "
+                             f"{what} needs a checkpoint trained with width/heads axes")
+    return adapter

@@ -89,6 +89,16 @@ class HeadsDim(NestedDimension):
 DIMENSIONS: dict[str, type[NestedDimension]] = {"depth": DepthDim, "width": WidthDim, "heads": HeadsDim}
 
 
+def register_dimension(cls: type[NestedDimension]) -> type[NestedDimension]:
+    """Make a new axis's dimension known by name (so checkpoints that nest it can be read back).
+    Usable as a class decorator; a name already taken by another class is refused."""
+    name = cls(total=1).name
+    if not name or (name in DIMENSIONS and DIMENSIONS[name] is not cls):
+        raise ManyinoneError(f"dimension name {name!r} empty or taken; registered {sorted(DIMENSIONS)}")
+    DIMENSIONS[name] = cls
+    return cls
+
+
 def even_exits(total: int, count: int = 5) -> tuple[int, ...]:
     """`count` exits spread evenly up to `total`, e.g. (30, 5) -> (6, 12, 18, 24, 30)."""
     return tuple(sorted({max(1, round(total * k / count)) for k in range(1, count + 1)}))

@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
+from manyinone.core.adapter import Option  # one layer's (width, heads)
 from manyinone.core.errors import ManyinoneError
-
-Option = tuple[int, int]
 
 
 def _key(option: Option) -> str:

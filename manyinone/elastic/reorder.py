@@ -9,26 +9,12 @@ computes the same function before and after, only the meaning of "the first n un
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
 
 import torch
 
+from manyinone.core.adapter import LayerScores, Reorderable
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.progress import TrainProgress
-
-LayerScores = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: (neuron scores, group scores)
-
-
-@runtime_checkable
-class Reorderable(Protocol):
-    """What an adapter offers for importance reordering (see adapters/manyinone_flextron)."""
-
-    name: str
-
-    def unit_importance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LayerScores: ...
-
-    def permute(self, orders: LayerScores) -> None: ...
-
 
 def importance_orders(scores: LayerScores) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the unit indices sorted from most to least important (ties: lower index first)."""

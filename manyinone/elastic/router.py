@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from manyinone.core.adapter import Option, require_plans
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.progress import TrainProgress
 
-Option = tuple[int, int]  # (MLP width, query heads)
 
 
 # --- pure math --------------------------------------------------------------------------------
@@ -115,6 +115,7 @@ def train_router(router: Router, adapter, batches: Sequence[dict[str, torch.Tens
     """
     from manyinone.train.losses import supervised_positions, token_cross_entropy
 
+    adapter = require_plans(adapter, "router training")
     if not batches:
         raise ManyinoneError("router training needs at least one batch")
     bad = [b for b in settings.budgets if not 0 < b <= 1]
@@ -220,8 +221,7 @@ def export_routed(ckpt, router: Router, budgets: Sequence[float], output, contex
 
     nested = open_checkpoint(ckpt)
     adapter = nested.adapter
-    if not hasattr(adapter, "extract_plan"):
-        raise ManyinoneError(f"the {adapter.name!r} adapter has no per-layer plans; routing needs a checkpoint trained with width/heads axes")
+    require_plans(adapter, "routing")
     if len(router.layers) != adapter.num_layers:
         raise ManyinoneError(f"router has {len(router.layers)} layers, the model {adapter.num_layers}")
     metric = nested.index.get("metric", "flops")

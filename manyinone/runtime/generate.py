@@ -79,13 +79,13 @@ class Runtime:
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, index: dict[str, Any] | None = None,
                  max_len: int | None = None, graphs: bool | None = None, compile_fn=None,
-                 exit_logits=None) -> None:
+                 exit_logits=None, adapter=None) -> None:
         self.model, self.tokenizer, self.index = model.eval(), tokenizer, index
         axes = list((index or {}).get("space") or {})
         if index is not None and any(a != "depth" for a in axes):
             raise ManyinoneError(f"the runtime serves depth-nested checkpoints; this one nests {axes} "
                                  "(export a budget and serve that plain model instead)")
-        self.stack = LayerStack(model, exit_logits)
+        self.stack = LayerStack(model, exit_logits, adapter)
         self.device = self.stack.device
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
@@ -117,7 +117,7 @@ class Runtime:
             def exit_logits(depth: int, hidden: torch.Tensor) -> torch.Tensor:
                 return nested.exit_logits(SubnetSpec({"depth": depth}), hidden)
 
-        return cls(nested.model, nested.tokenizer, nested.index, exit_logits=exit_logits, **kwargs)
+        return cls(nested.model, nested.tokenizer, nested.index, exit_logits=exit_logits, adapter=nested.adapter, **kwargs)
 
     # --- budgets ----------------------------------------------------------------------------
     @property

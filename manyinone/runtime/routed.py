@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from manyinone.io.api import NestedModel, open_checkpoint
+from manyinone.core.adapter import require_plans
 from manyinone.core.cost import check_budget
 from manyinone.core.errors import ManyinoneError
 from manyinone.elastic.router import Option, Router, load_router
@@ -36,8 +37,7 @@ class RoutedRuntime:
     """A checkpoint plus its router: `generate(prompts, budget)` routes every prompt on its own."""
 
     def __init__(self, nested: NestedModel, router: Router, keep_plans: int = 8) -> None:
-        if not hasattr(nested.adapter, "extract_plan"):
-            raise ManyinoneError(f"the {nested.adapter.name!r} adapter has no per-layer plans; routing needs width/heads")
+        require_plans(nested.adapter, "routing")
         self.nested, self.adapter, self.tokenizer = nested, nested.adapter, nested.tokenizer
         self.router = router.to(next(nested.model.parameters()).device).eval()
         self.keep_plans = keep_plans

@@ -1,8 +1,10 @@
 """Run a contiguous range of decoder layers on a static KV cache, eagerly or as a replayed CUDA graph.
 
-Every call goes through the model's own modules (embedding, rotary embedding, decoder layers, final
-norm, LM head); only the cache and the masks are ours. A segment [start, end) is the unit that both
-plain decoding (0..depth) and self-speculation (draft 0..n, verify n..depth) need.
+Every call goes through the model's own modules, which the model's adapter hands over
+(`ModelAdapter.decoder_stack`: embedding, positions, decoder layers, final norm + LM head); only the
+cache and the masks are ours, and nothing here names one architecture's attributes. A segment
+[start, end) is the unit that both plain decoding (0..depth) and self-speculation (draft 0..n,
+verify n..depth) need.
 """
 
 from __future__ import annotations
@@ -19,22 +21,25 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # both take an additive [batch, 1
 
 
 class LayerStack:
-    """The pieces of a LLaMA-layout causal LM the runtime drives, plus which layers slide their window."""
+    """The decoder stack of one causal LM as its adapter hands it over, plus which layers slide their window."""
 
-    def __init__(self, model: nn.Module, exit_logits: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, model: nn.Module, exit_logits: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 adapter=None) -> None:
         """`exit_logits(depth, hidden)`: logits of an exit with its own modules (per-exit heads); default the
-        model's own final norm and LM head, shared by every exit (SoFT)."""
-        base = getattr(model, "model", None)
-        if not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-            raise ManyinoneError(f"{type(model).__name__} lacks the LLaMA layout (embed_tokens, layers, norm, "
-                                 "rotary_emb) that the runtime drives")
+        model's own final norm and LM head, shared by every exit (SoFT). `adapter`: the model's adapter
+        (default: the registered one for its model_type)."""
+        if adapter is None:
+            from manyinone.core.registry import adapter_for
+
+            adapter = adapter_for(model)
+        parts = adapter.decoder_stack()
         config = model.config
         attn = getattr(config, "_attn_implementation", None) or "sdpa"
         if attn not in ATTENTION_IMPLEMENTATIONS:
             raise ManyinoneError(f"attention implementation {attn!r} unsupported by the runtime; "
                                  f"allowed {list(ATTENTION_IMPLEMENTATIONS)}")
-        self.model, self.base, self.exit_logits = model, base, exit_logits
-        self.num_layers = len(base.layers)
+        self.model, self.parts, self.exit_logits = model, parts, exit_logits
+        self.num_layers = len(parts.layers)
         self.window = getattr(config, "sliding_window", None)
         types = getattr(config, "layer_types", None)
         if self.window is None:
@@ -45,9 +50,7 @@ class LayerStack:
             self.sliding = [True] * self.num_layers
         if not any(self.sliding):
             self.window = None
-        attn0 = base.layers[0].self_attn
-        self.head_dim = attn0.head_dim
-        self.kv_heads = attn0.k_proj.out_features // attn0.head_dim
+        self.head_dim, self.kv_heads = parts.head_dim, parts.kv_heads
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
 
@@ -61,14 +64,14 @@ class LayerStack:
         Writes keys/values of those layers at `slots` ([q]) and returns (hidden after layer end-1
         [batch, q, hidden], float32 logits [batch, q or 1, vocab] through the final norm and head, or None).
         """
-        base = self.base
-        hidden = base.embed_tokens(inputs) if start == 0 else inputs  # [batch, q, hidden]
+        parts = self.parts
         cache.slots = slots
         positions = position_ids(slots, pad)  # [batch, q]
-        rotary = base.rotary_emb(hidden, positions)  # (cos, sin), each [batch, q, head_dim]
+        hidden = parts.embed(inputs, positions) if start == 0 else inputs  # [batch, q, hidden]
+        rotary = parts.rotary(hidden, positions) if parts.rotary is not None else None  # (cos, sin) [batch, q, head_dim]
         full, sliding = attention_masks(slots, pad, cache.max_len, hidden.dtype, self.window)
         for i in range(start, end):
-            out = base.layers[i](hidden, attention_mask=sliding if self.sliding[i] else full,
+            out = parts.layers[i](hidden, attention_mask=sliding if self.sliding[i] else full,
                                  position_ids=positions, past_key_values=cache, use_cache=True,
                                  position_embeddings=rotary)
             # transformers >= 5 returns a tensor from a decoder layer, older versions a tuple.
@@ -78,7 +81,7 @@ class LayerStack:
         out = hidden[:, -1:] if last_only else hidden
         if self.exit_logits is not None:
             return hidden, self.exit_logits(end, out).float()  # [batch, q or 1, vocab]
-        return hidden, self.model.lm_head(base.norm(out)).float()
+        return hidden, parts.head(out).float()
 
 
 class CapturedCall:

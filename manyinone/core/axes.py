@@ -1,0 +1,130 @@
+"""An elastic axis inside a layer (ModelOpt's hyper-parameter + dynamic module, in one object).
+
+An `Axis` owns everything about one prefix-nested axis of a decoder layer: the tensors it slices
+(`Slice`: which dimension, how many rows per unit), where its units enter the layer's output
+projection (importance is measured there, and the router's soft masks scale it there), and how
+units group (grouped-query attention keeps whole query groups with their KV head). Adapters build
+one Axis per axis they support from their own module names; the machinery below is generic, so a
+new axis (elastic hidden size, MoE experts) is a new Axis value plus the adapter that offers it.
+
+A per-layer plan is a tuple of `SubnetSpec`, one per layer ({"width": w, "heads": h}); the axes read
+their own size from it. Module paths are relative to one decoder layer.
+
+Example:
+    >>> width = Axis("width", total=11008, entry="mlp.down_proj",
+    ...              slices=(Slice("mlp.up_proj.weight", 0), Slice("mlp.down_proj.weight", 1)))
+    >>> width.kept(width.slices[0], 4096)       # rows of up_proj a 4096-neuron sub-layer keeps
+    4096
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from manyinone.core.errors import ManyinoneError
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One tensor an axis narrows: `tensor` (path in the layer), along `dim`; a kept unit keeps
+    `per_unit` rows of it, and `shared` units share one such row block (KV heads: query heads per KV head)."""
+
+    tensor: str
+    dim: int
+    per_unit: int = 1
+    shared: int = 1
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One elastic axis of every decoder layer (see the module docstring).
+
+    total: units per layer at full size; entry: the module whose *input* carries one slot of
+    `unit_size` features per unit (importance and masks act there); group: units that are permuted
+    (and scored) together.
+    """
+
+    name: str
+    total: int
+    entry: str
+    slices: tuple[Slice, ...]
+    unit_size: int = 1
+    group: int = 1
+    tensors: dict[str, Slice] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.total % self.group:
+            raise ManyinoneError(f"axis {self.name!r}: total {self.total} is not a multiple of group {self.group}")
+        object.__setattr__(self, "tensors", {s.tensor: s for s in self.slices})
+
+    # --- sizes ------------------------------------------------------------------------------
+    def check(self, size: int) -> None:
+        if not (1 <= size <= self.total and size % self.group == 0):
+            raise ManyinoneError(f"{self.name}={size} out of range; allowed multiples of {self.group} up to {self.total}")
+
+    def kept(self, s: Slice, size: int) -> int:
+        """Rows of tensor `s` that `size` units keep."""
+        return size // s.shared * s.per_unit
+
+    def params_kept(self, s: Slice, numel: int, full_rows: int, size: int) -> int:
+        """Parameters of a tensor with `numel` elements and `full_rows` along s.dim that `size` keeps."""
+        return numel // full_rows * self.kept(s, size)
+
+    # --- slicing ----------------------------------------------------------------------------
+    def views(self, layer: nn.Module, size: int) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """(module, parameter name, narrowed view) for every tensor of `layer` this axis cuts at `size`."""
+        out = []
+        for s in self.slices:
+            owner, _, leaf = s.tensor.rpartition(".")
+            module = layer.get_submodule(owner)
+            param = getattr(module, leaf, None)
+            keep = self.kept(s, size)
+            if param is not None and keep != param.shape[s.dim]:
+                out.append((module, leaf, param.narrow(s.dim, 0, keep)))
+        return out
+
+    # --- importance and permutation ---------------------------------------------------------------
+    def score_hook(self, record: Callable[[torch.Tensor], None], keep: torch.Tensor) -> Callable:
+        """A forward pre-hook for `entry` that records each unit group's activation energy
+        ([total // group]) over the real tokens (`keep`: [batch, seq, 1])."""
+        def hook(_module, inputs):
+            act = inputs[0].float() * keep  # [batch, seq, total * unit_size]
+            energy = act.pow(2).sum(dim=(0, 1))  # [total * unit_size]
+            record(energy.view(self.total // self.group, -1).sum(-1))  # [groups]
+        return hook
+
+    def row_index(self, s: Slice, order: torch.Tensor) -> torch.Tensor:
+        """Indices along s.dim that put unit group order[k] at position k ([rows])."""
+        rows = self.group // s.shared * s.per_unit  # rows of `s` per unit group
+        return (order.long().cpu()[:, None] * rows + torch.arange(rows)).flatten()
+
+    @torch.no_grad()
+    def permute(self, layer: nn.Module, order: torch.Tensor) -> None:
+        """Reorder this axis's unit groups in `layer` in place: new group k = old group order[k]."""
+        for s in self.slices:
+            owner, _, leaf = s.tensor.rpartition(".")
+            param = getattr(layer.get_submodule(owner), leaf, None)
+            if param is not None:
+                param.copy_(param.index_select(s.dim, self.row_index(s, order).to(param.device)))
+
+    # --- soft masks (the router) -------------------------------------------------------------------
+    def mask_hook(self, mask: torch.Tensor) -> Callable:
+        """A forward pre-hook for `entry` scaling unit j by mask[:, j] (mask: [batch, total]); a 0/1
+        prefix mask computes exactly the sliced layer."""
+        features = mask.repeat_interleave(self.unit_size, dim=-1)  # [batch, total * unit_size]
+
+        def hook(_module, inputs):
+            return (inputs[0] * features[:, None, :].to(inputs[0].dtype),)  # [batch, seq, features]
+        return hook
+
+
+def hooked(layers: Sequence[nn.Module], axis: Axis, make_hook: Callable[[int], Callable]) -> list:
+    """Register `make_hook(i)` as a forward pre-hook on `axis.entry` of every layer i; returns the handles."""
+    return [layer.get_submodule(axis.entry).register_forward_pre_hook(make_hook(i)) for i, layer in enumerate(layers)]
+
+
+__all__ = ["Axis", "Slice", "hooked"]
