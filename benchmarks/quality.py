@@ -6,7 +6,11 @@ One command on the GPU machine (the SmolLM2 + Alpaca setting of ../shared/assets
         --text ../shared/assets/data/wikitext2_raw_test.txt --qa ../shared/assets/data/triviaqa_1k.jsonl
 Writes <out>/results.json, <out>/results.md (tables) and <out>/quality.png (relative cost vs
 held-out loss, one line per recipe). Results are rewritten as each recipe finishes, so a run cut
-short still leaves every finished recipe's numbers.
+short still leaves every finished recipe's numbers; `--resume` keeps them and runs only the rest
+(a recipe's training resumes from its last saved step).
+
+Two evaluation slices: dev (--eval-rows, what sweeps may look at) and held-out (--holdout-rows,
+never used to choose anything); the tables give both and their token-weighted union.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +40,12 @@ MANYINONE_GENTLE = ["--exits", EXITS, "--epochs", "4", "--lr", "1e-4",
                     "--set", "exit_heads=translator", "--set", "exit_heads_lr_scale=30"]
 # Each recipe is a set of `manyinone train` flags on top of the common ones (they come last, so
 # they win); "@name" as --model means "the checkpoint recipe `name` wrote" (that recipe runs first).
+# The recipe for agreement with the full depth (issue 19): the gentle recipe plus a frozen teacher
+# (the SFT run) that every exit and the full depth distil from, on labels mixed half and half
+# with responses the teacher sampled itself (the `gen` data step). 2 epochs of the doubled data
+# are as many steps as the gentle recipe's 4.
+AGREE = [*MANYINONE_GENTLE[:2], "--epochs", "2", *MANYINONE_GENTLE[4:], "--set", "teacher=@sft",
+         "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"]
 RECIPES: dict[str, list[str]] = {
     "sft": ["--exits", "30"],
     # SFT + early-exit heads (the Sorted-LLaMA paper's SFT+ICT): own norm + LM head per exit,
@@ -45,7 +56,31 @@ RECIPES: dict[str, list[str]] = {
     "soft-kd": ["--exits", EXITS, "--set", "distill_weight=1.0"],
     "manyinone": MANYINONE,
     "manyinone-gentle": MANYINONE_GENTLE,
+    "agree": AGREE,
+    "agree-reverse": [*AGREE, "--set", "teacher_kl=reverse"],
+    "agree-nomix": [*MANYINONE_GENTLE, "--set", "teacher=@sft"],  # the teacher alone, labels only
+    "gentle-mix": [*AGREE[:-6], "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"],  # the data alone
 }
+# Data steps: `manyinone distill-data` runs; "@name" in a recipe's flags is the JSONL they write.
+DATA_STEPS: dict[str, list[str]] = {
+    "gen": ["--teacher", "@sft", "--samples", "4", "--temperature", "0.8", "--top-p", "0.95",
+            "--max-new-tokens", "256", "--batch-size", "256"],
+}
+
+
+def needs(flags: list[str]) -> list[str]:
+    """Recipes or data steps a recipe's flags refer to as @name (a whole flag or after `key=`)."""
+    return [flag.split("@", 1)[1] for flag in flags if flag.startswith("@") or "=@" in flag]
+
+
+def substitute(flags: list[str], paths: dict[str, str]) -> list[str]:
+    out = []
+    for flag in flags:
+        if flag.startswith("@") or "=@" in flag:
+            head, name = flag.split("@", 1)
+            flag = head + paths[name]
+        out.append(flag)
+    return out
 
 
 def run(cmd: list[str], log: Path | None = None) -> None:
@@ -91,12 +126,52 @@ def tables(results: dict[str, dict]) -> str:
             return " — | — | — |"
         return f" {t['step_time_s']:.3f} s | {t['tokens_per_s']:,.0f} | {t.get('peak_mem_gib', float('nan')):.2f} GiB |"
 
-    lines = per_exit("Held-out loss per response token (Alpaca 1800-1999, lower is better)", "loss", ".3f", train_cells)
+    lines = per_exit("Loss per response token, dev + held-out (Alpaca 1800-1999, lower is better)", "loss", ".3f",
+                     train_cells)
+    lines += per_exit("Loss, dev slice only", "dev_loss", ".3f")
+    lines += per_exit("Loss, held-out slice only (never used to choose)", "holdout_loss", ".3f")
+    lines += per_exit("Agreement on generations (full depth's greedy 128 tokens), dev + held-out", "gen_agreement", ".3f")
+    lines += per_exit("Agreement on generations, dev slice only", "dev_gen_agreement", ".3f")
+    lines += per_exit("Agreement on generations, held-out slice only", "holdout_gen_agreement", ".3f")
+    lines += per_exit("KL(full || exit) on those generations", "gen_kl", ".3f")
     lines += per_exit("Perplexity on WikiText-2 test (lower is better)", "text_ppl", ".1f")
-    lines += per_exit("Top-1 agreement with the same model's full depth", "top1_agreement", ".3f")
+    lines += per_exit("Top-1 agreement with the same model's full depth (teacher forcing on references)",
+                      "top1_agreement", ".3f")
     lines += per_exit("TriviaQA exact match, closed book, greedy (higher is better)", "qa_em", ".3f")
     lines += per_exit("TriviaQA: an answer alias appears in the answer (lenient)", "qa_contains", ".3f")
+    lines += ["**Cost (GPU-minutes, wall clock of each step's own commands; recipes ran side by side on one GPU)**", "",
+              "| recipe | own train | own eval | with what it builds on (teacher, data) |", "| --- | --- | --- | --- |"]
+    for recipe, res in results.items():
+        c = res.get("cost")
+        if c:
+            lines.append(f"| {recipe} | {c.get('train_s', 0) / 60:.1f} | {c.get('eval_s', 0) / 60:.1f} | "
+                         f"{c.get('total_s', 0) / 60:.1f} |")
     return "\n".join(lines)
+
+
+def data_table(data: dict[str, dict]) -> str:
+    if not data:
+        return ""
+    lines = ["", "**Generated data (GPU-minutes include the teacher's own training)**", "",
+             "| data step | records | GPU-minutes |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {d['records']:,} | {d['seconds'] / 60:.1f} |" for name, d in data.items()]
+    return "\n".join(lines)
+
+
+def merge_slices(dev: list[dict], holdout: list[dict]) -> list[dict]:
+    """Per exit: the dev row, plus held-out figures and their token-weighted union over both slices."""
+    merged = []
+    for d, h in zip(dev, holdout):
+        row = dict(d)
+        for key in ("loss", "top1_agreement", "top1_accuracy", "kl_to_full"):
+            row[f"dev_{key}"], row[f"holdout_{key}"] = d[key], h[key]
+            row[key] = (d[key] * d["tokens"] + h[key] * h["tokens"]) / (d["tokens"] + h["tokens"])
+        if "gen_agreement" in d:
+            for key in ("gen_agreement", "gen_kl"):
+                row[f"dev_{key}"], row[f"holdout_{key}"] = d[key], h[key]
+                row[key] = (d[key] * d["gen_tokens"] + h[key] * h["gen_tokens"]) / (d["gen_tokens"] + h["gen_tokens"])
+        merged.append(row)
+    return merged
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
@@ -123,7 +198,11 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--train-rows", default="0:1800")
-    parser.add_argument("--eval-rows", default="1800:2000")
+    parser.add_argument("--eval-rows", default="1800:1900", help="dev slice")
+    parser.add_argument("--holdout-rows", default="1900:2000", help="held-out slice, never used to choose")
+    parser.add_argument("--gen-prompts", type=int, default=64, help="prompts per slice for agreement on generations")
+    parser.add_argument("--save-every", type=int, default=100, help="training steps between resumable states")
+    parser.add_argument("--resume", action="store_true", help="keep <out>/results.json and run only what is missing")
     parser.add_argument("--recipes", default="base,sft,soft", help=f"comma-separated: base and {sorted(RECIPES)}")
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=FLAGS",
                         help="an extra recipe: `manyinone train` flags, e.g. 'soft-hi=--exits 6,30 --lr 1e-4'")
@@ -139,19 +218,24 @@ def main() -> None:
     args = parser.parse_args()
 
     names = [n for n in args.recipes.split(",") if n]
-    unknown = [n for n in names if n != "base" and n not in RECIPES]
+    unknown = [n for n in names if n != "base" and n not in RECIPES and n not in DATA_STEPS]
     if unknown:
-        parser.error(f"unknown recipes {unknown}; known: base, {', '.join(RECIPES)}")
-    recipes = {name: RECIPES[name] for name in names if name != "base"}
+        parser.error(f"unknown recipes {unknown}; known: base, {', '.join([*RECIPES, *DATA_STEPS])}")
+    recipes = {name: (DATA_STEPS | RECIPES)[name] for name in names if name != "base"}
     for item in args.recipe:
         name, _, flags = item.partition("=")
         recipes[name] = shlex.split(flags)
-    for name, flags in list(recipes.items()):  # a recipe built on another one needs that one too
-        for flag in flags:
-            if flag.startswith("@") and flag[1:] not in recipes:
-                recipes = {flag[1:]: RECIPES[flag[1:]], **recipes}
+    changed = True
+    while changed:  # a recipe built on another one (or on a data step) needs that one too, first
+        changed = False
+        for name, flags in list(recipes.items()):
+            for dep in needs(flags):
+                if dep not in recipes:
+                    recipes = {dep: (DATA_STEPS | RECIPES)[dep], **recipes}
+                    changed = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    paths = {name: str(out / name / "data.jsonl") if name in DATA_STEPS else str(out / name) for name in recipes}
     cli = [sys.executable, "-m", "manyinone"]
     common = ["--model", args.model, "--data", args.data, "--rows", args.train_rows, "--epochs", args.epochs,
               "--batch-size", args.batch_size, "--lr", args.lr, "--set", "max_length=512",
@@ -160,39 +244,83 @@ def main() -> None:
         + (["--qa-limit", str(args.qa_limit)] if args.qa_limit else [])
     trained: dict[str, Future] = {}
     results: dict[str, dict] = {}
+    if args.resume and (out / "results.json").is_file():
+        results = json.loads((out / "results.json").read_text())
+    data_done = {n: d["seconds"] for n, d in results.get("_data", {}).items()}  # data step -> seconds, with its teacher
     lock = threading.Lock()
+    gen = ["--gen-prompts", str(args.gen_prompts), "--gen-tokens", "128"] if args.gen_prompts else []
+
+    def cost_of(names: list[str]) -> float:
+        return sum(results.get(n, {}).get("cost", {}).get("total_s", data_done.get(n, 0.0)) for n in names)
 
     def train_and_eval(recipe: str) -> None:
         run_dir = out / recipe
         run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / "log.txt" if args.jobs > 1 else None
+        deps = needs(recipes.get(recipe, []))
+        for dep in deps:  # wait for the recipes and data this one starts from
+            trained[dep].result()
+        started = time.perf_counter()
+        if recipe in DATA_STEPS:
+            target = Path(paths[recipe])
+            if not target.is_file():
+                run(cli + ["distill-data", "--output", str(target), "--data", args.data, "--rows", args.train_rows,
+                           "--template", args.template, *substitute(recipes[recipe], paths)], log)
+            with lock:
+                data_done[recipe] = time.perf_counter() - started + cost_of(deps)
+                results.setdefault("_data", {})[recipe] = {"seconds": data_done[recipe],
+                                                           "records": sum(1 for _ in target.open())}
+            return
         if recipe == "base":
             target = args.model
         else:
-            flags = []
-            for flag in recipes[recipe]:
-                if flag.startswith("@"):  # wait for the recipe this one starts from
-                    trained[flag[1:]].result()
-                    flag = str(out / flag[1:])
-                flags.append(flag)
-            run(cli + ["train", "--output", str(run_dir), *common, *flags], log)
+            run(cli + ["train", "--output", str(run_dir), *common, "--set", f"save_every={args.save_every}",
+                       *substitute(recipes[recipe], paths)], log)
             target = str(run_dir)
-        run(cli + ["eval", target, "--data", args.data, "--rows", args.eval_rows, "--exits", EXITS,
-                   "--template", args.template, "--batch-size", "32", "--output", str(run_dir), *tasks],
-            None if log is None else run_dir / "eval-log.txt")
+        trained_s = time.perf_counter() - started
+        slices = {}
+        for part, rows in (("dev", args.eval_rows), ("holdout", args.holdout_rows)):
+            report = run_dir / f"eval-{part}"
+            run(cli + ["eval", target, "--data", args.data, "--rows", rows, "--exits", EXITS,
+                       "--template", args.template, "--batch-size", "32", "--output", str(report), *gen,
+                       *(tasks if part == "dev" else [])],
+                None if log is None else run_dir / f"eval-{part}-log.txt")
+            slices[part] = json.loads((report / "eval.json").read_text())
+        elapsed = time.perf_counter() - started
         with lock:
-            results[recipe] = {"exits": json.loads((run_dir / "eval.json").read_text()),
+            results[recipe] = {"exits": merge_slices(slices["dev"], slices["holdout"]),
+                               "cost": {"train_s": trained_s, "eval_s": elapsed - trained_s,
+                                        "total_s": trained_s + cost_of(deps)},
                                **({} if recipe == "base" else {"train": train_metrics(run_dir),
                                                                "flags": recipes[recipe]})}
-            ordered = {n: results[n] for n in ["base", *recipes] if n in results}
+            ordered = {n: results[n] for n in ["base", *recipes, *results] if n in results and n not in DATA_STEPS}
             (out / "results.json").write_text(json.dumps(ordered, indent=2) + "\n")
-            (out / "results.md").write_text(tables(ordered) + "\n")
-            plot(ordered, out / "quality.png")
+            shown = {n: r for n, r in ordered.items() if n != "_data"}
+            (out / "results.md").write_text(tables(shown) + data_table(ordered.get("_data", {})) + "\n")
+            plot(shown, out / "quality.png")
 
-    order = (["base"] if "base" in names else []) + list(recipes)
+    order: list[str] = ["base"] if "base" in names else []
+
+    def visit(name: str) -> None:  # dependencies first, so a waiting recipe never blocks what it waits for
+        if name not in order:
+            for dep in needs(recipes[name]):
+                visit(dep)
+            order.append(name)
+
+    for name in recipes:
+        visit(name)
+    # Finished: in results.json and still on disk (a later recipe may start from its folder).
+    finished = {n for n in results if n in order and "exits" in results[n]
+                and (n == "base" or (out / n / "manyinone.json").is_file())}
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         for name in order:  # submitted in dependency order, so a waiting recipe never blocks its own base
-            trained[name] = pool.submit(train_and_eval, name)
+            if name in finished:
+                done: Future = Future()
+                done.set_result(None)
+                trained[name] = done
+                print(f"{name}: kept from {out / 'results.json'}", flush=True)
+            else:
+                trained[name] = pool.submit(train_and_eval, name)
     failed = [n for n, f in trained.items() if f.exception() is not None]
     for name in failed:
         print(f"recipe {name} failed: {trained[name].exception()}", file=sys.stderr)

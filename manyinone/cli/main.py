@@ -191,8 +191,9 @@ def _generation_agreement(rows, nested, space, device, records, template, new_to
     prompts = [encode_prompt(r, nested.tokenizer, template) for r in records]
     examples = generation_examples(lambda chunk: runtime.generate(chunk, None, new_tokens).tokens, prompts,
                                    max(batch_size, 16))
-    if not examples:
-        raise ManyinoneError("--gen-prompts: the full depth generated no token for any prompt (it stopped at once)")
+    if not examples:  # a model that always stops at once has nothing to agree on
+        console.print("[yellow]--gen-prompts: the full depth stopped at once on every prompt; no agreement columns[/]")
+        return {}
     scored = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, device,
                             logits_for=nested.exit_logits, show_progress=sys.stderr.isatty())
     add_generation_agreement(rows, scored)
