@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import manyinone
 from helpers import max_abs_diff, sample_batch
@@ -15,7 +15,9 @@ from manyinone.train.config import TrainConfig
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.io.export import export_budget
+from manyinone.train.data import collate, load_records, tokenize_records
 from manyinone.train.loop import train
+from manyinone_flextron import LlamaFlextronAdapter
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,21 @@ def test_training_started_from_importance_reordered_weights(tiny_llama, width_ru
     a, b = start.model.layers[0].mlp.up_proj.weight, moved.model.layers[0].mlp.up_proj.weight  # [128, 64]
     assert not torch.allclose(a, b, atol=1e-4)
     assert torch.allclose(a.sum(0), b.sum(0), atol=1e-4)  # the same rows, reordered (lr 1e-9: barely trained)
+    # ... reordered by importance, not by any permutation (column sums would not tell): on the same
+    # calibration batches the training run used, the moved model's neuron energies come out descending.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    examples = tokenize_records(load_records("demo", None), tokenizer, cfg.max_length, cfg.template)
+    calibration = [collate(examples[i:i + 4], tokenizer.pad_token_id) for i in (0, 4)]
+    scores = _energy(moved, calibration)  # [128] neuron energies of layer 0
+    assert torch.all(scores[:-1] >= scores[1:] * (1 - 1e-4))
+    order = torch.sort(_energy(start, calibration), descending=True, stable=True).indices
+    assert torch.allclose(a[order], b, atol=1e-4)  # exactly the importance order of the start
+
+
+def _energy(model, calibration) -> torch.Tensor:
+    """Layer 0's neuron scores summed over the calibration batches."""
+    adapter = LlamaFlextronAdapter(model.eval())
+    return sum(adapter.unit_importance(c["input_ids"], c["attention_mask"])[0][0] for c in calibration)
 
 
 @torch.no_grad()

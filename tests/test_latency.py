@@ -47,3 +47,28 @@ def test_table_without_layer_count_or_with_bad_keys_is_refused(tmp_path):
         path.write_text(json.dumps(table))
         with pytest.raises(ManyinoneError, match="lacks layer_ms"):
             load_table(path)
+
+
+def test_measured_layer_time_is_the_depth_difference(tiny_llama, monkeypatch):
+    """measure_latency's arithmetic on a fake clock (real timings clamp at 0, so >= 0 proves nothing):
+    a plan of L layers at width w takes 2 + L * w / 32 ms, so one layer is w / 32 ms and the rest 2 ms."""
+    import manyinone.elastic.latency as latency
+
+    adapter = LlamaFlextronAdapter(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    last = {}
+    real_forward = adapter.forward_plan
+
+    def forward_plan(ids, mask, plan):
+        last["plan"] = plan
+        return real_forward(ids, mask, plan)
+
+    def fake_ms(fn, device, repeats, warmup):
+        fn()
+        plan = last["plan"]
+        return 2.0 + len(plan) * plan[0][0] / 32
+
+    monkeypatch.setattr(adapter, "forward_plan", forward_plan)
+    monkeypatch.setattr(latency, "_timed_ms", fake_ms)
+    table = measure_latency(adapter, [(32, 2), (128, 4)], batch=1, seq=4)
+    assert table["layer_ms"] == {"32,2": pytest.approx(1.0), "128,4": pytest.approx(4.0)}
+    assert table["rest_ms"] == pytest.approx(2.0)

@@ -98,12 +98,18 @@ def test_input_adaptive_router_trains_on_the_sequence_context(adapter, char_toke
     torch.manual_seed(0)
     router = Router(adapter.num_layers, OPTIONS, context_size=64)
     table, rest = adapter.option_costs(OPTIONS)
+    first = router.layers[0][0].weight.detach().clone()  # [hidden, 1 + context]
     log = train_router(router, adapter, demo_batches(char_tokenizer, 2), table,
                        RouterTraining(budgets=[0.5], steps=4, fixed_cost=rest), context_fn=adapter.sequence_context)
     assert len(log) == 4 and all(math.isfinite(r["ce"]) for r in log)
     ids, mask = sample_batch()
     plan = router.plan(0.5, adapter.sequence_context(ids[:1], mask[:1]))
     assert len(plan) == 4 and all(o in OPTIONS for o in plan)
+    # The context is really used: training moved the weights that read it, and two inputs differ.
+    assert not torch.allclose(router.layers[0][0].weight[:, 1:], first[:, 1:])
+    contexts = adapter.sequence_context(ids, mask)  # [batch, hidden]
+    logits = router(torch.tensor([0.5, 0.5]), contexts[:2])  # [2, layers, options]
+    assert not torch.allclose(logits[0], logits[1])
     with pytest.raises(ManyinoneError, match="needs the input's context"):
         router.plan(0.5)
 
@@ -151,6 +157,8 @@ def test_input_adaptive_router_routes_each_prompt_in_the_runtime(width_run, tmp_
 
     torch.manual_seed(0)
     router = Router(4, OPTIONS, context_size=64)
+    for layer in router.layers:  # let the context dominate the budget, so a wrong context picks wrong plans
+        layer[0].weight[:, 1:] *= 300
     out = export_routed(width_run, router, [0.5], tmp_path / "adaptive")
     assert read_index(out)["routed"] == []  # plans are chosen per prompt, not stored
     again = load_router(out)
@@ -159,8 +167,12 @@ def test_input_adaptive_router_routes_each_prompt_in_the_runtime(width_run, tmp_
     prompts = [char_tokenizer("What is 2 plus 2?")["input_ids"], char_tokenizer("Hi")["input_ids"]]
     result = rt.generate(prompts, budget=0.5, max_new_tokens=6)
     assert len(result.plans) == 2 and all(len(p) == 4 and set(p) <= set(OPTIONS) for p in result.plans)
+    assert result.plans[0] != result.plans[1]  # the two prompts really route differently
+    embeddings = rt.nested.model.get_input_embeddings()
     for prompt, plan, tokens in zip(prompts, result.plans, result.tokens):
         assert plan == rt.plan_for(prompt, 0.5)
+        # ... and what the router itself says for this prompt's mean embedding, computed here by hand:
+        assert plan == router.plan(0.5, embeddings(torch.tensor(prompt)).mean(0))
         alone = rt.adapter.extract_plan(plan).generate(input_ids=torch.tensor([prompt]), max_new_tokens=6,
                                                        do_sample=False, pad_token_id=3)[0, len(prompt):].tolist()
         assert tokens == (alone[:alone.index(2)] if 2 in alone else alone)
