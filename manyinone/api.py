@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from manyinone.adapter import ModelAdapter
-from manyinone.checkpoint import INDEX_FILE, read_index, resolve
+from manyinone.checkpoint import INDEX_FILE, read_index, recover_interrupted, resolve
 from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.errors import ManyinoneError, first_line
 from manyinone.exit_heads import ExitHeads, module_path
@@ -69,6 +69,7 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(path)
+    recover_interrupted(folder)  # a killed export or tune-speculative: finish or undo it first
     if (folder / CHECKSUMS_FILE).is_file() or (folder / INDEX_FILE).is_file():
         verify_checksums(folder)  # before read_index, so a damaged manyinone.json is named as such
     index = read_index(path)

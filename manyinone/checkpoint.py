@@ -29,7 +29,8 @@ from manyinone.adapter import ModelAdapter
 from manyinone.budget import METRICS, resolve_budget
 from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.errors import ManyinoneError
-from manyinone.integrity import fsync_dir, is_write_failure, write_checksums, write_failure
+from manyinone.integrity import (finish_replace, fsync_dir, in_use, is_write_failure, lock_folder, write_checksums,
+                                 write_failure)
 
 INDEX_FILE, WEIGHTS_FILE, FORMAT = "manyinone.json", "model.safetensors", "manyinone/1"
 
@@ -64,8 +65,10 @@ def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool =
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _recover_interrupted_write(target)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        write_id = uuid.uuid4().hex[:8]
+        tmp = target.parent / f".{target.name}.tmp-{write_id}"
         tmp.mkdir()
+        held = lock_folder(tmp)  # tells readers' recovery that this write is alive
     except OSError as exc:
         raise write_failure(target, exc) from None
     try:
@@ -79,7 +82,7 @@ def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool =
             tmp.rmdir()
             fsync_dir(target)
         elif target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = target.parent / f".{target.name}.old-{write_id}"
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -91,22 +94,46 @@ def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool =
         if not isinstance(exc, ManyinoneError) and is_write_failure(exc):
             raise write_failure(target, exc) from None
         raise
+    finally:
+        os.close(held)
 
 
 def _recover_interrupted_write(target: Path) -> None:
     """Undo what a write of `target` killed mid-way (SIGKILL, power loss) left beside it.
 
-    `.NAME.tmp-*` is an unfinished write: removed. `.NAME.old-*` is the previous content, moved
+    `.NAME.tmp-ID` is an unfinished write: removed. `.NAME.old-ID` is the previous content, moved
     aside by a write that died before its second rename: put back if `target` is gone, else removed.
+    A write still running in another process (its temp folder locked) is left alone.
     """
     name = glob.escape(target.name)
     for stale in target.parent.glob(f".{name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not in_use(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     for old in target.parent.glob(f".{name}.old-*"):
+        writer = target.parent / f".{target.name}.tmp-{old.name.rpartition('.old-')[2]}"
+        if in_use(writer):  # between a live write's two renames
+            continue
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(old, target)
+            try:
+                os.replace(old, target)
+            except OSError:  # the live write's second rename came first
+                if not target.exists():
+                    raise
+
+
+def recover_interrupted(path: str | os.PathLike) -> None:
+    """Repair what a killed write left at checkpoint folder `path` (an export's temp or moved-aside
+    folder beside it, a half-applied `store_choice` inside it). Every reader calls it first; on a
+    read-only copy it changes nothing and the reader sees what is there."""
+    target = Path(path)
+    try:
+        _recover_interrupted_write(target)
+        if target.is_dir():
+            finish_replace(target)
+    except OSError:
+        pass
 
 
 def build_index(adapter: ModelAdapter, space: NestedSpace, metric: str = "flops", context: int = 512,
@@ -162,6 +189,7 @@ def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str
 def read_index(path: str | os.PathLike) -> dict[str, Any]:
     """The budget index of a checkpoint folder, from manyinone.json or the safetensors metadata."""
     folder = Path(path)
+    recover_interrupted(folder)
     if not folder.is_dir():
         raise ManyinoneError(f"checkpoint {str(path)!r} not found (expected a folder written by manyinone)")
     index_file, weights = folder / INDEX_FILE, folder / WEIGHTS_FILE

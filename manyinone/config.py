@@ -72,6 +72,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{info.field_name} {value} must be non-empty and strictly increasing, e.g. {sorted(set(value))}")
         return value
 
+    @field_validator("output")
+    @classmethod
+    def _output_named(cls, value: str) -> str:
+        if not value.strip():  # Path("") is the current directory: a run would merge into it
+            raise ValueError(f"output {value!r} is empty; give a run folder, e.g. runs/x")
+        return value
+
     @model_validator(mode="after")
     def _frozen_needs_heads(self) -> "TrainConfig":
         if self.freeze_base and self.exit_heads == "none":

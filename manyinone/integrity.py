@@ -21,9 +21,15 @@ import uuid
 import warnings
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a write in progress is then not told from a killed one
+    fcntl = None
+
 from manyinone.errors import ManyinoneError
 
 CHECKSUMS_FILE = "checksums.json"
+COMMIT_DIR = ".manyinone.commit"  # files that replace_files_together has committed but not yet moved into place
 _CHUNK = 1 << 20  # bytes read at a time while hashing
 
 
@@ -143,3 +149,80 @@ def write_failure(target: Path, exc: BaseException) -> OutputWriteError:
     except OSError:
         free = ""
     return OutputWriteError(f"cannot write {str(target)!r}: {reason}{free}; what was there before is left intact")
+
+
+def lock_folder(path: Path) -> int:
+    """Hold an exclusive lock on folder `path` while writing it; released when the returned fd is closed
+    or the process dies, so `in_use` tells a write in progress from one a kill left behind."""
+    fd = os.open(path, os.O_RDONLY)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def in_use(path: Path) -> bool:
+    """True while a live process holds `path`'s lock (`lock_folder`)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def replace_files_together(folder: Path, texts: dict[str, str]) -> None:
+    """Replace files of `folder` (name -> new text) as one commit: a kill at any point leaves all of
+    them old or, once a reader has run `finish_replace`, all of them new.
+
+    The new files are written and fsync'ed in a staging folder; one rename turns it into the commit
+    record `COMMIT_DIR`, the commit point; `finish_replace` then moves each file into place.
+    """
+    finish_replace(folder)
+    staging = folder / f"{COMMIT_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    held = lock_folder(staging)
+    try:
+        for name, text in texts.items():
+            with open(staging / name, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(staging)
+        os.replace(staging, folder / COMMIT_DIR)  # the commit point
+        fsync_dir(folder)
+        finish_replace(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        os.close(held)
+
+
+def finish_replace(folder: Path) -> None:
+    """Complete a commit of `replace_files_together` that a kill interrupted (idempotent), and drop
+    the staging folder of one killed before its commit point. Every reader of a checkpoint runs it."""
+    for stale in folder.glob(f"{COMMIT_DIR}.tmp-*"):
+        if not in_use(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    journal = folder / COMMIT_DIR
+    if not journal.is_dir():
+        return
+    for item in sorted(journal.iterdir()):
+        try:
+            os.replace(item, folder / item.name)
+        except FileNotFoundError:  # another reader moved it first
+            pass
+    fsync_dir(folder)
+    try:
+        journal.rmdir()
+    except OSError:
+        pass

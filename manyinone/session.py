@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from manyinone.api import NestedModel, load, open_checkpoint
-from manyinone.checkpoint import INDEX_FILE, build_index, read_index, resolve
+from manyinone.checkpoint import INDEX_FILE, build_index, read_index, recover_interrupted, resolve
 from manyinone.data import prompt_and_response
 from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.loading import load_pretrained
@@ -20,6 +20,7 @@ def load_for_eval(source: str, exits: list[int] | None, device: str = "auto"
     """A manyinone checkpoint, or any model source (HF folder, .gguf, alias) scored at `exits`."""
     dev = pick_device(device)
     folder = Path(source)
+    recover_interrupted(folder)
     if folder.is_dir() and (folder / INDEX_FILE).exists():
         nested = open_checkpoint(folder, device=str(dev))
     else:
