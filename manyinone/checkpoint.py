@@ -29,8 +29,8 @@ from manyinone.adapter import ModelAdapter
 from manyinone.budget import METRICS, resolve_budget
 from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.errors import ManyinoneError
-from manyinone.integrity import (finish_replace, fsync_dir, in_use, is_write_failure, lock_folder, write_checksums,
-                                 write_failure)
+from manyinone.integrity import (CHECKSUMS_FILE, finish_replace, fsync_dir, in_use, is_write_failure, lock_folder,
+                                 verify_checksums, write_checksums, write_failure)
 
 INDEX_FILE, WEIGHTS_FILE, FORMAT = "manyinone.json", "model.safetensors", "manyinone/1"
 
@@ -134,6 +134,29 @@ def recover_interrupted(path: str | os.PathLike) -> None:
             finish_replace(target)
     except OSError:
         pass
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is one manyinone wrote: a budget index (manyinone.json or the weights' metadata)
+    or a checksums.json. A plain HF model folder is not."""
+    if (folder / INDEX_FILE).is_file() or (folder / CHECKSUMS_FILE).is_file():
+        return True
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        return False
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return "manyinone" in (f.metadata() or {})
+    except Exception:  # a damaged header (safetensors' own error type): the load that follows names it
+        return False
+
+
+def verify_checkpoint(folder: str | os.PathLike, what: str = "checkpoint") -> None:
+    """The one checksum policy: a manyinone checkpoint must carry a checksums.json that lists every file
+    loaders read, and all of them must match (else ManyinoneError naming the file); a plain HF folder,
+    which never had one, has nothing to verify."""
+    if is_checkpoint(Path(folder)):
+        verify_checksums(folder, what)
 
 
 def build_index(adapter: ModelAdapter, space: NestedSpace, metric: str = "flops", context: int = 512,

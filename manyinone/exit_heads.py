@@ -106,7 +106,11 @@ class ExitHeads(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, entry: dict, norm: nn.Module, head_weight: torch.Tensor) -> ExitHeads:
-        path = Path(folder) / entry.get("file", FILE)
+        name = entry.get("file", FILE)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ManyinoneError(f"checkpoint {str(folder)!r} names exit heads file {name!r}, which is not a file "
+                                 "name inside the checkpoint")
+        path = Path(folder) / name
         try:
             heads = cls(entry["kind"], [SubnetSpec(s) for s in entry["specs"]], norm, head_weight)
             state = load_file(str(path), device=str(head_weight.device))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from manyinone.api import NestedModel, load, open_checkpoint
-from manyinone.checkpoint import INDEX_FILE, build_index, read_index, recover_interrupted, resolve
+from manyinone.checkpoint import build_index, is_checkpoint, read_index, recover_interrupted, resolve
 from manyinone.data import prompt_and_response
 from manyinone.dims import NestedSpace, SubnetSpec
 from manyinone.loading import load_pretrained
@@ -21,7 +21,7 @@ def load_for_eval(source: str, exits: list[int] | None, device: str = "auto"
     dev = pick_device(device)
     folder = Path(source)
     recover_interrupted(folder)
-    if folder.is_dir() and (folder / INDEX_FILE).exists():
+    if folder.is_dir() and is_checkpoint(folder):  # verified, even without its manyinone.json
         nested = open_checkpoint(folder, device=str(dev))
     else:
         model, tokenizer = load_pretrained(source)
@@ -42,7 +42,7 @@ def generate_text(ckpt: Path, prompt: str, budget: float | None, max_new_tokens:
     index = read_index(ckpt)
     resolve(index, budget)  # a bad budget fails before any weights load
     model = load(ckpt, budget)
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False)  # `load` verified the folder
     template = template or index.get("train", {}).get("template", "alpaca")
     text, _ = prompt_and_response({"instruction": prompt, "input": "", "output": ""}, tokenizer, template)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=template != "chat")
