@@ -228,12 +228,20 @@ def serve(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     device: str = typer.Option("auto"),
     max_len: Optional[int] = typer.Option(None, help="context limit in tokens (default: min(model's, 2048))"),
+    max_batch: int = typer.Option(16, help="most prompts in one request (more: 413)"),
+    max_cache_mib: float = typer.Option(4096.0, help="KV-cache memory kept for all batch sizes together, MiB "
+                                                     "(a request needing more: 413)"),
+    api_key: Optional[str] = typer.Option(None, envvar="MANYINONE_API_KEY",
+                                          help="require `Authorization: Bearer KEY` (401 without it); /health stays open"),
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions) with per-request `budget` and
     `speculative` fields. Needs `pip install 'manyinone[serve]'`."""
     from manyinone.runtime.server import serve as run_server
 
-    run_server(str(ckpt), host, port, dtype, device, max_len)
+    if max_len is not None:
+        _at_least(max_len, 2, "--max-len")
+    run_server(str(ckpt), host, port, dtype, device, max_len, max_batch=max_batch, max_cache_mib=max_cache_mib,
+               api_key=api_key)
 
 
 @app.command(name="tune-speculative")
