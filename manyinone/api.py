@@ -19,7 +19,7 @@ from torch import nn
 from manyinone.adapter import ModelAdapter
 from manyinone.checkpoint import read_index, recover_interrupted, resolve, verify_checkpoint
 from manyinone.dims import NestedSpace, SubnetSpec
-from manyinone.errors import ManyinoneError, first_line
+from manyinone.errors import ManyinoneError, first_line, resource_error
 from manyinone.exit_heads import ExitHeads, module_path
 from manyinone.loading import refuse_remote_code
 from manyinone.registry import adapter_for
@@ -79,7 +79,8 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # transformers/safetensors raise many types for a damaged folder
         first = first_line(exc)
-        raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt or incomplete: {first}") from None
+        raise resource_error(exc, f"loading checkpoint {str(path)!r}") or ManyinoneError(
+            f"checkpoint {str(path)!r} is corrupt or incomplete: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

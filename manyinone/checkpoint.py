@@ -28,7 +28,7 @@ from torch import nn
 from manyinone.adapter import ModelAdapter
 from manyinone.budget import METRICS, resolve_budget
 from manyinone.dims import NestedSpace, SubnetSpec
-from manyinone.errors import ManyinoneError
+from manyinone.errors import ManyinoneError, first_line, resource_error
 from manyinone.integrity import (CHECKSUMS_FILE, finish_replace, fsync_dir, in_use, is_write_failure, lock_folder,
                                  verify_checksums, write_checksums, write_failure)
 
@@ -213,6 +213,8 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
     """The budget index of a checkpoint folder, from manyinone.json or the safetensors metadata."""
     folder = Path(path)
     recover_interrupted(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ManyinoneError(f"checkpoint {str(path)!r} is a file; expected a folder written by manyinone")
     if not folder.is_dir():
         raise ManyinoneError(f"checkpoint {str(path)!r} not found (expected a folder written by manyinone)")
     index_file, weights = folder / INDEX_FILE, folder / WEIGHTS_FILE
@@ -224,12 +226,13 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
                 index = json.loads((f.metadata() or {})["manyinone"])
         else:
             raise ManyinoneError(f"{str(path)!r} is not a manyinone checkpoint: no {INDEX_FILE} or {WEIGHTS_FILE}")
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError, OSError) as exc:
+    except (ValueError, KeyError, OSError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: cannot read its budget index ({type(exc).__name__})") from None
     except Exception as exc:  # safetensors raises its own error type for a damaged header
         if isinstance(exc, ManyinoneError):
             raise
-        raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: {WEIGHTS_FILE} unreadable ({exc})") from None
+        raise resource_error(exc, f"reading {WEIGHTS_FILE}'s header") or ManyinoneError(
+            f"checkpoint {str(path)!r} is corrupt: {WEIGHTS_FILE} unreadable ({first_line(exc)})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ManyinoneError(f"checkpoint {str(path)!r} has an index of unknown format; expected {FORMAT!r}")
     missing = [k for k in ("adapter", "model_type", "space", "metric", "specs") if k not in index]

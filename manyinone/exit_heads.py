@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
+from manyinone.errors import ManyinoneError, resource_error
 from manyinone.lean_loss import LinearHead
 
 KINDS = ("translator", "head")
@@ -118,7 +118,7 @@ class ExitHeads(nn.Module):
         except ManyinoneError:
             raise
         except Exception as exc:  # missing file, damaged header, wrong shapes
-            raise ManyinoneError(f"exit heads {str(path)!r} missing or corrupt ({type(exc).__name__}); "
+            raise resource_error(exc, f"loading exit heads {str(path)!r}") or ManyinoneError(f"exit heads {str(path)!r} missing or corrupt ({type(exc).__name__}); "
                                  "the checkpoint is incomplete") from None
         return heads
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from manyinone.errors import ManyinoneError, first_line
+from manyinone.errors import ManyinoneError, first_line, resource_error
 from manyinone.registry import adapter_class
 
 # The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI package
@@ -57,6 +57,8 @@ def resolve_source(source: str) -> ModelSource:
         return ModelSource(str(path.parent), path.name)
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
+        if path.is_dir():
+            raise ManyinoneError(f"GGUF file {source!r} is a folder; expected a .gguf file")
         if not path.is_file():
             raise ManyinoneError(f"GGUF file {source!r} not found")
         return ModelSource(str(path.resolve().parent), path.name)
@@ -96,9 +98,10 @@ def load_config(source: ModelSource):
         refuse_remote_code(source.folder)
     try:
         config = AutoConfig.from_pretrained(source.folder, trust_remote_code=False, **source.kwargs())
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # a damaged GGUF header raises struct/numpy/IndexError types too
         first = first_line(exc)
-        raise ManyinoneError(f"cannot load a model config from {str(source)!r}: {first}") from None
+        raise resource_error(exc, f"reading the config of {str(source)!r}") or ManyinoneError(
+            f"cannot load a model config from {str(source)!r}: {first}") from None
     refuse_remote_code(source.folder, config)
     return config
 
@@ -119,7 +122,8 @@ def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float3
         tokenizer = AutoTokenizer.from_pretrained(src.folder, trust_remote_code=False, **src.kwargs())
     except Exception as exc:  # transformers/safetensors raise many types for a damaged folder
         first = first_line(exc)
-        raise ManyinoneError(f"cannot load model from {str(src)!r}: {first}") from None
+        raise resource_error(exc, f"loading model {str(src)!r}") or ManyinoneError(
+            f"cannot load model from {str(src)!r}: {first}") from None
     if src.gguf_file:
         _forget_gguf_quantization(model)
     if tokenizer.pad_token is None:

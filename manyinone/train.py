@@ -27,7 +27,7 @@ from manyinone import distributed, exit_heads
 from manyinone.checkpoint import CHECKPOINTS, atomic_dir, build_index, complete_resume_dirs, resume_dir, save_checkpoint
 from manyinone.config import TrainConfig
 from manyinone.data import collate, epoch_order, load_records, tokenize_records
-from manyinone.errors import ManyinoneError
+from manyinone.errors import ManyinoneError, resource_error
 from manyinone.integrity import verify_checksums, write_failure, write_text_durably
 from manyinone.interrupt import deferred_stop_signals
 from manyinone.loading import load_pretrained
@@ -45,8 +45,17 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ManyinoneError(f"device {name!r} unknown; allowed auto, cpu, cuda, cuda:N") from None
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ManyinoneError(f"device {name!r} requested but MPS is not available here; use cpu or auto")
+        return device
+    if device.type not in ("cpu", "cuda"):  # meta, xpu, ... hold no data or are not supported
+        raise ManyinoneError(f"device {name!r} cannot run a model; allowed auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ManyinoneError(f"device {name!r} requested but CUDA is not available; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ManyinoneError(f"device {name!r} not present; this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
     return device
 
 
@@ -89,7 +98,7 @@ def restore_state(output: Path, model, optimizer) -> int:
     except ManyinoneError as exc:
         raise ManyinoneError(f"{exc}; delete it to resume from an earlier one") from None
     def corrupt(exc: Exception) -> ManyinoneError:
-        return ManyinoneError(f"resume checkpoint {str(last)!r} is corrupt ({type(exc).__name__}); "
+        return resource_error(exc, f"loading resume checkpoint {str(last)!r}") or ManyinoneError(f"resume checkpoint {str(last)!r} is corrupt ({type(exc).__name__}); "
                               "delete it to resume from an earlier one")
 
     try:
