@@ -307,10 +307,13 @@ def test_out_of_memory_is_not_reported_as_corruption(where, error, trained_run, 
 # --- the long part (-m slow): many damaged headers ------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(40))
-def test_randomly_damaged_headers(seed, tiny_llama, tmp_path):
+def test_randomly_damaged_headers(seed, tiny_llama, tmp_path, request):
     """A real GGUF cut at a random point, and the tiny model's safetensors header with random bytes
     overwritten: each is loaded (config, then weights) and must load or fail with one clean line."""
     import random
+
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("80 damaged headers run with -m slow")
 
     from manyinone.errors import ManyinoneError
     from manyinone.loading import load_pretrained
