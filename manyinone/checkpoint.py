@@ -226,6 +226,8 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
                 index = json.loads((f.metadata() or {})["manyinone"])
         else:
             raise ManyinoneError(f"{str(path)!r} is not a manyinone checkpoint: no {INDEX_FILE} or {WEIGHTS_FILE}")
+    except ManyinoneError:
+        raise
     except (ValueError, KeyError, OSError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: cannot read its budget index ({type(exc).__name__})") from None
     except Exception as exc:  # safetensors raises its own error type for a damaged header
