@@ -218,7 +218,9 @@ def export_routed(ckpt, router: Router, budgets: Sequence[float], output, contex
 
     from manyinone.io.api import open_checkpoint
     from manyinone.io.checkpoint import save_checkpoint
+    from manyinone.io.export import check_export_target
 
+    check_export_target(ckpt, output)
     nested = open_checkpoint(ckpt)
     adapter = nested.adapter
     require_plans(adapter, "routing")

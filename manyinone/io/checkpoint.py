@@ -24,8 +24,9 @@ from torch import nn
 from manyinone.core.adapter import ModelAdapter
 from manyinone.core.cost import METRICS
 from manyinone.core.space import NestedSpace, SubnetSpec
-from manyinone.core.errors import ManyinoneError
-from manyinone.io.durable import atomic_dir
+from manyinone.core.errors import ManyinoneError, first_line, resource_error
+from manyinone.io.durable import atomic_dir, recover_interrupted_write
+from manyinone.io.integrity import CHECKSUMS_FILE, verify_checksums
 from manyinone.core.index import FORMAT, BudgetIndex, dumps_index, parse_index
 
 INDEX_FILE, WEIGHTS_FILE = "manyinone.json", "model.safetensors"
@@ -41,7 +42,8 @@ def resume_dir(output: Path, step: int) -> Path:
 
 
 def resume_corrupt(folder: Path, exc: BaseException) -> ManyinoneError:
-    return ManyinoneError(f"resume checkpoint {str(folder)!r} is corrupt ({type(exc).__name__}); "
+    """The one error for an unreadable resume folder; running out of memory is not corruption."""
+    return resource_error(exc, f"loading resume checkpoint {str(folder)!r}") or ManyinoneError(f"resume checkpoint {str(folder)!r} is corrupt ({type(exc).__name__}); "
                           "delete it to resume from an earlier one")
 
 
@@ -51,8 +53,6 @@ def read_resume_state(folder: Path) -> dict[str, Any]:
     A damaged folder or state.json is a one-line ManyinoneError saying to delete it, never a raw
     JSONDecodeError; single-process (train.py) and torchrun (distributed.py) resumes both read here.
     """
-    from manyinone.io.integrity import verify_checksums
-
     try:
         verify_checksums(folder, "resume checkpoint")
     except ManyinoneError as exc:
@@ -70,6 +70,39 @@ def complete_resume_dirs(output: Path) -> list[Path]:
     root = output / CHECKPOINTS
     done = [p for p in root.glob("step-*") if (p / "state.json").is_file()] if root.is_dir() else []
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def recover_interrupted(path: str | os.PathLike) -> None:
+    """Repair what a killed write left at checkpoint folder `path`: an export's (or `rewrite_index`'s)
+    temp or moved-aside folder beside it. Every reader calls it first; a live writer's folders are
+    left alone, and on a read-only copy it changes nothing and the reader sees what is there."""
+    try:
+        recover_interrupted_write(Path(path))
+    except OSError:
+        pass
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is one manyinone wrote: a budget index (manyinone.json or the weights' metadata)
+    or a checksums.json. A plain HF model folder is not."""
+    if (folder / INDEX_FILE).is_file() or (folder / CHECKSUMS_FILE).is_file():
+        return True
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        return False
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return "manyinone" in (f.metadata() or {})
+    except Exception:  # a damaged header (safetensors' own error type): the load that follows names it
+        return False
+
+
+def verify_checkpoint(folder: str | os.PathLike, what: str = "checkpoint") -> None:
+    """The one checksum policy: a manyinone checkpoint must carry a checksums.json that lists every file
+    loaders read, and all of them must match (else ManyinoneError naming the file); a plain HF folder,
+    which never had one, has nothing to verify."""
+    if is_checkpoint(Path(folder)):
+        verify_checksums(folder, what)
 
 
 def build_index(adapter: ModelAdapter, space: NestedSpace, metric: str = "flops", context: int = 512,
@@ -91,6 +124,9 @@ def load_index(path: str | os.PathLike) -> BudgetIndex:
     in the safetensors metadata; the one writer keeps both identical). Every problem is one line."""
     folder = Path(path)
     source = f"checkpoint {str(path)!r}"
+    recover_interrupted(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ManyinoneError(f"{source} is a file; expected a folder written by manyinone")
     if not folder.is_dir():
         raise ManyinoneError(f"{source} not found (expected a folder written by manyinone)")
     index_file, weights = folder / INDEX_FILE, folder / WEIGHTS_FILE
@@ -102,12 +138,13 @@ def load_index(path: str | os.PathLike) -> BudgetIndex:
                 raw = json.loads((f.metadata() or {})["manyinone"])
         else:
             raise ManyinoneError(f"{str(path)!r} is not a manyinone checkpoint: no {INDEX_FILE} or {WEIGHTS_FILE}")
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError, OSError) as exc:
+    except ManyinoneError:
+        raise
+    except (ValueError, KeyError, OSError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise ManyinoneError(f"{source} is corrupt: cannot read its budget index ({type(exc).__name__})") from None
     except Exception as exc:  # safetensors raises its own error type for a damaged header
-        if isinstance(exc, ManyinoneError):
-            raise
-        raise ManyinoneError(f"{source} is corrupt: {WEIGHTS_FILE} unreadable ({exc})") from None
+        raise resource_error(exc, f"reading {WEIGHTS_FILE}'s header") or ManyinoneError(
+            f"{source} is corrupt: {WEIGHTS_FILE} unreadable ({first_line(exc)})") from None
     return parse_index(raw, source)
 
 
@@ -176,13 +213,11 @@ def rewrite_index(path: str | os.PathLike, update) -> Path:
     (copied where links are unsupported), checksums recomputed. The checkpoint is verified first, so a
     damaged one is never re-blessed; a crash leaves the old checkpoint or the new one.
     """
-    from manyinone.io.integrity import CHECKSUMS_FILE, verify_checksums
-
     folder = Path(path)
-    index = update(read_index(folder))
+    index = update(read_index(folder))  # also undoes what a killed earlier rewrite left
     parse_index(index, "budget index being written")
-    listed = verify_checksums(folder)
-    with atomic_dir(folder, checksums=listed) as tmp:
+    verify_checksums(folder)  # a manyinone checkpoint carries a full listing (`verify_checkpoint`)
+    with atomic_dir(folder, checksums=True) as tmp:
         for item in folder.iterdir():
             if item.name in (WEIGHTS_FILE, INDEX_FILE, CHECKSUMS_FILE):
                 continue

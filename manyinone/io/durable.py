@@ -24,6 +24,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a write in progress is then not told from a killed one
+    fcntl = None
+
 from manyinone.core.errors import ManyinoneError
 from manyinone.io.integrity import CHECKSUMS_FILE, file_digest
 
@@ -110,10 +115,43 @@ def write_checksums(folder: Path) -> dict[str, dict]:
     return listing
 
 
+def lock_folder(path: Path) -> int:
+    """Hold an exclusive lock on folder `path` while writing it; released when the returned fd is closed
+    or the process dies, so `in_use` tells a write in progress from one a kill left behind."""
+    fd = os.open(path, os.O_RDONLY)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def in_use(path: Path) -> bool:
+    """True while a live process holds `path`'s lock (`lock_folder`)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def _write_id(tmp: Path) -> str:
+    """The id shared by a write's temp folder `.NAME.tmp-ID` and its moved-aside `.NAME.old-ID`."""
+    return tmp.name.rpartition(".tmp-")[2] if ".tmp-" in tmp.name else uuid.uuid4().hex[:8]
+
+
 def publish_dir(tmp: Path, target: Path) -> None:
     """Put the finished folder `tmp` in place of `target` (old content moved aside first, then removed)."""
     if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        old = target.parent / f".{target.name}.old-{_write_id(tmp)}"
         os.replace(target, old)
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
@@ -138,6 +176,7 @@ def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool =
         recover_interrupted_write(target)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        held = lock_folder(tmp)  # tells readers' recovery that this write is alive
     except OSError as exc:
         raise write_failure(target, exc) from None
     try:
@@ -158,22 +197,33 @@ def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool =
         if not isinstance(exc, ManyinoneError) and is_write_failure(exc):
             raise write_failure(target, exc) from None
         raise
+    finally:
+        os.close(held)
 
 
 def recover_interrupted_write(target: Path) -> None:
     """Undo what a write of `target` killed mid-way (SIGKILL, power loss) left beside it.
 
-    `.NAME.tmp-*` is an unfinished write: removed. `.NAME.old-*` is the previous content, moved
+    `.NAME.tmp-ID` is an unfinished write: removed. `.NAME.old-ID` is the previous content, moved
     aside by a write that died before its second rename: put back if `target` is gone, else removed.
+    A write still running in another process (its temp folder locked) is left alone.
     """
     name = glob.escape(target.name)
     for stale in target.parent.glob(f".{name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not in_use(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     for old in target.parent.glob(f".{name}.old-*"):
+        writer = target.parent / f".{target.name}.tmp-{old.name.rpartition('.old-')[2]}"
+        if in_use(writer):  # between a live write's two renames
+            continue
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(old, target)
+            try:
+                os.replace(old, target)
+            except OSError:  # the live write's second rename came first
+                if not target.exists():
+                    raise
 
 
 def is_write_failure(exc: BaseException) -> bool:

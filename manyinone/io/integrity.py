@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 
 from manyinone.core.errors import ManyinoneError
@@ -37,27 +36,41 @@ def file_digest(path: Path, sync: bool = False) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+# Files some loader reads (weights, configs, tokenizers, code): in a listed folder each must be listed,
+# so a partial listing (or `{}`) cannot switch verification off. Reports beside a checkpoint are not.
+_LOADED_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf", ".py", ".json", ".model", ".tiktoken")
+_REPORTS = ("eval.json",)
+
+
 def verify_checksums(folder: str | os.PathLike, what: str = "checkpoint") -> bool:
-    """Check every file listed in `folder/checksums.json`; False (with a warning) if there is no list.
+    """Check every file listed in `folder/checksums.json`; True when all match.
 
     Raises ManyinoneError "<what> '<folder>' is corrupt or incomplete: <file> is ..." on the first
-    missing, truncated or altered file. Files not in the list (logs, eval reports) are not checked.
+    missing, truncated or altered file, and when the listing is absent, empty, or leaves out a file
+    that loaders read (weights, configs, tokenizer, code). Other files (logs, eval reports) are not checked.
+    Whether a folder needs a listing at all is `checkpoint.verify_checkpoint`'s call (a plain HF one does not).
     """
     folder = Path(folder)
     listing_file = folder / CHECKSUMS_FILE
     if not listing_file.is_file():
-        warnings.warn(f"{what} {str(folder)!r} has no {CHECKSUMS_FILE} (written by an older manyinone?); "
-                      "its files cannot be verified", stacklevel=2)
-        return False
+        raise ManyinoneError(f"{what} {str(folder)!r} is a manyinone checkpoint without {CHECKSUMS_FILE}, so its "
+                             "files cannot be verified; restore it, or re-list files you trust with "
+                             "manyinone.io.durable.write_checksums")
     broken = f"{what} {str(folder)!r} is corrupt or incomplete"
     try:
         listing = json.loads(listing_file.read_text(encoding="utf-8"))
         entries = [(str(name), int(e["bytes"]), str(e["sha256"])) for name, e in listing.items()]
-    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, RecursionError) as exc:
         raise ManyinoneError(f"{broken}: {CHECKSUMS_FILE} is unreadable ({type(exc).__name__})") from None
+    names = {name for name, _, _ in entries}
+    unlisted = sorted((p.name for p in folder.iterdir() if p.is_file() and p.name not in names
+                       and p.suffix in _LOADED_SUFFIXES and p.name not in (CHECKSUMS_FILE, *_REPORTS)),
+                      key=lambda name: (not name.endswith(".safetensors"), name))
+    if unlisted or not entries:
+        raise ManyinoneError(f"{broken}: {CHECKSUMS_FILE} does not list {unlisted[0] if unlisted else 'any file'}")
     for name, expected_size, expected_sha in entries:
         path = folder / name
-        if Path(name).name != name:  # a listing may only name files of this folder
+        if Path(name).name != name or name in (".", ".."):  # a listing may only name files of this folder
             raise ManyinoneError(f"{broken}: {CHECKSUMS_FILE} lists {name!r}, which is not a file name")
         if not path.is_file():
             raise ManyinoneError(f"{broken}: {name} is missing")

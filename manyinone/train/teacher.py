@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from manyinone.core.errors import ManyinoneError
-from manyinone.io.integrity import CHECKSUMS_FILE, verify_checksums
+from manyinone.io.checkpoint import verify_checkpoint
 from manyinone.io.loading import load_pretrained, resolve_source
 
 
@@ -47,8 +47,8 @@ class Teacher:
             raise ManyinoneError(f"teacher {source!r} is this run's own output folder; a teacher must be a fixed "
                                  "model (e.g. the SFT run or the base model)")
         folder = Path(resolve_source(source).folder)
-        if (folder / CHECKSUMS_FILE).is_file():  # a manyinone run or export: never distil from a damaged copy
-            verify_checksums(folder, "teacher checkpoint")
+        if folder.is_dir():  # a manyinone run or export: never distil from a damaged copy (`verify_checkpoint`)
+            verify_checkpoint(folder, "teacher checkpoint")
         model, teacher_tokenizer = load_pretrained(source, dtype=dtype, require_adapter=False)
         check_same_vocabulary(source, teacher_tokenizer, tokenizer, model.get_output_embeddings().weight.shape[0])
         return cls(model.to(device), source)
