@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from manyinone.adapter import ModelAdapter
-from manyinone.checkpoint import INDEX_FILE, read_index, resolve
+from manyinone.checkpoint import read_index, recover_interrupted, resolve, verify_checkpoint
 from manyinone.dims import NestedSpace, SubnetSpec
-from manyinone.errors import ManyinoneError, first_line
+from manyinone.errors import ManyinoneError, first_line, resource_error
 from manyinone.exit_heads import ExitHeads, module_path
-from manyinone.integrity import CHECKSUMS_FILE, verify_checksums
+from manyinone.loading import refuse_remote_code
 from manyinone.registry import adapter_for
 from manyinone.router import routed_plan
 
@@ -69,15 +69,18 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(path)
-    if (folder / CHECKSUMS_FILE).is_file() or (folder / INDEX_FILE).is_file():
-        verify_checksums(folder)  # before read_index, so a damaged manyinone.json is named as such
+    recover_interrupted(folder)  # a killed export or tune-speculative: finish or undo it first
+    verify_checkpoint(folder)  # before read_index, so a damaged manyinone.json is named as such
+    refuse_remote_code(folder)
     index = read_index(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # transformers/safetensors raise many types for a damaged folder
         first = first_line(exc)
-        raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt or incomplete: {first}") from None
+        raise resource_error(exc, f"loading checkpoint {str(path)!r}") or ManyinoneError(
+            f"checkpoint {str(path)!r} is corrupt or incomplete: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -28,8 +28,9 @@ from torch import nn
 from manyinone.adapter import ModelAdapter
 from manyinone.budget import METRICS, resolve_budget
 from manyinone.dims import NestedSpace, SubnetSpec
-from manyinone.errors import ManyinoneError
-from manyinone.integrity import fsync_dir, is_write_failure, write_checksums, write_failure
+from manyinone.errors import ManyinoneError, first_line, resource_error
+from manyinone.integrity import (CHECKSUMS_FILE, finish_replace, fsync_dir, in_use, is_write_failure, lock_folder,
+                                 verify_checksums, write_checksums, write_failure)
 
 INDEX_FILE, WEIGHTS_FILE, FORMAT = "manyinone.json", "model.safetensors", "manyinone/1"
 
@@ -64,8 +65,10 @@ def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool =
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _recover_interrupted_write(target)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        write_id = uuid.uuid4().hex[:8]
+        tmp = target.parent / f".{target.name}.tmp-{write_id}"
         tmp.mkdir()
+        held = lock_folder(tmp)  # tells readers' recovery that this write is alive
     except OSError as exc:
         raise write_failure(target, exc) from None
     try:
@@ -79,7 +82,7 @@ def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool =
             tmp.rmdir()
             fsync_dir(target)
         elif target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = target.parent / f".{target.name}.old-{write_id}"
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -91,22 +94,69 @@ def atomic_dir(target: str | os.PathLike, merge: bool = False, checksums: bool =
         if not isinstance(exc, ManyinoneError) and is_write_failure(exc):
             raise write_failure(target, exc) from None
         raise
+    finally:
+        os.close(held)
 
 
 def _recover_interrupted_write(target: Path) -> None:
     """Undo what a write of `target` killed mid-way (SIGKILL, power loss) left beside it.
 
-    `.NAME.tmp-*` is an unfinished write: removed. `.NAME.old-*` is the previous content, moved
+    `.NAME.tmp-ID` is an unfinished write: removed. `.NAME.old-ID` is the previous content, moved
     aside by a write that died before its second rename: put back if `target` is gone, else removed.
+    A write still running in another process (its temp folder locked) is left alone.
     """
     name = glob.escape(target.name)
     for stale in target.parent.glob(f".{name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not in_use(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     for old in target.parent.glob(f".{name}.old-*"):
+        writer = target.parent / f".{target.name}.tmp-{old.name.rpartition('.old-')[2]}"
+        if in_use(writer):  # between a live write's two renames
+            continue
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(old, target)
+            try:
+                os.replace(old, target)
+            except OSError:  # the live write's second rename came first
+                if not target.exists():
+                    raise
+
+
+def recover_interrupted(path: str | os.PathLike) -> None:
+    """Repair what a killed write left at checkpoint folder `path` (an export's temp or moved-aside
+    folder beside it, a half-applied `store_choice` inside it). Every reader calls it first; on a
+    read-only copy it changes nothing and the reader sees what is there."""
+    target = Path(path)
+    try:
+        _recover_interrupted_write(target)
+        if target.is_dir():
+            finish_replace(target)
+    except OSError:
+        pass
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is one manyinone wrote: a budget index (manyinone.json or the weights' metadata)
+    or a checksums.json. A plain HF model folder is not."""
+    if (folder / INDEX_FILE).is_file() or (folder / CHECKSUMS_FILE).is_file():
+        return True
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        return False
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return "manyinone" in (f.metadata() or {})
+    except Exception:  # a damaged header (safetensors' own error type): the load that follows names it
+        return False
+
+
+def verify_checkpoint(folder: str | os.PathLike, what: str = "checkpoint") -> None:
+    """The one checksum policy: a manyinone checkpoint must carry a checksums.json that lists every file
+    loaders read, and all of them must match (else ManyinoneError naming the file); a plain HF folder,
+    which never had one, has nothing to verify."""
+    if is_checkpoint(Path(folder)):
+        verify_checksums(folder, what)
 
 
 def build_index(adapter: ModelAdapter, space: NestedSpace, metric: str = "flops", context: int = 512,
@@ -162,6 +212,9 @@ def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str
 def read_index(path: str | os.PathLike) -> dict[str, Any]:
     """The budget index of a checkpoint folder, from manyinone.json or the safetensors metadata."""
     folder = Path(path)
+    recover_interrupted(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ManyinoneError(f"checkpoint {str(path)!r} is a file; expected a folder written by manyinone")
     if not folder.is_dir():
         raise ManyinoneError(f"checkpoint {str(path)!r} not found (expected a folder written by manyinone)")
     index_file, weights = folder / INDEX_FILE, folder / WEIGHTS_FILE
@@ -173,12 +226,15 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
                 index = json.loads((f.metadata() or {})["manyinone"])
         else:
             raise ManyinoneError(f"{str(path)!r} is not a manyinone checkpoint: no {INDEX_FILE} or {WEIGHTS_FILE}")
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError, OSError) as exc:
+    except ManyinoneError:
+        raise
+    except (ValueError, KeyError, OSError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: cannot read its budget index ({type(exc).__name__})") from None
     except Exception as exc:  # safetensors raises its own error type for a damaged header
         if isinstance(exc, ManyinoneError):
             raise
-        raise ManyinoneError(f"checkpoint {str(path)!r} is corrupt: {WEIGHTS_FILE} unreadable ({exc})") from None
+        raise resource_error(exc, f"reading {WEIGHTS_FILE}'s header") or ManyinoneError(
+            f"checkpoint {str(path)!r} is corrupt: {WEIGHTS_FILE} unreadable ({first_line(exc)})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ManyinoneError(f"checkpoint {str(path)!r} has an index of unknown format; expected {FORMAT!r}")
     missing = [k for k in ("adapter", "model_type", "space", "metric", "specs") if k not in index]

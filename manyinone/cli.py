@@ -6,6 +6,7 @@ Every bad input ends as `error: <one line>` on stderr and exit code 2, never a t
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -41,6 +42,12 @@ def _friendly(fn: Callable) -> Callable:
 def _at_least(value: int, low: int, name: str) -> int:
     if value < low:
         raise ManyinoneError(f"{name} {value} out of range; allowed >= {low}")
+    return value
+
+
+def _in_range(value: int, low: int, high: int, name: str) -> int:
+    if not low <= value <= high:
+        raise ManyinoneError(f"{name} {value} out of range; allowed {low} to {high}")
     return value
 
 
@@ -153,8 +160,8 @@ def eval_(
     from manyinone.data import load_records, tokenize_records
     from manyinone.evaluate import evaluate_exits, write_report
 
-    _at_least(batch_size, 1, "--batch-size")
-    _at_least(max_length, 9, "--max-length")
+    _in_range(batch_size, 1, 2**20, "--batch-size")
+    _in_range(max_length, 9, 2**20, "--max-length")
     _at_least(gen_prompts, 0, "--gen-prompts")
     _at_least(gen_tokens, 1, "--gen-tokens")
     nested, space, costs, dev = load_for_eval(ckpt, _int_list(exits, "exits"), device)
@@ -243,6 +250,11 @@ def generate(
     from manyinone.session import generate_text
 
     _at_least(max_new_tokens, 1, "--max-new-tokens")
+    _in_range(seed, 0, 2**64 - 1, "--seed")  # what torch.manual_seed takes
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ManyinoneError(f"--temperature {temperature} out of range; allowed a finite number >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:  # false for nan too
+        raise ManyinoneError(f"--top-p {top_p} out of range; allowed 0 < top_p <= 1")
     text, spec = generate_text(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template, seed)
     console.print(f"[dim]({spec.label})[/]")
     typer.echo(text)
@@ -257,12 +269,20 @@ def serve(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     device: str = typer.Option("auto"),
     max_len: Optional[int] = typer.Option(None, help="context limit in tokens (default: min(model's, 2048))"),
+    max_batch: int = typer.Option(16, help="most prompts in one request (more: 413)"),
+    max_cache_mib: float = typer.Option(4096.0, help="KV-cache memory kept for all batch sizes together, MiB "
+                                                     "(a request needing more: 413)"),
+    api_key: Optional[str] = typer.Option(None, envvar="MANYINONE_API_KEY",
+                                          help="require `Authorization: Bearer KEY` (401 without it); /health stays open"),
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions) with per-request `budget` and
     `speculative` fields. Needs `pip install 'manyinone[serve]'`."""
     from manyinone.runtime.server import serve as run_server
 
-    run_server(str(ckpt), host, port, dtype, device, max_len)
+    if max_len is not None:
+        _at_least(max_len, 2, "--max-len")
+    run_server(str(ckpt), host, port, dtype, device, max_len, max_batch=max_batch, max_cache_mib=max_cache_mib,
+               api_key=api_key)
 
 
 @app.command(name="distill-data")

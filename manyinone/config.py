@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from manyinone.errors import ManyinoneError
+from manyinone.errors import ManyinoneError, unreadable
 
 
 class TrainConfig(BaseModel):
@@ -38,7 +38,7 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     batch_size: int = Field(8, gt=0, description="examples per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    max_length: int = Field(512, gt=8)
+    max_length: int = Field(512, gt=8, le=2**20)
     lr: float = Field(5e-5, gt=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
     warmup_steps: int = Field(0, ge=0)
@@ -69,7 +69,7 @@ class TrainConfig(BaseModel):
     mix_rows: str | None = Field(None, description="record slice of mix_data, START:END")
     mix_ratio: float = Field(0.5, ge=0, le=1, description="fraction of each epoch's examples drawn from mix_data")
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="derives every random stream: (seed, step), (seed, epoch)")
     save_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints; 0 = end only")
     keep_checkpoints: int = Field(2, gt=0)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
@@ -85,6 +85,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{info.field_name} {value} must be non-empty and strictly increasing, e.g. {sorted(set(value))}")
         return value
 
+    @field_validator("output")
+    @classmethod
+    def _output_named(cls, value: str) -> str:
+        if not value.strip():  # Path("") is the current directory: a run would merge into it
+            raise ValueError(f"output {value!r} is empty; give a run folder, e.g. runs/x")
+        return value
+
     @model_validator(mode="after")
     def _frozen_needs_heads(self) -> "TrainConfig":
         if self.freeze_base and self.exit_heads == "none":
@@ -97,8 +104,25 @@ class TrainConfig(BaseModel):
         return {axis: sizes.get(axis) for axis in self.axes}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice is an error (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the mapping check below reports it
+                continue
+            if line != key_node.start_mark.line + 1:
+                raise ManyinoneError(f"sets {key!r} twice (lines {line} and {key_node.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
 _STRING_FIELDS = ("model", "data", "rows", "output", "device", "template", "sampler", "cost_metric", "exit_heads",
                   "teacher", "teacher_kl", "teacher_dtype", "mix_data", "mix_rows")
+
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -109,7 +133,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         return key.strip(), raw
     try:
         value = yaml.safe_load(raw)
-    except (yaml.YAMLError, ValueError):  # ValueError: an integer too long for Python to convert
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an integer too long to convert
         value = raw
     return key.strip(), value
 
@@ -128,10 +152,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **f
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ManyinoneError(f"config file {str(path)!r} not found") from None
-        except (yaml.YAMLError, ValueError) as exc:  # ValueError: bad UTF-8, an integer of >4300 digits
+            loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+        except ManyinoneError as exc:  # a duplicate key
+            raise ManyinoneError(f"config file {str(path)!r} {exc}") from None
+        except OSError as exc:
+            raise unreadable("config file", path, exc) from None
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8, an int of >4300 digits
             raise ManyinoneError(f"config file {str(path)!r} is not valid YAML ({type(exc).__name__})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ManyinoneError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")

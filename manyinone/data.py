@@ -99,16 +99,24 @@ def read_json_rows(path: Path) -> list[Any]:
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ManyinoneError(f"{path}: row {i} is not valid JSON ({exc.msg})") from None
+                except (ValueError, RecursionError) as exc:  # also an int of >4300 digits, nesting too deep
+                    raise ManyinoneError(f"{path}: row {i} is not valid JSON ({_json_reason(exc)})") from None
         return rows
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ManyinoneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ManyinoneError(f"{path}: not valid JSON ({_json_reason(exc)})") from None
     if not isinstance(rows, list):
         raise ManyinoneError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
     return rows
+
+
+def _json_reason(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return getattr(exc, "msg", None) or first_line(exc)
 
 
 def load_records(source: str, rows: str | None = None) -> list[dict[str, str]]:
@@ -118,6 +126,8 @@ def load_records(source: str, rows: str | None = None) -> list[dict[str, str]]:
     if source == DEMO:
         records = demo_records()
     elif path.suffix in (".json", ".jsonl"):
+        if path.is_dir():
+            raise ManyinoneError(f"data file {source!r} is a folder; expected a .json/.jsonl file")
         if not path.is_file():
             raise ManyinoneError(f"data file {source!r} not found")
         try:

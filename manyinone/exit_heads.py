@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from manyinone.dims import SubnetSpec
-from manyinone.errors import ManyinoneError
+from manyinone.errors import ManyinoneError, resource_error
 from manyinone.lean_loss import LinearHead
 
 KINDS = ("translator", "head")
@@ -106,7 +106,11 @@ class ExitHeads(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, entry: dict, norm: nn.Module, head_weight: torch.Tensor) -> ExitHeads:
-        path = Path(folder) / entry.get("file", FILE)
+        name = entry.get("file", FILE)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ManyinoneError(f"checkpoint {str(folder)!r} names exit heads file {name!r}, which is not a file "
+                                 "name inside the checkpoint")
+        path = Path(folder) / name
         try:
             heads = cls(entry["kind"], [SubnetSpec(s) for s in entry["specs"]], norm, head_weight)
             state = load_file(str(path), device=str(head_weight.device))
@@ -114,7 +118,7 @@ class ExitHeads(nn.Module):
         except ManyinoneError:
             raise
         except Exception as exc:  # missing file, damaged header, wrong shapes
-            raise ManyinoneError(f"exit heads {str(path)!r} missing or corrupt ({type(exc).__name__}); "
+            raise resource_error(exc, f"loading exit heads {str(path)!r}") or ManyinoneError(f"exit heads {str(path)!r} missing or corrupt ({type(exc).__name__}); "
                                  "the checkpoint is incomplete") from None
         return heads
 

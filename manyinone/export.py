@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from manyinone.api import open_checkpoint
-from manyinone.checkpoint import read_index, resolve, save_checkpoint
+from manyinone.checkpoint import read_index, recover_interrupted, resolve, save_checkpoint
 from manyinone.errors import ManyinoneError
+from manyinone.integrity import CHECKSUMS_FILE
+
+REPORTS = ("eval.json", "eval.png")  # `manyinone eval` writes these beside an export; stale once it is replaced
 
 
-def _refuse_overwriting_source(ckpt: str | os.PathLike, output: str | os.PathLike) -> None:
-    if Path(output).resolve() == Path(ckpt).resolve():
+def check_export_target(ckpt: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Refuse an --output whose replacement would lose anything: the checkpoint itself, a folder holding
+    it, a file, or a folder with files an export did not write. A new path, an empty folder or an
+    earlier export (every file listed in its checksums.json) is replaced whole."""
+    out, src = Path(output), Path(ckpt)
+    recover_interrupted(out)  # a killed export's moved-aside folder is the real target
+    if out.resolve() == src.resolve():
         raise ManyinoneError(f"--output {str(output)!r} is the checkpoint being exported; choose another folder")
+    if src.resolve().is_relative_to(out.resolve()):
+        raise ManyinoneError(f"--output {str(output)!r} holds the checkpoint being exported; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ManyinoneError(f"--output {str(output)!r} is a file; give a folder for the export")
+    if out.is_dir():
+        try:
+            listed = set(json.loads((out / CHECKSUMS_FILE).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, RecursionError):
+            listed = set()
+        foreign = sorted((p.name for p in out.iterdir() if p.name not in {*listed, CHECKSUMS_FILE, *REPORTS}),
+                         key=lambda name: (name.startswith("."), name))
+        if foreign:
+            names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ManyinoneError(f"--output {str(output)!r} holds files an export did not write ({names}); "
+                                 "choose a new or empty folder, or remove them")
 
 
 def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathLike) -> Path:
@@ -20,7 +44,7 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
 
     manyinone.json beside it records the spec and its cost relative to the full model.
     """
-    _refuse_overwriting_source(ckpt, output)
+    check_export_target(ckpt, output)
     spec = resolve(read_index(ckpt), budget)  # a bad budget fails before any weights load
     nested = open_checkpoint(ckpt)
     entry = next(e for e in nested.index["specs"] if e["spec"] == spec.to_dict())
@@ -39,6 +63,6 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
 
 def export_all(ckpt: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write one budget-indexed checkpoint (each tensor once) that `manyinone.load(output, budget=b)` serves."""
-    _refuse_overwriting_source(ckpt, output)
+    check_export_target(ckpt, output)
     nested = open_checkpoint(ckpt)
     return save_checkpoint(nested.model, nested.tokenizer, nested.index, output, exit_heads=nested.exit_heads)

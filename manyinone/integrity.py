@@ -18,12 +18,17 @@ import os
 import re
 import shutil
 import uuid
-import warnings
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a write in progress is then not told from a killed one
+    fcntl = None
 
 from manyinone.errors import ManyinoneError
 
 CHECKSUMS_FILE = "checksums.json"
+COMMIT_DIR = ".manyinone.commit"  # files that replace_files_together has committed but not yet moved into place
 _CHUNK = 1 << 20  # bytes read at a time while hashing
 
 
@@ -57,27 +62,41 @@ def write_checksums(folder: Path) -> dict[str, dict]:
     return listing
 
 
+# Files some loader reads (weights, configs, tokenizers, code): in a listed folder each must be listed,
+# so a partial listing (or `{}`) cannot switch verification off. Reports beside a checkpoint are not.
+_LOADED_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf", ".py", ".json", ".model", ".tiktoken")
+_REPORTS = ("eval.json",)
+
+
 def verify_checksums(folder: str | os.PathLike, what: str = "checkpoint") -> bool:
-    """Check every file listed in `folder/checksums.json`; False (with a warning) if there is no list.
+    """Check every file listed in `folder/checksums.json`; True when all match.
 
     Raises ManyinoneError "<what> '<folder>' is corrupt or incomplete: <file> is ..." on the first
-    missing, truncated or altered file. Files not in the list (logs, eval reports) are not checked.
+    missing, truncated or altered file, and when the listing is absent, empty, or leaves out a file
+    that loaders read (weights, configs, tokenizer, code). Other files (logs, eval reports) are not checked.
+    Whether a folder needs a listing at all is `checkpoint.verify_checkpoint`'s call (a plain HF one does not).
     """
     folder = Path(folder)
     listing_file = folder / CHECKSUMS_FILE
     if not listing_file.is_file():
-        warnings.warn(f"{what} {str(folder)!r} has no {CHECKSUMS_FILE} (written by an older manyinone?); "
-                      "its files cannot be verified", stacklevel=2)
-        return False
+        raise ManyinoneError(f"{what} {str(folder)!r} is a manyinone checkpoint without {CHECKSUMS_FILE}, so its "
+                             "files cannot be verified; restore it, or re-list files you trust with "
+                             "manyinone.integrity.write_checksums")
     broken = f"{what} {str(folder)!r} is corrupt or incomplete"
     try:
         listing = json.loads(listing_file.read_text(encoding="utf-8"))
         entries = [(str(name), int(e["bytes"]), str(e["sha256"])) for name, e in listing.items()]
-    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, RecursionError) as exc:
         raise ManyinoneError(f"{broken}: {CHECKSUMS_FILE} is unreadable ({type(exc).__name__})") from None
+    names = {name for name, _, _ in entries}
+    unlisted = sorted((p.name for p in folder.iterdir() if p.is_file() and p.name not in names
+                       and p.suffix in _LOADED_SUFFIXES and p.name not in (CHECKSUMS_FILE, *_REPORTS)),
+                      key=lambda name: (not name.endswith(".safetensors"), name))
+    if unlisted or not entries:
+        raise ManyinoneError(f"{broken}: {CHECKSUMS_FILE} does not list {unlisted[0] if unlisted else 'any file'}")
     for name, expected_size, expected_sha in entries:
         path = folder / name
-        if Path(name).name != name:  # a listing may only name files of this folder
+        if Path(name).name != name or name in (".", ".."):  # a listing may only name files of this folder
             raise ManyinoneError(f"{broken}: {CHECKSUMS_FILE} lists {name!r}, which is not a file name")
         if not path.is_file():
             raise ManyinoneError(f"{broken}: {name} is missing")
@@ -143,3 +162,80 @@ def write_failure(target: Path, exc: BaseException) -> OutputWriteError:
     except OSError:
         free = ""
     return OutputWriteError(f"cannot write {str(target)!r}: {reason}{free}; what was there before is left intact")
+
+
+def lock_folder(path: Path) -> int:
+    """Hold an exclusive lock on folder `path` while writing it; released when the returned fd is closed
+    or the process dies, so `in_use` tells a write in progress from one a kill left behind."""
+    fd = os.open(path, os.O_RDONLY)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def in_use(path: Path) -> bool:
+    """True while a live process holds `path`'s lock (`lock_folder`)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def replace_files_together(folder: Path, texts: dict[str, str]) -> None:
+    """Replace files of `folder` (name -> new text) as one commit: a kill at any point leaves all of
+    them old or, once a reader has run `finish_replace`, all of them new.
+
+    The new files are written and fsync'ed in a staging folder; one rename turns it into the commit
+    record `COMMIT_DIR`, the commit point; `finish_replace` then moves each file into place.
+    """
+    finish_replace(folder)
+    staging = folder / f"{COMMIT_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    held = lock_folder(staging)
+    try:
+        for name, text in texts.items():
+            with open(staging / name, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(staging)
+        os.replace(staging, folder / COMMIT_DIR)  # the commit point
+        fsync_dir(folder)
+        finish_replace(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        os.close(held)
+
+
+def finish_replace(folder: Path) -> None:
+    """Complete a commit of `replace_files_together` that a kill interrupted (idempotent), and drop
+    the staging folder of one killed before its commit point. Every reader of a checkpoint runs it."""
+    for stale in folder.glob(f"{COMMIT_DIR}.tmp-*"):
+        if not in_use(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    journal = folder / COMMIT_DIR
+    if not journal.is_dir():
+        return
+    for item in sorted(journal.iterdir()):
+        try:
+            os.replace(item, folder / item.name)
+        except FileNotFoundError:  # another reader moved it first
+            pass
+    fsync_dir(folder)
+    try:
+        journal.rmdir()
+    except OSError:
+        pass

@@ -131,7 +131,9 @@ def save_table(table: dict[str, Any], path: str | Path) -> Path:
 def load_table(path: str | Path) -> dict[str, Any]:
     try:
         table = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except IsADirectoryError:
+        raise ManyinoneError(f"latency table {str(path)!r} is a folder; expected a JSON file") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ManyinoneError(f"latency table {str(path)!r} unreadable ({type(exc).__name__})") from None
     keys_ok = isinstance(table, dict) and isinstance(table.get("layer_ms"), dict) and table["layer_ms"] \
         and isinstance(table.get("num_layers"), int) and "rest_ms" in table

@@ -6,6 +6,7 @@ classes and checks that an adapter is registered for the model type before loadi
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from manyinone.errors import ManyinoneError, first_line
+from manyinone.errors import ManyinoneError, first_line, resource_error
 from manyinone.registry import adapter_class
 
 # The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI package
@@ -56,6 +57,8 @@ def resolve_source(source: str) -> ModelSource:
         return ModelSource(str(path.parent), path.name)
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
+        if path.is_dir():
+            raise ManyinoneError(f"GGUF file {source!r} is a folder; expected a .gguf file")
         if not path.is_file():
             raise ManyinoneError(f"GGUF file {source!r} not found")
         return ModelSource(str(path.resolve().parent), path.name)
@@ -70,14 +73,37 @@ def resolve_source(source: str) -> ModelSource:
     return ModelSource(source)  # a hub name; transformers fetches it when online
 
 
+def refuse_remote_code(folder: str | os.PathLike, found: object = None) -> None:
+    """manyinone never runs code from a model folder: a config naming its own classes (`auto_map`,
+    which makes transformers import a .py shipped beside it) is refused before transformers reads it.
+    `found`: an already loaded config (a hub model), checked too."""
+    configs = [("config.json", getattr(found, "auto_map", None))] if found is not None else []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            loaded = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue  # absent or unreadable: the load that follows reports it
+        configs.append((name, loaded.get("auto_map") if isinstance(loaded, dict) else None))
+    for name, auto_map in configs:
+        if auto_map is not None:
+            raise ManyinoneError(f"model folder {str(folder)!r} asks to run code shipped with it ({name} has "
+                                 "auto_map); manyinone never runs code from a model folder: remove auto_map, or "
+                                 "use a model type transformers ships")
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
+    if not source.gguf_file:
+        refuse_remote_code(source.folder)
     try:
-        return AutoConfig.from_pretrained(source.folder, **source.kwargs())
-    except (OSError, ValueError, KeyError) as exc:
+        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=False, **source.kwargs())
+    except Exception as exc:  # a damaged GGUF header raises struct/numpy/IndexError types too
         first = first_line(exc)
-        raise ManyinoneError(f"cannot load a model config from {str(source)!r}: {first}") from None
+        raise resource_error(exc, f"reading the config of {str(source)!r}") or ManyinoneError(
+            f"cannot load a model config from {str(source)!r}: {first}") from None
+    refuse_remote_code(source.folder, config)
+    return config
 
 
 def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float32, require_adapter: bool = True):
@@ -85,16 +111,21 @@ def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float3
     `require_adapter` is off: a frozen teacher may be any causal LM)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from manyinone.checkpoint import verify_checkpoint
+
     src = source if isinstance(source, ModelSource) else resolve_source(source)
+    if not src.gguf_file and Path(src.folder).is_dir():
+        verify_checkpoint(src.folder)  # a manyinone checkpoint as the base model is checked like any other
     config = load_config(src)
     if require_adapter:
         adapter_class(config.model_type)  # unknown model type -> clear error before loading weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, **src.kwargs())
-        tokenizer = AutoTokenizer.from_pretrained(src.folder, **src.kwargs())
+        model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, trust_remote_code=False, **src.kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(src.folder, trust_remote_code=False, **src.kwargs())
     except Exception as exc:  # transformers/safetensors raise many types for a damaged folder
         first = first_line(exc)
-        raise ManyinoneError(f"cannot load model from {str(src)!r}: {first}") from None
+        raise resource_error(exc, f"loading model {str(src)!r}") or ManyinoneError(
+            f"cannot load model from {str(src)!r}: {first}") from None
     if src.gguf_file:
         _forget_gguf_quantization(model)
     if tokenizer.pad_token is None:

@@ -236,7 +236,9 @@ def export_routed(ckpt, router: Router, budgets: Sequence[float], output, contex
 
     from manyinone.api import open_checkpoint
     from manyinone.checkpoint import save_checkpoint
+    from manyinone.export import check_export_target
 
+    check_export_target(ckpt, output)
     nested = open_checkpoint(ckpt)
     adapter = nested.adapter
     if not hasattr(adapter, "extract_plan"):

@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 
 from manyinone.api import NestedModel, load, open_checkpoint
-from manyinone.checkpoint import INDEX_FILE, build_index, read_index, resolve
+from manyinone.checkpoint import build_index, is_checkpoint, read_index, recover_interrupted, resolve
 from manyinone.data import prompt_and_response
 from manyinone.dims import NestedSpace, SubnetSpec
+from manyinone.errors import ManyinoneError
 from manyinone.loading import load_pretrained
 from manyinone.registry import adapter_for
 from manyinone.train import pick_device
@@ -20,7 +21,8 @@ def load_for_eval(source: str, exits: list[int] | None, device: str = "auto"
     """A manyinone checkpoint, or any model source (HF folder, .gguf, alias) scored at `exits`."""
     dev = pick_device(device)
     folder = Path(source)
-    if folder.is_dir() and (folder / INDEX_FILE).exists():
+    recover_interrupted(folder)
+    if folder.is_dir() and is_checkpoint(folder):  # verified, even without its manyinone.json
         nested = open_checkpoint(folder, device=str(dev))
     else:
         model, tokenizer = load_pretrained(source)
@@ -41,10 +43,15 @@ def generate_text(ckpt: Path, prompt: str, budget: float | None, max_new_tokens:
     index = read_index(ckpt)
     resolve(index, budget)  # a bad budget fails before any weights load
     model = load(ckpt, budget)
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False)  # `load` verified the folder
     template = template or index.get("train", {}).get("template", "alpaca")
     text, _ = prompt_and_response({"instruction": prompt, "input": "", "output": ""}, tokenizer, template)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=template != "chat")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    prompt_len = inputs["input_ids"].shape[1]
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise ManyinoneError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the context limit "
+                             f"of {limit} tokens; shorten the prompt or lower --max-new-tokens")
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,

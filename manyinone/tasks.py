@@ -29,6 +29,8 @@ def text_examples(path: str | Path, tokenizer, block: int, max_blocks: int | Non
     """Non-overlapping `block`-token windows of a UTF-8 text file, every token supervised."""
     try:
         text = Path(path).read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise ManyinoneError(f"text file {str(path)!r} is a folder; expected UTF-8 text") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManyinoneError(f"text file {str(path)!r} unreadable ({type(exc).__name__}); expected UTF-8 text") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -60,6 +62,8 @@ def read_qa(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     records = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except IsADirectoryError:
+        raise ManyinoneError(f"QA file {str(path)!r} is a folder; expected a .jsonl file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManyinoneError(f"QA file {str(path)!r} unreadable ({type(exc).__name__})") from None
     for number, line in enumerate(lines, 1):
@@ -67,7 +71,7 @@ def read_qa(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # also an int of >4300 digits, nesting too deep
             raise ManyinoneError(f"QA file {str(path)!r} line {number}: not valid JSON") from None
         ok = (isinstance(row, dict) and isinstance(row.get("question"), str)
               and isinstance(row.get("golden_answers"), list) and row["golden_answers"]

@@ -15,7 +15,8 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from manyinone import distributed, exit_heads
 from manyinone.checkpoint import CHECKPOINTS, atomic_dir, build_index, complete_resume_dirs, resume_dir, save_checkpoint
 from manyinone.config import TrainConfig
 from manyinone.data import collate, load_records, mixed_count, mixed_epoch_order, tokenize_records
-from manyinone.errors import ManyinoneError
+from manyinone.errors import ManyinoneError, resource_error
 from manyinone.integrity import verify_checksums, write_failure, write_text_durably
 from manyinone.interrupt import deferred_stop_signals
 from manyinone.loading import load_pretrained
@@ -45,8 +46,17 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ManyinoneError(f"device {name!r} unknown; allowed auto, cpu, cuda, cuda:N") from None
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ManyinoneError(f"device {name!r} requested but MPS is not available here; use cpu or auto")
+        return device
+    if device.type not in ("cpu", "cuda"):  # meta, xpu, ... hold no data or are not supported
+        raise ManyinoneError(f"device {name!r} cannot run a model; allowed auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ManyinoneError(f"device {name!r} requested but CUDA is not available; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ManyinoneError(f"device {name!r} not present; this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
     return device
 
 
@@ -89,7 +99,7 @@ def restore_state(output: Path, model, optimizer) -> int:
     except ManyinoneError as exc:
         raise ManyinoneError(f"{exc}; delete it to resume from an earlier one") from None
     def corrupt(exc: Exception) -> ManyinoneError:
-        return ManyinoneError(f"resume checkpoint {str(last)!r} is corrupt ({type(exc).__name__}); "
+        return resource_error(exc, f"loading resume checkpoint {str(last)!r}") or ManyinoneError(f"resume checkpoint {str(last)!r} is corrupt ({type(exc).__name__}); "
                               "delete it to resume from an earlier one")
 
     try:
@@ -152,9 +162,66 @@ def _param_groups(model, heads, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
+# --- one run per output folder -----------------------------------------------------------------
+LOCK_FILE = ".manyinone.lock"
+
+
+@contextmanager
+def run_lock(output: Path) -> Iterator[None]:
+    """Hold run folder `output` for this process (an exclusive flock on its lock file, which records
+    our PID); a second run on it fails at once naming the first. The lock ends with the process."""
+    import fcntl
+
+    created = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # an unwritable output fails here, before any training time is spent
+        raise write_failure(output, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ManyinoneError(f"output {str(output)!r} is in use by another manyinone train (PID {pid}); "
+                                 "wait for it to end or choose another --output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        except BaseException:
+            if created and os.listdir(output) == [LOCK_FILE]:  # a run that failed before writing anything
+                os.unlink(output / LOCK_FILE)
+                output.rmdir()
+            raise
+    finally:
+        os.close(fd)
+
+
+def _refuse_base_model_folder(cfg: TrainConfig) -> None:
+    """The final checkpoint is merged into the output folder: the base model's own folder would lose its weights."""
+    model = Path(cfg.model).expanduser()
+    folder = model.parent if cfg.model.endswith(".gguf") else model
+    if folder.is_dir() and folder.resolve() == Path(cfg.output).expanduser().resolve():
+        raise ManyinoneError(f"--output {cfg.output!r} is the folder of --model {cfg.model!r}; training would "
+                             "overwrite the base model; choose another --output")
+
+
 # --- the loop ---------------------------------------------------------------------------------
 def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
-    """Train per `cfg`; write the final budget-indexed checkpoint into `cfg.output` and return it."""
+    """Train per `cfg`; write the final budget-indexed checkpoint into `cfg.output` and return it.
+
+    The output folder is held for the whole run (`run_lock`; under torchrun by rank 0)."""
+    _refuse_base_model_folder(cfg)
+    if distributed.Runtime.from_env().is_main:
+        if distributed.world_size_from_env() <= 1:
+            pick_device(cfg.device)  # an unusable device fails before the output folder is made
+        with run_lock(Path(cfg.output)):
+            return _train(cfg, show_progress)
+    return _train(cfg, show_progress)
+
+
+def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     output = Path(cfg.output)
     rt = distributed.Runtime.from_env()  # several processes only under torchrun (WORLD_SIZE > 1)
     device = rt.device(cfg.device) if rt.distributed else pick_device(cfg.device)

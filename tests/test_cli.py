@@ -382,7 +382,7 @@ def test_chat_template_missing(cli_run, tiny_llama, tmp_path, command):
 
 @pytest.mark.parametrize("args, needle", [
     (("eval", "{ckpt}", "--data", "demo", "--rows", "0:2", "--batch-size", "0", "--output", "{out}"),
-     "--batch-size 0 out of range; allowed >= 1"),
+     "--batch-size 0 out of range; allowed 1 to 1048576"),
     (("eval", "{ckpt}", "--data", "demo", "--rows", "0:2", "--max-length", "4", "--output", "{out}"),
      "--max-length 4 out of range"),
     (("generate", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens 0 out of range"),

@@ -205,13 +205,13 @@ def test_failed_export_keeps_the_previous_output(trained_run, tmp_path, monkeypa
 
 
 def test_export_replaces_existing_output_cleanly(trained_run, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an older export")
-    (out / "config.json").write_text("{not json")
+    """An earlier export is replaced whole, files the new one lacks included (foreign files are refused:
+    tests/reliability/test_data_loss.py)."""
+    out = export_all(trained_run, tmp_path / "out")
+    (out / "eval.json").write_text("[]")  # a report of the earlier export: stale once it is replaced
     export_budget(trained_run, relative_flops(trained_run)[2], out)
     names = {p.name for p in out.iterdir()}
-    assert "stale.txt" not in names and "model.safetensors" in names
+    assert "eval.json" not in names and "model.safetensors" in names
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
     assert leftovers(tmp_path) == []
     # Exporting another budget over it replaces it again.

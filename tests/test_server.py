@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -26,24 +27,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(trained_run):
-    nested = open_checkpoint(trained_run)
-    runtime = Runtime(nested.model, nested.tokenizer, nested.index, max_len=MAX_LEN)
-    app = create_app(runtime, "tiny", template="alpaca", default_max_tokens=16)
+@contextlib.contextmanager
+def running(app):
+    """Serve `app` with uvicorn on a free local port; yields the base URL."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started:
         assert time.time() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
-    yield client, runtime
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def tiny_runtime(ckpt, **limits) -> Runtime:
+    nested = open_checkpoint(ckpt)
+    return Runtime(nested.model, nested.tokenizer, nested.index, max_len=MAX_LEN, **limits)
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    runtime = tiny_runtime(trained_run)
+    with running(create_app(runtime, "tiny", template="alpaca", default_max_tokens=16)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60), runtime
 
 
 def test_completion_stream_and_budget(server):
@@ -114,3 +125,97 @@ def test_concurrent_requests_all_succeed(server):
         first = list(pool.map(ask, range(12)))
     assert first == [ask(i) for i in range(12)]  # same answers as one at a time: no cross-talk
     assert client.models.list().data[0].id == "tiny"
+
+
+# --- hostile requests (issue 11, items 8-11) ------------------------------------------------------
+@pytest.fixture(scope="module")
+def raw(server):
+    """POST raw JSON bytes (what no well-behaved client sends) to the shared server."""
+    import httpx
+
+    client, _ = server
+    with httpx.Client(base_url=str(client.base_url), timeout=60) as http:
+        yield lambda body: http.post("completions", content=body, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("field,body", [
+    ("seed", '{"prompt": "hi", "max_tokens": 2, "seed": 18446744073709551617}'),
+    ("seed", '{"prompt": "hi", "max_tokens": 2, "seed": 1e3}'),
+    ("prompt", '{"prompt": "a\\ud800b", "max_tokens": 2}'),
+    ("prompt", '{"prompt": ["ok", "\\udfff"], "max_tokens": 2}'),
+    ("stop", '{"prompt": "hi", "max_tokens": 2, "stop": ""}'),
+    ("stop", '{"prompt": "hi", "max_tokens": 2, "stop": ["a", ""]}'),
+    ("max_tokens", '{"prompt": "hi", "max_tokens": true}'),
+    ("max_tokens", '{"prompt": "hi", "max_tokens": "4"}'),
+    ("stream", '{"prompt": "hi", "max_tokens": 2, "stream": "yes"}'),
+    ("speculative", '{"prompt": "hi", "max_tokens": 2, "speculative": 1}'),
+    ("temperature", '{"prompt": "hi", "max_tokens": 2, "temperature": NaN}'),
+    ("budget", '{"prompt": "hi", "max_tokens": 2, "budget": true}'),
+    ("prompt", '{"prompt": 5, "max_tokens": 2}'),
+])
+def test_wrongly_typed_or_invalid_fields_get_a_400_naming_the_field(raw, field, body):
+    reply = raw(body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["message"].startswith(field), reply.json()
+
+
+def test_limits_refuse_with_413_and_caches_are_freed(trained_run):
+    runtime = tiny_runtime(trained_run, max_batch=6, max_cache_mib=1.0)
+    per_row = runtime.cache_bytes(1)
+    assert 3 * per_row <= 2**20 < 4 * per_row  # the tiny model's cache: 3 rows fit in 1 MiB, 4 do not
+    import httpx
+
+    with running(create_app(runtime, "tiny", default_max_tokens=2)) as url:
+        for rows in (1, 2, 3, 1, 3, 2):  # each batch size once kept: 6 rows, over the limit unless freed
+            reply = httpx.post(f"{url}/v1/completions", json={"prompt": ["hi"] * rows, "max_tokens": 2}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            assert sum(map(runtime.cache_bytes, runtime._runners)) <= 2**20
+        over_memory = httpx.post(f"{url}/v1/completions", json={"prompt": ["hi"] * 4, "max_tokens": 2}, timeout=60)
+        over_batch = httpx.post(f"{url}/v1/completions", json={"prompt": ["hi"] * 7, "max_tokens": 2}, timeout=60)
+    assert over_memory.status_code == 413 and "MiB of KV cache, over the limit of 1 MiB" in over_memory.text
+    assert over_batch.status_code == 413 and "exceed the limit of 6 (max_batch)" in over_batch.text
+
+
+def test_a_stream_stops_when_its_client_disconnects(trained_run):
+    import httpx
+
+    runtime = tiny_runtime(trained_run)
+    produced = []
+    real_stream = runtime.stream
+
+    def slow_stream(*args, **kwargs):  # never stops on its own: 300 steps of 20 ms
+        for step in real_stream(*args, **{**kwargs, "stop_ids": set()}):
+            produced.append(1)
+            time.sleep(0.02)
+            yield step
+
+    runtime.stream = slow_stream
+    app = create_app(runtime, "tiny")
+    with running(app) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                          json={"prompt": "hi", "max_tokens": 300, "stream": True, "temperature": 0}) as reply:
+            next(reply.iter_lines())  # one chunk arrives, then the client goes away
+        deadline = time.time() + 5
+        while app.state.engine.cancelled == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.state.engine.cancelled == 1
+        assert len(produced) < 100
+        runtime.stream = real_stream
+        quick = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert quick.status_code == 200 and quick.elapsed.total_seconds() < 2
+
+
+def test_api_key_is_required_when_set(trained_run):
+    import httpx
+
+    app = create_app(tiny_runtime(trained_run), "tiny", default_max_tokens=2, api_key="s3cret")
+    body = {"prompt": "hi", "max_tokens": 2}
+    with running(app) as url:
+        missing = httpx.post(f"{url}/v1/completions", json=body)
+        wrong = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        models = httpx.get(f"{url}/v1/models")
+        health = httpx.get(f"{url}/health")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+    assert missing.status_code == wrong.status_code == models.status_code == 401
+    assert missing.json()["error"]["code"] == "invalid_api_key" and health.status_code == 200

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,11 @@ from manyinone.runtime.sampling import Sampling, choose
 from manyinone.runtime.segments import LayerStack, SegmentRunner
 
 DEFAULT_MAX_LEN = 2048
+DEFAULT_MAX_CACHE_MIB = 4096.0  # KV caches kept at once, all batch sizes together
+
+
+class OverLimit(ManyinoneError):
+    """A request over a configured resource limit (rows per batch, KV-cache memory): the server's 413."""
 
 
 @dataclass
@@ -75,11 +81,16 @@ class Runtime:
     graphs: record each decode step shape as a CUDA graph (default: on CUDA); `compile_fn` (e.g.
     `torch.compile`) is applied to a segment before it is recorded. Not thread-safe: one call at a time
     (the server serialises requests).
+
+    Memory: a KV cache (and its graphs) is kept per batch size for reuse, least recently used ones freed
+    so that all of them together stay within `max_cache_mib`; a call needing more, or more rows than
+    `max_batch` (None: no cap), is refused with OverLimit before anything is allocated.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, index: dict[str, Any] | None = None,
                  max_len: int | None = None, graphs: bool | None = None, compile_fn=None,
-                 exit_logits=None) -> None:
+                 exit_logits=None, max_batch: int | None = None,
+                 max_cache_mib: float = DEFAULT_MAX_CACHE_MIB) -> None:
         self.model, self.tokenizer, self.index = model.eval(), tokenizer, index
         axes = list((index or {}).get("space") or {})
         if index is not None and any(a != "depth" for a in axes):
@@ -94,7 +105,16 @@ class Runtime:
         limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LEN
         self.max_len = int(max_len or min(limit, DEFAULT_MAX_LEN))
         self.compile_fn = compile_fn
-        self._runners: dict[int, SegmentRunner] = {}
+        if max_batch is not None and max_batch < 1:
+            raise ManyinoneError(f"max_batch {max_batch} out of range; allowed >= 1")
+        if not max_cache_mib > 0:
+            raise ManyinoneError(f"max_cache_mib {max_cache_mib!r} out of range; allowed > 0")
+        self.max_batch, self.max_cache_bytes = max_batch, int(max_cache_mib * 2**20)
+        if self.cache_bytes(1) > self.max_cache_bytes:
+            raise ManyinoneError(f"a context of {self.max_len} tokens needs {self.cache_bytes(1) / 2**20:,.1f} MiB of "
+                                 f"KV cache per row, over the limit of {max_cache_mib:g} MiB; lower max_len or raise "
+                                 "max_cache_mib")
+        self._runners: OrderedDict[int, SegmentRunner] = OrderedDict()  # least recently used first
         self._slots = torch.arange(self.max_len, device=self.device)  # views of it serve as slot inputs
 
     @classmethod
@@ -155,17 +175,40 @@ class Runtime:
         return {int(e) for e in eos if e is not None}
 
     # --- generation ---------------------------------------------------------------------------
+    def cache_bytes(self, batch: int) -> int:
+        """Bytes of the KV cache (keys and values) for `batch` rows at this runtime's context length."""
+        st = self.stack
+        return 2 * st.num_layers * batch * st.kv_heads * self._cache_len() * st.head_dim * st.dtype.itemsize
+
+    def _cache_len(self) -> int:
+        return -(-self.max_len // 16) * 16  # a multiple of 16: what fused attention kernels want for an explicit mask
+
     def runner(self, batch: int) -> SegmentRunner:
-        """The segment runner (and KV cache) for `batch` rows; kept, so captured graphs are reused."""
-        if batch not in self._runners:
-            # Key length a multiple of 16: what fused attention kernels want for an explicit mask.
-            cache = self.stack.new_cache(batch, -(-self.max_len // 16) * 16)
-            self._runners[batch] = SegmentRunner(self.stack, cache, self.graphs, self.compile_fn)
+        """The segment runner (and KV cache) for `batch` rows; kept for reuse (captured graphs included)
+        while all kept caches fit in max_cache_mib, the least recently used freed first."""
+        if batch in self._runners:
+            self._runners.move_to_end(batch)
+            return self._runners[batch]
+        need = self.cache_bytes(batch)
+        if need > self.max_cache_bytes:
+            raise OverLimit(f"{batch} rows need {need / 2**20:,.1f} MiB of KV cache, over the limit of "
+                            f"{self.max_cache_bytes / 2**20:g} MiB (max_cache_mib); send fewer prompts at once")
+        while self._runners and sum(map(self.cache_bytes, self._runners)) + need > self.max_cache_bytes:
+            self._runners.popitem(last=False)  # its cache and graphs are freed with it
+        cache = self.stack.new_cache(batch, self._cache_len())
+        self._runners[batch] = SegmentRunner(self.stack, cache, self.graphs, self.compile_fn)
         return self._runners[batch]
 
     def check_request(self, prompts: list[list[int]], max_new_tokens: int, extra: int = 0) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ManyinoneError("every prompt needs at least one token")
+        if self.max_batch is not None and len(prompts) > self.max_batch:
+            raise OverLimit(f"{len(prompts)} prompts in one request exceed the limit of {self.max_batch} "
+                            "(max_batch); send fewer prompts at once")
+        if self.cache_bytes(len(prompts)) > self.max_cache_bytes:
+            raise OverLimit(f"{len(prompts)} prompts need {self.cache_bytes(len(prompts)) / 2**20:,.1f} MiB of KV "
+                            f"cache, over the limit of {self.max_cache_bytes / 2**20:g} MiB (max_cache_mib); "
+                            "send fewer prompts at once")
         if max_new_tokens < 1:
             raise ManyinoneError(f"max_new_tokens {max_new_tokens} out of range; allowed >= 1")
         longest = max(len(p) for p in prompts)

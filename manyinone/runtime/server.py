@@ -2,8 +2,10 @@
 `stream`), /v1/models. Extra per-request fields: `budget` (fraction of the full cost) and `speculative`.
 
 Needs the optional extra: `pip install manyinone[serve]` (FastAPI + uvicorn). Requests are checked
-before any work starts (a bad budget or an over-long prompt is a 400 naming the value); generation
-runs one request at a time on a worker thread, so concurrent requests queue instead of clashing.
+before any work starts (a bad budget, an over-long prompt or a wrongly typed field is a 400 naming the
+value; more prompts or KV-cache memory than the limits allow is a 413); generation runs one request at
+a time on a worker thread, so concurrent requests queue instead of clashing, and a stream whose client
+disconnects stops generating. With `api_key`, every route but /health needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
@@ -16,52 +18,87 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+try:  # module level: FastAPI resolves the endpoints' (string) annotations in this module's namespace
+    from starlette.requests import Request
+except ImportError:  # without the [serve] extra, create_app says what to install
+    Request = Any
 
 from manyinone.errors import ManyinoneError
-from manyinone.runtime.generate import Runtime, dtype_named
+from manyinone.runtime.generate import DEFAULT_MAX_CACHE_MIB, OverLimit, Runtime, dtype_named
 from manyinone.runtime.sampling import Sampling
 from manyinone.runtime.speculative import draft_settings
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, ...)
+def _unicode(value: Any) -> Any:
+    """Text (or a list of texts) that is valid Unicode: JSON's "\\ud800" decodes to a lone surrogate,
+    which no tokenizer can encode."""
+    for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"text holds a lone surrogate ({text[exc.start]!r}) at character {exc.start}; "
+                             "send valid Unicode") from None
+    return value
 
-    model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    budget: Optional[float] = None
-    speculative: bool = False
+
+class _Common(BaseModel):
+    # OpenAI clients send fields we have no use for (user, ...); the ones we read are strictly typed
+    # (`max_tokens: true` or `stream: "yes"` are refused, not coerced) and finite.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: Optional[StrictStr] = None
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: StrictFloat = Field(1.0, ge=0, le=2)
+    top_p: StrictFloat = Field(1.0, gt=0, le=1)
+    n: StrictInt = Field(1, ge=1, le=1)
+    stream: StrictBool = False
+    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    seed: Optional[StrictInt] = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generator takes
+    budget: Optional[StrictFloat] = None
+    speculative: StrictBool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_non_empty(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4 or any(s == "" for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings (an empty one would end every completion at once)")
+        return _unicode(value)
 
     def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else [s for s in (self.stop or []) if s]
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str]]
+    prompt: Union[StrictStr, list[StrictStr]]
+
+    _prompt_unicode = field_validator("prompt")(classmethod(lambda cls, v: _unicode(v)))
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: StrictStr
+
+    _content_unicode = field_validator("content")(classmethod(lambda cls, v: _unicode(v)))
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
 
 
-def _error(status: int, message: str, param: str | None = None):
+class _Unauthorized(Exception):
+    pass
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None):
     from fastapi.responses import JSONResponse
 
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": "invalid_request_error",
-                                                               "param": param, "code": None}})
+                                                               "param": param, "code": code}})
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -76,6 +113,7 @@ class Engine:
     def __init__(self, runtime: Runtime, template: str, default_max_tokens: int = 256) -> None:
         self.runtime, self.template, self.default_max_tokens = runtime, template, default_max_tokens
         self.lock = threading.Lock()
+        self.cancelled = 0  # streams stopped because their client went away
 
     def chat_prompt(self, messages: list[Message]) -> str:
         tok = self.runtime.tokenizer
@@ -121,16 +159,21 @@ class Engine:
         info = {"depth": out.depth, "completion_tokens": sum(len(t) for t in out.tokens), **out.stats}
         return texts, finish, info
 
-    def start_stream(self, job: dict[str, Any]) -> "queue.Queue[tuple]":
-        """Streaming: a worker thread puts ("delta", text) items, then ("done", finish, tokens) or ("error", msg)."""
+    def start_stream(self, job: dict[str, Any]) -> tuple["queue.Queue[tuple]", threading.Event]:
+        """Streaming: a worker thread puts ("delta", text) items, then ("done", finish, tokens) or ("error", msg).
+        Setting the returned event (the client went away) stops it after the current token."""
         events: queue.Queue[tuple] = queue.Queue()
-        threading.Thread(target=self._stream_worker, args=(job, events), daemon=True).start()
-        return events
+        cancel = threading.Event()
+        threading.Thread(target=self._stream_worker, args=(job, events, cancel), daemon=True).start()
+        return events, cancel
 
-    def _stream_worker(self, job: dict[str, Any], events: "queue.Queue[tuple]") -> None:
+    def _stream_worker(self, job: dict[str, Any], events: "queue.Queue[tuple]", cancel: threading.Event) -> None:
         rt = self.runtime
         try:
             with self.lock:
+                if cancel.is_set():  # the client left while this request waited for its turn
+                    self.cancelled += 1
+                    return
                 if job["speculative"]:
                     from manyinone.runtime.speculative import speculative_stream
 
@@ -140,6 +183,10 @@ class Engine:
                     steps = rt.stream(job["prompts"], job["budget"], job["max_new_tokens"], job["sampling"])
                 tokens, sent, finish = [], "", "length"
                 for step in steps:
+                    if cancel.is_set():
+                        steps.close()
+                        self.cancelled += 1
+                        return
                     tokens.extend(step[0])
                     text, stopped = cut_at_stop(rt.decode(tokens), job["stops"])
                     if text.endswith("\ufffd") and not stopped:  # half a multi-byte character: wait for the rest
@@ -158,18 +205,40 @@ class Engine:
             events.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", default_max_tokens: int = 256):
-    """The FastAPI app serving `runtime` under the name `model_name`."""
+def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", default_max_tokens: int = 256,
+               api_key: str | None = None):
+    """The FastAPI app serving `runtime` under the name `model_name`; with `api_key`, requests need it as a
+    bearer token (401 otherwise). Limits on rows and cache memory are the runtime's (`Runtime(max_batch=...)`)."""
     try:
-        from fastapi import FastAPI
+        from fastapi import Depends, FastAPI
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import StreamingResponse
         from starlette.concurrency import run_in_threadpool
     except ImportError:
         raise ManyinoneError("serving needs FastAPI and uvicorn: pip install 'manyinone[serve]'") from None
 
+    if api_key is not None and not api_key:
+        raise ManyinoneError("api_key is empty; give a secret, or none to serve without authentication")
     engine = Engine(runtime, template, default_max_tokens)
-    app = FastAPI(title="manyinone", version="1")
+
+    def authorized(request: Request) -> None:
+        if request.url.path == "/health":  # load balancers probe it without a key
+            return
+        if api_key is not None and not secrets.compare_digest(
+                request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()):
+            raise _Unauthorized
+
+    app = FastAPI(title="manyinone", version="1", dependencies=[Depends(authorized)])
+    app.state.engine = engine
+
+    @app.exception_handler(_Unauthorized)
+    async def _unauthorized(_request, _exc):
+        return _error(401, "missing or wrong API key; send the header Authorization: Bearer <key>",
+                      code="invalid_api_key")
+
+    @app.exception_handler(OverLimit)
+    async def _too_large(_request, exc: OverLimit):
+        return _error(413, str(exc))
 
     @app.exception_handler(ManyinoneError)
     async def _bad_request(_request, exc: ManyinoneError):
@@ -180,7 +249,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(400, f"{field or 'request'}: {first.get('msg', 'invalid')}"
-                           f" (got {first.get('input')!r})", field or None)
+                           f" (got {first.get('input')!r:.80})", field or None)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -194,12 +263,29 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
     def envelope(kind: str, **body: Any) -> dict[str, Any]:
         return {"id": f"{kind}-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": model_name, **body}
 
-    def sse(job: dict[str, Any], chunk) -> StreamingResponse:
-        events = engine.start_stream(job)
+    def next_event(events: "queue.Queue[tuple]") -> tuple | None:
+        try:
+            return events.get(timeout=0.25)
+        except queue.Empty:
+            return None
+
+    def sse(job: dict[str, Any], chunk, request: Request) -> StreamingResponse:
+        events, cancel = engine.start_stream(job)
 
         async def body():
+            try:
+                async for piece in pieces():
+                    yield piece
+            finally:  # the client went away (or the stream ended): stop generating
+                cancel.set()
+
+        async def pieces():
             while True:
-                item = await run_in_threadpool(events.get)
+                item = await run_in_threadpool(next_event, events)
+                if await request.is_disconnected():
+                    return
+                if item is None:
+                    continue
                 if item[0] == "delta":
                     yield f"data: {json.dumps(chunk(item[1], None))}\n\n"
                     continue
@@ -213,7 +299,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
         return StreamingResponse(body(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise ManyinoneError("prompt: empty list; give at least one prompt")
@@ -224,7 +310,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
             def chunk(text, finish):
                 return {**base, "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
 
-            return sse(job, chunk)
+            return sse(job, chunk, request)
         texts, finish, info = await run_in_threadpool(engine.complete, job)
         prompt_tokens = sum(len(p) for p in job["prompts"])
         return envelope("cmpl", object="text_completion", manyinone=info, choices=[
@@ -232,7 +318,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
             usage=_usage(prompt_tokens, info["completion_tokens"]))
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         job = engine.check(req, [engine.chat_prompt(req.messages)], req.max_completion_tokens or req.max_tokens)
         if req.stream:
             base = envelope("chatcmpl", object="chat.completion.chunk")
@@ -241,7 +327,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
                 delta = {"role": "assistant", "content": text} if text is not None else {}
                 return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
-            return sse(job, chunk)
+            return sse(job, chunk, request)
         texts, finish, info = await run_in_threadpool(engine.complete, job)
         return envelope("chatcmpl", object="chat.completion", manyinone=info, choices=[
             {"index": 0, "message": {"role": "assistant", "content": texts[0]}, "finish_reason": finish[0]}],
@@ -255,16 +341,20 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "auto",
-          max_len: int | None = None, default_max_tokens: int = 256) -> None:
+          max_len: int | None = None, default_max_tokens: int = 256, max_batch: int = 16,
+          max_cache_mib: float = DEFAULT_MAX_CACHE_MIB, api_key: str | None = None) -> None:
     """Load `ckpt` once and serve it until interrupted."""
     try:
         import uvicorn
     except ImportError:
         raise ManyinoneError("serving needs FastAPI and uvicorn: pip install 'manyinone[serve]'") from None
-    runtime = Runtime.open(ckpt, dtype=dtype_named(dtype), device=device, max_len=max_len)
+    if not 0 < port < 65536:
+        raise ManyinoneError(f"--port {port} out of range; allowed 1 to 65535")
+    runtime = Runtime.open(ckpt, dtype=dtype_named(dtype), device=device, max_len=max_len, max_batch=max_batch,
+                           max_cache_mib=max_cache_mib)
     template = (runtime.index or {}).get("train", {}).get("template", "alpaca")
     from pathlib import Path
 
-    app = create_app(runtime, Path(ckpt).resolve().name, template, default_max_tokens)
+    app = create_app(runtime, Path(ckpt).resolve().name, template, default_max_tokens, api_key)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

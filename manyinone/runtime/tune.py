@@ -6,6 +6,7 @@ The choice lives in the checkpoint's `manyinone.json` under "runtime" -> "specul
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -73,11 +74,12 @@ def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 6
 
 def store_choice(ckpt: str | os.PathLike, choice: dict[str, Any]) -> Path:
     """Write `choice` into the checkpoint's budget index (manyinone.json) and its entry in checksums.json,
-    each replaced in one rename. The checkpoint is verified first, so a damaged one is never re-blessed."""
-    from manyinone.integrity import CHECKSUMS_FILE, file_digest, verify_checksums, write_text_durably
+    both in one commit (`integrity.replace_files_together`): a kill at any point leaves the old pair or
+    the new one. The checkpoint is verified first, so a damaged one is never re-blessed."""
+    from manyinone.integrity import CHECKSUMS_FILE, replace_files_together, verify_checksums
 
     folder = Path(ckpt)
-    index = read_index(folder)
+    index = read_index(folder)  # also completes a commit an earlier, killed call left
     target = folder / INDEX_FILE
     if not target.is_file():
         raise ManyinoneError(f"checkpoint {str(ckpt)!r} has no {INDEX_FILE} to record the tuned settings in")
@@ -85,10 +87,12 @@ def store_choice(ckpt: str | os.PathLike, choice: dict[str, Any]) -> Path:
     keep = ("depth", "draft_depth", "draft_tokens", "tokens_per_s", "baseline_tokens_per_s", "speedup",
             "acceptance", "device", "dtype", "prompts", "max_new_tokens")
     index.setdefault("runtime", {})["speculative"] = {k: choice[k] for k in keep if k in choice}
-    write_text_durably(target, json.dumps(index, indent=2) + "\n")
+    text = json.dumps(index, indent=2) + "\n"
+    texts = {INDEX_FILE: text}
     if listed:
         listing = json.loads((folder / CHECKSUMS_FILE).read_text(encoding="utf-8"))
-        size, sha = file_digest(target, sync=True)
-        listing[INDEX_FILE] = {"bytes": size, "sha256": sha}
-        write_text_durably(folder / CHECKSUMS_FILE, json.dumps(listing, indent=1) + "\n")
+        data = text.encode("utf-8")
+        listing[INDEX_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        texts[CHECKSUMS_FILE] = json.dumps(listing, indent=1) + "\n"
+    replace_files_together(folder, texts)
     return target
