@@ -98,6 +98,7 @@ def train_metrics(run_dir: Path) -> dict[str, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = rows[5:] or rows  # the first steps include allocator and kernel warm-up
     out = {"step_time_s": statistics.median(r["step_time_s"] for r in steady),
+           "train_s": sum(r["step_time_s"] for r in rows),  # every step, across resumes: the GPU time of training
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady), "steps": len(rows)}
     if "peak_mem_gib" in rows[-1]:
         out["peak_mem_gib"] = max(r["peak_mem_gib"] for r in rows)
@@ -263,6 +264,8 @@ def main() -> None:
         started = time.perf_counter()
         if recipe in DATA_STEPS:
             target = Path(paths[recipe])
+            if target.is_file() and recipe in data_done:  # made by an earlier call: keep its measured cost
+                return
             if not target.is_file():
                 run(cli + ["distill-data", "--output", str(target), "--data", args.data, "--rows", args.train_rows,
                            "--template", args.template, *substitute(recipes[recipe], paths)], log)
@@ -278,6 +281,8 @@ def main() -> None:
                        *substitute(recipes[recipe], paths)], log)
             target = str(run_dir)
         trained_s = time.perf_counter() - started
+        # Steps summed from metrics.jsonl count a resumed run whole; the wall clock of this call would not.
+        train_s = train_metrics(run_dir)["train_s"] if recipe != "base" else 0.0
         slices = {}
         for part, rows in (("dev", args.eval_rows), ("holdout", args.holdout_rows)):
             report = run_dir / f"eval-{part}"
@@ -289,8 +294,8 @@ def main() -> None:
         elapsed = time.perf_counter() - started
         with lock:
             results[recipe] = {"exits": merge_slices(slices["dev"], slices["holdout"]),
-                               "cost": {"train_s": trained_s, "eval_s": elapsed - trained_s,
-                                        "total_s": trained_s + cost_of(deps)},
+                               "cost": {"train_s": train_s, "eval_s": elapsed - trained_s,
+                                        "total_s": train_s + cost_of(deps)},
                                **({} if recipe == "base" else {"train": train_metrics(run_dir),
                                                                "flags": recipes[recipe]})}
             ordered = {n: results[n] for n in ["base", *recipes, *results] if n in results and n not in DATA_STEPS}

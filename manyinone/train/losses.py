@@ -82,7 +82,7 @@ class NestedLossOutput:
     total: torch.Tensor
     ce: dict[SubnetSpec, torch.Tensor]  # detached per-spec cross-entropy, for logging
     kl: dict[SubnetSpec, torch.Tensor]  # detached per-spec distillation term (empty if off)
-    teacher_kl: dict[SubnetSpec, torch.Tensor] | None = None  # detached KL to a frozen teacher (None if none)
+    teacher_kl: dict[SubnetSpec, torch.Tensor] | None = None  # detached KL to a frozen teacher, specs it weighs (None if none)
 
 
 def nested_loss(
@@ -128,7 +128,7 @@ def nested_loss(
             kl_parts[spec] = kl.detach()
             term = term + distill_weight * kl
         total = total + weights.get(spec, 1.0) * term
-        if frozen is not None:
+        if frozen is not None and frozen.weights.get(spec, 0.0) > 0:
             kl = frozen.kl(logits, frozen_logits)
             frozen_parts[spec] = kl.detach()
             total = total + frozen.weights.get(spec, 0.0) * kl
@@ -149,7 +149,8 @@ def _lean_nested_loss(features, heads: Mapping[SubnetSpec, LinearHead], targets,
         distill_weight=distill_weight, temperature=temperature, chunk_rows=chunk_rows, frozen=lean_frozen,
     )
     kl_parts = {s: out.kl[i] for i, s in enumerate(specs) if teacher is not None and s != teacher}
-    frozen_parts = None if frozen is None else {s: out.teacher_kl[i] for i, s in enumerate(specs)}
+    frozen_parts = None if frozen is None else {s: out.teacher_kl[i] for i, s in enumerate(specs)
+                                                if frozen.weights.get(s, 0.0) > 0}
     return NestedLossOutput(total=out.total, ce={s: out.ce[i] for i, s in enumerate(specs)}, kl=kl_parts,
                             teacher_kl=frozen_parts)
 
