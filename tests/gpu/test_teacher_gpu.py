@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from manyinone.dims import SubnetSpec
-from manyinone.lean_loss import LinearHead
-from manyinone.losses import TeacherTarget, nested_loss
+from manyinone.core.space import SubnetSpec
+from manyinone.train.lean_loss import LinearHead
+from manyinone.train.losses import TeacherTarget, nested_loss
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
