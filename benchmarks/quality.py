@@ -46,6 +46,7 @@ MANYINONE_GENTLE = ["--exits", EXITS, "--epochs", "4", "--lr", "1e-4",
 # are as many steps as the gentle recipe's 4.
 AGREE = [*MANYINONE_GENTLE[:2], "--epochs", "2", *MANYINONE_GENTLE[4:], "--set", "teacher=@sft",
          "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"]
+AGREE_BIG = [*AGREE[:-4], "--set", "mix_data=@gen8", "--set", "mix_ratio=0.8"]
 RECIPES: dict[str, list[str]] = {
     "sft": ["--exits", "30"],
     # SFT + early-exit heads (the Sorted-LLaMA paper's SFT+ICT): own norm + LM head per exit,
@@ -60,11 +61,23 @@ RECIPES: dict[str, list[str]] = {
     "agree-reverse": [*AGREE, "--set", "teacher_kl=reverse"],
     "agree-nomix": [*MANYINONE_GENTLE, "--set", "teacher=@sft"],  # the teacher alone, labels only
     "gentle-mix": [*AGREE[:-6], "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"],  # the data alone
+    # More generated data (gen8: 8 samples per prompt, ~6x the labelled tokens), 80% of each epoch
+    # drawn from it: 2 epochs are 1,125 steps and see every generated record once.
+    "agree-big": AGREE_BIG,
+    # Levers on top of agree-big, one each (issue 19, item 4):
+    "agree-big-lr3": [*AGREE_BIG, "--lr", "3e-4", "--set", "warmup_steps=20",
+                      "--set", "exit_heads_lr_scale=10"],  # faster base lr, the full depth held by the teacher
+    "agree-big-seg": [*AGREE_BIG, "--set", "segment_lr_scales=[4,3,2,1,1]"],  # early layers train faster
+    "agree-big-drop": [*AGREE_BIG, "--set", "layer_dropout=0.1"],  # LayerSkip's layer dropout
+    "agree-big-full": [*AGREE_BIG, "--set", "teacher_full_weight=3",
+                       "--set", "exit_weights=[1,1,1,1,1]"],  # the full depth leans on the teacher, not labels
 }
 # Data steps: `manyinone distill-data` runs; "@name" in a recipe's flags is the JSONL they write.
 DATA_STEPS: dict[str, list[str]] = {
     "gen": ["--teacher", "@sft", "--samples", "4", "--temperature", "0.8", "--top-p", "0.95",
             "--max-new-tokens", "256", "--batch-size", "256"],
+    "gen8": ["--teacher", "@sft", "--samples", "8", "--temperature", "0.8", "--top-p", "0.95",
+             "--max-new-tokens", "256", "--batch-size", "512"],
 }
 
 

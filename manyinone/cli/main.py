@@ -326,7 +326,8 @@ def distill_data(
     model, tokenizer = load_pretrained(teacher, dtype=weights)
     tokens = [0]
     sample = runtime_sampler(model.to(dev), tokenizer, template, max_new_tokens, temperature, top_p,
-                             counter=lambda n: tokens.__setitem__(0, tokens[0] + n))
+                             counter=lambda n: tokens.__setitem__(0, tokens[0] + n), records=records,
+                             batch_size=batch_size)
     started = time.perf_counter()
     with Progress(TextColumn("[bold]distill-data"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
                   TimeElapsedColumn(), console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:

@@ -55,6 +55,11 @@ class TrainConfig(BaseModel):
                             "shared LM head (folds into exports); head = own norm + LM head (the SFT+heads baseline)")
     exit_heads_lr_scale: float = Field(1.0, gt=0, description="learning rate of the exit modules, as a multiple of lr")
     freeze_base: bool = Field(False, description="train only the exit modules (SFT+heads: run on an SFT checkpoint)")
+    segment_lr_scales: list[float] | None = Field(
+        None, description="depth: one lr multiple per exit for the layers after the previous exit up to it "
+                          "(e.g. [3,2,1,1,1] trains the first layers faster); embeddings, norm and head stay at 1")
+    layer_dropout: float = Field(0.0, ge=0, lt=1, description="LayerSkip-style: per example, layer l is skipped "
+                                                              "with probability rising linearly to this at the last layer")
 
     teacher: str | None = Field(None, description="frozen teacher (HF folder, hub name, .gguf, alias or run folder) "
                                                   "sharing the tokenizer; every exit gets a KL term towards it")
@@ -96,6 +101,15 @@ class TrainConfig(BaseModel):
     def _frozen_needs_heads(self) -> "TrainConfig":
         if self.freeze_base and self.exit_heads == "none":
             raise ValueError("freeze_base=true trains only exit modules; set exit_heads to translator or head")
+        return self
+
+    @model_validator(mode="after")
+    def _segment_scales_fit(self) -> "TrainConfig":
+        scales = self.segment_lr_scales
+        if scales is not None:
+            if self.exits is None or len(scales) != len(self.exits) or any(x <= 0 for x in scales):
+                raise ValueError(f"segment_lr_scales {scales} needs explicit exits and one positive number per exit "
+                                 f"(exits: {self.exits})")
         return self
 
     def axis_choices(self) -> dict[str, list[int] | None]:

@@ -34,6 +34,7 @@ from manyinone.core.device import pick_device
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.interrupt import deferred_stop_signals
 from manyinone.io.loading import load_pretrained
+from manyinone.train.layer_dropout import dropped_layers, keep_masks, layer_rates
 from manyinone.train.losses import TeacherTarget, exit_weights, nested_loss, supervised_positions
 from manyinone.train.progress import TrainProgress
 from manyinone.core.registry import adapter_for
@@ -119,14 +120,26 @@ def _metrics_from(path: Path, start: int):
     return path.open("a")
 
 
-def _param_groups(model, heads, cfg: TrainConfig) -> list[dict]:
-    """Base weights at lr (frozen with freeze_base), exit modules at lr * exit_heads_lr_scale."""
+def _param_groups(model, heads, cfg: TrainConfig, layers=None) -> list[dict]:
+    """Base weights at lr (frozen with freeze_base), exit modules at lr * exit_heads_lr_scale.
+
+    With segment_lr_scales, the decoder layers after exit i-1 up to exit i train at lr * scales[i]
+    (`layers`: the adapter's decoder layers, bottom first)."""
     own = {id(p) for p in heads.parameters()} if heads is not None else set()
     base = [p for p in model.parameters() if id(p) not in own]
     if cfg.freeze_base:
         for p in base:
             p.requires_grad_(False)
-    groups = [{"params": base, "lr_scale": 1.0}] if not cfg.freeze_base else []
+    groups = []
+    if not cfg.freeze_base and cfg.segment_lr_scales is not None:
+        bounds = [0, *cfg.exits]
+        segments = [(scale, [p for layer in layers[lo:hi] for p in layer.parameters()])
+                    for scale, lo, hi in zip(cfg.segment_lr_scales, bounds, bounds[1:])]
+        in_segment = {id(p) for _, params in segments for p in params}
+        groups = [{"params": params, "lr_scale": scale} for scale, params in segments if params]
+        base = [p for p in base if id(p) not in in_segment]  # embeddings, final norm, head; layers past the last exit
+    if not cfg.freeze_base:
+        groups.insert(0, {"params": base, "lr_scale": 1.0})
     if heads is not None:
         # No weight decay: it would pull identity-initialised translators towards zero.
         groups.append({"params": list(heads.parameters()), "lr_scale": cfg.exit_heads_lr_scale, "weight_decay": 0.0})
@@ -231,7 +244,8 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     (rt.shard(model) if rt.distributed else model.to(device)).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(_param_groups(model, exit_modules, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    layers = adapter.decoder_stack().layers if cfg.segment_lr_scales or cfg.layer_dropout else None
+    optimizer = torch.optim.AdamW(_param_groups(model, exit_modules, cfg, layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     _check_same_run(output, cfg)
     save = functools.partial(distributed.save_state, rt) if rt.distributed else save_state
@@ -294,7 +308,12 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                     teacher_s += time.perf_counter() - teacher_started
                     teacher_target = TeacherTarget(t_feats, teacher.head_weight, teacher_weights,
                                                    cfg.teacher_temperature, cfg.teacher_kl == "reverse")
-                with autocast:
+                dropout = nullcontext()
+                if cfg.layer_dropout:  # masks from (seed, step, micro): a resume draws the same ones
+                    draws = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + micro)
+                    keep = keep_masks(layer_rates(len(layers), cfg.layer_dropout), batch["input_ids"].shape[0], draws)
+                    dropout = dropped_layers(layers, keep)
+                with autocast, dropout:
                     hidden = adapter.forward_nested(batch["input_ids"], batch["attention_mask"], sampled)
                     feats, targets = {}, None
                     for spec, h in hidden.items():

@@ -1,0 +1,96 @@
+"""Training levers for exit agreement: LayerSkip-style layer dropout and per-exit-segment learning rates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from manyinone.core.errors import ManyinoneError
+from manyinone.io.loading import load_pretrained
+from manyinone.train.config import TrainConfig
+from manyinone.train.layer_dropout import dropped_layers, keep_masks, layer_rates
+from manyinone.train.loop import _param_groups, train
+
+FAST = dict(data="demo", batch_size=2, max_length=200, lr=1e-3, max_steps=3)
+
+
+def config(model: Path, output: Path, **fields) -> TrainConfig:
+    return TrainConfig(**{"model": str(model), "exits": [2, 4], **FAST, "output": str(output), **fields})
+
+
+def test_layer_rates_rise_linearly_from_zero():
+    assert layer_rates(5, 0.2) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    assert layer_rates(1, 0.5) == [0.0]
+
+
+def test_keep_masks_follow_the_rates_and_the_seed():
+    rates = [0.0, 0.5, 0.99]
+    masks = keep_masks(rates, 4000, torch.Generator().manual_seed(3))  # [layers, batch]
+    assert masks.shape == (3, 4000)
+    assert bool(masks[0].all())  # rate 0: never skipped
+    assert masks.float().mean(1)[1].item() == pytest.approx(0.5, abs=0.03)
+    assert masks.float().mean(1)[2].item() == pytest.approx(0.01, abs=0.01)
+    assert torch.equal(masks, keep_masks(rates, 4000, torch.Generator().manual_seed(3)))
+
+
+def test_a_dropped_layer_is_skipped_for_its_examples_only(tiny_llama):
+    model, _ = load_pretrained(str(tiny_llama))
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    mask = torch.ones_like(ids)
+    keep = torch.ones(len(model.model.layers), 2, dtype=torch.bool)
+    keep[1, 0] = False  # example 0 skips layer 1
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        with dropped_layers(model.model.layers, keep):
+            mixed = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        layers = model.model.layers
+        model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != 1])
+        model.config.num_hidden_layers -= 1
+        try:
+            without = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            model.model.layers = layers
+            model.config.num_hidden_layers += 1
+    torch.testing.assert_close(mixed[1], full[1])  # example 1 ran every layer
+    torch.testing.assert_close(mixed[0], without[0])  # example 0: as if layer 1 were gone
+    assert not torch.allclose(mixed[0], full[0])
+    assert not any(layer._forward_hooks for layer in layers)  # the hooks leave with the context
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_layer_dropout_changes_training_and_replays_exactly(tiny_llama, tmp_path):
+    plain = _losses(train(config(tiny_llama, tmp_path / "plain"), show_progress=False))
+    first = _losses(train(config(tiny_llama, tmp_path / "a", layer_dropout=0.9), show_progress=False))
+    again = _losses(train(config(tiny_llama, tmp_path / "b", layer_dropout=0.9), show_progress=False))
+    assert first == again  # masks derive from (seed, step)
+    assert first != plain
+
+
+def test_segment_lr_scales_put_each_layer_in_its_exit_group(tiny_llama):
+    model, _ = load_pretrained(str(tiny_llama))
+    cfg = TrainConfig(model=str(tiny_llama), exits=[1, 3], segment_lr_scales=[4.0, 2.0])
+    layers = model.model.layers
+    groups = _param_groups(model, None, cfg, layers)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert {scale_of[id(p)] for p in layers[0].parameters()} == {4.0}
+    assert {scale_of[id(p)] for layer in layers[1:3] for p in layer.parameters()} == {2.0}
+    assert {scale_of[id(p)] for p in layers[3].parameters()} == {1.0}  # past the last exit
+    assert scale_of[id(model.lm_head.weight)] == 1.0
+
+
+def test_segment_lr_scales_need_one_positive_number_per_exit(tiny_llama):
+    with pytest.raises(ManyinoneError, match="one positive number per exit"):
+        from manyinone.train.config import load_config
+        load_config(None, ["exits=[1,3]", "segment_lr_scales=[1]"])
+    with pytest.raises(ManyinoneError, match="one positive number per exit"):
+        from manyinone.train.config import load_config
+        load_config(None, ["exits=[1,3]", "segment_lr_scales=[1,0]"])
