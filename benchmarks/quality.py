@@ -46,7 +46,7 @@ MANYINONE_GENTLE = ["--exits", EXITS, "--epochs", "4", "--lr", "1e-4",
 # are as many steps as the gentle recipe's 4.
 AGREE = [*MANYINONE_GENTLE[:2], "--epochs", "2", *MANYINONE_GENTLE[4:], "--set", "teacher=@sft",
          "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"]
-AGREE_BIG = [*AGREE[:-4], "--set", "mix_data=@gen8", "--set", "mix_ratio=0.8"]
+AGREE_BIG = [*AGREE[:-4], "--set", "mix_data=@gen6", "--set", "mix_ratio=0.75"]
 RECIPES: dict[str, list[str]] = {
     "sft": ["--exits", "30"],
     # SFT + early-exit heads (the Sorted-LLaMA paper's SFT+ICT): own norm + LM head per exit,
@@ -61,8 +61,8 @@ RECIPES: dict[str, list[str]] = {
     "agree-reverse": [*AGREE, "--set", "teacher_kl=reverse"],
     "agree-nomix": [*MANYINONE_GENTLE, "--set", "teacher=@sft"],  # the teacher alone, labels only
     "gentle-mix": [*AGREE[:-6], "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"],  # the data alone
-    # More generated data (gen8: 8 samples per prompt, ~6x the labelled tokens), 80% of each epoch
-    # drawn from it: 2 epochs are 1,125 steps and see every generated record once.
+    # More generated data (gen6: 6 samples per prompt, ~4-5x the labelled tokens), 75% of each epoch
+    # drawn from it: 2 epochs are 900 steps and see every generated record once.
     "agree-big": AGREE_BIG,
     # Levers on top of agree-big, one each (issue 19, item 4):
     "agree-big-lr3": [*AGREE_BIG, "--lr", "3e-4", "--set", "warmup_steps=20",
@@ -76,7 +76,7 @@ RECIPES: dict[str, list[str]] = {
 DATA_STEPS: dict[str, list[str]] = {
     "gen": ["--teacher", "@sft", "--samples", "4", "--temperature", "0.8", "--top-p", "0.95",
             "--max-new-tokens", "256", "--batch-size", "256"],
-    "gen8": ["--teacher", "@sft", "--samples", "8", "--temperature", "0.8", "--top-p", "0.95",
+    "gen6": ["--teacher", "@sft", "--samples", "6", "--temperature", "0.8", "--top-p", "0.95",
              "--max-new-tokens", "256", "--batch-size", "512"],
 }
 
