@@ -168,7 +168,10 @@ def data_table(data: dict[str, dict]) -> str:
         return ""
     lines = ["", "**Generated data (GPU-minutes include the teacher's own training)**", "",
              "| data step | records | GPU-minutes |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {d['records']:,} | {d['seconds'] / 60:.1f} |" for name, d in data.items()]
+    for name, d in data.items():
+        timed = d["seconds"] == d["seconds"]  # NaN: finished by an earlier call that recorded no cost
+        lines.append(f"| {name} | {d['records']:,} | {d['seconds'] / 60:.1f} |" if timed else
+                     f"| {name} | {d['records']:,} | not timed (finished by an earlier call) |")
     return "\n".join(lines)
 
 
@@ -279,13 +282,16 @@ def main() -> None:
             target = Path(paths[recipe])
             if target.is_file() and recipe in data_done:  # made by an earlier call: keep its measured cost
                 return
-            if not target.is_file():
+            made_here = not target.is_file()
+            if made_here:
                 run(cli + ["distill-data", "--output", str(target), "--data", args.data, "--rows", args.train_rows,
                            "--template", args.template, *substitute(recipes[recipe], paths)], log)
             with lock:
-                data_done[recipe] = time.perf_counter() - started + cost_of(deps)
+                # A file an earlier call finished without recording its cost has none we can honestly give.
+                data_done[recipe] = time.perf_counter() - started + cost_of(deps) if made_here else float("nan")
                 results.setdefault("_data", {})[recipe] = {"seconds": data_done[recipe],
                                                            "records": sum(1 for _ in target.open())}
+                (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # kept if the call is cut short
             return
         if recipe == "base":
             target = args.model
