@@ -94,3 +94,40 @@ def test_segment_lr_scales_need_one_positive_number_per_exit(tiny_llama):
     with pytest.raises(ManyinoneError, match="one positive number per exit"):
         from manyinone.train.config import load_config
         load_config(None, ["exits=[1,3]", "segment_lr_scales=[1,0]"])
+
+
+# --- named recipes ---------------------------------------------------------------------------------
+
+
+def test_a_recipe_applies_first_and_flags_win(tmp_path):
+    from manyinone.train.config import load_config
+
+    cfg = load_config(None, ["lr=5e-4"], recipe="gentle", exits=[2, 4, 6])
+    assert cfg.exit_weights == [1.0, 1.0, 3.0]  # sized to the run's exits, the full depth at 3x
+    assert cfg.exit_heads == "translator" and cfg.epochs == 4
+    assert cfg.lr == 5e-4  # --set wins over the recipe
+    assert load_config(None, recipe="gentle").exit_weights == [1.0, 1.0, 1.0, 1.0, 3.0]  # 5 default exits
+
+
+def test_the_agree_recipe_says_what_it_needs(tmp_path):
+    from manyinone.train.config import load_config
+
+    with pytest.raises(ManyinoneError, match=r"recipe 'agree' needs teacher=\.\.\., mix_data=\.\.\."):
+        load_config(None, recipe="agree")
+    cfg = load_config(None, ["teacher=runs/sft", "mix_data=gen.jsonl"], recipe="agree")
+    assert (cfg.lr, cfg.mix_ratio, cfg.exit_heads_lr_scale) == (3e-4, 0.75, 10.0)
+    with pytest.raises(ManyinoneError, match="recipe 'fast' unknown; known: gentle, agree"):
+        load_config(None, recipe="fast")
+
+
+def test_train_command_takes_a_recipe(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from manyinone.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_llama), "--recipe", "gentle", "--exits", "2,4",
+                                      "--max-steps", "1", "--batch-size", "2", "--output", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    saved = (out / "train_config.yaml").read_text()
+    assert "exit_heads: translator" in saved and "exit_heads_lr_scale: 30.0" in saved

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from manyinone.core.errors import ManyinoneError
+from manyinone.train.recipes import RECIPES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train one LLM as many nested sub-models; export and serve any budget.")
@@ -75,13 +76,15 @@ def train(
     lr: Optional[float] = typer.Option(None),
     config: Optional[Path] = typer.Option(None, help="YAML file with TrainConfig fields"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config field: key=value"),
+    recipe: Optional[str] = typer.Option(None, help="a measured preset, applied first (flags and --set win): "
+                                         + "; ".join(f"{n}: {d}" for n, (d, _) in RECIPES.items())),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
     """Fine-tune so that every exit is a usable model (SoFT); `--exits 30` alone is plain SFT."""
     from manyinone.train.config import load_config
     from manyinone.train.loop import train as run_training
 
-    cfg = load_config(config, set_, model=model, axes=axes.split(",") if axes else None,
+    cfg = load_config(config, set_, recipe=recipe, model=model, axes=axes.split(",") if axes else None,
                       exits=_int_list(exits, "exits"), data=data, rows=rows, output=output, epochs=epochs,
                       max_steps=max_steps, batch_size=batch_size, lr=lr)
     out = run_training(cfg, show_progress=not quiet)

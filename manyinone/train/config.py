@@ -160,8 +160,10 @@ def _first_error(exc: ValidationError) -> str:
     return f"config field {field!r}: {err['msg']} (got {err.get('input')!r:.60}){allowed}"
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, **fields: Any) -> TrainConfig:
-    """YAML file (optional), then `key=value` overrides, then explicit fields (CLI flags) win."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, recipe: str | None = None,
+                **fields: Any) -> TrainConfig:
+    """A named recipe (optional, `manyinone.train.recipes`), then a YAML file (optional), then
+    `key=value` overrides, then explicit fields (CLI flags): each later source wins."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -181,6 +183,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **f
         data.update(loaded or {})
     data.update(dict(_parse_override(o) for o in overrides or []))
     data.update({k: v for k, v in fields.items() if v is not None})
+    if recipe is not None:
+        from manyinone.train.recipes import check_supplied, recipe_settings
+
+        exits = data.get("exits")
+        preset = recipe_settings(recipe, len(exits) if isinstance(exits, list) else 5)  # 5: the default exits
+        data = {**preset, **data}
+        check_supplied(recipe, data)
     try:
         return TrainConfig(**data)
     except ValidationError as exc:
