@@ -46,6 +46,7 @@ MANYINONE_GENTLE = ["--exits", EXITS, "--epochs", "4", "--lr", "1e-4",
 # are as many steps as the gentle recipe's 4.
 AGREE = [*MANYINONE_GENTLE[:2], "--epochs", "2", *MANYINONE_GENTLE[4:], "--set", "teacher=@sft",
          "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"]
+LR3 = ["--lr", "3e-4", "--set", "warmup_steps=20", "--set", "exit_heads_lr_scale=10"]
 AGREE_BIG = [*AGREE[:-4], "--set", "mix_data=@gen6", "--set", "mix_ratio=0.75"]
 RECIPES: dict[str, list[str]] = {
     "sft": ["--exits", "30"],
@@ -65,12 +66,15 @@ RECIPES: dict[str, list[str]] = {
     # drawn from it: 2 epochs are 900 steps and see every generated record once.
     "agree-big": AGREE_BIG,
     # Levers on top of agree-big, one each (issue 19, item 4):
-    "agree-big-lr3": [*AGREE_BIG, "--lr", "3e-4", "--set", "warmup_steps=20",
-                      "--set", "exit_heads_lr_scale=10"],  # faster base lr, the full depth held by the teacher
+    "agree-big-lr3": [*AGREE_BIG, *LR3],  # faster base lr, the full depth held by the teacher
     "agree-big-seg": [*AGREE_BIG, "--set", "segment_lr_scales=[4,3,2,1,1]"],  # early layers train faster
     "agree-big-drop": [*AGREE_BIG, "--set", "layer_dropout=0.1"],  # LayerSkip's layer dropout
     "agree-big-full": [*AGREE_BIG, "--set", "teacher_full_weight=3",
                        "--set", "exit_weights=[1,1,1,1,1]"],  # the full depth leans on the teacher, not labels
+    # Round 3 candidates (not run yet): the best exits (lr3) with the full depth held by the teacher,
+    # and GKD-style on-policy rows (a quarter of each micro-batch sampled by the model being trained).
+    "agree-lr3-full": [*AGREE_BIG, *LR3, "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
+    "agree-lr3-onpolicy": [*AGREE_BIG, *LR3, "--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=128"],
 }
 # Data steps: `manyinone distill-data` runs; "@name" in a recipe's flags is the JSONL they write.
 DATA_STEPS: dict[str, list[str]] = {

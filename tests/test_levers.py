@@ -131,3 +131,64 @@ def test_train_command_takes_a_recipe(tiny_llama, tmp_path):
     assert result.exit_code == 0, result.output
     saved = (out / "train_config.yaml").read_text()
     assert "exit_heads: translator" in saved and "exit_heads_lr_scale: 30.0" in saved
+
+
+# --- on-policy rows (GKD-style) ---------------------------------------------------------------------
+
+
+def _tiny_examples(tokenizer, n=4):
+    from manyinone.train.data import load_records, tokenize_records
+
+    return tokenize_records(load_records("demo", f"0:{n}"), tokenizer, 200, "alpaca")
+
+
+def test_on_policy_batches_are_reproducible_from_seed_and_step(tiny_llama):
+    from manyinone.train.on_policy import on_policy_batch, prompt_of, runtime_sampler
+
+    model, tokenizer = load_pretrained(str(tiny_llama))
+    sample = runtime_sampler(model, tokenizer, max_new_tokens=12, temperature=1.0, max_len=200)
+    assert model.training  # the sampler leaves the model as training had it
+    examples = _tiny_examples(tokenizer)
+    args = dict(ratio=0.5, seed=3, micro=0, max_length=200, stop_id=tokenizer.eos_token_id)
+    first = on_policy_batch(examples, sample, step=7, **args)
+    again = on_policy_batch(examples, sample, step=7, **args)
+    other = on_policy_batch(examples, sample, step=8, **args)
+    assert first == again
+    assert first[:2] != other[:2]
+    assert first[2:] == examples[2:]  # rows past round(0.5 * 4) keep their labels
+    for fresh, original in zip(first[:2], examples[:2]):
+        assert prompt_of(fresh) == prompt_of(original) and fresh != original
+        assert len(fresh.input_ids) == len(fresh.labels)
+
+
+def test_on_policy_samples_follow_the_current_weights(tiny_llama):
+    from manyinone.train.on_policy import runtime_sampler
+
+    model, tokenizer = load_pretrained(str(tiny_llama))
+    sample = runtime_sampler(model, tokenizer, max_new_tokens=6, temperature=1.0, max_len=64)
+    prompt = [[5, 6, 7]]
+    before = sample(prompt, 0)
+    with torch.no_grad():  # what an optimizer step does: change the weights in place
+        model.lm_head.weight.mul_(-3.0)
+    after = sample(prompt, 0)
+    assert after != before  # same seed, new weights: a runtime reading a stale copy would repeat itself
+    assert sample(prompt, 0) == after
+
+
+def test_on_policy_needs_a_teacher():
+    from manyinone.train.config import load_config
+
+    with pytest.raises(ManyinoneError, match="on_policy_ratio=0.5 scores the model's own samples against a frozen "
+                                             "teacher; set teacher="):
+        load_config(None, ["on_policy_ratio=0.5"])
+
+
+def test_training_with_on_policy_rows_replays_exactly(tiny_llama, tmp_path):
+    fields = dict(teacher=str(tiny_llama), on_policy_ratio=0.5, on_policy_tokens=8, max_steps=2)
+    first = train(config(tiny_llama, tmp_path / "a", **fields), show_progress=False)
+    again = train(config(tiny_llama, tmp_path / "b", **fields), show_progress=False)
+    assert _losses(first) == _losses(again)
+    rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["on_policy_s"] > 0 for r in rows)
+    assert _losses(first) != _losses(train(config(tiny_llama, tmp_path / "c", teacher=str(tiny_llama), max_steps=2),
+                                           show_progress=False))

@@ -74,6 +74,11 @@ class TrainConfig(BaseModel):
     mix_rows: str | None = Field(None, description="record slice of mix_data, START:END")
     mix_ratio: float = Field(0.5, ge=0, le=1, description="fraction of each epoch's examples drawn from mix_data")
 
+    on_policy_ratio: float = Field(0.0, ge=0, le=1, description="GKD-style: fraction of each micro-batch's rows "
+                                   "whose response is the current model's own sample, scored against the teacher")
+    on_policy_tokens: int = Field(128, gt=0, le=4096, description="most tokens sampled per on-policy row")
+    on_policy_temperature: float = Field(1.0, gt=0, le=100, description="sampling temperature of on-policy rows")
+
     seed: int = Field(0, ge=0, le=2**32 - 1, description="derives every random stream: (seed, step), (seed, epoch)")
     save_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints; 0 = end only")
     keep_checkpoints: int = Field(2, gt=0)
@@ -110,6 +115,13 @@ class TrainConfig(BaseModel):
             if self.exits is None or len(scales) != len(self.exits) or any(x <= 0 for x in scales):
                 raise ValueError(f"segment_lr_scales {scales} needs explicit exits and one positive number per exit "
                                  f"(exits: {self.exits})")
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_needs_teacher(self) -> "TrainConfig":
+        if self.on_policy_ratio > 0 and not self.teacher:
+            raise ValueError(f"on_policy_ratio={self.on_policy_ratio} scores the model's own samples against a "
+                             "frozen teacher; set teacher=<run or model>")
         return self
 
     def axis_choices(self) -> dict[str, list[int] | None]:

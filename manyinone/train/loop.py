@@ -35,6 +35,7 @@ from manyinone.core.errors import ManyinoneError
 from manyinone.train.interrupt import deferred_stop_signals
 from manyinone.io.loading import load_pretrained
 from manyinone.train.layer_dropout import dropped_layers, keep_masks, layer_rates
+from manyinone.train.on_policy import on_policy_batch, runtime_sampler as on_policy_sampler
 from manyinone.train.losses import TeacherTarget, exit_weights, nested_loss, supervised_positions
 from manyinone.train.progress import TrainProgress
 from manyinone.core.registry import adapter_for
@@ -272,6 +273,13 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
         teacher_weights = {s: cfg.teacher_full_weight if s == full else cfg.teacher_weight for s in specs}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     order_cache: dict[int, list[int]] = {}
+    on_policy = None
+    if cfg.on_policy_ratio > 0:
+        if rt.distributed:
+            raise ManyinoneError("on_policy_ratio > 0 samples with the unsharded runtime; run on one device "
+                                 "(or set on_policy_ratio=0 under torchrun)")
+        on_policy = on_policy_sampler(model, tokenizer, cfg.on_policy_tokens, cfg.on_policy_temperature,
+                                      cfg.max_length)
 
     def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
         epoch, within = divmod(step, steps_per_epoch)
@@ -280,6 +288,9 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
             order_cache[epoch] = mixed_epoch_order(labelled, len(pool), pool_per_epoch, cfg.mix_ratio, cfg.seed, epoch)
         first = distributed.micro_batch_start(within, micro, cfg.grad_accum, cfg.batch_size, rt.world, rt.rank)
         chosen = [examples[i] for i in order_cache[epoch][first:first + cfg.batch_size]]
+        if on_policy is not None:
+            chosen = on_policy_batch(chosen, on_policy, cfg.on_policy_ratio, cfg.seed, step, micro, cfg.max_length,
+                                     tokenizer.eos_token_id)
         return {k: v.to(device) for k, v in collate(chosen, tokenizer.pad_token_id).items()}
 
     metrics_file = _metrics_from(output / "metrics.jsonl", start) if rt.is_main else open(os.devnull, "w")
@@ -295,9 +306,11 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
             sampled = sampler.sample(step)
             sums: dict[str, float] = {}
             tokens = 0
-            teacher_s = 0.0
+            teacher_s = on_policy_s = 0.0
             for micro in range(cfg.grad_accum):
+                sampled_at = time.perf_counter()
                 batch = micro_batch(step, micro)
+                on_policy_s += time.perf_counter() - sampled_at  # sampling is most of it when on-policy
                 if teacher is not None:  # the teacher's forward is part of the step: timed on its own
                     teacher_started = time.perf_counter()
                     with autocast:
@@ -344,7 +357,8 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                 stop.signum = signal.SIGTERM  # another rank was signalled (torchrun forwards SIGTERM)
             record = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr, **sums,
                       "grad_norm": distributed.scalar(grad_norm), "tokens": tokens, "step_time_s": elapsed,
-                      "tokens_per_s": tokens / elapsed, **({"teacher_s": teacher_s} if teacher is not None else {})}
+                      "tokens_per_s": tokens / elapsed, **({"teacher_s": teacher_s} if teacher is not None else {}),
+                      **({"on_policy_s": on_policy_s} if on_policy is not None else {})}
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             metrics_file.write(json.dumps(record) + "\n")
