@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from manyinone.core.errors import ManyinoneError
+from manyinone.io.aliases import alias_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train one LLM as many nested sub-models; export and serve any budget.")
@@ -63,7 +64,8 @@ def _int_list(text: Optional[str], name: str) -> Optional[list[int]]:
 @app.command()
 @_friendly
 def train(
-    model: Optional[str] = typer.Option(None, help="HF folder, hub name, .gguf file or 'smollm2' (default)"),
+    model: Optional[str] = typer.Option(None, help="HF folder, hub name, .gguf file or an alias: "
+                                                   f"{alias_help()} (default smollm2)"),
     axes: Optional[str] = typer.Option(None, help="comma-separated nested axes, e.g. depth"),
     exits: Optional[str] = typer.Option(None, help="depth exits, e.g. 6,12,18,24,30 (default: 5 evenly spaced)"),
     data: Optional[str] = typer.Option(None, help=".json/.jsonl file, HF dataset name, or 'demo' (default)"),
@@ -73,6 +75,10 @@ def train(
     max_steps: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
+    lora: Optional[int] = typer.Option(None, help="LoRA-nested tuning through peft at this rank (frozen base, adapters "
+                                                  "shared by every exit); more with --set lora.alpha=32 --set lora.targets=q_proj,v_proj"),
+    dtype: Optional[str] = typer.Option(None, help="weights in training: auto (default: bfloat16 with --lora on CUDA, "
+                                                   "else float32), float32 or bfloat16"),
     config: Optional[Path] = typer.Option(None, help="YAML file with TrainConfig fields"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config field: key=value"),
     quiet: bool = typer.Option(False, help="no progress bar"),
@@ -83,7 +89,7 @@ def train(
 
     cfg = load_config(config, set_, model=model, axes=axes.split(",") if axes else None,
                       exits=_int_list(exits, "exits"), data=data, rows=rows, output=output, epochs=epochs,
-                      max_steps=max_steps, batch_size=batch_size, lr=lr)
+                      max_steps=max_steps, batch_size=batch_size, lr=lr, lora=lora, dtype=dtype)
     out = run_training(cfg, show_progress=not quiet)
     console.print(f"checkpoint written to [bold]{out}[/] (metrics: {out / 'metrics.jsonl'})")
 
