@@ -6,6 +6,7 @@ Every bad input ends as `error: <one line>` on stderr and exit code 2, never a t
 from __future__ import annotations
 
 import functools
+import json
 import math
 import sys
 from pathlib import Path
@@ -103,8 +104,11 @@ def export(
     all_: bool = typer.Option(False, "--all", help="one budget-indexed checkpoint holding every budget"),
     budget_ms: Optional[float] = typer.Option(None, help="a budget in measured milliseconds (needs --latency)"),
     latency: Optional[Path] = typer.Option(None, help="latency table JSON (benchmarks/pareto.py writes one)"),
+    dtype: str = typer.Option("float32", help="weights of the export: float32, bfloat16 or float16"),
+    max_shard_size: str = typer.Option("5GB", help="weights above this are split into HF shards (e.g. 5GB, 500MB)"),
 ) -> None:
-    """Write a sub-model as a plain HF checkpoint, or all of them as one budget-indexed one."""
+    """Write a sub-model as a plain HF checkpoint, or all of them as one budget-indexed one (the source's
+    every byte is checked against its sha256 first)."""
     from manyinone.io.export import export_all, export_budget
 
     if budget_ms is not None:
@@ -117,8 +121,28 @@ def export(
 
     if all_ == (budget is not None):
         raise ManyinoneError("give exactly one of --budget B or --all")
-    out = export_all(ckpt, output) if all_ else export_budget(ckpt, budget, output)
+    shard = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
+    out = export_all(ckpt, output, dtype, shard) if all_ else export_budget(ckpt, budget, output, dtype, shard)
     console.print(f"exported to [bold]{out}[/]")
+
+
+@app.command()
+@_friendly
+def verify(ckpt: Path = typer.Argument(..., help="checkpoint, export or resume folder written by manyinone")) -> None:
+    """Check every byte of a checkpoint against its checksums.json (sha256); opening checks only sizes
+    and small files. Exit code 2 names the first missing, truncated or altered file."""
+    from manyinone.io.checkpoint import recover_interrupted
+    from manyinone.io.integrity import CHECKSUMS_FILE, verify_checksums
+
+    recover_interrupted(ckpt)
+    if not ckpt.is_dir():
+        raise ManyinoneError(f"checkpoint {str(ckpt)!r} not found (expected a folder written by manyinone)")
+    if not (ckpt / CHECKSUMS_FILE).is_file():
+        raise ManyinoneError(f"{str(ckpt)!r} has no {CHECKSUMS_FILE}: not a folder manyinone wrote (or its listing "
+                             "was removed), so there is nothing to verify against")
+    verify_checksums(ckpt, "checkpoint", full=True)
+    files = len(json.loads((ckpt / CHECKSUMS_FILE).read_text()))
+    typer.echo(f"{ckpt}: all {files} listed files match their sha256")
 
 
 @app.command()
