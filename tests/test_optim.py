@@ -39,12 +39,6 @@ def test_unknown_optimizer_is_one_line():
         optim.make_optimizer("sgd", groups(), 1e-3, 0.0, CPU)
 
 
-@pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
-def test_quantized_optimizers_need_cuda(name):
-    with pytest.raises(ManyinoneError, match=rf"optimizer '{name}' needs CUDA.*allowed here: adamw, adamw-bf16sr"):
-        optim.make_optimizer(name, groups(torch.bfloat16), 1e-3, 0.0, CPU)
-
-
 def test_stochastic_rounding_needs_bf16_weights():
     pytest.importorskip("torchao")
     with pytest.raises(ManyinoneError, match=r"'adamw-bf16sr' updates bfloat16 weights; set dtype=bfloat16"):

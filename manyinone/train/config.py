@@ -110,7 +110,7 @@ class TrainConfig(BaseModel):
         "auto", description="weights in training: auto = bfloat16 with lora on CUDA (frozen base; adapters stay float32), "
                             "else float32 master weights under bf16 autocast")
     optimizer: Literal["adamw", "adamw8bit", "adamw4bit", "adamw-bf16sr"] = Field(
-        "adamw", description="adamw (torch); adamw8bit / adamw4bit (torchao, CUDA: quantized moments); adamw-bf16sr "
+        "adamw", description="adamw (torch); adamw8bit / adamw4bit (torchao: 8/4-bit moments); adamw-bf16sr "
                              "(torchao: bf16 weights updated with stochastic rounding, no float32 master)")
     lora: LoraSettings | None = Field(None, description="LoRA-nested tuning through peft, e.g. lora.r=16 lora.alpha=32")
     loss_impl: Literal["lean", "plain"] = Field(

@@ -20,7 +20,6 @@ from manyinone.core.errors import ManyinoneError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "adamw-bf16sr")
 _TORCHAO = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit", "adamw-bf16sr": "_AdamW"}
-_CUDA_ONLY = ("adamw8bit", "adamw4bit")  # torchao's quantized moments run their kernels on CUDA
 
 
 def training_dtype(name: str, device: torch.device, lora: bool) -> torch.dtype:
@@ -35,8 +34,8 @@ def training_dtype(name: str, device: torch.device, lora: bool) -> torch.dtype:
         raise ManyinoneError(f"dtype {name!r} cannot train; allowed auto, float32, bfloat16")
     dtype = getattr(torch, name)
     if dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        raise ManyinoneError(f"dtype bfloat16 cannot train on {torch.cuda.get_device_name(device)} (compute capability below 8.0: no bf16 matmuls); "
-                             "allowed here: float32")
+        raise ManyinoneError(f"dtype bfloat16 cannot train on {torch.cuda.get_device_name(device)} (compute "
+                             "capability below 8.0: no bf16 matmuls); allowed here: float32")
     if dtype == torch.bfloat16 and device.type == "mps":
         raise ManyinoneError("dtype bfloat16 cannot train on mps here; allowed: float32")
     return dtype
@@ -52,14 +51,15 @@ def check_precision(dtype: torch.dtype, optimizer: str, lora: bool) -> None:
 
 def make_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float,
                    device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer `name` over param groups `groups` (each may carry its own weight_decay)."""
+    """The optimizer `name` over param groups `groups` (each may carry its own weight_decay); its
+    state_dict round-trips through torch.save / torch.load(weights_only=True) (torchao registers its
+    state tensors as safe), so resumes stay pickle-free."""
     if name not in OPTIMIZERS:
         raise ManyinoneError(f"optimizer {name!r} unknown; allowed {', '.join(OPTIMIZERS)}")
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
-    if name in _CUDA_ONLY and device.type != "cuda":
-        raise ManyinoneError(f"optimizer {name!r} needs CUDA (torchao's quantized optimizer states); "
-                             f"device is {device}; allowed here: adamw, adamw-bf16sr")
+    # torchao's optimizers compile their update step (torch.compile): tens of seconds on the first
+    # step, on CPU too (measured: AdamW8bit and bf16 stochastic rounding run there, slowly).
     try:
         import torchao.optim as ao
     except ImportError:
