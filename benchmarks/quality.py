@@ -60,6 +60,13 @@ RECIPES: dict[str, list[str]] = {
     "agree-reverse": [*AGREE, "--set", "teacher_kl=reverse"],
     "agree-nomix": [*MANYINONE_GENTLE, "--set", "teacher=@sft"],  # the teacher alone, labels only
     "gentle-mix": [*AGREE[:-6], "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"],  # the data alone
+    # LoRA-nested SoFT (issue 15): plain SoFT's recipe on a frozen base with adapters on every linear
+    # layer, shared by all exits, at 10x the learning rate (the usual LoRA rule); compare each with
+    # "soft" per exit, and the ranks with one another for the rank that closes the gap.
+    **{f"soft-lora{r}": ["--exits", EXITS, "--lora", str(r), "--lr", "5e-4"] for r in (8, 32, 128)},
+    # The gentle recipe with adapters: body at 10x, translators at the gentle recipe's own 3e-3.
+    "gentle-lora64": [*MANYINONE_GENTLE[:4], "--lr", "1e-3", *MANYINONE_GENTLE[6:-2],
+                      "--set", "exit_heads_lr_scale=3", "--lora", "64"],
 }
 # Data steps: `manyinone distill-data` runs; "@name" in a recipe's flags is the JSONL they write.
 DATA_STEPS: dict[str, list[str]] = {
