@@ -56,3 +56,14 @@ def test_plain_adamw_on_bf16_full_fine_tune_is_refused(tiny_llama, tmp_path):
 def test_adamw_keeps_training_as_before():
     opt = optim.make_optimizer("adamw", groups(), 1e-3, 0.1, CPU)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.1
+
+
+def test_set_lr_fills_a_tensor_learning_rate_in_place():
+    """torchao keeps lr as a tensor and refuses a float (its compiled step would recompile)."""
+    group = {"lr": torch.tensor(1e-3)}
+    tensor = group["lr"]
+    optim.set_lr(group, 5e-4)
+    assert group["lr"] is tensor and float(tensor) == pytest.approx(5e-4)
+    plain = {"lr": 1e-3}
+    optim.set_lr(plain, 5e-4)
+    assert plain["lr"] == 5e-4

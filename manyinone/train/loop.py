@@ -39,7 +39,7 @@ from manyinone.train.progress import TrainProgress
 from manyinone.core.registry import adapter_for
 from manyinone.elastic.reorder import reorder_by_importance
 from manyinone.train.samplers import make_sampler
-from manyinone.train.optim import check_precision, make_optimizer, training_dtype
+from manyinone.train.optim import check_precision, make_optimizer, set_lr, training_dtype
 from manyinone.train.teacher import Teacher
 
 
@@ -229,10 +229,10 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     dtype = training_dtype(cfg.dtype, device, cfg.lora is not None)
     check_precision(dtype, cfg.optimizer, cfg.lora is not None)
 
-    # Straight onto one GPU (transformers builds the model on the meta device and fills it shard by
-    # shard): no full copy in CPU memory. Under torchrun each rank loads on the CPU and FSDP2 shards.
-    model, tokenizer = load_pretrained(cfg.model, dtype=dtype,
-                                       device=device if device.type == "cuda" and not rt.distributed else None)
+    # Straight onto the GPU (transformers builds the model on the meta device and fills it from the
+    # weight files): no full copy in CPU memory, so under torchrun no rank holds the whole model on
+    # the CPU; each rank's GPU holds it only until FSDP2 shards it in place.
+    model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device if device.type == "cuda" else None)
     tuned = lora.apply_lora(model, cfg.lora) if cfg.lora is not None else None  # `model` itself, adapters inside
     adapter = adapter_for(model, cfg.axes)
     adapter.check_axes(cfg.axes)
@@ -314,7 +314,7 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc. replay exactly after a resume
             lr = lr_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # runs saved before exit modules have none
+                set_lr(group, lr * group.get("lr_scale", 1.0))  # runs saved before exit modules have none
             sampled = sampler.sample(step)
             sums: dict[str, float] = {}
             tokens = 0
@@ -390,7 +390,7 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                 exit_heads.attach(model, trained_heads)
             record["tuning"] = lora.describe(cfg.lora)
         index = build_index(adapter, space, metric=cfg.cost_metric, train=record)
-        final = (distributed.unsharded_copy(rt, model, lambda: load_pretrained(cfg.model)[0]) if rt.distributed
+        final = (distributed.unsharded_copy(rt, model, lambda: load_pretrained(cfg.model, dtype=dtype)[0]) if rt.distributed
                  else model.to("cpu"))
         if rt.is_main:
             with exit_heads.detached(final) as trained_heads:

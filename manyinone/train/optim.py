@@ -74,6 +74,15 @@ def make_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float
     return getattr(ao, _TORCHAO[name])(groups, lr=lr, weight_decay=weight_decay, bf16_stochastic_round=bf16)
 
 
+def set_lr(group: dict, lr: float) -> None:
+    """Set a param group's learning rate; torchao keeps it as a tensor (a float would recompile its
+    compiled step, so torchao refuses one) and it is filled in place."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
 def _params(groups: Iterable[dict]) -> Iterable[torch.Tensor]:
     for group in groups:
         yield from group["params"]
