@@ -187,11 +187,17 @@ def test_targets_naming_no_module_are_refused(tiny_llama):
     ("lora.rank=4", r"config field 'lora.rank'.*allowed keys: r, alpha, dropout, targets"),
     ("optimizer=sgd", r"config field 'optimizer'.*'adamw', 'adamw8bit', 'adamw4bit' or 'adamw-bf16sr' \(got 'sgd'\)"),
     ("dtype=float16", r"config field 'dtype'.*'auto', 'float32' or 'bfloat16' \(got 'float16'\)"),
+    ("lora.targets=[]", r"lora.targets \[\] must name at least one module"),
 ])
 def test_bad_settings_are_one_line_errors(override, message):
     with pytest.raises(ManyinoneError, match=message) as err:
         load_config(None, [override])
     assert "\n" not in str(err.value)
+
+
+def test_lora_on_width_axes_is_refused():
+    with pytest.raises(ManyinoneError, match=r"lora trains the depth axis only; got axes \['depth', 'width'\]"):
+        load_config(None, ["lora=8", "axes=[depth,width]"])
 
 
 def test_lora_flags_compose():

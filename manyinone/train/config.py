@@ -141,6 +141,9 @@ class TrainConfig(BaseModel):
     def _frozen_needs_heads(self) -> "TrainConfig":
         if self.freeze_base and self.exit_heads == "none":
             raise ValueError("freeze_base=true trains only exit modules; set exit_heads to translator or head")
+        if self.lora is not None and set(self.axes) - {"depth"}:
+            # width/heads slice the layers' weights directly; peft wraps those layers
+            raise ValueError(f"lora trains the depth axis only; got axes {self.axes}, allowed [depth]")
         return self
 
     def axis_choices(self) -> dict[str, list[int] | None]:
