@@ -141,6 +141,27 @@ def test_lora_checkpoint_serves_and_exports(lora_run, tmp_path):
         torch.testing.assert_close(exported(input_ids=ids, attention_mask=mask).logits, ours, rtol=0, atol=1e-5)
 
 
+def test_the_runtime_serves_a_lora_export_like_transformers(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from manyinone.runtime import Runtime
+    from test_runtime import hf_greedy
+
+    half = export_budget(lora_run, 0.6, tmp_path / "half")  # translator folded, adapters merged
+    runtime = Runtime.open(half, device="cpu")
+    plain = AutoModelForCausalLM.from_pretrained(half, dtype=torch.float32).eval()
+    prompt = [5, 17, 40, 33, 8, 21]
+    assert runtime.generate([prompt], max_new_tokens=12, stop_ids=set()).tokens[0] == hf_greedy(plain, prompt, 12)
+
+
+def test_lora_trains_with_a_frozen_teacher(tiny_llama, tmp_path):
+    run = train(config(tiny_llama, tmp_path / "kd", max_steps=2, teacher=str(tiny_llama), exit_heads="translator"),
+                show_progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["teacher_kl/depth=2"] >= 0 and r["teacher_kl/depth=4"] >= 0 for r in records)
+    assert json.loads((run / "manyinone.json").read_text())["train"]["tuning"].startswith("lora")
+
+
 def test_lora_resume_is_exact(tiny_llama, lora_run, tmp_path, monkeypatch):
     out = tmp_path / "crashy"
     cfg = config(tiny_llama, out, max_steps=4, save_every=2, exit_heads="translator")
