@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import signal
 import statistics
 import time
 from contextlib import nullcontext
@@ -175,19 +176,33 @@ def run_named(name, model, exits, batch, device, args, rt: Runtime, optimizer: s
 
 
 # --- issue 15's one-GPU table: (shape, variant, batch, exits as fractions of the depth, checkpointing, target)
-SUITE = [
+SUITE = [  # 7B first: it is quick, and a run cut short by a timeout still has it
+    ("7b", "soft", 4, None, False, "MFU >= 45%"),
     ("13b", "lora-soft", 1, (0.25, 0.5, 0.75, 1.0), False, "peak < 60 GiB, MFU >= 35%"),
     ("13b", "lora-soft", 2, (0.25, 0.5, 0.75, 1.0), False, "peak < 60 GiB, MFU >= 35%"),
     ("13b", "lora-soft", 4, (0.25, 0.5, 0.75, 1.0), True, "peak < 60 GiB, MFU >= 35%"),
     ("13b", "soft-8bit", 4, (0.25, 0.5, 0.75, 1.0), True, "fits < 135 GiB; step time, MFU"),
-    ("7b", "soft", 4, None, False, "MFU >= 45%"),
 ]
 
 
 def run_suite(args, rt: Runtime, device: torch.device) -> list[dict]:
     """Each shape built once (random bf16 weights on the GPU), its jobs run in turn; a job that fails
-    (out of memory) becomes a row saying so and the others still run."""
-    rows = []
+    (out of memory) becomes a row saying so and the others still run; SIGTERM (a timeout) or Ctrl-C
+    ends the suite with the rows finished so far."""
+    rows: list[dict] = []
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        _suite_jobs(args, rt, device, rows)
+    except KeyboardInterrupt:
+        print(f"interrupted after {len(rows)} of {len(SUITE)} jobs", flush=True)
+    return rows
+
+
+def _suite_jobs(args, rt: Runtime, device: torch.device, rows: list[dict]) -> None:
     for shape in dict.fromkeys(job[0] for job in SUITE):
         built = "tiny" if args.smoke else shape
         torch.manual_seed(0)
@@ -225,7 +240,6 @@ def run_suite(args, rt: Runtime, device: torch.device) -> list[dict]:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
 def suite_table(rows: list[dict]) -> str:

@@ -47,8 +47,8 @@ def test_one_gpu_suite_runs_at_the_tiny_shape(tmp_path):
     table = proc.stdout[proc.stdout.index("| shape |"):].strip().splitlines()
     assert len(table) == 2 + 5 and not any("failed" in line for line in table), proc.stdout
     rows = json.loads(out.read_text())["rows"]
-    lora, full = rows[0], rows[3]
-    assert lora["variant"] == "lora-soft" and full["variant"] == "soft-8bit"
+    plain, lora, full = rows[0], rows[1], rows[4]
+    assert (plain["variant"], lora["variant"], full["variant"]) == ("soft", "lora-soft", "soft-8bit")
     assert lora["trained_params"] < full["trained_params"] / 2  # adapters only; the unload gave the base back
-    assert rows[4]["trained_params"] == full["trained_params"]
+    assert plain["trained_params"] == full["trained_params"]
     assert lora["tflop_per_step"] < full["tflop_per_step"] * lora["batch"] / full["batch"]  # frozen: 4 not 6
