@@ -148,3 +148,17 @@ def test_verify_of_a_folder_without_a_listing_is_one_line(tiny_llama, tmp_path):
     for folder, message in ((tiny_llama, "has no checksums.json"), (tmp_path / "nope", "not found")):
         result = CliRunner().invoke(app, ["verify", str(folder)])
         assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_plain_sharded_hf_folder_is_no_manyinone_checkpoint(tmp_path):
+    """The user's 13B folder is sharded by transformers: it loads with nothing to verify."""
+    from transformers import AutoModelForCausalLM
+
+    from manyinone.io.loading import load_pretrained
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    model.save_pretrained(tmp_path / "hf", max_shard_size="60KB")
+    make_char_tokenizer().save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / SHARD_INDEX_FILE).is_file() and not is_checkpoint(tmp_path / "hf")
+    loaded, _ = load_pretrained(str(tmp_path / "hf"))
+    torch.testing.assert_close(logits(loaded), logits(model.eval()), rtol=0, atol=0)
