@@ -169,14 +169,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _STRING_FIELDS = ("model", "data", "rows", "output", "device", "template", "sampler", "cost_metric", "exit_heads",
-                  "teacher", "teacher_kl", "teacher_dtype", "mix_data", "mix_rows")
+                  "teacher", "teacher_kl", "teacher_dtype", "mix_data", "mix_rows", "dtype", "optimizer")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ManyinoneError(f"override {item!r} malformed; expected key=value, e.g. lr=2e-5")
-    if key.strip() in _STRING_FIELDS or key.strip() == "dtype":  # taken verbatim: YAML 1.1 reads rows=10:20 as the number 620
+    if key.strip() in _STRING_FIELDS:  # taken verbatim: YAML 1.1 reads rows=10:20 as the number 620
         return key.strip(), raw
     try:
         value = yaml.safe_load(raw)
