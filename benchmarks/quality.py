@@ -75,6 +75,13 @@ RECIPES: dict[str, list[str]] = {
     # and GKD-style on-policy rows (a quarter of each micro-batch sampled by the model being trained).
     "agree-lr3-full": [*AGREE_BIG, *LR3, "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
     "agree-lr3-onpolicy": [*AGREE_BIG, *LR3, "--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=128"],
+    # LoRA-nested SoFT (issue 15): plain SoFT's recipe on a frozen base with adapters on every linear
+    # layer, shared by all exits, at 10x the learning rate (the usual LoRA rule); compare each with
+    # "soft" per exit, and the ranks with one another for the rank that closes the gap.
+    **{f"soft-lora{r}": ["--exits", EXITS, "--lora", str(r), "--lr", "5e-4"] for r in (8, 32, 128)},
+    # The gentle recipe with adapters: body at 10x, translators at the gentle recipe's own 3e-3.
+    "gentle-lora64": [*MANYINONE_GENTLE[:4], "--lr", "1e-3", *MANYINONE_GENTLE[6:-2],
+                      "--set", "exit_heads_lr_scale=3", "--lora", "64"],
 }
 # Data steps: `manyinone distill-data` runs; "@name" in a recipe's flags is the JSONL they write.
 DATA_STEPS: dict[str, list[str]] = {

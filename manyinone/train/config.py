@@ -17,6 +17,37 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from manyinone.core.errors import ManyinoneError, unreadable
 
 
+class LoraSettings(BaseModel):
+    """LoRA adapters (through peft) on the frozen base; every exit shares them, nested like the layers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    r: int = Field(16, gt=0, le=4096, description="adapter rank")
+    alpha: float | None = Field(None, gt=0, description="scale numerator (scale = alpha / r); default 2 * r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or all-linear: every Linear "
+                                  "of the decoder layers (what QLoRA found needed to match a full fine-tune)")
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets_listed(cls, value):
+        if isinstance(value, str) and value != "all-linear":  # targets=q_proj,v_proj: a list in one word
+            return [t.strip() for t in value.split(",")]
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_named(cls, value):
+        if isinstance(value, list) and (not value or not all(isinstance(t, str) and t.strip() for t in value)):
+            raise ValueError(f"lora.targets {value} must name at least one module, e.g. [q_proj, v_proj] or all-linear")
+        return value
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+
 class TrainConfig(BaseModel):
     """Everything one `manyinone train` run needs; saved beside the run as train_config.yaml."""
 
@@ -85,6 +116,13 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     cost_metric: Literal["flops", "params"] = "flops"
     gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="weights in training: auto = bfloat16 with lora on CUDA (frozen base; adapters stay float32), "
+                            "else float32 master weights under bf16 autocast")
+    optimizer: Literal["adamw", "adamw8bit", "adamw4bit", "adamw-bf16sr"] = Field(
+        "adamw", description="adamw (torch); adamw8bit / adamw4bit (torchao: 8/4-bit moments); adamw-bf16sr "
+                             "(torchao: bf16 weights updated with stochastic rounding, no float32 master)")
+    lora: LoraSettings | None = Field(None, description="LoRA-nested tuning through peft, e.g. lora.r=16 lora.alpha=32")
     loss_impl: Literal["lean", "plain"] = Field(
         "lean", description="exit losses: lean = fused chunked head + CE, no logits kept (same numbers); plain = logits per exit")
 
@@ -102,10 +140,20 @@ class TrainConfig(BaseModel):
             raise ValueError(f"output {value!r} is empty; give a run folder, e.g. runs/x")
         return value
 
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_rank_alone(cls, value):
+        if isinstance(value, bool):  # lora=true: the default settings; lora=false: off
+            return {} if value else None
+        return {"r": value} if isinstance(value, int) else value  # `--lora 16` / lora=16: a rank alone
+
     @model_validator(mode="after")
     def _frozen_needs_heads(self) -> "TrainConfig":
         if self.freeze_base and self.exit_heads == "none":
             raise ValueError("freeze_base=true trains only exit modules; set exit_heads to translator or head")
+        if self.lora is not None and set(self.axes) - {"depth"}:
+            # width/heads slice the layers' weights directly; peft wraps those layers
+            raise ValueError(f"lora trains the depth axis only; got axes {self.axes}, allowed [depth]")
         return self
 
     @model_validator(mode="after")
@@ -147,7 +195,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _STRING_FIELDS = ("model", "data", "rows", "output", "device", "template", "sampler", "cost_metric", "exit_heads",
-                  "teacher", "teacher_kl", "teacher_dtype", "mix_data", "mix_rows")
+                  "teacher", "teacher_kl", "teacher_dtype", "mix_data", "mix_rows", "dtype", "optimizer")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -163,12 +211,30 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """`lora.r=16` sets data["lora"]["r"]; a plain key sets data[key]."""
+    head, dot, rest = key.partition(".")
+    if not dot:
+        data[key] = value
+        return
+    inner = data.get(head)
+    if isinstance(inner, int) and not isinstance(inner, bool) and head == "lora":
+        inner = {"r": inner}  # lora=16 then lora.alpha=32
+    if inner is None or inner is True:
+        inner = {}
+    if not isinstance(inner, dict):
+        raise ManyinoneError(f"override {key}={value!r}: {head!r} is not a group of settings (it is {inner!r})")
+    data[head] = {**inner}
+    _set_dotted(data[head], rest, value)
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "config"
     allowed = ""
     if err["type"] == "extra_forbidden":
-        allowed = f"; allowed keys: {', '.join(TrainConfig.model_fields)}"
+        model = LoraSettings if len(err["loc"]) > 1 and err["loc"][0] == "lora" else TrainConfig
+        allowed = f"; allowed keys: {', '.join(model.model_fields)}"
     return f"config field {field!r}: {err['msg']} (got {err.get('input')!r:.60}){allowed}"
 
 
@@ -193,8 +259,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, rec
             raise ManyinoneError(f"config file {str(path)!r} has a key {odd[0]!r} that is not a name; allowed keys: "
                                  f"{', '.join(TrainConfig.model_fields)}")
         data.update(loaded or {})
-    data.update(dict(_parse_override(o) for o in overrides or []))
+    for key, value in (_parse_override(o) for o in overrides or []):
+        _set_dotted(data, key, value)
+    rank = fields.pop("lora", None)  # --lora R sets the rank and keeps any lora.* override
     data.update({k: v for k, v in fields.items() if v is not None})
+    if rank is not None:
+        _set_dotted(data, "lora.r", rank)
     if recipe is not None:
         from manyinone.train.recipes import check_supplied, recipe_settings
 

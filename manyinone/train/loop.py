@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from manyinone.train import distributed
-from manyinone.train import exit_heads
+from manyinone.train import exit_heads, lora
 from manyinone.io.checkpoint import (CHECKPOINTS, build_index, complete_resume_dirs, read_resume_state, resume_corrupt,
                                      resume_dir, save_checkpoint)
 from manyinone.io.durable import atomic_dir, write_failure, write_text_durably
@@ -41,6 +41,7 @@ from manyinone.train.progress import TrainProgress
 from manyinone.core.registry import adapter_for
 from manyinone.elastic.reorder import reorder_by_importance
 from manyinone.train.samplers import make_sampler
+from manyinone.train.optim import check_precision, make_optimizer, set_lr, training_dtype
 from manyinone.train.teacher import Teacher
 
 
@@ -55,16 +56,38 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 # --- resumable state --------------------------------------------------------------------------
-def save_state(output: Path, step: int, model, optimizer, keep: int) -> Path:
-    """Everything needed to continue after optimizer step `step` (state.json marks completeness)."""
+def save_state(output: Path, step: int, model, optimizer, keep: int, trainable_only: bool = False) -> Path:
+    """Everything needed to continue after optimizer step `step` (state.json marks completeness).
+
+    `trainable_only` (LoRA): only the parameters that train are saved (trainable.safetensors); the
+    frozen base is reloaded bit for bit from its source, so a 13B run's state is megabytes, not 26 GB."""
     target = resume_dir(output, step)
     with atomic_dir(target, checksums=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        if trainable_only:
+            save_file({k: v.contiguous() for k, v in lora.trainable_state(model).items()}, str(tmp / TRAINABLE_FILE))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **({"weights": "trainable"} if trainable_only else {})}))
     for old in complete_resume_dirs(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def _load_trainable(model, path: Path) -> None:
+    """Load a LoRA run's saved trainable parameters; every one must be there, and nothing else."""
+    saved = load_file(str(path))
+    params = dict(model.named_parameters())
+    expected = set(lora.trainable_state(model))
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        raise ValueError(f"trainable parameters differ: missing {missing[:2]}, unexpected {extra[:2]}")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
 
 
 def restore_state(output: Path, model, optimizer) -> int:
@@ -84,7 +107,10 @@ def restore_state(output: Path, model, optimizer) -> int:
         raise ManyinoneError(f"resume checkpoint {str(last)!r} was written by {written_by} processes under torchrun; "
                              f"resume with torchrun --nproc-per-node {written_by} (or start a new --output)")
     try:
-        load_model(model, str(last / "model.safetensors"))
+        if state.get("weights") == "trainable":
+            _load_trainable(model, last / TRAINABLE_FILE)
+        else:
+            load_model(model, str(last / "model.safetensors"))
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location="cpu"))
     except Exception as exc:
         raise resume_corrupt(last, exc) from None
@@ -127,14 +153,14 @@ def _param_groups(model, heads, cfg: TrainConfig, layers=None) -> list[dict]:
     With segment_lr_scales, the decoder layers after exit i-1 up to exit i train at lr * scales[i]
     (`layers`: the adapter's decoder layers, bottom first)."""
     own = {id(p) for p in heads.parameters()} if heads is not None else set()
-    base = [p for p in model.parameters() if id(p) not in own]
+    base = [p for p in model.parameters() if id(p) not in own and p.requires_grad]  # LoRA: the adapters only
     if cfg.freeze_base:
         for p in base:
             p.requires_grad_(False)
     groups = []
     if not cfg.freeze_base and cfg.segment_lr_scales is not None:
         bounds = [0, *cfg.exits]
-        segments = [(scale, [p for layer in layers[lo:hi] for p in layer.parameters()])
+        segments = [(scale, [p for layer in layers[lo:hi] for p in layer.parameters() if p.requires_grad])
                     for scale, lo, hi in zip(cfg.segment_lr_scales, bounds, bounds[1:])]
         in_segment = {id(p) for _, params in segments for p in params}
         groups = [{"params": params, "lr_scale": scale} for scale, params in segments if params]
@@ -211,8 +237,17 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     rt = distributed.Runtime.from_env()  # several processes only under torchrun (WORLD_SIZE > 1)
     device = rt.device(cfg.device) if rt.distributed else pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    if rt.distributed and cfg.lora is not None:
+        raise ManyinoneError("lora runs on one device only (it fits a 13B model on one GPU); drop torchrun, or "
+                             "use lora=null for a sharded full fine-tune")
+    dtype = training_dtype(cfg.dtype, device, cfg.lora is not None)
+    check_precision(dtype, cfg.optimizer, cfg.lora is not None)
 
-    model, tokenizer = load_pretrained(cfg.model)
+    # Straight onto the GPU (transformers builds the model on the meta device and fills it from the
+    # weight files): no full copy in CPU memory, so under torchrun no rank holds the whole model on
+    # the CPU; each rank's GPU holds it only until FSDP2 shards it in place.
+    model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device if device.type == "cuda" else None)
+    tuned = lora.apply_lora(model, cfg.lora) if cfg.lora is not None else None  # `model` itself, adapters inside
     adapter = adapter_for(model, cfg.axes)
     adapter.check_axes(cfg.axes)
     space = adapter.space(cfg.axis_choices())
@@ -226,6 +261,8 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
         if rt.distributed:
             raise ManyinoneError(f"exit_heads={cfg.exit_heads!r} runs on one device only; use exit_heads=none under torchrun")
         exit_modules = exit_heads.attach(model, exit_heads.for_adapter(adapter, cfg.exit_heads, space))
+        if tuned is not None:  # copies of peft's frozen norm: they train, in float32 (the optimizer's master)
+            exit_modules.float().requires_grad_(True)
     sampler = make_sampler(cfg.sampler, space, cfg.seed, **({"k": cfg.sampler_k} if cfg.sampler == "random-k" else
                                                            {"n_random": cfg.sampler_k} if cfg.sampler == "sandwich" else {}))
     examples = tokenize_records(load_records(cfg.data, cfg.rows), tokenizer, cfg.max_length, cfg.template)
@@ -246,10 +283,11 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = adapter.decoder_stack().layers if cfg.segment_lr_scales or cfg.layer_dropout else None
-    optimizer = torch.optim.AdamW(_param_groups(model, exit_modules, cfg, layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(cfg.optimizer, _param_groups(model, exit_modules, cfg, layers), cfg.lr, cfg.weight_decay,
+                               device)
     _check_same_run(output, cfg)
-    save = functools.partial(distributed.save_state, rt) if rt.distributed else save_state
+    save = functools.partial(distributed.save_state, rt) if rt.distributed else \
+        functools.partial(save_state, trainable_only=tuned is not None)
     start = distributed.restore_state(rt, output, model, optimizer) if rt.distributed else restore_state(output, model, optimizer)
     if start:
         print(f"resuming from step {start} ({output / CHECKPOINTS})", file=sys.stderr, flush=True)
@@ -302,7 +340,7 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc. replay exactly after a resume
             lr = lr_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # runs saved before exit modules have none
+                set_lr(group, lr * group.get("lr_scale", 1.0))  # runs saved before exit modules have none
             sampled = sampler.sample(step)
             sums: dict[str, float] = {}
             tokens = 0
@@ -374,15 +412,24 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     model.eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
-    index = build_index(adapter, space, metric=cfg.cost_metric,
-                        train={"model": cfg.model, "data": cfg.data, "rows": cfg.rows, "template": cfg.template,
-                               "steps": total_steps})
+    record = {"model": cfg.model, "data": cfg.data, "rows": cfg.rows, "template": cfg.template, "steps": total_steps}
     with deferred_stop_signals():  # the run is done: a stop signal now waits for these two saves
-        final = (distributed.unsharded_copy(rt, model, lambda: load_pretrained(cfg.model)[0]) if rt.distributed
+        if tuned is not None:
+            # The resumable state first (it needs the adapters unmerged), then the adapters are folded
+            # into the base: the checkpoint is a plain HF model every reader already serves.
+            save(output, total_steps, model, optimizer, cfg.keep_checkpoints)
+            with exit_heads.detached(model) as trained_heads:
+                model = lora.merge(tuned)
+            if trained_heads is not None:
+                exit_heads.attach(model, trained_heads)
+            record["tuning"] = lora.describe(cfg.lora)
+        index = build_index(adapter, space, metric=cfg.cost_metric, train=record)
+        final = (distributed.unsharded_copy(rt, model, lambda: load_pretrained(cfg.model, dtype=dtype)[0]) if rt.distributed
                  else model.to("cpu"))
         if rt.is_main:
             with exit_heads.detached(final) as trained_heads:
                 save_checkpoint(final, tokenizer, index, output, merge=True, exit_heads=trained_heads)
-        save(output, total_steps, model, optimizer, cfg.keep_checkpoints)
+        if tuned is None:
+            save(output, total_steps, model, optimizer, cfg.keep_checkpoints)
     rt.close()
     return output
