@@ -192,3 +192,61 @@ def test_training_with_on_policy_rows_replays_exactly(tiny_llama, tmp_path):
     assert all(r["on_policy_s"] > 0 for r in rows)
     assert _losses(first) != _losses(train(config(tiny_llama, tmp_path / "c", teacher=str(tiny_llama), max_steps=2),
                                            show_progress=False))
+
+
+# --- exit losses on a subset of positions -------------------------------------------------------------
+
+
+def _loss_case(seed=0, tokens=12, hidden=6, vocab=11):
+    from manyinone.core.space import SubnetSpec
+    from manyinone.train.lean_loss import LinearHead
+    from manyinone.train.losses import TeacherTarget
+
+    g = torch.Generator().manual_seed(seed)
+    specs = [SubnetSpec({"depth": d}) for d in (1, 2, 3)]
+    feats = {s: torch.randn(tokens, hidden, generator=g, requires_grad=True) for s in specs}
+    weight = torch.randn(vocab, hidden, generator=g, requires_grad=True)
+    head = LinearHead(norm=torch.nn.LayerNorm(hidden, elementwise_affine=False), weight=weight)
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    frozen = TeacherTarget(torch.randn(tokens, hidden, generator=g), torch.randn(vocab, hidden, generator=g),
+                           {s: 0.5 + i for i, s in enumerate(specs)})
+    return specs, feats, head, weight, targets, frozen
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_exit_losses_on_every_position_equal_the_nested_loss(lean):
+    from manyinone.train.losses import nested_loss, nested_loss_on_positions
+
+    specs, feats, head, weight, targets, frozen = _loss_case()
+    if not lean:
+        head = head.__call__  # a plain callable: the logits path
+    weights = {specs[0]: 1.0, specs[1]: 2.0, specs[2]: 3.0}
+    every = torch.arange(targets.numel())
+    a = nested_loss(feats, head, targets, weights, teacher=specs[2], distill_weight=0.7, frozen=frozen)
+    grads_a = torch.autograd.grad(a.total, [*feats.values(), weight])
+    b = nested_loss_on_positions(feats, head, targets, weights, specs[2], every, 0.7, 1.0, frozen)
+    grads_b = torch.autograd.grad(b.total, [*feats.values(), weight])
+    torch.testing.assert_close(b.total, a.total)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga)
+    assert set(b.ce) == set(a.ce) and set(b.teacher_kl) == set(a.teacher_kl)
+
+
+def test_exit_losses_on_a_subset_use_only_those_positions():
+    import torch.nn.functional as F
+
+    from manyinone.train.losses import nested_loss_on_positions
+
+    specs, feats, head, _, targets, _ = _loss_case()
+    keep = torch.tensor([0, 3, 4, 9])
+    out = nested_loss_on_positions(feats, head, targets, {s: 1.0 for s in specs}, specs[2], keep)
+    for s in specs[:2]:  # exits: the kept positions only
+        torch.testing.assert_close(out.ce[s], F.cross_entropy(head(feats[s][keep]).float(), targets[keep]))
+    torch.testing.assert_close(out.ce[specs[2]], F.cross_entropy(head(feats[specs[2]]).float(), targets))  # full: all
+
+
+def test_training_with_exit_positions_runs_and_differs(tiny_llama, tmp_path):
+    plain = _losses(train(config(tiny_llama, tmp_path / "plain"), show_progress=False))
+    subset = _losses(train(config(tiny_llama, tmp_path / "subset", exit_positions=0.25), show_progress=False))
+    again = _losses(train(config(tiny_llama, tmp_path / "again", exit_positions=0.25), show_progress=False))
+    assert subset == again and subset != plain

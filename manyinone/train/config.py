@@ -105,6 +105,8 @@ class TrainConfig(BaseModel):
     mix_rows: str | None = Field(None, description="record slice of mix_data, START:END")
     mix_ratio: float = Field(0.5, ge=0, le=1, description="fraction of each epoch's examples drawn from mix_data")
 
+    exit_positions: float = Field(1.0, gt=0, le=1, description="fraction of supervised positions (drawn per "
+                                  "micro-batch) where exits other than the full depth get their losses")
     on_policy_ratio: float = Field(0.0, ge=0, le=1, description="GKD-style: fraction of each micro-batch's rows "
                                    "whose response is the current model's own sample, scored against the teacher")
     on_policy_tokens: int = Field(128, gt=0, le=4096, description="most tokens sampled per on-policy row")

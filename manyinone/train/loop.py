@@ -36,7 +36,8 @@ from manyinone.train.interrupt import deferred_stop_signals
 from manyinone.io.loading import load_pretrained
 from manyinone.train.layer_dropout import dropped_layers, keep_masks, layer_rates
 from manyinone.train.on_policy import on_policy_batch, runtime_sampler as on_policy_sampler
-from manyinone.train.losses import TeacherTarget, exit_weights, nested_loss, supervised_positions
+from manyinone.train.losses import (TeacherTarget, exit_weights, nested_loss, nested_loss_on_positions,
+                                    supervised_positions)
 from manyinone.train.progress import TrainProgress
 from manyinone.core.registry import adapter_for
 from manyinone.elastic.reorder import reorder_by_importance
@@ -372,9 +373,16 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                     head = (cfg.loss_impl == "lean" and adapter.linear_head()) or adapter.exit_logits
                     if exit_modules is not None:  # exits with their own modules; the full depth keeps the model's head
                         head = exit_modules.heads_for(feats, head)
-                    out = nested_loss(feats, head, targets, weights, teacher=space.full(),
-                                      distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature,
-                                      frozen=teacher_target)
+                    if cfg.exit_positions < 1 and len(feats) > 1 and space.full() in feats:
+                        picks = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_013 + micro)
+                        kept = max(1, math.ceil(cfg.exit_positions * targets.numel()))
+                        keep = torch.randperm(targets.numel(), generator=picks)[:kept].to(targets.device)  # [kept]
+                        out = nested_loss_on_positions(feats, head, targets, weights, space.full(), keep,
+                                                       cfg.distill_weight, cfg.distill_temperature, teacher_target)
+                    else:
+                        out = nested_loss(feats, head, targets, weights, teacher=space.full(),
+                                          distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature,
+                                          frozen=teacher_target)
                 (out.total / cfg.grad_accum).backward()
                 tokens += int(batch["attention_mask"].sum())
                 # .item() is a device sync; once per micro-batch is negligible next to the step.
