@@ -124,3 +124,22 @@ def test_layers_get_their_cache_without_a_deprecation_warning(tiny_llama):
         with pytest.warns(FutureWarning, match="past_key_values"):
             rt.generate([[5, 6, 7]], max_new_tokens=4, stop_ids=set())
     assert cache_argument(model.model.layers[0]) in ("cache", "past_key_values")
+
+
+def whole_graph(fn):
+    """torch.compile without code generation, refusing any graph break: the whole step must trace as one graph."""
+    return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_mistral"])
+def test_the_fused_step_traces_whole_and_equals_eager(kind, request):
+    """The compiled decode step (embed, every layer, head; a width plan too) is one graph, same tokens."""
+    model = load(request.getfixturevalue(kind))
+    eager = Runtime(model, adapter=LlamaFlextronAdapter(model), max_len=64)
+    fused = Runtime(model, adapter=LlamaFlextronAdapter(model), max_len=64, compile_fn=whole_graph)
+    assert fused.fused and not eager.fused
+    prompt = random_prompts(1, seed=15)[0]
+    for spec in (None, SubnetSpec(depth=3, width=64, heads=2)):
+        want = eager.generate([prompt], spec=spec, max_new_tokens=10, stop_ids=set()).tokens
+        assert fused.generate([prompt], spec=spec, max_new_tokens=10, stop_ids=set()).tokens == want
