@@ -22,7 +22,10 @@ def live_length(needed: int, max_len: int, bucket: int = LIVE_BUCKET) -> int:
 
 
 class StaticKVCache:
-    """Keys/values for every layer, [layers, batch, kv_heads, max_len, head_dim], written in place.
+    """Keys/values for every layer, one [batch, kv_heads, max_len, head_dim] buffer each, written in place.
+
+    One buffer per layer (not views of one tensor), as gpt-fast keeps them: under torch.compile each
+    is its own graph input, so a cache write is one in-place scatter, never a copy of shared storage.
 
     It offers the one method HF attention modules call on a cache, `update(k, v, layer_idx)`: the new
     keys/values go to the slots in `self.slots` ([q], set by the runner before each forward) and the
@@ -35,9 +38,10 @@ class StaticKVCache:
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_layers, batch, kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [layers, batch, kv_heads, max_len, head_dim]
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.layer_keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.layer_values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.kv_heads = kv_heads
         self.slots = torch.zeros(1, dtype=torch.long, device=device)  # [q] slots the current forward writes
         self.batch, self.max_len = batch, max_len
         self.live = max_len  # slots attention reads (set by the runner per call)
@@ -45,12 +49,22 @@ class StaticKVCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
         """Write [batch, kv, q, head_dim] keys/values at `self.slots`; return [batch, kv, live, head_dim] views."""
         heads = key_states.shape[1]
-        keys = self.keys[layer_idx, :, :heads]  # [batch, kv, max_len, head_dim]
-        values = self.values[layer_idx, :, :heads]
+        keys, values = self.layer_keys[layer_idx], self.layer_values[layer_idx]  # [batch, kv_heads, max_len, head_dim]
+        if heads != self.kv_heads:  # a heads sub-network: its first KV heads
+            keys, values = keys[:, :heads], values[:, :heads]
         # Indexed assignment (index_put_): what torch.compile turns into one in-place scatter kernel.
         keys[:, :, self.slots] = key_states.to(keys.dtype)
         values[:, :, self.slots] = value_states.to(values.dtype)
         return keys[:, :, : self.live], values[:, :, : self.live]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """A copy of every layer's keys, [layers, batch, kv_heads, max_len, head_dim] (for inspection)."""
+        return torch.stack(self.layer_keys)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return torch.stack(self.layer_values)
 
     # transformers asks these of any cache object in some code paths; answer as a static cache would.
     def get_seq_length(self, layer_idx: int = 0) -> int:

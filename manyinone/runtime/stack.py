@@ -34,17 +34,18 @@ def cache_argument(layer: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def compile_step(fn: Callable) -> Callable:
+def compile_step(fn: Callable, backend: str = "inductor") -> Callable:
     """torch.compile for one whole decode step (static shapes: each bucket is its own graph, recorded
     once as a CUDA graph); raises dynamo's recompile limit so many (depth, batch, plan, bucket)
-    variants never fall back to eager silently."""
+    variants never fall back to eager silently. `backend="aot_eager"` traces without code generation
+    (a quick CPU check)."""
     import torch._dynamo
 
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if isinstance(getattr(cfg, name, None), int) and getattr(cfg, name) < RECOMPILE_LIMIT:
             setattr(cfg, name, RECOMPILE_LIMIT)
-    return torch.compile(fn, dynamic=False, fullgraph=False)
+    return torch.compile(fn, backend=backend, dynamic=False, fullgraph=False)
 
 
 class LayerStack:

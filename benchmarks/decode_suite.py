@@ -1,0 +1,318 @@
+"""The decode runtime against the baselines a user would pick, side by side in one run (issue 13).
+
+Rows, batch 1 unless said, greedy, every generation forced to --new-tokens, decode tokens/s only
+(prefill excluded; the first token's forward is the start of the clock for every method):
+- SmolLM2 (--model, an HF folder): manyinone runtime eager (the model's modules, CUDA graphs), runtime
+  fused (the whole step compiled, one CUDA graph), HF generate with a static cache + torch.compile,
+  HF default generate;
+- the LLaMA-2-7B shape with random bf16 weights: the same four, then half width (ffn/2, heads/2) and
+  half depth served inside the runtime as sliced views of the full weights, the exported half-width
+  model, and batches 16 and 64;
+- kernels per decoder layer of one decode step (torch profiler: CUDA kernel launches / layers), eager
+  and fused; fused vs eager greedy agreement.
+HF rows are timed with a logits processor that synchronises at every step (HF's own loop already
+syncs per step to check for stops). Rows run in priority order; once --time-budget seconds have
+passed the rest are listed as skipped, so the run ends on time. The table is printed last.
+
+    python benchmarks/decode.py --suite runtime --model /root/smollm2-hf          # H200, ~5 min
+    python benchmarks/decode.py --suite runtime --tiny --device cpu               # CPU check of the script
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import json
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from manyinone.runtime import Runtime
+from manyinone.runtime.stack import compile_step
+
+BANDWIDTH = 4.3e12  # bytes/s the H200 streams weights at in practice (the issue's bound: 13.5 GB -> ~319 tok/s)
+SEVEN_B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+TINY_SEVEN_B = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+TINY_SMOL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_model(shape: dict, dtype: torch.dtype, device: torch.device):
+    """A LLaMA of `shape` with random weights, built on the device (no host copy of 13 GB)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=dtype)
+    return model.eval()
+
+
+def param_bytes(model) -> float:
+    return float(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+class StepTimer:
+    """A logits processor that records the time (device synchronised) at each generation step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+    def rate(self, batch: int) -> float:
+        return batch * (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def hf_rate(model, prompts: list[list[int]], new: int, static: bool, compile_ok: bool) -> dict:
+    """Decode tokens/s of HF generate (default dynamic cache, or a static cache + its torch.compile)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    device = next(model.parameters()).device
+
+    class Timer(StepTimer, LogitsProcessor):
+        pass
+
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if static:
+        kw.update(cache_implementation="static", disable_compile=not compile_ok)
+    start = time.perf_counter()
+    for _ in range(2 if static else 1):  # compile, then record its CUDA graphs
+        model.generate(ids, logits_processor=LogitsProcessorList([Timer(device)]), **kw)
+    warm = time.perf_counter() - start
+    rates = []
+    for _ in range(2):
+        timer = Timer(device)
+        model.generate(ids, logits_processor=LogitsProcessorList([timer]), **kw)
+        rates.append(timer.rate(len(prompts)))
+    return {"tok_s": max(rates), "warmup_s": warm}
+
+
+def runtime_rate(rt: Runtime, prompts: list[list[int]], new: int, spec=None, repeats: int = 2) -> dict:
+    """Decode tokens/s of `rt.generate` (all rows) after one warm-up that compiles and records every graph."""
+    start = time.perf_counter()
+    rt.generate(prompts, max_new_tokens=new, stop_ids=set(), spec=spec)
+    sync(rt.device)
+    warm = time.perf_counter() - start
+    rates, tokens = [], None
+    for _ in range(repeats):
+        g = rt.generate(prompts, max_new_tokens=new, stop_ids=set(), spec=spec)
+        rates.append(g.decode_tokens_per_s)
+        tokens = g.tokens
+    return {"tok_s": max(rates), "warmup_s": warm, "tokens": tokens}
+
+
+def kernels_per_layer(rt: Runtime, prompt: list[int], spec=None) -> dict:
+    """Kernel launches of one decode step divided by its layers (the step's compiled form if fused, run
+    outside its CUDA graph so the profiler sees each kernel). On CPU: top-level aten ops instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    depth, plan = rt.target(None, spec)
+    run = rt.runner(1)
+    ids = torch.tensor([prompt], device=rt.device)
+    pad = torch.zeros(1, dtype=torch.long, device=rt.device)
+    with torch.no_grad():
+        token = run.prefill(depth, ids, pad, plan).argmax(-1)  # [1, 1]
+        slot = len(prompt)
+        fn = run.step_fn(0, depth, True, run.live_for(slot + 1))
+        args = (token, rt._slots[slot: slot + 1], pad)
+        with rt.stack.sliced(plan):
+            fn(*args)  # compiled already by the timed rows (same key); eager: warms caches
+            sync(rt.device)
+            cuda = rt.device.type == "cuda"
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                fn(*args)
+                sync(rt.device)
+    if cuda:
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                 and not e.name.startswith(("Memcpy", "Memset"))]
+    else:
+        def top_level(e) -> bool:  # an aten op not called by another aten op
+            parent = e.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            return parent is None
+
+        names = [e.name for e in prof.events() if e.name.startswith("aten::") and top_level(e)]
+    top = collections.Counter(n[:60] for n in names).most_common(8)
+    return {"per_layer": len(names) / depth, "total": len(names), "unit": "CUDA kernels" if cuda else "aten ops",
+            "top": top}
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean fraction of tokens before the first difference."""
+    out = []
+    for x, y in zip(a, b):
+        n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        out.append(n / max(len(x), 1))
+    return sum(out) / len(out)
+
+
+class Suite:
+    """Rows in priority order under one wall-clock budget; a failing row is recorded, never fatal."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.start, self.budget_s = time.perf_counter(), budget_s
+        self.rows: list[dict] = []
+
+    def row(self, model: str, batch: int, method: str, fn, **extra) -> dict | None:
+        row = {"model": model, "batch": batch, "method": method, **extra}
+        self.rows.append(row)
+        if time.perf_counter() - self.start > self.budget_s:
+            row["error"] = "skipped: time budget spent"
+            return None
+        try:
+            row.update(fn())
+        except Exception as exc:  # one broken row must not hide the others
+            row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+            traceback.print_exc(limit=4)
+            return None
+        print(f"[{time.perf_counter() - self.start:6.1f}s] {model} b{batch} {method}: "
+              f"{row.get('tok_s', 0):.1f} tok/s (warm-up {row.get('warmup_s', 0):.1f}s)", flush=True)
+        return row
+
+    def get(self, model: str, batch: int, method: str) -> dict:
+        return next((r for r in self.rows if (r["model"], r["batch"], r["method"]) == (model, batch, method)), {})
+
+
+def run_suite(args) -> None:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tiny = args.tiny
+    new = 12 if tiny else args.new_tokens
+    batches = (1, 2, 4) if tiny else (1, 16, 64)
+    cuda = device.type == "cuda"
+    if cuda:
+        fused_fn = compile_step
+    else:  # CPU check of the script: trace the whole step without code generation (seconds, not minutes)
+        def fused_fn(fn):
+            return compile_step(fn, backend="aot_eager")
+    suite = Suite(args.time_budget)
+    opts = dict(max_len=args.prompt_len + new + 16, max_cache_mib=1e6)
+    print(f"decode suite on {torch.cuda.get_device_name() if cuda else 'cpu'}, {dtype}, torch {torch.__version__}, "
+          f"{new} new tokens, prompts of {args.prompt_len} tokens", flush=True)
+
+    def prompts_for(model, batch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(batch)
+        vocab = model.config.vocab_size
+        return torch.randint(10, vocab - 1, (batch, args.prompt_len), generator=g).tolist()
+
+    def block(name: str, model, specs: dict, exported=None) -> None:
+        """The rows for one model: eager / fused / HF baselines at batch 1, sub-networks, batches."""
+        from manyinone_flextron import LlamaFlextronAdapter
+
+        adapter = LlamaFlextronAdapter(model)
+        eager = Runtime(model, adapter=adapter, graphs=cuda, **opts)
+        fused = Runtime(model, adapter=adapter, graphs=cuda, compile_fn=fused_fn, **opts)
+        p1 = prompts_for(model, 1)
+        full_bytes = param_bytes(model)
+        bound = BANDWIDTH / full_bytes if cuda else None
+        fused_row = suite.row(name, 1, "runtime fused", lambda: runtime_rate(fused, p1, new),
+                              bound_tok_s=bound)
+        eager_row = suite.row(name, 1, "runtime eager", lambda: runtime_rate(eager, p1, new), bound_tok_s=bound)
+        suite.row(name, 1, "kernels", lambda: {"eager": kernels_per_layer(eager, p1[0]),
+                                              "fused": kernels_per_layer(fused, p1[0])})
+        if fused_row and eager_row and "tokens" in fused_row and "tokens" in eager_row:
+            fused_row["agreement_vs_eager"] = agreement(fused_row["tokens"], eager_row["tokens"])
+        for label, spec in specs.items():
+            suite.row(name, 1, f"runtime fused {label}", lambda spec=spec: runtime_rate(fused, p1, new, spec=spec))
+        for batch in batches[1:]:
+            pb = prompts_for(model, batch)
+            suite.row(name, batch, "runtime fused", lambda pb=pb: runtime_rate(fused, pb, new))
+        suite.row(name, 1, "HF static cache + torch.compile", lambda: hf_rate(model, p1, new, True, cuda))
+        suite.row(name, 1, "HF default generate", lambda: hf_rate(model, p1, new, False, cuda))
+        if exported is not None:
+            def exported_rate():
+                sub = adapter.extract(exported[1]).eval()
+                rt = Runtime(sub, graphs=cuda, compile_fn=fused_fn, **opts)
+                try:
+                    return runtime_rate(rt, p1, new)
+                finally:
+                    del rt, sub
+                    if cuda:
+                        torch.cuda.empty_cache()
+
+            suite.row(name, 1, f"exported {exported[0]} fused", exported_rate)
+        for batch in batches[1:]:
+            pb = prompts_for(model, batch)
+            suite.row(name, batch, "runtime eager", lambda pb=pb: runtime_rate(eager, pb, new, repeats=1))
+
+    # SmolLM2: the real model when given, else a tiny one of its layout.
+    if args.model and not tiny:
+        from transformers import AutoModelForCausalLM
+
+        smol = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    else:
+        smol = random_model(TINY_SMOL, dtype, device)
+    half = smol.config.num_hidden_layers // 2
+    block("SmolLM2" if not tiny else "tiny-smol", smol, {"half depth": {"depth": half}})
+    del smol
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+    shape = TINY_SEVEN_B if tiny else SEVEN_B
+    big = random_model(shape, dtype, device)
+    hw = {"width": shape["intermediate_size"] // 2, "heads": shape["num_attention_heads"] // 2}
+    block("7B shape" if not tiny else "tiny-7b", big, {"half width": hw, "half depth": {"depth": shape["num_hidden_layers"] // 2}},
+          exported=("half width", hw))
+    del big
+    print_suite(suite, args)
+
+
+def print_suite(suite: Suite, args) -> None:
+    for r in suite.rows:
+        if r["method"] == "kernels" and "eager" in r:
+            for kind in ("eager", "fused"):
+                print(f"{r['model']} {kind} step, most launched: {r[kind]['top']}")
+    print(f"\ntotal wall time {time.perf_counter() - suite.start:.0f}s\n")
+    print("| model | batch | method | decode tok/s | vs HF static+compile | vs runtime full (same batch) | warm-up s | notes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in suite.rows:
+        if r["method"] == "kernels":
+            continue
+        hf = suite.get(r["model"], 1, "HF static cache + torch.compile").get("tok_s")
+        base = suite.get(r["model"], r["batch"], "runtime fused").get("tok_s")
+        if "error" in r:
+            print(f"| {r['model']} | {r['batch']} | {r['method']} | - | - | - | - | {r['error']} |")
+            continue
+        rate = r["tok_s"]
+        notes = []
+        if r.get("bound_tok_s"):
+            notes.append(f"{rate / r['bound_tok_s']:.0%} of the {BANDWIDTH / 1e12:.1f} TB/s weight-streaming bound "
+                         f"({r['bound_tok_s']:.0f} tok/s)")
+        if "agreement_vs_eager" in r:
+            notes.append(f"greedy prefix agreement with eager {r['agreement_vs_eager']:.3f}")
+        exported = suite.get(r["model"], 1, "exported half width fused").get("tok_s")
+        if r["method"] == "runtime fused half width" and exported:
+            notes.append(f"{rate / exported:.3f}x of the exported half-width model")
+        vs_hf = f"{rate / hf:.2f}x" if hf and r["batch"] == 1 else "-"
+        vs_full = f"{rate / base:.2f}x" if base else "-"
+        print(f"| {r['model']} | {r['batch']} | {r['method']} | {rate:.1f} | {vs_hf} | {vs_full} | "
+              f"{r.get('warmup_s', 0):.1f} | {'; '.join(notes)} |")
+    for r in suite.rows:
+        if r["method"] != "kernels":
+            continue
+        if "error" in r:
+            print(f"| {r['model']} | 1 | kernels per layer | - | - | - | - | {r['error']} |")
+            continue
+        e, f = r["eager"], r["fused"]
+        print(f"| {r['model']} | 1 | {e['unit']} per layer, eager -> fused | {e['per_layer']:.1f} -> {f['per_layer']:.1f} "
+              f"| | | | per step {e['total']} -> {f['total']} |")
+    if args.out:
+        rows = [{k: v for k, v in r.items() if k != "tokens"} for r in suite.rows]
+        Path(args.out).write_text(json.dumps(rows, indent=1, default=str))
