@@ -132,8 +132,11 @@ class Engine:
     def check(self, req: _Common, prompts: list[str | list[int]], max_tokens: int | None) -> dict[str, Any]:
         """Everything a bad request could get wrong, before any work: raises ManyinoneError."""
         rt = self.runtime
-        depth = rt.depth_for(req.budget)
+        depth, plan = rt.target(req.budget)
         extra = 0
+        if req.speculative and plan is not None:
+            raise ManyinoneError(f"budget {req.budget} runs a (width, heads) plan; speculative decoding serves depth "
+                                 "budgets only: set speculative false")
         if req.speculative:
             if depth == 1:
                 raise ManyinoneError("speculative decoding needs a depth above 1; raise the budget or set speculative false")
