@@ -196,11 +196,11 @@ def run_suite(args) -> None:
     new = 12 if tiny else args.new_tokens
     batches = (1, 2, 4) if tiny else (1, 16, 64)
     cuda = device.type == "cuda"
-    if cuda:
-        fused_fn = compile_step
-    else:  # CPU check of the script: trace the whole step without code generation (seconds, not minutes)
-        def fused_fn(fn):
-            return compile_step(fn, backend="aot_eager")
+    # On CPU (a check of the script) the step is traced without code generation: seconds, not minutes.
+    backend = "inductor" if cuda else "aot_eager"
+
+    def fused_fn(fn, math_attention: bool = True):
+        return compile_step(fn, backend=backend, math_attention=math_attention)
     suite = Suite(args.time_budget)
     opts = dict(max_len=args.prompt_len + new + 16, max_cache_mib=1e6)
     print(f"decode suite on {torch.cuda.get_device_name() if cuda else 'cpu'}, {dtype}, torch {torch.__version__}, "
@@ -211,8 +211,9 @@ def run_suite(args) -> None:
         vocab = model.config.vocab_size
         return torch.randint(10, vocab - 1, (batch, args.prompt_len), generator=g).tolist()
 
-    def block(name: str, model, specs: dict, exported=None) -> None:
-        """The rows for one model: eager / fused / HF baselines at batch 1, sub-networks, batches."""
+    def block(name: str, model, specs: dict, batches: tuple[int, ...], exported=None) -> None:
+        """The rows for one model, most wanted first: fused / eager at batch 1 and their kernels,
+        sub-networks, batches, HF baselines, the exported sub-model, the SDPA-kernel variant."""
         from manyinone_flextron import LlamaFlextronAdapter
 
         adapter = LlamaFlextronAdapter(model)
@@ -247,6 +248,9 @@ def run_suite(args) -> None:
                         torch.cuda.empty_cache()
 
             suite.row(name, 1, f"exported {exported[0]} fused", exported_rate)
+        # The attention choice, measured: SDPA's own fused kernels instead of math codegen under Inductor.
+        sdpa = Runtime(model, adapter=adapter, graphs=cuda, compile_fn=lambda fn: fused_fn(fn, False), **opts)
+        suite.row(name, 1, "runtime fused, SDPA kernels", lambda: runtime_rate(sdpa, p1, new))
         for batch in batches[1:]:
             pb = prompts_for(model, batch)
             suite.row(name, batch, "runtime eager", lambda pb=pb: runtime_rate(eager, pb, new, repeats=1))
@@ -258,8 +262,7 @@ def run_suite(args) -> None:
         smol = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     else:
         smol = random_model(TINY_SMOL, dtype, device)
-    half = smol.config.num_hidden_layers // 2
-    block("SmolLM2" if not tiny else "tiny-smol", smol, {"half depth": {"depth": half}})
+    block("SmolLM2" if not tiny else "tiny-smol", smol, {}, (1,))
     del smol
     gc.collect()
     if cuda:
@@ -269,7 +272,7 @@ def run_suite(args) -> None:
     big = random_model(shape, dtype, device)
     hw = {"width": shape["intermediate_size"] // 2, "heads": shape["num_attention_heads"] // 2}
     block("7B shape" if not tiny else "tiny-7b", big, {"half width": hw, "half depth": {"depth": shape["num_hidden_layers"] // 2}},
-          exported=("half width", hw))
+          batches, exported=("half width", hw))
     del big
     print_suite(suite, args)
 

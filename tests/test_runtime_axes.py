@@ -15,7 +15,7 @@ from manyinone.core.space import SubnetSpec
 from manyinone.io.checkpoint import build_index, resolve, save_checkpoint
 from manyinone.runtime import Runtime
 from manyinone.runtime.cache import live_length
-from manyinone.runtime.stack import cache_argument
+from manyinone.runtime.stack import cache_argument, compile_step
 from manyinone_flextron import LlamaFlextronAdapter
 from test_runtime import hf_greedy, random_prompts
 
@@ -143,3 +143,8 @@ def test_the_fused_step_traces_whole_and_equals_eager(kind, request):
     for spec in (None, SubnetSpec(depth=3, width=64, heads=2)):
         want = eager.generate([prompt], spec=spec, max_new_tokens=10, stop_ids=set()).tokens
         assert fused.generate([prompt], spec=spec, max_new_tokens=10, stop_ids=set()).tokens == want
+    # What Runtime(fused=True) uses, both attention choices (traced, not code-generated, on CPU).
+    for math in (True, False):
+        step = Runtime(model, max_len=64, compile_fn=lambda fn: compile_step(fn, "aot_eager", math))
+        assert step.generate([prompt], max_new_tokens=10, stop_ids=set()).tokens == \
+            eager.generate([prompt], max_new_tokens=10, stop_ids=set()).tokens

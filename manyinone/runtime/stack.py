@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import types
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,7 @@ from manyinone.runtime.cache import StaticKVCache, attention_masks, live_length,
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # both take an additive [batch, 1, q, keys] mask
 RECOMPILE_LIMIT = 256  # compiled variants per step function: depths x batches x plans x live buckets
+_STEPS = 0  # steps compiled so far (names their code objects)
 
 
 def cache_argument(layer: nn.Module) -> str:
@@ -34,18 +36,42 @@ def cache_argument(layer: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def compile_step(fn: Callable, backend: str = "inductor") -> Callable:
+def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool = True) -> Callable:
     """torch.compile for one whole decode step (static shapes: each bucket is its own graph, recorded
     once as a CUDA graph); raises dynamo's recompile limit so many (depth, batch, plan, bucket)
     variants never fall back to eager silently. `backend="aot_eager"` traces without code generation
-    (a quick CPU check)."""
+    (a quick CPU check).
+
+    math_attention: trace attention as its plain math (matmuls and a softmax) so that Inductor fuses the
+    mask, softmax and GQA expansion into its own kernels, as gpt-fast does for decode; False keeps
+    SDPA's fused kernels (benchmarks/decode_suite.py measures both).
+    """
     import torch._dynamo
 
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if isinstance(getattr(cfg, name, None), int) and getattr(cfg, name) < RECOMPILE_LIMIT:
             setattr(cfg, name, RECOMPILE_LIMIT)
-    return torch.compile(fn, backend=backend, dynamic=False, fullgraph=False)
+    global _STEPS
+    _STEPS += 1
+
+    def traced(*args):
+        return fn(*args)
+
+    # A code object of its own per compiled step: dynamo caches compiled graphs per code object and does
+    # not guard on the attention backend, so steps compiled with other settings must never share one.
+    traced = types.FunctionType(traced.__code__.replace(co_name=f"decode_step_{_STEPS}"), traced.__globals__,
+                                f"decode_step_{_STEPS}", None, traced.__closure__)
+    compiled = torch.compile(traced, backend=backend, dynamic=False, fullgraph=False)
+    if not math_attention:
+        return compiled
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def step(*args):
+        with sdpa_kernel(SDPBackend.MATH):  # read when the step is traced; replays do not need it
+            return compiled(*args)
+
+    return step
 
 
 class LayerStack:
