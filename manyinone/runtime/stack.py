@@ -146,10 +146,13 @@ class LayerStack:
             hidden = out[0] if isinstance(out, tuple) else out
         if not head:
             return hidden, None
-        out = hidden[:, -1:] if last_only else hidden
+        return hidden, self.logits(end, hidden[:, -1:] if last_only else hidden)  # [batch, q or 1, vocab]
+
+    def logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [..., vocab] of the exit at `depth` from hidden [..., hidden] (before the final norm)."""
         if self.exit_logits is not None:
-            return hidden, self.exit_logits(end, out).float()  # [batch, q or 1, vocab]
-        return hidden, parts.head(out).float()
+            return self.exit_logits(depth, hidden).float()
+        return self.parts.head(hidden).float()
 
 
 class CapturedCall:
