@@ -153,6 +153,37 @@ def kernels_per_layer(rt: Runtime, prompt: list[int], spec=None) -> dict:
             "top": top}
 
 
+def mixed_batch_rate(rt: Runtime, requests: int, rows: int, new: int, prompt_len: int, fractions=(0.3, 0.5, 1.0)) -> dict:
+    """Tokens/s of `requests` prompts at mixed depths (fractions of the layers) through one continuous batch
+    of `rows` rows, against the same requests served one at a time; and how many answers are equal."""
+    from manyinone.runtime.batching import Batcher, collect
+
+    g = torch.Generator().manual_seed(7)
+    vocab = rt.model.config.vocab_size
+    prompts = [torch.randint(10, vocab - 1, (prompt_len - (i % 7),), generator=g).tolist() for i in range(requests)]
+    specs = [{"depth": max(1, round(fractions[i % len(fractions)] * rt.num_layers))} for i in range(requests)]
+    batcher = Batcher(rt, rows)
+    warm = [batcher.submit(p, spec=s, max_new_tokens=4, stop_ids=set()) for p, s in zip(prompts[:rows], specs)]
+    batcher.run_all()  # records the batch's graphs
+    for p, s in zip(prompts[:3], specs):
+        rt.generate([p], spec=s, max_new_tokens=4, stop_ids=set())
+    sync(rt.device)
+    start = time.perf_counter()
+    reqs = [batcher.submit(p, spec=s, max_new_tokens=new, stop_ids=set()) for p, s in zip(prompts, specs)]
+    batcher.run_all()
+    sync(rt.device)
+    batched_s = time.perf_counter() - start
+    got = [collect(r)[0] for r in reqs]
+    start = time.perf_counter()
+    alone = [rt.generate([p], spec=s, max_new_tokens=new, stop_ids=set()).tokens[0] for p, s in zip(prompts, specs)]
+    sync(rt.device)
+    serial_s = time.perf_counter() - start
+    del warm
+    tokens = requests * new
+    return {"tok_s": tokens / batched_s, "serial_tok_s": tokens / serial_s, "speedup": serial_s / batched_s,
+            "equal": sum(a == b for a, b in zip(got, alone)), "requests": requests, "steps": batcher.steps}
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Mean fraction of tokens before the first difference."""
     out = []
@@ -211,7 +242,7 @@ def run_suite(args) -> None:
         vocab = model.config.vocab_size
         return torch.randint(10, vocab - 1, (batch, args.prompt_len), generator=g).tolist()
 
-    def block(name: str, model, specs: dict, batches: tuple[int, ...], exported=None) -> None:
+    def block(name: str, model, specs: dict, batches: tuple[int, ...], exported=None, mixed: bool = False) -> None:
         """The rows for one model, most wanted first: fused / eager at batch 1 and their kernels,
         sub-networks, batches, HF baselines, the exported sub-model, the SDPA-kernel variant."""
         from manyinone_flextron import LlamaFlextronAdapter
@@ -248,6 +279,10 @@ def run_suite(args) -> None:
                         torch.cuda.empty_cache()
 
             suite.row(name, 1, f"exported {exported[0]} fused", exported_rate)
+        if mixed:  # the server's scheduler: 32 requests at depths 0.3/0.5/1.0 in one continuous batch
+            suite.row(name, 32, "continuous batch, mixed depths 0.3/0.5/1.0",
+                      lambda: mixed_batch_rate(eager, 32 if not tiny else 6, 32 if not tiny else 3,
+                                               min(new, 64), args.prompt_len))
         # The attention choice, measured: SDPA's own fused kernels instead of math codegen under Inductor.
         sdpa = Runtime(model, adapter=adapter, graphs=cuda, compile_fn=lambda fn: fused_fn(fn, False), **opts)
         suite.row(name, 1, "runtime fused, SDPA kernels", lambda: runtime_rate(sdpa, p1, new))
@@ -262,7 +297,7 @@ def run_suite(args) -> None:
         smol = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     else:
         smol = random_model(TINY_SMOL, dtype, device)
-    block("SmolLM2" if not tiny else "tiny-smol", smol, {}, (1,))
+    block("SmolLM2" if not tiny else "tiny-smol", smol, {}, (1,), mixed=True)
     del smol
     gc.collect()
     if cuda:
@@ -300,6 +335,9 @@ def print_suite(suite: Suite, args) -> None:
                          f"({r['bound_tok_s']:.0f} tok/s)")
         if "agreement_vs_eager" in r:
             notes.append(f"greedy prefix agreement with eager {r['agreement_vs_eager']:.3f}")
+        if "speedup" in r:
+            notes.append(f"{r['speedup']:.2f}x of serving them one at a time ({r['serial_tok_s']:.0f} tok/s); "
+                         f"{r['equal']}/{r['requests']} answers equal to serving alone; {r['steps']} batch steps")
         exported = suite.get(r["model"], 1, "exported half width fused").get("tok_s")
         if r["method"] == "runtime fused half width" and exported:
             notes.append(f"{rate / exported:.3f}x of the exported half-width model")
