@@ -88,7 +88,9 @@ def hf_rate(model, prompts: list[list[int]], new: int, static: bool, compile_ok:
     ids = torch.tensor(prompts, device=device)
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if static:
-        kw.update(cache_implementation="static", disable_compile=not compile_ok)
+        kw.update(cache_implementation="static")
+        if not compile_ok:  # CPU: HF compiles on accelerators only unless told; keep the check quick
+            kw.update(disable_compile=True)
     start = time.perf_counter()
     for _ in range(2 if static else 1):  # compile, then record its CUDA graphs
         model.generate(ids, logits_processor=LogitsProcessorList([Timer(device)]), **kw)
@@ -225,13 +227,14 @@ def run_suite(args) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tiny = args.tiny
     new = 12 if tiny else args.new_tokens
-    batches = (1, 2, 4) if tiny else (1, 16, 64)
+    batches = (2, 4) if tiny else (16, 64)
     cuda = device.type == "cuda"
     # On CPU (a check of the script) the step is traced without code generation: seconds, not minutes.
     backend = "inductor" if cuda else "aot_eager"
 
     def fused_fn(fn, math_attention: bool = True):
         return compile_step(fn, backend=backend, math_attention=math_attention)
+
     suite = Suite(args.time_budget)
     opts = dict(max_len=args.prompt_len + new + 16, max_cache_mib=1e6)
     print(f"decode suite on {torch.cuda.get_device_name() if cuda else 'cpu'}, {dtype}, torch {torch.__version__}, "
@@ -242,73 +245,92 @@ def run_suite(args) -> None:
         vocab = model.config.vocab_size
         return torch.randint(10, vocab - 1, (batch, args.prompt_len), generator=g).tolist()
 
-    def block(name: str, model, specs: dict, batches: tuple[int, ...], exported=None, mixed: bool = False) -> None:
-        """The rows for one model, most wanted first: fused / eager at batch 1 and their kernels,
-        sub-networks, batches, HF baselines, the exported sub-model, the SDPA-kernel variant."""
-        from manyinone_flextron import LlamaFlextronAdapter
+    class Subject:
+        """One model with its eager and fused runtimes (one copy of the weights, the Flextron adapter)."""
 
-        adapter = LlamaFlextronAdapter(model)
-        eager = Runtime(model, adapter=adapter, graphs=cuda, **opts)
-        fused = Runtime(model, adapter=adapter, graphs=cuda, compile_fn=fused_fn, **opts)
-        p1 = prompts_for(model, 1)
-        full_bytes = param_bytes(model)
-        bound = BANDWIDTH / full_bytes if cuda else None
-        fused_row = suite.row(name, 1, "runtime fused", lambda: runtime_rate(fused, p1, new),
-                              bound_tok_s=bound)
-        eager_row = suite.row(name, 1, "runtime eager", lambda: runtime_rate(eager, p1, new), bound_tok_s=bound)
-        suite.row(name, 1, "kernels", lambda: {"eager": kernels_per_layer(eager, p1[0]),
-                                              "fused": kernels_per_layer(fused, p1[0])})
-        if fused_row and eager_row and "tokens" in fused_row and "tokens" in eager_row:
-            fused_row["agreement_vs_eager"] = agreement(fused_row["tokens"], eager_row["tokens"])
-        for label, spec in specs.items():
-            suite.row(name, 1, f"runtime fused {label}", lambda spec=spec: runtime_rate(fused, p1, new, spec=spec))
-        for batch in batches[1:]:
-            pb = prompts_for(model, batch)
-            suite.row(name, batch, "runtime fused", lambda pb=pb: runtime_rate(fused, pb, new))
-        suite.row(name, 1, "HF static cache + torch.compile", lambda: hf_rate(model, p1, new, True, cuda))
-        suite.row(name, 1, "HF default generate", lambda: hf_rate(model, p1, new, False, cuda))
-        if exported is not None:
-            def exported_rate():
-                sub = adapter.extract(exported[1]).eval()
+        def __init__(self, name: str, model) -> None:
+            from manyinone_flextron import LlamaFlextronAdapter
+
+            self.name, self.model = name, model
+            self.adapter = LlamaFlextronAdapter(model)
+            self.eager = Runtime(model, adapter=self.adapter, graphs=cuda, **opts)
+            self.fused = Runtime(model, adapter=self.adapter, graphs=cuda, compile_fn=fused_fn, **opts)
+            self.p1 = prompts_for(model, 1)
+            self.bound = BANDWIDTH / param_bytes(model) if cuda else None
+
+        def core(self) -> None:
+            """Fused and eager at batch 1, their kernels per layer, their greedy agreement."""
+            fused = suite.row(self.name, 1, "runtime fused", lambda: runtime_rate(self.fused, self.p1, new),
+                              bound_tok_s=self.bound)
+            eager = suite.row(self.name, 1, "runtime eager", lambda: runtime_rate(self.eager, self.p1, new),
+                              bound_tok_s=self.bound)
+            suite.row(self.name, 1, "kernels", lambda: {"eager": kernels_per_layer(self.eager, self.p1[0]),
+                                                       "fused": kernels_per_layer(self.fused, self.p1[0])})
+            if fused and eager:
+                fused["agreement_vs_eager"] = agreement(fused["tokens"], eager["tokens"])
+
+        def sub(self, label: str, spec: dict) -> None:
+            suite.row(self.name, 1, f"runtime fused {label}", lambda: runtime_rate(self.fused, self.p1, new, spec=spec))
+
+        def exported(self, label: str, spec: dict) -> None:
+            def rate():
+                sub = self.adapter.extract(spec).eval()
                 rt = Runtime(sub, graphs=cuda, compile_fn=fused_fn, **opts)
                 try:
-                    return runtime_rate(rt, p1, new)
+                    return runtime_rate(rt, self.p1, new)
                 finally:
                     del rt, sub
+                    gc.collect()
                     if cuda:
                         torch.cuda.empty_cache()
 
-            suite.row(name, 1, f"exported {exported[0]} fused", exported_rate)
-        if mixed:  # the server's scheduler: 32 requests at depths 0.3/0.5/1.0 in one continuous batch
-            suite.row(name, 32, "continuous batch, mixed depths 0.3/0.5/1.0",
-                      lambda: mixed_batch_rate(eager, 32 if not tiny else 6, 32 if not tiny else 3,
-                                               min(new, 64), args.prompt_len))
-        # The attention choice, measured: SDPA's own fused kernels instead of math codegen under Inductor.
-        sdpa = Runtime(model, adapter=adapter, graphs=cuda, compile_fn=lambda fn: fused_fn(fn, False), **opts)
-        suite.row(name, 1, "runtime fused, SDPA kernels", lambda: runtime_rate(sdpa, p1, new))
-        for batch in batches[1:]:
-            pb = prompts_for(model, batch)
-            suite.row(name, batch, "runtime eager", lambda pb=pb: runtime_rate(eager, pb, new, repeats=1))
+            suite.row(self.name, 1, f"exported {label} fused", rate)
 
-    # SmolLM2: the real model when given, else a tiny one of its layout.
+        def batch(self, batch: int, kind: str = "fused") -> None:
+            pb = prompts_for(self.model, batch)
+            rt = self.fused if kind == "fused" else self.eager
+            suite.row(self.name, batch, f"runtime {kind}", lambda: runtime_rate(rt, pb, new, repeats=1 if kind == "eager" else 2))
+
+        def hf(self) -> None:
+            suite.row(self.name, 1, "HF static cache + torch.compile", lambda: hf_rate(self.model, self.p1, new, True, cuda))
+            suite.row(self.name, 1, "HF default generate", lambda: hf_rate(self.model, self.p1, new, False, cuda))
+
+        def mixed(self) -> None:  # the server's scheduler: requests at depths 0.3/0.5/1.0 in one batch
+            count = 6 if tiny else 32
+            suite.row(self.name, count, "continuous batch, mixed depths 0.3/0.5/1.0",
+                      lambda: mixed_batch_rate(self.eager, count, count if not tiny else 3, min(new, 64), args.prompt_len))
+
+        def sdpa(self) -> None:  # the attention choice, measured: SDPA's fused kernels instead of math codegen
+            rt = Runtime(self.model, adapter=self.adapter, graphs=cuda, compile_fn=lambda fn: fused_fn(fn, False), **opts)
+            suite.row(self.name, 1, "runtime fused, SDPA kernels", lambda: runtime_rate(rt, self.p1, new))
+
+    # SmolLM2: the real model when given, else a tiny one of its layout; then the 7B shape, random weights.
     if args.model and not tiny:
         from transformers import AutoModelForCausalLM
 
-        smol = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        smol_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     else:
-        smol = random_model(TINY_SMOL, dtype, device)
-    block("SmolLM2" if not tiny else "tiny-smol", smol, {}, (1,), mixed=True)
-    del smol
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-
+        smol_model = random_model(TINY_SMOL, dtype, device)
+    smol = Subject("SmolLM2" if not tiny else "tiny-smol", smol_model)
     shape = TINY_SEVEN_B if tiny else SEVEN_B
-    big = random_model(shape, dtype, device)
-    hw = {"width": shape["intermediate_size"] // 2, "heads": shape["num_attention_heads"] // 2}
-    block("7B shape" if not tiny else "tiny-7b", big, {"half width": hw, "half depth": {"depth": shape["num_hidden_layers"] // 2}},
-          batches, exported=("half width", hw))
-    del big
+    big = Subject("7B shape" if not tiny else "tiny-7b", random_model(shape, dtype, device))
+    half_width = {"width": shape["intermediate_size"] // 2, "heads": shape["num_attention_heads"] // 2}
+    # Most wanted first: the runtime rows, then the baselines (HF's torch.compile last of each kind, so its
+    # CUDA-graph trees never precede our own captures), then the variants.
+    smol.core()
+    big.core()
+    big.sub("half width", half_width)
+    big.sub("half depth", {"depth": shape["num_hidden_layers"] // 2})
+    for b in batches:
+        big.batch(b)
+    big.exported("half width", half_width)
+    smol.mixed()
+    smol.hf()
+    big.hf()
+    smol.sdpa()
+    big.sdpa()
+    for b in batches:
+        big.batch(b, "eager")
     print_suite(suite, args)
 
 
