@@ -100,3 +100,19 @@ def test_width_plans_batch_with_their_own_plan(tiny_llama):
     batcher.run_all()
     for req, p, s in zip(reqs, prompts, specs):
         assert collect(req)[0] == rt.generate([p], spec=s, max_new_tokens=8, stop_ids=set()).tokens[0]
+
+
+@torch.no_grad()
+def test_sampled_rows_keep_their_own_seeded_stream(runtime):
+    """Each row samples with its own generator: the same tokens as that request sampled alone."""
+    from manyinone.runtime import Sampling
+
+    prompts = random_prompts(3, seed=25)
+    settings = [Sampling(0.8, 0.9, seed=1), Sampling(), Sampling(1.2, 1.0, seed=2)]
+    batcher = Batcher(runtime, rows=3)
+    reqs = [batcher.submit(p, 0.6 if i == 1 else None, max_new_tokens=10, sampling=s, stop_ids=set())
+            for i, (p, s) in enumerate(zip(prompts, settings))]
+    batcher.run_all()
+    for i, (req, p, s) in enumerate(zip(reqs, prompts, settings)):
+        want = runtime.generate([p], budget=0.6 if i == 1 else None, max_new_tokens=10, sampling=s, stop_ids=set())
+        assert collect(req)[0] == want.tokens[0], i

@@ -42,7 +42,6 @@ class BatchRequest:
     tokens: list[int] = field(default_factory=list)
     row: int = -1
     pad: int = 0
-    next_token: torch.Tensor | None = None
     generator: torch.Generator | None = None
 
 
@@ -61,6 +60,7 @@ class Batcher:
         stack = runtime.stack
         self.runner = SegmentRunner(stack, stack.new_cache(rows, runtime._cache_len()), runtime.graphs, runtime.compile_fn)
         self.rows: list[BatchRequest | None] = [None] * rows
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=runtime.device)  # [rows, 1] each row's next input
         self.waiting: collections.deque[BatchRequest] = collections.deque()
         self.slot = 0  # the batch's next slot: every active row's next token goes there
         self.plan = None  # the (width, heads) plan of the active rows (None: full width)
@@ -133,10 +133,11 @@ class Batcher:
             dst.layer_keys[layer][row, :, start: self.slot] = src.layer_keys[layer][0, :, :n]
             dst.layer_values[layer][row, :, start: self.slot] = src.layer_values[layer][0, :, :n]
         req.generator = torch.Generator(rt.device).manual_seed(req.sampling.seed)
-        req.next_token = choose(logits[:, -1], req.sampling, req.generator)[0]  # 0-dim
+        token = choose(logits[:, -1], req.sampling, req.generator)  # [1]
+        self.tokens[row] = token  # the row's input at the next step
         req.row, req.pad = row, start
         self.rows[row] = req
-        self._emit(req, int(req.next_token))
+        self._emit(req, int(token))
 
     def _emit(self, req: BatchRequest, token: int) -> None:
         """Record a chosen token: a stop token or the length limit ends the row."""
@@ -163,27 +164,26 @@ class Batcher:
         if not rows:
             return False
         rt, device = self.rt, self.rt.device
-        tokens = torch.zeros(self.size, 1, dtype=torch.long, device=device)  # [rows, 1]; free rows: any token
-        pad = torch.full((self.size,), self.slot, dtype=torch.long, device=device)  # free rows see only themselves
-        for req in rows:
-            tokens[req.row, 0] = req.next_token
-            pad[req.row] = req.pad
+        # Free rows see only their own slot (no empty softmax); their tokens are whatever is left there.
+        pad = torch.tensor([self.slot if r is None else r.pad for r in self.rows], device=device)  # [rows]
         slots = rt._slots[self.slot: self.slot + 1]
-        depths = sorted({r.depth for r in rows})
-        hidden, start, chosen = tokens, 0, {}
-        for end in depths:  # the shared prefix of layers once, then each deeper segment
+        hidden, start, order, picked = self.tokens, 0, [], []
+        for end in sorted({r.depth for r in rows}):  # the shared prefix of layers once, then each deeper segment
             hidden, _ = self.runner(start, end, hidden, slots, pad, head=False, slots_end=self.slot + 1, plan=self.plan)
             leaving = [r for r in rows if r.depth == end]
             index = torch.tensor([r.row for r in leaving], device=device)
-            logits = rt.stack.logits(end, hidden[index])  # [leaving, 1, vocab]
-            for i, req in enumerate(leaving):
-                chosen[req.row] = choose(logits[i, -1], req.sampling, req.generator)
+            logits = rt.stack.logits(end, hidden[index])[:, -1]  # [leaving, vocab]
+            if all(r.sampling.greedy for r in leaving):
+                picked.append(logits.argmax(-1))  # [leaving]
+            else:  # each row samples with its own settings and generator
+                picked.append(torch.stack([choose(logits[i], r.sampling, r.generator) for i, r in enumerate(leaving)]))
+            order += leaving
             start = end
-        picked = torch.stack([chosen[r.row] for r in rows])  # [active]
+        chosen = torch.cat(picked)  # [active], in `order`
+        self.tokens[torch.tensor([r.row for r in order], device=device), 0] = chosen
         self.slot += 1
         self.steps += 1
-        for i, (req, token) in enumerate(zip(rows, picked.tolist())):  # the one CPU-GPU sync per step
-            req.next_token = picked[i]
+        for req, token in zip(order, chosen.tolist()):  # the one CPU-GPU sync per step
             self._emit(req, token)
         return True
 
