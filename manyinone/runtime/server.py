@@ -391,9 +391,9 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "auto",
           max_len: int | None = None, default_max_tokens: int = 256, max_batch: int = 16,
           max_cache_mib: float = DEFAULT_MAX_CACHE_MIB, api_key: str | None = None,
-          batch_rows: int | None = 16) -> None:
+          batch_rows: int | None = 16, fused: bool = False) -> None:
     """Load `ckpt` once and serve it until interrupted; plain requests share a continuous batch of
-    `batch_rows` rows (None: one request at a time)."""
+    `batch_rows` rows (None: one request at a time); `fused` compiles each decode step (CUDA)."""
     try:
         import uvicorn
     except ImportError:
@@ -401,7 +401,7 @@ def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fl
     if not 0 < port < 65536:
         raise ManyinoneError(f"--port {port} out of range; allowed 1 to 65535")
     runtime = Runtime.open(ckpt, dtype=dtype_named(dtype), device=device, max_len=max_len, max_batch=max_batch,
-                           max_cache_mib=max_cache_mib)
+                           max_cache_mib=max_cache_mib, fused=fused)
     template = (runtime.index or {}).get("train", {}).get("template", "alpaca")
     from pathlib import Path
 
