@@ -149,7 +149,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="--suite runtime: tiny random models (a CPU check)")
     parser.add_argument("--device", default="auto", help="--suite runtime: cuda, cpu or auto")
     parser.add_argument("--prompt-len", type=int, default=64, help="--suite runtime: prompt tokens")
-    parser.add_argument("--time-budget", type=float, default=270.0,
+    parser.add_argument("--only", default=None, help="--suite runtime: comma-separated words; run only rows "
+                        "whose 'model bBATCH method' contains one")
+    parser.add_argument("--time-budget", type=float, default=300.0,
                         help="--suite runtime: seconds after which the remaining rows are skipped")
     args = parser.parse_args()
     if args.suite == "runtime":
