@@ -148,3 +148,19 @@ def test_the_fused_step_traces_whole_and_equals_eager(kind, request):
         step = Runtime(model, max_len=64, compile_fn=lambda fn: compile_step(fn, "aot_eager", math))
         assert step.generate([prompt], max_new_tokens=10, stop_ids=set()).tokens == \
             eager.generate([prompt], max_new_tokens=10, stop_ids=set()).tokens
+
+
+@torch.no_grad()
+def test_a_stored_routed_plan_runs_as_views_and_equals_its_extracted_model(tiny_qwen2):
+    """A static router's per-layer plan (mixed widths and heads per layer) in the index: the budget runs it."""
+    model = load(tiny_qwen2)
+    adapter = LlamaFlextronAdapter(model)
+    index = build_index(adapter, adapter.space({"depth": [4], "width": [64, 128], "heads": [2, 4]}))
+    plan = ((128, 2), (32, 4), (64, 2), (128, 4))
+    relative = adapter.plan_cost(plan).flops_per_token / adapter.cost(SubnetSpec()).flops_per_token
+    index["routed"] = [{"budget": 0.7, "plan": [list(o) for o in plan], "relative": relative}]
+    rt = Runtime(model, index=index, adapter=adapter, max_len=96)
+    assert rt.target(0.9) == (4, plan)
+    sub = adapter.extract_plan(plan).eval()
+    for prompt in random_prompts(2, seed=16):
+        assert rt.generate([prompt], budget=0.9, max_new_tokens=12, stop_ids=set()).tokens[0] == hf_greedy(sub, prompt, 12)

@@ -70,3 +70,19 @@ def test_real_model_fused_greedy_matches_eager_for_128_steps():
         ids = tok(text)["input_ids"]
         want = eager.generate([ids], max_new_tokens=128, stop_ids=set()).tokens[0]
         assert fused.generate([ids], max_new_tokens=128, stop_ids=set()).tokens[0] == want
+
+
+@torch.no_grad()
+def test_mixed_depth_batch_under_graphs_equals_serving_alone(tiny_llama):
+    """The continuous batch's segment graphs (head=False, shared prefix, deeper segments) in float32."""
+    from manyinone.runtime.batching import Batcher, collect
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda().eval()
+    rt = Runtime(model, max_len=128)
+    assert rt.graphs
+    batcher = Batcher(rt, rows=4)
+    specs = [{"depth": d} for d in (1, 4, 2, 3, 4, 1)]
+    reqs = [batcher.submit(p, spec=s, max_new_tokens=12, stop_ids=set()) for p, s in zip(prompts(6), specs)]
+    batcher.run_all()
+    for req, p, s in zip(reqs, prompts(6), specs):
+        assert collect(req)[0] == rt.generate([p], spec=s, max_new_tokens=12, stop_ids=set()).tokens[0]
