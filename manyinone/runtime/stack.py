@@ -205,6 +205,9 @@ class SegmentRunner:
             self.compiled[key] = self.compile_fn(segment)
         return self.compiled[key]
 
+    def _fn(self, start: int, end: int, head: bool) -> Callable:  # the earlier name, kept for callers of it
+        return self.step_fn(start, end, head)
+
     def live_for(self, slots_end: int | None) -> int | None:
         """The live-length bucket for queries below slot `slots_end` (None: the whole cache)."""
         return None if slots_end is None else live_length(slots_end, self.cache.max_len)
