@@ -240,6 +240,8 @@ def main() -> None:
     parser.add_argument("--batch-size", default="16")
     parser.add_argument("--lr", default="5e-5")
     parser.add_argument("--template", default="alpaca")
+    parser.add_argument("--compile", action="store_true", help="every training compiles its decoder layers "
+                                                               "(`--set compile_layers=true`)")
     parser.add_argument("--text", help="raw text for per-exit perplexity (WikiText-2 test)")
     parser.add_argument("--qa", help="QA .jsonl for per-exit exact match (TriviaQA 1k)")
     parser.add_argument("--qa-limit", type=int)
@@ -267,7 +269,7 @@ def main() -> None:
     cli = [sys.executable, "-m", "manyinone"]
     common = ["--model", args.model, "--data", args.data, "--rows", args.train_rows, "--epochs", args.epochs,
               "--batch-size", args.batch_size, "--lr", args.lr, "--set", "max_length=512",
-              "--set", f"template={args.template}", "--quiet"]
+              "--set", f"template={args.template}", "--quiet", *(["--set", "compile_layers=true"] if args.compile else [])]
     tasks = (["--text", args.text] if args.text else []) + (["--qa", args.qa] if args.qa else []) \
         + (["--qa-limit", str(args.qa_limit)] if args.qa_limit else [])
     trained: dict[str, Future] = {}

@@ -250,3 +250,11 @@ def test_training_with_exit_positions_runs_and_differs(tiny_llama, tmp_path):
     subset = _losses(train(config(tiny_llama, tmp_path / "subset", exit_positions=0.25), show_progress=False))
     again = _losses(train(config(tiny_llama, tmp_path / "again", exit_positions=0.25), show_progress=False))
     assert subset == again and subset != plain
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_ones(tiny_llama, tmp_path):
+    eager = _losses(train(config(tiny_llama, tmp_path / "eager", max_steps=2), show_progress=False))
+    compiled = _losses(train(config(tiny_llama, tmp_path / "compiled", max_steps=2, compile_layers=True),
+                             show_progress=False))
+    assert compiled == pytest.approx(eager, rel=1e-4)

@@ -118,6 +118,8 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     cost_metric: Literal["flops", "params"] = "flops"
     gradient_checkpointing: bool = False
+    compile_layers: bool = Field(False, description="torch.compile each decoder layer's forward (regional "
+                                                    "compilation; the exit hooks stay eager)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="weights in training: auto = bfloat16 with lora on CUDA (frozen base; adapters stay float32), "
                             "else float32 master weights under bf16 autocast")
