@@ -127,7 +127,7 @@ def _check_same_run(output: Path, cfg: TrainConfig) -> None:
             raise ManyinoneError(f"output {str(output)!r} holds an unreadable train_config.yaml ({type(exc).__name__}); "
                                  "restore it or use a new --output") from None
         changed = [k for k in TrainConfig.model_fields
-                   if k not in ("output", "max_steps", "save_every", "keep_checkpoints", "device")
+                   if k not in ("output", "max_steps", "save_every", "keep_checkpoints", "device", "compile_layers")
                    and getattr(before, k) != getattr(cfg, k)]
         if changed:
             raise ManyinoneError(f"output {str(output)!r} holds a run with different settings {changed}; use a new --output")
