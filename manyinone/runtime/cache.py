@@ -26,14 +26,22 @@ class StaticKVCache:
         shape = (num_layers, batch, kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [layers, batch, kv_heads, max_len, head_dim]
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots = torch.zeros(1, dtype=torch.long, device=device)  # [q] slots the current forward writes
+        self.slots = torch.zeros(1, dtype=torch.long, device=device)  # [q] or [batch, q] slots the forward writes
         self.batch, self.max_len = batch, max_len
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
-        """Write [batch, kv_heads, q, head_dim] keys/values at `self.slots`; return the full buffers."""
+        """Write [batch, kv_heads, q, head_dim] keys/values at `self.slots`; return the full buffers.
+
+        `self.slots` [q] is one set of slots for every row; [batch, q] gives each row its own (batched
+        speculation, where rows accept different numbers of drafted tokens)."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]  # [batch, kv_heads, max_len, head_dim]
-        keys.index_copy_(2, self.slots, key_states.to(keys.dtype))
-        values.index_copy_(2, self.slots, value_states.to(values.dtype))
+        if self.slots.dim() == 1:
+            keys.index_copy_(2, self.slots, key_states.to(keys.dtype))
+            values.index_copy_(2, self.slots, value_states.to(values.dtype))
+            return keys, values
+        where = self.slots[:, None, :, None].expand_as(key_states)  # [batch, kv_heads, q, head_dim]
+        keys.scatter_(2, where, key_states.to(keys.dtype))
+        values.scatter_(2, where, value_states.to(values.dtype))
         return keys, values
 
     # transformers asks these of any cache object in some code paths; answer as a static cache would.
@@ -46,15 +54,17 @@ class StaticKVCache:
 
 def attention_masks(slots: torch.Tensor, pad: torch.Tensor, max_len: int, dtype: torch.dtype,
                     sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Additive masks [batch, 1, q, max_len] (0 = attend, dtype-min = hidden) for queries at `slots`.
+    """Additive masks [batch, 1, q, max_len] (0 = attend, dtype-min = hidden) for queries at `slots`
+    ([q] shared by every row, or [batch, q] per row).
 
     A query at slot s sees key slots k with pad[b] <= k <= s (causal, padding hidden); with a sliding
     window also s - k < window. The second mask is None without a window. Additive (not boolean) so that
     both the sdpa and the eager attention implementations accept it.
     """
     keys = torch.arange(max_len, device=slots.device)  # [max_len]
-    query = slots[:, None]  # [q, 1]
-    visible = (keys[None, :] <= query)[None] & (keys[None, None, :] >= pad[:, None, None])  # [batch, q, max_len]
+    query = slots[..., None]  # [q, 1] or [batch, q, 1]
+    causal = keys <= query  # [q, max_len] or [batch, q, max_len]
+    visible = (causal if causal.dim() == 3 else causal[None]) & (keys[None, None, :] >= pad[:, None, None])  # [batch, q, max_len]
     low = torch.finfo(dtype).min
 
     def additive(allowed: torch.Tensor) -> torch.Tensor:
@@ -64,10 +74,13 @@ def attention_masks(slots: torch.Tensor, pad: torch.Tensor, max_len: int, dtype:
     full = additive(visible)
     if sliding_window is None:
         return full, None
-    in_window = (query - keys[None, :] < sliding_window)[None]  # [1, q, max_len]
+    in_window = query - keys < sliding_window  # [q, max_len] or [batch, q, max_len]
+    in_window = in_window if in_window.dim() == 3 else in_window[None]  # [1 or batch, q, max_len]
     return full, additive(visible & in_window)
 
 
 def position_ids(slots: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """Positions [batch, q] of the queries at `slots`: slot minus the row's left padding (>= 0)."""
-    return (slots[None, :] - pad[:, None]).clamp(min=0)  # [batch, q]
+    """Positions [batch, q] of the queries at `slots` ([q] or [batch, q]): slot minus the row's left
+    padding (>= 0)."""
+    rows = slots if slots.dim() == 2 else slots[None, :]  # [batch or 1, q]
+    return (rows - pad[:, None]).clamp(min=0)  # [batch, q]

@@ -263,15 +263,17 @@ class Runtime:
 
     def generate(self, prompts: list[list[int]], budget: float | None = None, max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), stop_ids: set[int] | None = None, speculative: bool = False,
-                 draft_depth: int | None = None, draft_tokens: int | None = None) -> Generation:
+                 draft_depth: int | None = None, draft_tokens: int | None = None,
+                 draft_threshold: float | None = None, adaptive_draft: bool | None = None) -> Generation:
         """Generate for every prompt (token ids); `speculative` drafts with the first layers and verifies
-        with the rest (one prompt at a time), giving the same tokens as plain decoding when greedy."""
+        with the rest (all rows together, each at its own position), giving the same tokens as plain
+        decoding when greedy. Draft settings: see `runtime.draft_policy.plan_for`."""
         stats: dict[str, Any] = {}
         if speculative:
-            from manyinone.runtime.speculative import speculative_stream
+            from manyinone.runtime.speculative import speculative_batch_stream
 
-            streams = [speculative_stream(self, p, budget, max_new_tokens, sampling, stop_ids, draft_depth,
-                                          draft_tokens, stats) for p in prompts]
+            streams = [speculative_batch_stream(self, prompts, budget, max_new_tokens, sampling, stop_ids, draft_depth,
+                                                draft_tokens, stats, draft_threshold, adaptive_draft)]
         else:
             streams = [self.stream(prompts, budget, max_new_tokens, sampling, stop_ids, stats)]
         tokens: list[list[int]] = [[] for _ in prompts]

@@ -61,7 +61,7 @@ class LayerStack:
             pad: torch.Tensor, head: bool, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layers [start, end) on `inputs` (token ids [batch, q] if start == 0, else hidden [batch, q, hidden]).
 
-        Writes keys/values of those layers at `slots` ([q]) and returns (hidden after layer end-1
+        Writes keys/values of those layers at `slots` ([q], or [batch, q] for per-row slots) and returns (hidden after layer end-1
         [batch, q, hidden], float32 logits [batch, q or 1, vocab] through the final norm and head, or None).
         """
         parts = self.parts
@@ -137,7 +137,7 @@ class SegmentRunner:
         """One decode-shaped call (small q); see `LayerStack.run`. Prefill goes through `prefill`."""
         if not self.graphs:
             return self.stack.run(self.cache, start, end, inputs, slots, pad, head)
-        key = (start, end, head, tuple(inputs.shape))
+        key = (start, end, head, tuple(inputs.shape), tuple(slots.shape))  # [q] and per-row [batch, q] slots differ
         call = self.captured.get(key)
         if call is None:
             call = self.captured[key] = CapturedCall(self._fn(start, end, head), [inputs, slots, pad])
