@@ -135,3 +135,29 @@ def test_speculation_on_a_one_exit_checkpoint_is_refused(trained_run, tmp_path):
     with pytest.raises(ManyinoneError, match="speculation needs a checkpoint with at least two exits; this one has "
                                              "only exit 4"):
         rt.generate([[5, 6]], speculative=True, draft_depth=2)
+
+
+def test_cli_generate_speculative_and_bad_draft_flags(trained_run):
+    from typer.testing import CliRunner
+
+    from manyinone.cli import app
+
+    cli = CliRunner()
+    base = ["generate", str(trained_run), "--prompt", "Name a colour.", "--max-new-tokens", "8", "--device", "cpu"]
+    plain = cli.invoke(app, base)
+    spec = cli.invoke(app, base + ["--speculative", "--draft-exit", "2", "--draft-tokens", "3"])
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
+    assert "drafted tokens accepted" in spec.output
+    from manyinone.eval.session import generate_speculative, generate_text
+
+    text, _ = generate_text(trained_run, "Name a colour.", None, 8, 0.0, 1.0, None, 0)
+    fast, _, stats = generate_speculative(trained_run, "Name a colour.", None, 8, 0.0, 1.0, None, 0,
+                                          {"draft_depth": 2, "draft_tokens": 3}, device="cpu")
+    assert fast == text and stats["drafted"] > 0  # HF's greedy text, through the runtime's speculation
+    for flags, message in ((["--speculative", "--draft-exit", "4"], "draft exit 4 out of range; allowed 1..3"),
+                           (["--speculative", "--draft-tokens", "0"], "draft length 0 out of range; allowed 1..16"),
+                           (["--speculative", "--draft-threshold", "1"], "draft threshold 1.0 out of range"),
+                           (["--draft-exit", "2"], "--draft-exit need --speculative")):
+        bad = cli.invoke(app, base + flags)
+        assert bad.exit_code == 2 and f"error: {message}" in bad.output, bad.output
+        assert len([line for line in bad.output.splitlines() if line.startswith("error:")]) == 1

@@ -84,3 +84,11 @@ def position_ids(slots: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     padding (>= 0)."""
     rows = slots if slots.dim() == 2 else slots[None, :]  # [batch or 1, q]
     return (rows - pad[:, None]).clamp(min=0)  # [batch, q]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [batch, longest] left-padded with pad_id, and each row's pad count [batch]."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
+    return ids.to(device), pad.to(device)

@@ -107,33 +107,48 @@ def tuned_policy(index: dict[str, Any] | None, depth: int) -> dict[str, Any]:
     return tuned if tuned.get("depth", depth) == depth else {}
 
 
-def plan_for(runtime, depth: int, draft_depth: int | None = None, draft_tokens: int | None = None,
-             threshold: float | None = None, adaptive: bool | None = None) -> DraftPlan:
-    """The draft policy for verifying at `depth`: explicit settings win, then the checkpoint's tuned
-    policy, then a fixed default (the trained exit nearest a third of the depth, 4 tokens)."""
+def validate(checkpoint: bool, exits: list[int], depth: int, draft_depth: int | None = None,
+             draft_tokens: int | None = None, threshold: float | None = None, adaptive: bool | None = None) -> None:
+    """Every way a speculation request can be wrong, as one line naming the allowed range, before any work.
+
+    checkpoint: whether the model has a budget index (a plain model has one exit, its full depth);
+    exits: its trained exit depths; depth: the serving (verifying) depth."""
     check_draft(depth, draft_depth, draft_tokens, threshold)
-    trained = runtime.exits()
-    if runtime.index is not None and len(trained) < 2:
+    if checkpoint and len(exits) < 2:
         raise ManyinoneError(f"speculation needs a checkpoint with at least two exits; this one has only exit "
-                             f"{trained[0]} (train with several exits, or decode without speculation)")
+                             f"{exits[0]} (train with several exits, or decode without speculation)")
     if depth < 2:
         raise ManyinoneError("speculative decoding needs a serving depth of at least 2 layers; raise the budget "
                              "or decode without speculation")
     if adaptive and draft_depth is not None:
         raise ManyinoneError(f"draft exit {draft_depth} fixes the draft exit; leave it out for an adaptive policy")
-    tuned = tuned_policy(runtime.index, depth)
-    shallower = [e for e in trained if e < depth]
-    if runtime.index is None and draft_depth is None and not adaptive:
+    if not checkpoint and draft_depth is None:
         raise ManyinoneError("a plain model has one exit; speculation needs a manyinone checkpoint with at least "
                              "two exits, or an explicit draft exit")
+
+
+def index_exits(index: dict[str, Any]) -> list[int]:
+    """The trained exit depths a budget index lists."""
+    return sorted({int(e["spec"]["depth"]) for e in index["specs"] if "depth" in e["spec"]})
+
+
+def plan_for(runtime, depth: int, draft_depth: int | None = None, draft_tokens: int | None = None,
+             threshold: float | None = None, adaptive: bool | None = None) -> DraftPlan:
+    """The draft policy for verifying at `depth`: explicit settings win, then the checkpoint's tuned
+    policy, then a fixed default (the trained exit nearest a third of the depth, 4 tokens)."""
+    trained = runtime.exits()
+    validate(runtime.index is not None, trained, depth, draft_depth, draft_tokens, threshold, adaptive)
+    tuned = tuned_policy(runtime.index, depth)
+    follow = tuned if draft_depth is None else {}  # an explicit exit is a fixed policy: no tuned threshold/length
+    shallower = [e for e in trained if e < depth]
     if not shallower:
         shallower = [max(depth // 3, 1)]
     if adaptive is None:
         adaptive = draft_depth is None and bool(tuned.get("adaptive"))
-    if threshold is None and tuned.get("threshold") is not None:
-        threshold = float(tuned["threshold"])
+    if threshold is None and follow.get("threshold") is not None:
+        threshold = float(follow["threshold"])
     if draft_tokens is None:
-        draft_tokens = int(tuned.get("draft_tokens") or DEFAULT_DRAFT_TOKENS)
+        draft_tokens = int(follow.get("draft_tokens") or DEFAULT_DRAFT_TOKENS)
         draft_tokens = min(max(draft_tokens, 1), MAX_DRAFT_TOKENS)
     stored = {int(e["exit"]): e for e in tuned.get("exits", []) if isinstance(e, dict) and "exit" in e}
     if adaptive:

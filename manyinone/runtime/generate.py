@@ -21,6 +21,7 @@ from torch import nn
 from manyinone.io.checkpoint import resolve
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
+from manyinone.runtime.cache import left_pad  # noqa: F401  (re-exported: part of this module's API)
 from manyinone.runtime.sampling import Sampling, choose
 from manyinone.runtime.stack import LayerStack, SegmentRunner
 
@@ -65,14 +66,6 @@ def dtype_named(name: str) -> torch.dtype:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [batch, longest] left-padded with pad_id, and each row's pad count [batch]."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long)
-    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
-    return ids.to(device), pad.to(device)
 
 
 class Runtime:

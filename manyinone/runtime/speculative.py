@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from manyinone.runtime.cache import left_pad
 from manyinone.runtime.draft_policy import (DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, AcceptanceTracker, DraftPlan,
                                             check_draft, plan_for)
 from manyinone.runtime.sampling import Sampling, accept_sampled_rows, choose, probabilities
@@ -60,8 +61,6 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
                              ) -> Iterator[list[list[int]]]:
     """Speculative decoding of every prompt together: yields, per round, each row's new tokens ([] for a
     row with none this round or one that has finished)."""
-    from manyinone.runtime.generate import left_pad
-
     depth = runtime.depth_for(budget)
     plan: DraftPlan = plan_for(runtime, depth, draft_depth, draft_tokens, threshold, adaptive)
     tracker = AcceptanceTracker(plan)
