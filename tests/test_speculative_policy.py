@@ -81,6 +81,13 @@ def test_tracker_prefers_the_exit_that_is_accepted():
         tracker.observe(4, [6], [5])
     n, k = tracker.choose()
     assert n == 4 and k >= 3 and tracker.estimate(4) > 0.7 > 0.2 > tracker.estimate(2)
+    for _ in range(40):  # now both are rejected at once: drafting cannot pay, plain steps instead
+        tracker.observe(4, [6], [0])
+        tracker.observe(2, [6], [0])
+    assert tracker.choose()[1] == 0
+    for _ in range(200):  # plain steps only decay the counts: the prior's optimism comes back
+        tracker.observe(None, [], [])
+    assert tracker.choose()[1] > 0
 
 
 def test_cost_model_arithmetic():
@@ -105,6 +112,14 @@ def test_tuned_adaptive_policy_is_read_from_the_checkpoint(trained_run_tied, tmp
     assert plan.adaptive and plan.exits == [1, 3] and plan.threshold == 0.3 and plan.max_tokens == 5
     assert plan.costs == {1: 0.3, 3: 0.8} and plan.prior == {1: 0.2, 3: 0.8}
     assert not plan_for(rt, 4, draft_depth=2).adaptive  # an explicit exit wins
+    prompts = random_prompts(3, seed=4)
+    plain = per_row_plain(rt, prompts, 12, set())
+    spec = rt.generate(prompts, max_new_tokens=12, stop_ids=set(), speculative=True)
+    assert spec.tokens == plain and spec.stats["adaptive"]
+    hopeless = {**choice, "exits": [{"exit": 1, "acceptance": 0.0, "cost": 0.3}, {"exit": 3, "acceptance": 0.0, "cost": 0.8}]}
+    rt.index = {**rt.index, "runtime": {"speculative": hopeless}}
+    spec = rt.generate(prompts, max_new_tokens=12, stop_ids=set(), speculative=True)
+    assert spec.tokens == plain and spec.stats["plain_steps"] == 11 and spec.stats["rounds"] == 0
     assert plan_for(rt, 3).exits == [min([1, 2], key=lambda e: (abs(e - 1), e))]  # tuned for depth 4 only
 
 

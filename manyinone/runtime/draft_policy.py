@@ -30,6 +30,7 @@ PRIOR_ACCEPTANCE = 0.5  # an exit never measured: a coin flip per token
 PRIOR_WEIGHT = 8.0  # the prior counts as this many observed tokens
 DECAY = 0.97  # per round: the statistics cover about the last 1 / (1 - DECAY) = 33 rounds
 EXPLORE = 1.0  # standard errors of optimism (UCB) when ranking exits
+GAIN_MARGIN = 0.03  # an adaptive draft must promise this much over plain decoding (rounds have overheads)
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -186,27 +187,30 @@ class AcceptanceTracker:
 
     def choose(self) -> tuple[int, int]:
         """(exit, length) for the next round: the best expected speed-up, exits ranked optimistically
-        (UCB) so that one a few bad rounds made look poor is tried again as its counts decay."""
+        (UCB) so that one a few bad rounds made look poor is tried again as its counts decay; length 0
+        (a plain step) when no draft promises more than GAIN_MARGIN over plain decoding."""
         plan = self.plan
         if not plan.adaptive:
             return plan.exits[0], plan.max_tokens
-        best = None
+        best = (1.0 + GAIN_MARGIN, plan.exits[0], 0)  # length 0: a plain step, unless a draft is expected to pay
         for n in plan.exits:
             a = self.estimate(n)
             spread = math.sqrt(max(a * (1 - a), 1e-6) / (self.trials.get(n, 0.0) + self.prior_weight))
             optimistic = min(a + self.explore * spread, 0.999)
-            k, _ = best_length(a, plan.costs[n], plan.max_tokens)
-            score = speedup(optimistic, plan.costs[n], best_length(optimistic, plan.costs[n], plan.max_tokens)[0])
-            if best is None or score > best[0]:
+            k, score = best_length(optimistic, plan.costs[n], plan.max_tokens)
+            if score > best[0]:
                 best = (score, n, k)
         return best[1], best[2]
 
-    def observe(self, n: int, drafted: list[int], accepted: list[int]) -> None:
+    def observe(self, n: int | None, drafted: list[int], accepted: list[int]) -> None:
         """One round at exit n: per row, `drafted` tokens offered and `accepted` of them kept (a row that
-        kept fewer than it was offered saw one rejection)."""
+        kept fewer than it was offered saw one rejection). n None: a plain step (the counts only decay, so
+        the optimism that tries drafting again grows back)."""
         for name in list(self.trials):
             self.trials[name] *= self.decay
             self.accepted[name] *= self.decay
+        if n is None:
+            return
         kept = sum(accepted)
         rejections = sum(1 for d, m in zip(drafted, accepted) if m < d)
         self.accepted[n] = self.accepted.get(n, 0.0) + kept

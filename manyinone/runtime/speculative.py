@@ -54,6 +54,19 @@ def _top1(logits: torch.Tensor, sampling: Sampling, probs: torch.Tensor | None) 
     return torch.softmax(logits.float(), -1).amax(-1)
 
 
+def _cut(new: list[int], b: int, live: list[bool], done: list[int], stop: set[int], max_new_tokens: int) -> list[int]:
+    """Row b's new tokens up to a stop token or max_new_tokens; updates its `live` flag and `done` count."""
+    new = new[: max_new_tokens - done[b]]
+    for j, t in enumerate(new):
+        if t in stop:
+            new, live[b] = new[:j], False
+            break
+    done[b] += len(new)
+    if done[b] >= max_new_tokens:
+        live[b] = False
+    return new
+
+
 def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | None, max_new_tokens: int,
                              sampling: Sampling, stop_ids: set[int] | None, draft_depth: int | None = None,
                              draft_tokens: int | None = None, stats: dict[str, Any] | None = None,
@@ -72,7 +85,7 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
     hidden_size = runtime.model.config.hidden_size
     pad_id = int(getattr(runtime.model.config, "pad_token_id", None) or 0)
     offsets = torch.arange(MAX_DRAFT_TOKENS, device=device)  # [K]
-    drafted = accepted = rounds = 0
+    drafted = accepted = rounds = plain_steps = 0
     per_exit: dict[int, list[int]] = {}  # exit -> [rounds, drafted, accepted]
     with torch.no_grad():
         ids, pad = left_pad(prompts, pad_id, device)
@@ -85,6 +98,17 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
         pos = torch.full((rows,), ids.shape[1], dtype=torch.long, device=device)  # [rows] slot of `token`, uncached
         while any(live):
             n, k = tracker.choose()
+            if k == 0:  # the adaptive policy expects no gain from drafting now: one plain step at the serving depth
+                _, logits = run(0, depth, token[:, None], pos[:, None], pad)  # [rows, 1, vocab]
+                live_dev = torch.tensor(live, device=device)  # [rows]
+                token = torch.where(live_dev, choose(logits[:, -1], sampling, generator), token)  # [rows]
+                pos = pos + live_dev.long()
+                chosen = token.tolist()  # the one sync of this step
+                out = [_cut([chosen[b]], b, live, done, stop, max_new_tokens) if live[b] else [] for b in range(rows)]
+                tracker.observe(None, [], [])
+                plain_steps += 1
+                yield out
+                continue
             k = min(k, max(max_new_tokens - d for d, ok in zip(done, live) if ok))  # never draft past the end
             hidden = torch.empty(rows, k, hidden_size, dtype=runtime.stack.dtype, device=device)  # [rows, k, hidden]
             drafts = torch.empty(rows, k, dtype=torch.long, device=device)  # [rows, k]
@@ -131,15 +155,7 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
                 new = host[2 * rows + b * d: 2 * rows + b * d + m] + ([fixes[b]] if m < d else [])
                 offered.append(d)
                 kept.append(m)
-                new = new[: max_new_tokens - done[b]]
-                for j, t in enumerate(new):
-                    if t in stop:
-                        new, live[b] = new[:j], False
-                        break
-                done[b] += len(new)
-                if done[b] >= max_new_tokens:
-                    live[b] = False
-                out.append(new)
+                out.append(_cut(new, b, live, done, stop, max_new_tokens))
             tracker.observe(n, offered, kept)
             rounds, drafted, accepted = rounds + 1, drafted + sum(offered), accepted + sum(kept)
             tally = per_exit.setdefault(n, [0, 0, 0])
@@ -152,4 +168,5 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
         stats.update(depth=depth, draft_depth=plan.exits[0] if not plan.adaptive else max(
             merged, key=lambda e: merged[e][0], default=plan.exits[0]), draft_tokens=plan.max_tokens,
             threshold=plan.threshold, adaptive=plan.adaptive, rounds=stats.get("rounds", 0) + rounds,
+            plain_steps=stats.get("plain_steps", 0) + plain_steps,
             drafted=stats.get("drafted", 0) + drafted, accepted=stats.get("accepted", 0) + accepted, exits=merged)

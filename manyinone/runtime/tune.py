@@ -85,7 +85,9 @@ def _policy(runtime: Runtime, policy: dict[str, Any]):
 
 
 def _trial(runtime, prompts, warm, max_new_tokens, budget, settings: dict[str, Any]) -> dict[str, Any]:
-    decode_rate(runtime, warm, 2 * settings.get("draft_tokens", 4) + 2, budget, speculative=True, **settings)
+    # An untimed run as long as the timed ones: it records the CUDA graph of every shape the policy reaches
+    # (an adaptive policy or a threshold visits several exits and verify lengths).
+    decode_rate(runtime, warm, max_new_tokens, budget, speculative=True, **settings)
     rate, runs = decode_rate(runtime, prompts, max_new_tokens, budget, speculative=True, **settings)
     drafted = sum(g.stats["drafted"] for g in runs)
     rounds = sum(g.stats["rounds"] for g in runs)
