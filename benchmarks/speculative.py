@@ -87,7 +87,9 @@ def batch_rate(rt: Runtime, rows: list[list[int]], new: int, **kwargs) -> dict:
     out = {"tok_s": g.decode_tokens_per_s, "tokens": g.tokens}
     if kwargs.get("speculative"):
         out["acceptance"] = g.stats["accepted"] / max(g.stats["drafted"], 1)
-        out["tokens_per_round"] = sum(len(t) - 1 for t in g.tokens) / max(g.stats["rounds"], 1) / len(rows)
+        steps = g.stats["rounds"] + g.stats.get("plain_steps", 0)  # a plain step is a round of one token
+        out["tokens_per_round"] = sum(len(t) - 1 for t in g.tokens) / max(steps, 1) / len(rows)
+        out["plain_steps"] = g.stats.get("plain_steps", 0) / max(steps, 1)
         out["exits"] = g.stats.get("exits")
     return out
 
@@ -323,23 +325,25 @@ def print_tables(results: dict, errors: dict, policies: dict, batches: list[int]
         for e in sweep["exits"]:
             print(f"| {e['exit']} | {e['cost']:.3f} | {e['acceptance']:.3f} |")
         print(f"\ntuned: {label_of(settings_of(sweep))} ({sweep['speedup']:.2f}x when tuned); stored={args.store}")
-    print("\n| batch | policy | tok/s (all rows) | speed-up | acceptance | tokens/round/row | same as plain (rows, prefix) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| batch | policy | tok/s (all rows) | speed-up | acceptance | tokens/round/row | plain steps | "
+          "same as plain (rows, prefix) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for b in batches:
         plain = results.get(f"plain b{b}")
         if plain:
-            print(f"| {b} | plain | {plain['tok_s']:.1f} | 1.00x | | | |")
+            print(f"| {b} | plain | {plain['tok_s']:.1f} | 1.00x | | | | |")
         for name, settings in policies.items():
             r = results.get(f"{name} b{b}")
             if r and "speedup" in r:
                 same, prefix = r["same"]
                 print(f"| {b} | {name}: {label_of(settings)} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
-                      f"{r['acceptance']:.3f} | {r['tokens_per_round']:.2f} | {same}/{b}, {prefix:.3f} |")
+                      f"{r['acceptance']:.3f} | {r['tokens_per_round']:.2f} | {r['plain_steps']:.0%} | {same}/{b}, "
+                      f"{prefix:.3f} |")
     f32 = results.get("float32 equality")
     if f32:
         for name, rows in f32.items():
             text = "; ".join(f"{k}: {same} identical, prefix {prefix:.3f}" for k, (same, prefix) in rows.items())
-            print(f"| float32 | {name} | | | | | {text} |")
+            print(f"| float32 | {name} | | | | | | {text} |")
     hf = results.get("HF generate")
     if hf:
         print(f"\n| HF baseline (batch 1, {args.hf_tokens} tokens) | tok/s | vs HF generate |\n| --- | --- | --- |")

@@ -90,7 +90,7 @@ def _trial(runtime, prompts, warm, max_new_tokens, budget, settings: dict[str, A
     decode_rate(runtime, warm, max_new_tokens, budget, speculative=True, **settings)
     rate, runs = decode_rate(runtime, prompts, max_new_tokens, budget, speculative=True, **settings)
     drafted = sum(g.stats["drafted"] for g in runs)
-    rounds = sum(g.stats["rounds"] for g in runs)
+    rounds = sum(g.stats["rounds"] + g.stats.get("plain_steps", 0) for g in runs)  # a plain step: a 1-token round
     emitted = sum(len(g.tokens[0]) - 1 for g in runs)
     return {**settings, "tokens_per_s": rate, "acceptance": sum(g.stats["accepted"] for g in runs) / max(drafted, 1),
             "tokens_per_round": emitted / max(rounds, 1), "accepted": sum(g.stats["accepted"] for g in runs),
