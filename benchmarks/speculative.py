@@ -118,8 +118,15 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
     return sum(x == y for x, y in zip(a, b)), sum(prefix) / max(len(prefix), 1)
 
 
+DEADLINE = [float("inf")]  # perf_counter() after which the remaining sections are skipped (--time-budget)
+
+
 def guarded(name: str, fn, results: dict, errors: dict):
-    """Run one measurement; a failure is recorded and reported instead of ending the benchmark."""
+    """Run one measurement; a failure is recorded and reported instead of ending the benchmark, and past
+    the time budget a section is skipped, so the tables always print."""
+    if time.perf_counter() > DEADLINE[0]:
+        errors[name] = "skipped: over --time-budget"
+        return None
     try:
         results[name] = fn()
     except Exception as exc:  # report and go on: one broken section must not hide the others
@@ -173,6 +180,8 @@ def main() -> None:
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model on CPU, few tokens: checks the script")
     parser.add_argument("--out", default="speculative_sweep", help="prefix of the .json and .png written")
+    parser.add_argument("--time-budget", type=float, default=200.0,
+                        help="seconds after loading; sections not started by then are skipped (tables still print)")
     args = parser.parse_args()
 
     if args.tiny:
@@ -205,6 +214,7 @@ def main() -> None:
           f"{args.new_tokens} new tokens", flush=True)
 
     started = time.perf_counter()
+    DEADLINE[0] = started + args.time_budget
     choice = guarded("sweep", lambda: autotune(rt, prompts[: args.tune_prompts], args.new_tokens,
                                                draft_lengths=lengths, thresholds=thresholds), results, errors)
     print(f"sweep done in {time.perf_counter() - started:.0f} s", flush=True)
@@ -261,7 +271,10 @@ def main() -> None:
 
     report = {"args": vars(args), "results": results, "errors": errors, "policies": policies}
     Path(f"{args.out}.json").write_text(json.dumps(report, indent=1, default=str))
-    guarded("plot", lambda: plot(results, policies, batches, f"{args.out}.png", args), {}, errors)
+    try:  # never skipped: the plot shows whatever was measured
+        plot(results, policies, batches, f"{args.out}.png", args)
+    except Exception as exc:
+        errors["plot"] = f"{type(exc).__name__}: {exc}"
     print_tables(results, errors, policies, batches, args)
 
 
@@ -352,7 +365,7 @@ def print_tables(results: dict, errors: dict, policies: dict, batches: list[int]
             if name.startswith("HF assistant_early_exit") and value:
                 print(f"| {name} | {value:.1f} | {value / hf:.2f}x |")
     for name, err in errors.items():
-        print(f"| {name} | FAILED | {err} |")
+        print(f"| {name} | {'SKIPPED' if err.startswith('skipped') else 'FAILED'} | {err} |")
     print(f"\nwrote {args.out}.json and {args.out}.png")
 
 
