@@ -391,14 +391,18 @@ def tune_speculative(
     runtime = Runtime.open(ckpt, dtype=torch_dtype, device=device)
     choice = autotune(runtime, instruction_prompts(runtime, data, rows, prompts), max_new_tokens)
     table = Table(title=f"self-speculation on {ckpt} (plain greedy: {choice['baseline_tokens_per_s']:.1f} tok/s)")
-    for col in ("draft exit", "draft length", "tokens/s", "acceptance"):
+    for col in ("draft exit", "draft length", "threshold", "tokens/s", "acceptance", "tokens/round"):
         table.add_column(col, justify="right")
     for t in choice["trials"]:
-        table.add_row(str(t["draft_depth"]), str(t["draft_tokens"]), f"{t['tokens_per_s']:.1f}", f"{t['acceptance']:.2f}")
+        table.add_row("adaptive" if t.get("adaptive") else str(t["draft_depth"]), str(t["draft_tokens"]),
+                      str(t.get("draft_threshold") or "-"), f"{t['tokens_per_s']:.1f}", f"{t['acceptance']:.2f}",
+                      f"{t['tokens_per_round']:.2f}")
     console.print(table)
     store_choice(ckpt, choice)
-    console.print(f"chose draft exit {choice['draft_depth']}, {choice['draft_tokens']} tokens "
-                  f"({choice['speedup']:.2f}x); written to {ckpt / 'manyinone.json'}")
+    what = "the adaptive policy" if choice["adaptive"] else f"draft exit {choice['draft_depth']}"
+    threshold = f", threshold {choice['threshold']}" if choice.get("threshold") else ""
+    console.print(f"chose {what}, up to {choice['draft_tokens']} tokens{threshold} ({choice['speedup']:.2f}x); "
+                  f"written to {ckpt / 'manyinone.json'}")
 
 
 def main() -> None:  # pragma: no cover - `python -m manyinone`
