@@ -2,6 +2,7 @@
 
 Three suspects, each tested on its own:
 1. the cache dtype: run with a float32 KV cache (values cast back for attention);
+   and the logits' dtype: the head's matmul in float32 at the serving depth (bf16 logits round to 1/8 near 20);
 2. the verification batch shape: verify the drafted positions one at a time (q = 1, the kernels plain
    decoding runs) instead of as one block of k;
 3. the accumulation order inside the kernels: on CUDA, forbid cuBLAS's reduced-precision (bf16) split-K
@@ -105,10 +106,54 @@ def no_reduced_precision_reduction():
         m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 
 
-def prefix_agreement(rt, prompts, new, n, k) -> tuple[int, float]:
+@contextlib.contextmanager
+def float32_logits(rt, adapter):
+    """Logits at the serving depth from the final norm's output times the head weight in float32 (plain and
+    speculative alike), instead of a bf16 matmul whose output is rounded to bf16 before the argmax; at logits
+    near 20 a bf16 step is 0.125, so two candidates that close tie or swap on a 1-ulp change."""
+    head = adapter.linear_head()
+    stack = rt.stack
+    depth = rt.depth_for(None)
+    original = stack.exit_logits
+
+    def exit_logits(end, hidden):
+        if end == depth:
+            return torch.nn.functional.linear(head.norm(hidden).float(), head.weight.float())
+        return original(end, hidden) if original is not None else stack.parts.head(hidden)
+
+    stack.exit_logits = exit_logits
+    rt._runners.clear()
+    try:
+        yield
+    finally:
+        stack.exit_logits = original
+        rt._runners.clear()
+
+
+def first_divergence_gaps(rt, prompts, plain, spec) -> list[float]:
+    """Where a speculative output first differs: the plain path's logit gap between its token and the
+    speculative one (recomputed by one prefill of the plain prefix), in units of the top logit's bf16 step."""
+    gaps = []
+    run = rt.runner(1)
+    pad = torch.zeros(1, dtype=torch.long, device=rt.device)
+    for p, a, b in zip(prompts, plain, spec):
+        j = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), None)
+        if j is None:
+            continue
+        with torch.no_grad():
+            logits = run.prefill(rt.depth_for(None), torch.tensor([p + a[:j]], device=rt.device), pad)[0, -1]
+        top = logits[a[j]]
+        step = float(torch.finfo(torch.bfloat16).eps) * 2 ** float(torch.floor(torch.log2(top.abs().clamp(min=1e-30))))
+        gaps.append(float(top - logits[b[j]]) / step)
+    return gaps
+
+
+def prefix_agreement(rt, prompts, new, n, k, gaps: list | None = None) -> tuple[int, float]:
     plain = [rt.generate([p], max_new_tokens=new, stop_ids=set()).tokens[0] for p in prompts]
     spec = [rt.generate([p], max_new_tokens=new, stop_ids=set(), speculative=True, draft_depth=n,
                         draft_tokens=k).tokens[0] for p in prompts]
+    if gaps is not None:
+        gaps.extend(first_divergence_gaps(rt, prompts, plain, spec))
     return agreement(spec, plain)
 
 
@@ -194,16 +239,28 @@ def main() -> None:
     probe, _, _ = open_runtime(args.ckpt, args.exits, torch.float32, "cpu", 8, False)
     prompts = instruction_prompts(probe, args.prompts, args.rows, args.count)
     max_len = max(map(len, prompts)) + args.new_tokens + 32
-    rows = []
+    rows, gaps = [], []
     for dtype in (torch.float32, torch.bfloat16):
         rt, _, _ = open_runtime(args.ckpt, args.exits, dtype, device, max_len, graphs)
         depth = rt.depth_for(None)
         n = args.draft_exit or min([e for e in rt.exits() if e < depth] or [depth // 3],
                                    key=lambda e: abs(e - depth / 3))
         name = str(dtype).replace("torch.", "")
-        rows.append((name, "block verify (default)", prefix_agreement(rt, prompts, args.new_tokens, n, args.draft_tokens)))
+        rows.append((name, "block verify (default)", prefix_agreement(rt, prompts, args.new_tokens, n, args.draft_tokens,
+                                                                      gaps if dtype == torch.bfloat16 else None)))
         if dtype == torch.float32:
             continue
+        from manyinone.core.registry import adapter_for
+
+        adapter = adapter_for(rt.model)
+        with float32_logits(rt, adapter):
+            rows.append((name, "float32 logits at the serving depth",
+                         prefix_agreement(rt, prompts, args.new_tokens, n, args.draft_tokens)))
+            if device == "cuda":
+                with no_reduced_precision_reduction():
+                    rt._runners.clear()
+                    rows.append((name, "float32 logits + no reduced-precision GEMM reduction",
+                                 prefix_agreement(rt, prompts, args.new_tokens, n, args.draft_tokens)))
         with sequential_verify(rt):
             rows.append((name, "verify one position at a time", prefix_agreement(rt, prompts, args.new_tokens, n,
                                                                                  args.draft_tokens)))
@@ -222,6 +279,9 @@ def main() -> None:
     print("| dtype | variant | prompts identical to plain greedy | mean matched prefix |\n| --- | --- | --- | --- |")
     for dtype, variant, (same, prefix) in rows:
         print(f"| {dtype} | {variant} | {same}/{len(prompts)} | {prefix:.3f} |")
+    if gaps:
+        print(f"\nbf16 block verify, first divergences: plain's logit margin over the speculative token = "
+              f"{', '.join(f'{g:.1f}' for g in gaps)} bf16 steps of the top logit (0-1: a near-tie a 1-ulp change flips)")
     print(f"\nbf16, layers {n}..{depth - 1}: one call on {args.draft_tokens} positions vs {args.draft_tokens} calls "
           "on one position, identical inputs\n")
     print("| op | elements differing (mean over layers) | max relative diff | first layer differing |\n"
