@@ -114,7 +114,9 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
             drafts = torch.empty(rows, k, dtype=torch.long, device=device)  # [rows, k]
             draft_probs = None if sampling.greedy else torch.empty(rows, k, runtime.model.config.vocab_size,
                                                                   device=device)  # [rows, k, vocab]
-            sure = torch.tensor(live, device=device)  # [rows] live rows whose draft is still confident
+            # Made here, while the device is idle after the last round's sync: a host-to-device copy waits for it.
+            live_dev = torch.tensor(live, device=device)  # [rows]
+            sure = live_dev.clone()  # [rows] live rows whose draft is still confident
             current, d = token, k
             for i in range(k):  # draft: layers 0..n-1, one position per row, keys/values land in the cache
                 h, logits = run(0, n, current[:, None], pos[:, None] + i, pad)  # [rows, 1, hidden], [rows, 1, vocab]
@@ -140,7 +142,6 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
                 matched, fix = accept_sampled_rows(drafts[:, :d], draft_probs[:, :d], probabilities(logits, sampling),
                                                    generator)
             short = matched < d  # [rows] a rejection: the fix token follows the accepted ones
-            live_dev = torch.tensor(live, device=device)  # [rows]
             token = torch.where(live_dev, torch.where(short, fix, drafts[:, d - 1]), token)
             pos = pos + torch.where(live_dev, matched + short.long(), 0)
             host = torch.cat([matched, fix, drafts[:, :d].flatten()]).tolist()  # one sync per round
