@@ -118,7 +118,7 @@ def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 6
     for t in thresholds:
         check_draft(depth, threshold=t)
     warm = prompts[:1]
-    decode_rate(runtime, warm, 8, budget)
+    decode_rate(runtime, warm, max_new_tokens, budget)  # untimed, as long as the timed runs (as every trial)
     baseline, _ = decode_rate(runtime, prompts, max_new_tokens, budget)
     costs = measure_step_costs(runtime, depth, depths)
     trials = [_trial(runtime, prompts, warm, max_new_tokens, budget, {"draft_depth": n, "draft_tokens": k})
