@@ -176,3 +176,25 @@ def test_cli_generate_speculative_and_bad_draft_flags(trained_run):
         bad = cli.invoke(app, base + flags)
         assert bad.exit_code == 2 and f"error: {message}" in bad.output, bad.output
         assert len([line for line in bad.output.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_drafts_exit_through_the_checkpoints_translator_heads(tiny_llama_tied, tmp_path):
+    from manyinone.core.space import SubnetSpec
+    from manyinone.train.config import TrainConfig
+    from manyinone.train.loop import train
+
+    cfg = TrainConfig(model=str(tiny_llama_tied), exits=[2, 4], data="demo", max_steps=2, batch_size=4, lr=1e-2,
+                      exit_heads="translator", output=str(tmp_path / "translator"))
+    nested = open_checkpoint(train(cfg, show_progress=False))
+    rt = Runtime.from_nested(nested, max_len=96)
+    through = rt.stack.exit_logits
+    ends = []
+    rt.stack.exit_logits = lambda end, hidden: ends.append(end) or through(end, hidden)
+    prompts = random_prompts(3, seed=8)
+    plain = per_row_plain(rt, prompts, 16, set())
+    ends.clear()
+    spec = rt.generate(prompts, max_new_tokens=16, stop_ids=set(), speculative=True, draft_depth=2, draft_tokens=3)
+    assert spec.tokens == plain and 2 in ends and 4 in ends  # drafts at exit 2, verification at depth 4
+    hidden = torch.randn(1, 1, nested.model.config.hidden_size)
+    own = nested.exit_logits(SubnetSpec({"depth": 2}), hidden)
+    assert torch.equal(through(2, hidden), own) and not torch.allclose(own, nested.adapter.exit_logits(hidden))
