@@ -29,6 +29,7 @@ import torch
 
 from manyinone.io.checkpoint import build_index, is_checkpoint
 from manyinone.runtime import Runtime
+from manyinone.runtime.draft_policy import best_length
 from manyinone.runtime.tune import autotune, instruction_prompts, store_choice
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -300,7 +301,7 @@ def plot(results: dict, policies: dict, batches: list[int], path: str, args) -> 
     ax.bar([str(e["exit"]) for e in exits], [e["acceptance"] for e in exits], color="tab:green")
     for i, e in enumerate(exits):
         ax.text(i, e["acceptance"], f"c={e['cost']:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set(xlabel="draft exit", ylabel="per-token acceptance", title="acceptance per exit (c: measured step cost)",
+    ax.set(xlabel="draft exit", ylabel="per-token acceptance alpha", title="acceptance per exit (c: measured step cost)",
            ylim=(0, 1))
     ax = axes[2]
     width = 0.8 / max(len(policies), 1)
@@ -327,18 +328,20 @@ def print_tables(results: dict, errors: dict, policies: dict, batches: list[int]
     if sweep:
         base = sweep["baseline_tokens_per_s"]
         print(f"\nBatch-1 sweep (plain greedy {base:.1f} tok/s):\n")
-        print("| policy | tok/s | vs plain | acceptance | tokens/round |")
+        print("| policy | tok/s | vs plain | accepted / drafted | tokens/round |")
         print("| --- | --- | --- | --- | --- |")
         for t in sweep["trials"]:
             name = "adaptive" if t.get("adaptive") else f"exit {t['draft_depth']}"
             name += f", k={t['draft_tokens']}" + (f", threshold {t['draft_threshold']}" if t.get("draft_threshold") else "")
             print(f"| {name} | {t['tokens_per_s']:.1f} | {t['tokens_per_s'] / base:.2f}x | {t['acceptance']:.3f} | "
                   f"{t['tokens_per_round']:.2f} |")
-        print("\n| exit | measured step cost | acceptance (pooled over k) |\n| --- | --- | --- |")
+        print("\n| exit | measured step cost c | per-token acceptance alpha (kept / (kept + rejections)) | "
+              "best expected speed-up, k |\n| --- | --- | --- | --- |")
         for e in sweep["exits"]:
-            print(f"| {e['exit']} | {e['cost']:.3f} | {e['acceptance']:.3f} |")
+            k, gain = best_length(e["acceptance"], e["cost"], 16)
+            print(f"| {e['exit']} | {e['cost']:.3f} | {e['acceptance']:.3f} | {gain:.2f}x, k={k} |")
         print(f"\ntuned: {label_of(settings_of(sweep))} ({sweep['speedup']:.2f}x when tuned); stored={args.store}")
-    print("\n| batch | policy | tok/s (all rows) | speed-up | acceptance | tokens/round/row | plain steps | "
+    print("\n| batch | policy | tok/s (all rows) | speed-up | accepted / drafted | tokens/round/row | plain steps | "
           "same as plain (rows, prefix) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for b in batches:

@@ -85,7 +85,7 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
     hidden_size = runtime.model.config.hidden_size
     pad_id = int(getattr(runtime.model.config, "pad_token_id", None) or 0)
     offsets = torch.arange(MAX_DRAFT_TOKENS, device=device)  # [K]
-    drafted = accepted = rounds = plain_steps = 0
+    drafted = accepted = rounds = plain_steps = rejections = 0
     per_exit: dict[int, list[int]] = {}  # exit -> [rounds, drafted, accepted]
     with torch.no_grad():
         ids, pad = left_pad(prompts, pad_id, device)
@@ -158,6 +158,7 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
                 kept.append(m)
                 out.append(_cut(new, b, live, done, stop, max_new_tokens))
             tracker.observe(n, offered, kept)
+            rejections += sum(m < o for m, o in zip(kept, offered))
             rounds, drafted, accepted = rounds + 1, drafted + sum(offered), accepted + sum(kept)
             tally = per_exit.setdefault(n, [0, 0, 0])
             tally[0], tally[1], tally[2] = tally[0] + 1, tally[1] + sum(offered), tally[2] + sum(kept)
@@ -170,4 +171,5 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
             merged, key=lambda e: merged[e][0], default=plan.exits[0]), draft_tokens=plan.max_tokens,
             threshold=plan.threshold, adaptive=plan.adaptive, rounds=stats.get("rounds", 0) + rounds,
             plain_steps=stats.get("plain_steps", 0) + plain_steps,
-            drafted=stats.get("drafted", 0) + drafted, accepted=stats.get("accepted", 0) + accepted, exits=merged)
+            drafted=stats.get("drafted", 0) + drafted, accepted=stats.get("accepted", 0) + accepted,
+            rejections=stats.get("rejections", 0) + rejections, exits=merged)

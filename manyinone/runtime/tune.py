@@ -92,9 +92,10 @@ def _trial(runtime, prompts, warm, max_new_tokens, budget, settings: dict[str, A
     drafted = sum(g.stats["drafted"] for g in runs)
     rounds = sum(g.stats["rounds"] + g.stats.get("plain_steps", 0) for g in runs)  # a plain step: a 1-token round
     emitted = sum(len(g.tokens[0]) - 1 for g in runs)
-    return {**settings, "tokens_per_s": rate, "acceptance": sum(g.stats["accepted"] for g in runs) / max(drafted, 1),
-            "tokens_per_round": emitted / max(rounds, 1), "accepted": sum(g.stats["accepted"] for g in runs),
-            "drafted": drafted}
+    accepted = sum(g.stats["accepted"] for g in runs)
+    return {**settings, "tokens_per_s": rate, "acceptance": accepted / max(drafted, 1),
+            "tokens_per_round": emitted / max(rounds, 1), "accepted": accepted, "drafted": drafted,
+            "rejections": sum(g.stats["rejections"] for g in runs)}
 
 
 def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 64, budget: float | None = None,
@@ -105,7 +106,8 @@ def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 6
 
     Default draft exits: the checkpoint's trained exits shallower than the verifying depth. Each setting
     runs once untimed first (that records its CUDA graphs). The returned "exits" list (measured step
-    cost and acceptance per exit) is what an adaptive policy starts from at serving time.
+    cost and per-token acceptance per exit) is what an adaptive policy starts from at serving time; a
+    trial's "acceptance" is accepted / drafted tokens (the figure the issue reports).
     """
     depth = runtime.depth_for(budget)
     depths = draft_depths or [e for e in runtime.exits() if e < depth]
@@ -125,9 +127,12 @@ def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 6
               for n in depths for k in draft_lengths]
     exits = []
     for n in depths:
+        # Per-token acceptance (the draft policy's alpha): kept / (kept + first rejections). Tokens drafted
+        # after a rejection were never judged, so accepted / drafted would understate it, the more so for long drafts.
         mine = [t for t in trials if t["draft_depth"] == n]
-        acceptance = sum(t["accepted"] for t in mine) / max(sum(t["drafted"] for t in mine), 1)
-        exits.append({"exit": n, "cost": round(costs[n], 4), "acceptance": round(acceptance, 4)})
+        kept = sum(t["accepted"] for t in mine)
+        alpha = kept / max(kept + sum(t["rejections"] for t in mine), 1)
+        exits.append({"exit": n, "cost": round(costs[n], 4), "acceptance": round(alpha, 4)})
     best_fixed = max(trials, key=lambda t: t["tokens_per_s"])
     longest = min(max(draft_lengths) * 2, MAX_DRAFT_TOKENS)
     for t in thresholds:  # a longer draft that stops at the first doubt
