@@ -64,7 +64,8 @@ def attention_masks(slots: torch.Tensor, pad: torch.Tensor, max_len: int, dtype:
     keys = torch.arange(max_len, device=slots.device)  # [max_len]
     query = slots[..., None]  # [q, 1] or [batch, q, 1]
     causal = keys <= query  # [q, max_len] or [batch, q, max_len]
-    visible = (causal if causal.dim() == 3 else causal[None]) & (keys[None, None, :] >= pad[:, None, None])  # [batch, q, max_len]
+    causal = causal if causal.dim() == 3 else causal[None]  # [1 or batch, q, max_len]
+    visible = causal & (keys[None, None, :] >= pad[:, None, None])  # [batch, q, max_len]
     low = torch.finfo(dtype).min
 
     def additive(allowed: torch.Tensor) -> torch.Tensor:

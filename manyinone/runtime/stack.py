@@ -61,8 +61,9 @@ class LayerStack:
             pad: torch.Tensor, head: bool, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layers [start, end) on `inputs` (token ids [batch, q] if start == 0, else hidden [batch, q, hidden]).
 
-        Writes keys/values of those layers at `slots` ([q], or [batch, q] for per-row slots) and returns (hidden after layer end-1
-        [batch, q, hidden], float32 logits [batch, q or 1, vocab] through the final norm and head, or None).
+        Writes keys/values of those layers at `slots` ([q], or [batch, q] for per-row slots) and returns
+        (hidden after layer end-1 [batch, q, hidden], float32 logits [batch, q or 1, vocab] through the
+        final norm and head, or None).
         """
         parts = self.parts
         cache.slots = slots
