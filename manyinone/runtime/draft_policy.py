@@ -81,11 +81,6 @@ class DraftPlan:
     threshold: float | None = None
     adaptive: bool = False
 
-    def describe(self) -> dict[str, Any]:
-        return {"depth": self.depth, "draft_depth": self.exits[0] if not self.adaptive else None,
-                "draft_exits": self.exits, "draft_tokens": self.max_tokens, "threshold": self.threshold,
-                "adaptive": self.adaptive}
-
 
 def index_costs(index: dict[str, Any] | None, exits: list[int], depth: int) -> dict[int, float]:
     """Step cost of each exit relative to `depth`, from the budget index's relative costs (its metric);
@@ -114,13 +109,13 @@ def validate(checkpoint: bool, exits: list[int], depth: int, draft_depth: int | 
 
     checkpoint: whether the model has a budget index (a plain model has one exit, its full depth);
     exits: its trained exit depths; depth: the serving (verifying) depth."""
-    check_draft(depth, draft_depth, draft_tokens, threshold)
     if checkpoint and len(exits) < 2:
         raise ManyinoneError(f"speculation needs a checkpoint with at least two exits; this one has only exit "
                              f"{exits[0]} (train with several exits, or decode without speculation)")
     if depth < 2:
         raise ManyinoneError("speculative decoding needs a serving depth of at least 2 layers; raise the budget "
                              "or decode without speculation")
+    check_draft(depth, draft_depth, draft_tokens, threshold)
     if adaptive and draft_depth is not None:
         raise ManyinoneError(f"draft exit {draft_depth} fixes the draft exit; leave it out for an adaptive policy")
     if not checkpoint and draft_depth is None:
