@@ -8,6 +8,12 @@ repeats. The results table is printed last (and written to --out as JSON).
 
     python benchmarks/decode.py --ckpt /root/quality/soft --prompts /root/alpaca_2000.json   # GPU
     python benchmarks/decode.py --smoke                                                       # CPU, tiny model
+
+`--suite runtime` runs the runtime suite instead (benchmarks/decode_suite.py: eager vs fused runtime vs
+HF static+compile vs HF default, SmolLM2 and the 7B shape, kernels per layer):
+
+    python benchmarks/decode.py --suite runtime --model /root/smollm2-hf    # GPU, ~5 min
+    python benchmarks/decode.py --suite runtime --tiny --device cpu         # CPU check
 """
 
 from __future__ import annotations
@@ -122,7 +128,7 @@ def main() -> None:
     parser.add_argument("--prompts", help="Alpaca-style .json of instructions")
     parser.add_argument("--rows", default="1800:2000", help="held-out record slice")
     parser.add_argument("--count", type=int, default=8, help="prompts timed")
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (128 with --suite runtime)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--budget", type=float, default=0.5, help="the in-runtime / exported budget compared")
@@ -137,7 +143,24 @@ def main() -> None:
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model on CPU, few tokens: checks the script")
     parser.add_argument("--out", default=None, help="write results JSON here")
+    parser.add_argument("--suite", choices=["speculative", "runtime"], default="speculative",
+                        help="runtime: the decode runtime suite (benchmarks/decode_suite.py)")
+    parser.add_argument("--model", help="--suite runtime: SmolLM2 as an HF folder")
+    parser.add_argument("--tiny", action="store_true", help="--suite runtime: tiny random models (a CPU check)")
+    parser.add_argument("--device", default="auto", help="--suite runtime: cuda, cpu or auto")
+    parser.add_argument("--prompt-len", type=int, default=64, help="--suite runtime: prompt tokens")
+    parser.add_argument("--only", default=None, help="--suite runtime: comma-separated words; run only rows "
+                        "whose 'model bBATCH method' contains one")
+    parser.add_argument("--time-budget", type=float, default=300.0,
+                        help="--suite runtime: seconds after which the remaining rows are skipped")
     args = parser.parse_args()
+    if args.suite == "runtime":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from decode_suite import run_suite
+
+        args.new_tokens = args.new_tokens or 128
+        return run_suite(args)
+    args.new_tokens = args.new_tokens or 256
 
     if args.smoke:
         torch.set_num_threads(1)

@@ -46,6 +46,8 @@ MANYINONE_GENTLE = ["--exits", EXITS, "--epochs", "4", "--lr", "1e-4",
 # are as many steps as the gentle recipe's 4.
 AGREE = [*MANYINONE_GENTLE[:2], "--epochs", "2", *MANYINONE_GENTLE[4:], "--set", "teacher=@sft",
          "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"]
+LR3 = ["--lr", "3e-4", "--set", "warmup_steps=20", "--set", "exit_heads_lr_scale=10"]
+AGREE_BIG = [*AGREE[:-4], "--set", "mix_data=@gen6", "--set", "mix_ratio=0.75"]
 RECIPES: dict[str, list[str]] = {
     "sft": ["--exits", "30"],
     # SFT + early-exit heads (the Sorted-LLaMA paper's SFT+ICT): own norm + LM head per exit,
@@ -60,11 +62,33 @@ RECIPES: dict[str, list[str]] = {
     "agree-reverse": [*AGREE, "--set", "teacher_kl=reverse"],
     "agree-nomix": [*MANYINONE_GENTLE, "--set", "teacher=@sft"],  # the teacher alone, labels only
     "gentle-mix": [*AGREE[:-6], "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"],  # the data alone
+    # More generated data (gen6: 6 samples per prompt, ~4-5x the labelled tokens), 75% of each epoch
+    # drawn from it: 2 epochs are 900 steps and see every generated record once.
+    "agree-big": AGREE_BIG,
+    # Levers on top of agree-big, one each (issue 19, item 4):
+    "agree-big-lr3": [*AGREE_BIG, *LR3],  # faster base lr, the full depth held by the teacher
+    "agree-big-seg": [*AGREE_BIG, "--set", "segment_lr_scales=[4,3,2,1,1]"],  # early layers train faster
+    "agree-big-drop": [*AGREE_BIG, "--set", "layer_dropout=0.1"],  # LayerSkip's layer dropout
+    "agree-big-full": [*AGREE_BIG, "--set", "teacher_full_weight=3",
+                       "--set", "exit_weights=[1,1,1,1,1]"],  # the full depth leans on the teacher, not labels
+    # Round 3 candidates (not run yet): the best exits (lr3) with the full depth held by the teacher,
+    # and GKD-style on-policy rows (a quarter of each micro-batch sampled by the model being trained).
+    "agree-lr3-full": [*AGREE_BIG, *LR3, "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
+    "agree-lr3-onpolicy": [*AGREE_BIG, *LR3, "--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=128"],
+    # LoRA-nested SoFT (issue 15): plain SoFT's recipe on a frozen base with adapters on every linear
+    # layer, shared by all exits, at 10x the learning rate (the usual LoRA rule); compare each with
+    # "soft" per exit, and the ranks with one another for the rank that closes the gap.
+    **{f"soft-lora{r}": ["--exits", EXITS, "--lora", str(r), "--lr", "5e-4"] for r in (8, 32, 128)},
+    # The gentle recipe with adapters: body at 10x, translators at the gentle recipe's own 3e-3.
+    "gentle-lora64": [*MANYINONE_GENTLE[:4], "--lr", "1e-3", *MANYINONE_GENTLE[6:-2],
+                      "--set", "exit_heads_lr_scale=3", "--lora", "64"],
 }
 # Data steps: `manyinone distill-data` runs; "@name" in a recipe's flags is the JSONL they write.
 DATA_STEPS: dict[str, list[str]] = {
     "gen": ["--teacher", "@sft", "--samples", "4", "--temperature", "0.8", "--top-p", "0.95",
             "--max-new-tokens", "256", "--batch-size", "256"],
+    "gen6": ["--teacher", "@sft", "--samples", "6", "--temperature", "0.8", "--top-p", "0.95",
+             "--max-new-tokens", "256", "--batch-size", "512"],
 }
 
 
@@ -155,7 +179,10 @@ def data_table(data: dict[str, dict]) -> str:
         return ""
     lines = ["", "**Generated data (GPU-minutes include the teacher's own training)**", "",
              "| data step | records | GPU-minutes |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {d['records']:,} | {d['seconds'] / 60:.1f} |" for name, d in data.items()]
+    for name, d in data.items():
+        timed = d["seconds"] == d["seconds"]  # NaN: finished by an earlier call that recorded no cost
+        lines.append(f"| {name} | {d['records']:,} | {d['seconds'] / 60:.1f} |" if timed else
+                     f"| {name} | {d['records']:,} | not timed (finished by an earlier call) |")
     return "\n".join(lines)
 
 
@@ -266,13 +293,16 @@ def main() -> None:
             target = Path(paths[recipe])
             if target.is_file() and recipe in data_done:  # made by an earlier call: keep its measured cost
                 return
-            if not target.is_file():
+            made_here = not target.is_file()
+            if made_here:
                 run(cli + ["distill-data", "--output", str(target), "--data", args.data, "--rows", args.train_rows,
                            "--template", args.template, *substitute(recipes[recipe], paths)], log)
             with lock:
-                data_done[recipe] = time.perf_counter() - started + cost_of(deps)
+                # A file an earlier call finished without recording its cost has none we can honestly give.
+                data_done[recipe] = time.perf_counter() - started + cost_of(deps) if made_here else float("nan")
                 results.setdefault("_data", {})[recipe] = {"seconds": data_done[recipe],
                                                            "records": sum(1 for _ in target.open())}
+                (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # kept if the call is cut short
             return
         if recipe == "base":
             target = args.model

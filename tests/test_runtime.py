@@ -125,8 +125,11 @@ def test_per_exit_heads_are_used_at_their_depth(tiny_llama_tied, tmp_path):
         assert got == hf_greedy(sub, prompt, 12)
 
 
-def test_width_nested_checkpoints_are_refused_clearly(tiny_llama):
+def test_width_nested_checkpoints_need_a_slicing_adapter(tiny_llama):
+    """A width index with the depth-only adapter is refused in one line naming the axes."""
+    from manyinone_llama import LlamaDepthAdapter
+
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     index = {"space": {"depth": {"total": 4, "choices": [4]}, "width": {"total": 128, "choices": [64, 128]}}}
-    with pytest.raises(ManyinoneError, match="depth-nested checkpoints"):
-        Runtime(model, index=index)
+    with pytest.raises(ManyinoneError, match=r"nests \['depth', 'width'\].*'llama-depth'.*serves depth only"):
+        Runtime(model, index=index, adapter=LlamaDepthAdapter(model))

@@ -15,6 +15,7 @@ from manyinone.io.api import open_checkpoint
 from manyinone.runtime import Runtime
 from manyinone.runtime.draft_policy import (AcceptanceTracker, DraftPlan, best_length, expected_tokens, plan_for,
                                             speedup)
+from manyinone.runtime.cache import StaticKVCache, live_length
 from manyinone.runtime.tune import store_choice
 from test_runtime import random_prompts
 
@@ -36,6 +37,62 @@ def test_batched_speculation_equals_per_row_plain_greedy(any_tiny_model, rows):
     spec = rt.generate(prompts, max_new_tokens=24, stop_ids=set(), speculative=True, draft_depth=2, draft_tokens=3)
     assert spec.tokens == plain
     assert spec.stats["rounds"] > 0 and spec.stats["accepted"] <= spec.stats["drafted"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model", ["tiny_mistral", "tiny_qwen2"])
+def test_batched_speculation_reads_a_live_bucket_covering_the_furthest_row(model, request, monkeypatch):
+    """With 8-slot live buckets, rows whose positions drift apart cross bucket edges at different rounds;
+    every draft and verify call must read a bucket past the furthest row's slots (else that row would
+    attend to a cut-off cache), and the tokens stay each row's plain greedy output."""
+    import manyinone.runtime.stack as stack
+
+    rt = load(request.getfixturevalue(model))
+    prompts = random_prompts(5, seed=31)
+    plain = per_row_plain(rt, prompts, 24, set())
+    monkeypatch.setattr(stack, "live_length", lambda n, max_len: live_length(n, max_len, 8))
+    seen, real = [], rt.stack.run
+
+    def checked(cache, start, end, inputs, slots, pad, head, last_only=False, live=None):
+        seen.append(live)
+        assert live is None or int(slots.max()) < live, (live, slots.tolist())
+        return real(cache, start, end, inputs, slots, pad, head, last_only, live=live)
+
+    monkeypatch.setattr(rt.stack, "run", checked)
+    spec = rt.generate(prompts, max_new_tokens=24, stop_ids=set(), speculative=True, draft_depth=2, draft_tokens=3)
+    assert spec.tokens == plain
+    assert None not in seen and len(set(seen)) > 2 and max(seen) < rt.max_len  # buckets, never the whole cache
+
+
+@torch.no_grad()
+def test_batched_speculation_under_the_fused_step_traces_whole_and_equals_plain(tiny_mistral):
+    """Per-row [batch, q] slots (the scatter into per-layer buffers) trace as one graph under the fused
+    step's compile (no graph break allowed), and batched speculation still gives each row's plain output."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral, dtype=torch.float32).eval()
+    whole = Runtime(model, max_len=128, compile_fn=lambda fn: torch.compile(fn, backend="aot_eager", fullgraph=True,
+                                                                            dynamic=False))
+    prompts = random_prompts(3, seed=41)
+    plain = per_row_plain(load(tiny_mistral), prompts, 12, set())
+    spec = whole.generate(prompts, max_new_tokens=12, stop_ids=set(), speculative=True, draft_depth=2, draft_tokens=3)
+    assert spec.tokens == plain and spec.stats["rounds"] > 0
+
+
+def test_per_row_slots_write_each_row_and_return_live_views_of_fewer_heads():
+    """[batch, q] slots scatter into the per-layer buffer (a heads sub-network: its first KV heads) and the
+    update returns views of the first `live` slots."""
+    cache = StaticKVCache(2, 2, 4, 32, 8, torch.float32, torch.device("cpu"))
+    cache.slots, cache.live = torch.tensor([[3, 4], [9, 10]]), 16
+    new = torch.randn(2, 2, 2, 8)  # [batch, 2 of 4 kv heads, q, head_dim]
+    keys, values = cache.update(new, new + 1, 1)
+    assert keys.shape == values.shape == (2, 2, 16, 8)
+    buffer = cache.layer_keys[1]
+    torch.testing.assert_close(buffer[0, :2, 3:5], new[0])
+    torch.testing.assert_close(buffer[1, :2, 9:11], new[1])
+    torch.testing.assert_close(cache.layer_values[1][1, :2, 9:11], new[1] + 1)
+    written = torch.zeros_like(buffer, dtype=torch.bool)
+    written[0, :2, 3:5] = written[1, :2, 9:11] = True
+    assert not buffer[~written].any() and not cache.layer_keys[0].any()  # nothing else, no other layer
+    assert keys.data_ptr() == buffer.data_ptr()  # a view, not a copy
 
 
 def test_rows_that_stop_early_and_a_threshold(tiny_mistral):

@@ -14,6 +14,7 @@ inside (`layer_specs`); a `SubnetSpec` for the whole model is the uniform specia
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -232,7 +233,9 @@ class LlamaFlextronAdapter(ModelAdapter):
         return self.depth.linear_head()  # the memory-lean loss's (final norm, head weight)
 
     def decoder_stack(self):
-        return self.depth.decoder_stack()  # the runtime serves the full width (export a width to serve it)
+        # The depth adapter's pieces, plus the plan slicing: the runtime serves every (width, heads)
+        # plan as views of the one copy of the weights.
+        return dataclasses.replace(self.depth.decoder_stack(), sliced=self.sliced)
 
     # --- importance reordering ----------------------------------------------------------------
     @torch.no_grad()

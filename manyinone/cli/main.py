@@ -6,6 +6,7 @@ Every bad input ends as `error: <one line>` on stderr and exit code 2, never a t
 from __future__ import annotations
 
 import functools
+import json
 import math
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from manyinone.core.errors import ManyinoneError
+from manyinone.train.recipes import RECIPES
+from manyinone.io.aliases import alias_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train one LLM as many nested sub-models; export and serve any budget.")
@@ -63,7 +66,8 @@ def _int_list(text: Optional[str], name: str) -> Optional[list[int]]:
 @app.command()
 @_friendly
 def train(
-    model: Optional[str] = typer.Option(None, help="HF folder, hub name, .gguf file or 'smollm2' (default)"),
+    model: Optional[str] = typer.Option(None, help="HF folder, hub name, .gguf file or an alias: "
+                                                   f"{alias_help()} (default smollm2)"),
     axes: Optional[str] = typer.Option(None, help="comma-separated nested axes, e.g. depth"),
     exits: Optional[str] = typer.Option(None, help="depth exits, e.g. 6,12,18,24,30 (default: 5 evenly spaced)"),
     data: Optional[str] = typer.Option(None, help=".json/.jsonl file, HF dataset name, or 'demo' (default)"),
@@ -73,17 +77,23 @@ def train(
     max_steps: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
+    lora: Optional[int] = typer.Option(None, help="LoRA-nested tuning through peft at this rank (frozen base, adapters "
+                                                  "shared by every exit); more with --set lora.alpha=32 --set lora.targets=q_proj,v_proj"),
+    dtype: Optional[str] = typer.Option(None, help="weights in training: auto (default: bfloat16 with --lora on CUDA, "
+                                                   "else float32), float32 or bfloat16"),
     config: Optional[Path] = typer.Option(None, help="YAML file with TrainConfig fields"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config field: key=value"),
+    recipe: Optional[str] = typer.Option(None, help="a measured preset, applied first (flags and --set win): "
+                                         + "; ".join(f"{n}: {d}" for n, (d, _) in RECIPES.items())),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
     """Fine-tune so that every exit is a usable model (SoFT); `--exits 30` alone is plain SFT."""
     from manyinone.train.config import load_config
     from manyinone.train.loop import train as run_training
 
-    cfg = load_config(config, set_, model=model, axes=axes.split(",") if axes else None,
+    cfg = load_config(config, set_, recipe=recipe, model=model, axes=axes.split(",") if axes else None,
                       exits=_int_list(exits, "exits"), data=data, rows=rows, output=output, epochs=epochs,
-                      max_steps=max_steps, batch_size=batch_size, lr=lr)
+                      max_steps=max_steps, batch_size=batch_size, lr=lr, lora=lora, dtype=dtype)
     out = run_training(cfg, show_progress=not quiet)
     console.print(f"checkpoint written to [bold]{out}[/] (metrics: {out / 'metrics.jsonl'})")
 
@@ -97,8 +107,11 @@ def export(
     all_: bool = typer.Option(False, "--all", help="one budget-indexed checkpoint holding every budget"),
     budget_ms: Optional[float] = typer.Option(None, help="a budget in measured milliseconds (needs --latency)"),
     latency: Optional[Path] = typer.Option(None, help="latency table JSON (benchmarks/pareto.py writes one)"),
+    dtype: str = typer.Option("float32", help="weights of the export: float32, bfloat16 or float16"),
+    max_shard_size: str = typer.Option("5GB", help="weights above this are split into HF shards (e.g. 5GB, 500MB)"),
 ) -> None:
-    """Write a sub-model as a plain HF checkpoint, or all of them as one budget-indexed one."""
+    """Write a sub-model as a plain HF checkpoint, or all of them as one budget-indexed one (the source's
+    every byte is checked against its sha256 first)."""
     from manyinone.io.export import export_all, export_budget
 
     if budget_ms is not None:
@@ -111,8 +124,28 @@ def export(
 
     if all_ == (budget is not None):
         raise ManyinoneError("give exactly one of --budget B or --all")
-    out = export_all(ckpt, output) if all_ else export_budget(ckpt, budget, output)
+    shard = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
+    out = export_all(ckpt, output, dtype, shard) if all_ else export_budget(ckpt, budget, output, dtype, shard)
     console.print(f"exported to [bold]{out}[/]")
+
+
+@app.command()
+@_friendly
+def verify(ckpt: Path = typer.Argument(..., help="checkpoint, export or resume folder written by manyinone")) -> None:
+    """Check every byte of a checkpoint against its checksums.json (sha256); opening checks only sizes
+    and small files. Exit code 2 names the first missing, truncated or altered file."""
+    from manyinone.io.checkpoint import recover_interrupted
+    from manyinone.io.integrity import CHECKSUMS_FILE, verify_checksums
+
+    recover_interrupted(ckpt)
+    if not ckpt.is_dir():
+        raise ManyinoneError(f"checkpoint {str(ckpt)!r} not found (expected a folder written by manyinone)")
+    if not (ckpt / CHECKSUMS_FILE).is_file():
+        raise ManyinoneError(f"{str(ckpt)!r} has no {CHECKSUMS_FILE}: not a folder manyinone wrote (or its listing "
+                             "was removed), so there is nothing to verify against")
+    verify_checksums(ckpt, "checkpoint", full=True)
+    files = len(json.loads((ckpt / CHECKSUMS_FILE).read_text()))
+    typer.echo(f"{ckpt}: all {files} listed files match their sha256")
 
 
 @app.command()
@@ -355,7 +388,8 @@ def distill_data(
     model, tokenizer = load_pretrained(teacher, dtype=weights)
     tokens = [0]
     sample = runtime_sampler(model.to(dev), tokenizer, template, max_new_tokens, temperature, top_p,
-                             counter=lambda n: tokens.__setitem__(0, tokens[0] + n))
+                             counter=lambda n: tokens.__setitem__(0, tokens[0] + n), records=records,
+                             batch_size=batch_size)
     started = time.perf_counter()
     with Progress(TextColumn("[bold]distill-data"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
                   TimeElapsedColumn(), console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:

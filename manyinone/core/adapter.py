@@ -42,6 +42,9 @@ class DecoderStack:
     position_embeddings=); rotary(hidden, positions) -> the (cos, sin) the layers take, or None;
     head(hidden) -> logits through the model's own final norm and LM head; kv_heads, head_dim: the
     KV cache's shape per layer. The hidden state an exit sees is taken before the final norm.
+    sliced(plan): for adapters with width/heads plans, a context manager inside which the first
+    len(plan) layers compute that plan's (width, heads) as views of the one copy of the weights
+    (None: the runtime serves depth only).
     """
 
     embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,6 +53,7 @@ class DecoderStack:
     head: Callable[[torch.Tensor], torch.Tensor]
     kv_heads: int
     head_dim: int
+    sliced: Callable[[LayerPlan], AbstractContextManager[None]] | None = None
 
 
 class ModelAdapter(ABC):

@@ -73,6 +73,7 @@ class TrainRecord(_Strict):
     rows: Optional[StrictStr] = None
     template: Optional[StrictStr] = None
     steps: Optional[StrictInt] = None
+    tuning: Optional[StrictStr] = None  # e.g. "lora r=16 ..., merged"; absent: a full fine-tune
 
 
 class ExitHeadsRecord(_Strict):

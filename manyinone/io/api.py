@@ -59,17 +59,19 @@ class NestedModel:
         return sub
 
 
-def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> NestedModel:
+def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    full_check: bool = False) -> NestedModel:
     """Load a checkpoint folder written by `manyinone train` or `manyinone export --all`.
 
-    Every file is checked against the folder's checksums.json first; weights load from safetensors
+    Every file is checked against the folder's checksums.json first (sizes, and hashes of the small
+    files; `full_check`: the sha256 of every byte, as export does); weights load from safetensors
     only (never a pickle), so opening a checkpoint runs no code from it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(path)
     recover_interrupted(folder)  # a killed export or rewrite_index: undo it first
-    verify_checkpoint(folder)  # before load_index, so a damaged manyinone.json is named as such
+    verify_checkpoint(folder, full=full_check)  # before load_index, so a damaged manyinone.json is named as such
     refuse_remote_code(folder)
     typed = load_index(path)
     index = typed.to_dict()

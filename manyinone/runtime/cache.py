@@ -3,46 +3,78 @@
 Slots are positions: row b's token at slot s has position s - pad[b] (prompts are left-padded to a
 common length). Rolling back a rejected speculative draft costs nothing: the caller only moves its
 length back, since a slot is always rewritten before any query at or after it reads it.
+
+Attention reads only the live part of the buffer: the first `live` slots, `live` rounded up to a
+multiple of LIVE_BUCKET (`live_length`), so a decode step costs what the context costs, not what the
+buffer holds, while a captured CUDA graph still sees one fixed shape per bucket.
 """
 
 from __future__ import annotations
 
 import torch
 
+LIVE_BUCKET = 256  # slots: one captured graph per bucket, so a 2,048-slot cache needs at most 8
+
+
+def live_length(needed: int, max_len: int, bucket: int = LIVE_BUCKET) -> int:
+    """Slots attention reads when queries reach slot needed-1: `needed` rounded up to `bucket`, at most max_len."""
+    return min(-(-needed // bucket) * bucket, max_len)
+
 
 class StaticKVCache:
-    """Keys/values for every layer, [layers, batch, kv_heads, max_len, head_dim], written in place.
+    """Keys/values for every layer, one [batch, kv_heads, max_len, head_dim] buffer each, written in place.
+
+    One buffer per layer (not views of one tensor), as gpt-fast keeps them: under torch.compile each
+    is its own graph input, so a cache write is one in-place scatter, never a copy of shared storage.
 
     It offers the one method HF attention modules call on a cache, `update(k, v, layer_idx)`: the new
-    keys/values go to the slots in `self.slots` ([q], set by the runner before each forward) and the
-    whole buffer comes back, so every step has the same shapes (what CUDA graphs need); the attention
-    mask hides the slots a query may not see.
+    keys/values go to the slots in `self.slots` ([q], or [batch, q] per row; set by the runner before
+    each forward) and the first `self.live` slots come back (every step of one bucket has the same
+    shapes, which CUDA graphs need); the attention mask hides the slots a query may not see. A layer
+    running fewer KV heads (a heads sub-network keeps whole query groups) uses the first heads of its
+    buffer.
     """
 
     is_compileable = True  # read by transformers' compile heuristics; the shapes never change
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_layers, batch, kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [layers, batch, kv_heads, max_len, head_dim]
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.layer_keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.layer_values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.kv_heads = kv_heads
         self.slots = torch.zeros(1, dtype=torch.long, device=device)  # [q] or [batch, q] slots the forward writes
         self.batch, self.max_len = batch, max_len
+        self.live = max_len  # slots attention reads (set by the runner per call)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
-        """Write [batch, kv_heads, q, head_dim] keys/values at `self.slots`; return the full buffers.
+        """Write [batch, kv, q, head_dim] keys/values at `self.slots`; return [batch, kv, live, head_dim] views.
 
         `self.slots` [q] is one set of slots for every row; [batch, q] gives each row its own (batched
-        speculation, where rows accept different numbers of drafted tokens)."""
-        keys, values = self.keys[layer_idx], self.values[layer_idx]  # [batch, kv_heads, max_len, head_dim]
+        speculation, where rows accept different numbers of drafted tokens). Either way every slot
+        written must be below `self.live`, or attention would not read it back."""
+        heads = key_states.shape[1]
+        keys, values = self.layer_keys[layer_idx], self.layer_values[layer_idx]  # [batch, kv_heads, max_len, head_dim]
+        if heads != self.kv_heads:  # a heads sub-network: its first KV heads
+            keys, values = keys[:, :heads], values[:, :heads]
         if self.slots.dim() == 1:
-            keys.index_copy_(2, self.slots, key_states.to(keys.dtype))
-            values.index_copy_(2, self.slots, value_states.to(values.dtype))
-            return keys, values
-        where = self.slots[:, None, :, None].expand_as(key_states)  # [batch, kv_heads, q, head_dim]
-        keys.scatter_(2, where, key_states.to(keys.dtype))
-        values.scatter_(2, where, value_states.to(values.dtype))
-        return keys, values
+            # Indexed assignment (index_put_): what torch.compile turns into one in-place scatter kernel.
+            keys[:, :, self.slots] = key_states.to(keys.dtype)
+            values[:, :, self.slots] = value_states.to(values.dtype)
+        else:
+            where = self.slots[:, None, :, None].expand_as(key_states)  # [batch, kv, q, head_dim]
+            keys.scatter_(2, where, key_states.to(keys.dtype))
+            values.scatter_(2, where, value_states.to(values.dtype))
+        return keys[:, :, : self.live], values[:, :, : self.live]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """A copy of every layer's keys, [layers, batch, kv_heads, max_len, head_dim] (for inspection)."""
+        return torch.stack(self.layer_keys)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return torch.stack(self.layer_values)
 
     # transformers asks these of any cache object in some code paths; answer as a static cache would.
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -57,9 +89,10 @@ def attention_masks(slots: torch.Tensor, pad: torch.Tensor, max_len: int, dtype:
     """Additive masks [batch, 1, q, max_len] (0 = attend, dtype-min = hidden) for queries at `slots`
     ([q] shared by every row, or [batch, q] per row).
 
-    A query at slot s sees key slots k with pad[b] <= k <= s (causal, padding hidden); with a sliding
-    window also s - k < window. The second mask is None without a window. Additive (not boolean) so that
-    both the sdpa and the eager attention implementations accept it.
+    `max_len`: the key slots attention reads (the cache's live length). A query at slot s sees key
+    slots k with pad[b] <= k <= s (causal, padding hidden); with a sliding window also s - k < window.
+    The second mask is None without a window. Additive (not boolean) so that both the sdpa and the
+    eager attention implementations accept it.
     """
     keys = torch.arange(max_len, device=slots.device)  # [max_len]
     query = slots[..., None]  # [q, 1] or [batch, q, 1]

@@ -1,5 +1,9 @@
 """Generation from one loaded model at any budget per call: static KV cache, CUDA graphs, batching.
 
+A budget picks a sub-network from the checkpoint's index: a depth, and with width/heads axes a
+(width, heads) plan per layer that runs as views of the one copy of the weights (`LayerStack.sliced`).
+`fused=True` compiles each whole decode step (`stack.compile_step`) before recording its CUDA graph.
+
 Example:
     >>> rt = Runtime.open("runs/x")
     >>> out = rt.generate([rt.encode("Name three primes.")], budget=0.5, max_new_tokens=32)
@@ -18,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from manyinone.io.checkpoint import resolve
+from manyinone.io.checkpoint import resolve, routed_plan
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.cache import left_pad  # noqa: F401  (re-exported: part of this module's API)
 from manyinone.runtime.sampling import Sampling, choose
-from manyinone.runtime.stack import LayerStack, SegmentRunner
+from manyinone.runtime.stack import LayerStack, SegmentRunner, compile_step
 
 DEFAULT_MAX_LEN = 2048
 DEFAULT_MAX_CACHE_MIB = 4096.0  # KV caches kept at once, all batch sizes together
@@ -72,7 +76,8 @@ class Runtime:
     """One model in memory; each call picks its depth (budget), sampling, batch and speculation.
 
     graphs: record each decode step shape as a CUDA graph (default: on CUDA); `compile_fn` (e.g.
-    `torch.compile`) is applied to a segment before it is recorded. Not thread-safe: one call at a time
+    `torch.compile`) is applied to a segment before it is recorded; `fused=True` is compile_fn=
+    `compile_step` (the whole step compiled, static shapes). Not thread-safe: one call at a time
     (the server serialises requests).
 
     Memory: a KV cache (and its graphs) is kept per batch size for reuse, least recently used ones freed
@@ -83,13 +88,14 @@ class Runtime:
     def __init__(self, model: nn.Module, tokenizer: Any = None, index: dict[str, Any] | None = None,
                  max_len: int | None = None, graphs: bool | None = None, compile_fn=None,
                  exit_logits=None, adapter=None, max_batch: int | None = None,
-                 max_cache_mib: float = DEFAULT_MAX_CACHE_MIB) -> None:
+                 max_cache_mib: float = DEFAULT_MAX_CACHE_MIB, fused: bool = False) -> None:
         self.model, self.tokenizer, self.index = model.eval(), tokenizer, index
-        axes = list((index or {}).get("space") or {})
-        if index is not None and any(a != "depth" for a in axes):
-            raise ManyinoneError(f"the runtime serves depth-nested checkpoints; this one nests {axes} "
-                                 "(export a budget and serve that plain model instead)")
         self.stack = LayerStack(model, exit_logits, adapter)
+        axes = list((index or {}).get("space") or {})
+        if any(a != "depth" for a in axes) and self.stack.parts.sliced is None:
+            raise ManyinoneError(f"this checkpoint nests {axes}, but the {self.stack.adapter.name!r} adapter's "
+                                 "decoder stack serves depth only; open it with an adapter that slices "
+                                 "(width, heads) plans, or export a budget and serve that plain model")
         self.device = self.stack.device
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
@@ -97,7 +103,8 @@ class Runtime:
                                  f"{self.device.type} (use graphs=False)")
         limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LEN
         self.max_len = int(max_len or min(limit, DEFAULT_MAX_LEN))
-        self.compile_fn = compile_fn
+        self.compile_fn = compile_step if fused and compile_fn is None else compile_fn
+        self.fused = self.compile_fn is not None
         if max_batch is not None and max_batch < 1:
             raise ManyinoneError(f"max_batch {max_batch} out of range; allowed >= 1")
         if not max_cache_mib > 0:
@@ -145,13 +152,43 @@ class Runtime:
 
     def depth_for(self, budget: float | None) -> int:
         """Decoder layers to run for `budget` (fraction of the full cost; None = all)."""
-        if self.index is None:
-            if budget not in (None, 1, 1.0):
-                raise ManyinoneError(f"budget {budget!r} needs a manyinone checkpoint; this plain model allows "
-                                     "only the full budget (1)")
-            return self.num_layers
-        spec: SubnetSpec = resolve(self.index, budget)
-        return int(spec["depth"])
+        return self.target(budget)[0]
+
+    def target(self, budget: float | None = None, spec=None) -> tuple[int, tuple[tuple[int, int], ...] | None]:
+        """(depth, plan) of the sub-network to run: `spec` (a SubnetSpec or mapping, e.g. {"depth": 16,
+        "width": 5504}) if given, else the budget's spec in the index (or its stored routed plan). plan:
+        (width, heads) per layer, bottom first, or None when every layer runs at full width."""
+        if spec is None:
+            if self.index is None:
+                if budget not in (None, 1, 1.0):
+                    raise ManyinoneError(f"budget {budget!r} needs a manyinone checkpoint; this plain model allows "
+                                         "only the full budget (1)")
+                return self.num_layers, None
+            routed = routed_plan(self.index, budget) if self.stack.parts.sliced is not None else None
+            if routed is not None:
+                return len(routed), self._plan(routed)
+            spec = resolve(self.index, budget)
+        spec = dict(spec)
+        unknown = sorted(set(spec) - {"depth", "width", "heads"})
+        if unknown:
+            raise ManyinoneError(f"spec axes {unknown} unknown to the runtime; allowed depth, width, heads")
+        depth = int(spec.get("depth", self.num_layers))
+        if not 1 <= depth <= self.num_layers:
+            raise ManyinoneError(f"depth={depth} out of range; allowed 1..{self.num_layers}")
+        if "width" not in spec and "heads" not in spec:
+            return depth, None
+        plan_of = getattr(self.stack.adapter, "plan", None)
+        if self.stack.parts.sliced is None or plan_of is None:
+            raise ManyinoneError(f"spec {spec} slices width/heads, but the {self.stack.adapter.name!r} adapter "
+                                 "serves depth only; use an adapter with (width, heads) plans")
+        return depth, self._plan(plan_of({**spec, "depth": depth}))
+
+    def _plan(self, plan) -> tuple[tuple[int, int], ...] | None:
+        """A checked plan, or None when it is the full width everywhere (the plain, unsliced path)."""
+        adapter = self.stack.adapter
+        plan = adapter.check_plan(plan)
+        full = (adapter.intermediate, adapter.num_heads)
+        return None if all(tuple(o) == full for o in plan) else plan
 
     # --- text helpers -----------------------------------------------------------------------
     def encode(self, text: str, template: str = "raw") -> list[int]:
@@ -216,9 +253,10 @@ class Runtime:
 
     def stream(self, prompts: list[list[int]], budget: float | None = None, max_new_tokens: int = 64,
                sampling: Sampling = Sampling(), stop_ids: set[int] | None = None,
-               stats: dict[str, Any] | None = None) -> Iterator[list[list[int]]]:
-        """Plain decoding, all rows together: yields each step's new tokens per row ([] once a row stopped)."""
-        depth = self.depth_for(budget)
+               stats: dict[str, Any] | None = None, spec=None) -> Iterator[list[list[int]]]:
+        """Plain decoding, all rows together: yields each step's new tokens per row ([] once a row stopped).
+        `spec`: an explicit sub-network instead of the budget's (see `target`)."""
+        depth, plan = self.target(budget, spec)
         self.check_request(prompts, max_new_tokens)
         stop = self.default_stop_ids() if stop_ids is None else stop_ids
         runner = self.runner(len(prompts))
@@ -226,7 +264,7 @@ class Runtime:
         generator = torch.Generator(self.device).manual_seed(sampling.seed)
         with torch.no_grad():
             ids, pad = left_pad(prompts, pad_id, self.device)
-            logits = runner.prefill(depth, ids, pad)  # [batch, 1, vocab]
+            logits = runner.prefill(depth, ids, pad, plan)  # [batch, 1, vocab]
             token = choose(logits[:, -1], sampling, generator)  # [batch]
             slot, live = ids.shape[1], [True] * len(prompts)
             cuda = self.device.type == "cuda"
@@ -237,7 +275,8 @@ class Runtime:
                     ready = torch.cuda.Event()
                     ready.record()
                 if step < max_new_tokens - 1:
-                    _, logits = runner(0, depth, token[:, None], self._slots[slot: slot + 1], pad)
+                    _, logits = runner(0, depth, token[:, None], self._slots[slot: slot + 1], pad,
+                                       slots_end=slot + 1, plan=plan)
                     following = choose(logits[:, -1], sampling, generator)  # [batch]
                 if cuda:
                     ready.synchronize()
@@ -252,23 +291,29 @@ class Runtime:
                     break
                 token, slot = following, slot + 1
         if stats is not None:
-            stats.update(depth=depth, steps=step + 1)
+            stats.update(depth=depth, steps=step + 1, **({"plan": [list(o) for o in plan]} if plan else {}))
 
     def generate(self, prompts: list[list[int]], budget: float | None = None, max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), stop_ids: set[int] | None = None, speculative: bool = False,
                  draft_depth: int | None = None, draft_tokens: int | None = None,
-                 draft_threshold: float | None = None, adaptive_draft: bool | None = None) -> Generation:
+                 draft_threshold: float | None = None, adaptive_draft: bool | None = None,
+                 spec=None) -> Generation:
         """Generate for every prompt (token ids); `speculative` drafts with the first layers and verifies
         with the rest (all rows together, each at its own position), giving the same tokens as plain
-        decoding when greedy. Draft settings: see `runtime.draft_policy.plan_for`."""
+        decoding when greedy. Draft settings: see `runtime.draft_policy.plan_for`.
+        `spec`: an explicit sub-network instead of the budget's (see `target`)."""
         stats: dict[str, Any] = {}
+        depth, plan = self.target(budget, spec)
+        if speculative and (plan is not None or spec is not None):
+            raise ManyinoneError("speculative decoding serves depth budgets of the full width; this request runs a "
+                                 "(width, heads) plan or an explicit spec: set speculative false")
         if speculative:
             from manyinone.runtime.speculative import speculative_batch_stream
 
             streams = [speculative_batch_stream(self, prompts, budget, max_new_tokens, sampling, stop_ids, draft_depth,
                                                 draft_tokens, stats, draft_threshold, adaptive_draft)]
         else:
-            streams = [self.stream(prompts, budget, max_new_tokens, sampling, stop_ids, stats)]
+            streams = [self.stream(prompts, budget, max_new_tokens, sampling, stop_ids, stats, spec)]
         tokens: list[list[int]] = [[] for _ in prompts]
         prefill_s = decode_s = 0.0
         row0 = 0
@@ -286,4 +331,4 @@ class Runtime:
             decode_s += time.perf_counter() - start
             row0 += len(step)
         finish = ["stop" if len(t) < max_new_tokens else "length" for t in tokens]
-        return Generation(tokens, finish, stats.get("depth", self.depth_for(budget)), prefill_s, decode_s, stats)
+        return Generation(tokens, finish, stats.get("depth", depth), prefill_s, decode_s, stats)

@@ -4,13 +4,16 @@ draft settings `draft_exit`, `draft_tokens`, `draft_threshold`, `adaptive_draft`
 
 Needs the optional extra: `pip install manyinone[serve]` (FastAPI + uvicorn). Requests are checked
 before any work starts (a bad budget, an over-long prompt or a wrongly typed field is a 400 naming the
-value; more prompts or KV-cache memory than the limits allow is a 413); generation runs one request at
-a time on a worker thread, so concurrent requests queue instead of clashing, and a stream whose client
-disconnects stops generating. With `api_key`, every route but /health needs `Authorization: Bearer <key>`.
+value; more prompts or KV-cache memory than the limits allow is a 413). With `batch_rows`, plain
+(non-speculative) requests at any budgets share one continuously batched decode (`runtime.batching`):
+they join and leave between steps and each gets what it would get alone (greedy). Everything else
+runs one request at a time on a worker thread, so concurrent requests queue instead of clashing,
+and a stream whose client disconnects stops generating. With `api_key`, every route but /health needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import secrets
@@ -27,6 +30,7 @@ except ImportError:  # without the [serve] extra, create_app says what to instal
     Request = Any
 
 from manyinone.core.errors import ManyinoneError
+from manyinone.runtime.batching import Batcher, BatchRequest
 from manyinone.runtime.generate import DEFAULT_MAX_CACHE_MIB, OverLimit, Runtime, dtype_named
 from manyinone.runtime.sampling import Sampling
 from manyinone.runtime.draft_policy import plan_for
@@ -117,17 +121,43 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def batched_steps(req: BatchRequest):
+    """A batched request's tokens as `Runtime.stream` yields them ([[new tokens]] per step); closing the
+    generator early (a stop string, a client that left) takes the row out of the batch."""
+    try:
+        while True:
+            kind, *rest = req.events.get()
+            if kind == "tokens":
+                yield [rest[0]]
+            elif kind == "error":
+                raise ManyinoneError(rest[0])
+            else:
+                return
+    finally:
+        req.cancel.set()
+
+
 class Engine:
-    """Turns checked requests into generation on one worker thread at a time."""
+    """Turns checked requests into generation: batched rows (with a `Batcher`), else one worker thread at a time."""
 
     def __init__(self, runtime: Runtime, template: str, default_max_tokens: int = 256,
-                 draft: dict[str, Any] | None = None) -> None:
+                 batch_rows: int | None = None, draft: dict[str, Any] | None = None) -> None:
         """`draft`: the server's default draft settings (`Runtime.generate` names) for speculative requests
         that leave them out."""
         self.runtime, self.template, self.default_max_tokens = runtime, template, default_max_tokens
         self.draft = {k: v for k, v in (draft or {}).items() if v is not None}
         self.lock = threading.Lock()
         self.cancelled = 0  # streams stopped because their client went away
+        self.batcher = None
+        if batch_rows is not None:
+            self.batcher = Batcher(runtime, batch_rows, lock=self.lock)  # steps under the same lock as serial work
+            self.batcher.start()
+
+    def batched(self, job: dict[str, Any]) -> bool:
+        return self.batcher is not None and not job["speculative"]
+
+    def submit_rows(self, job: dict[str, Any]) -> list[BatchRequest]:
+        return [self.batcher.submit(p, job["budget"], job["max_new_tokens"], job["sampling"]) for p in job["prompts"]]
 
     def chat_prompt(self, messages: list[Message]) -> list[int]:
         """Token ids of a chat, encoded as training encoded prompts (one BOS, never two)."""
@@ -146,18 +176,21 @@ class Engine:
     def check(self, req: _Common, prompts: list[str | list[int]], max_tokens: int | None) -> dict[str, Any]:
         """Everything a bad request could get wrong, before any work: raises ManyinoneError."""
         rt = self.runtime
-        depth = rt.depth_for(req.budget)
+        depth, plan = rt.target(req.budget)
         extra, draft = 0, {}
         asked = {k: v for k, v in req.draft().items() if v is not None}
         if asked and not req.speculative:
             named = [f for f in ("draft_exit", "draft_tokens", "draft_threshold", "adaptive_draft")
                      if getattr(req, f) is not None]
             raise ManyinoneError(f"{', '.join(named)}: draft settings need \"speculative\": true")
+        if req.speculative and plan is not None:
+            raise ManyinoneError(f"budget {req.budget} runs a (width, heads) plan; speculative decoding serves depth "
+                                 "budgets only: set speculative false")
         if req.speculative:
             draft = {**self.draft, **asked}
-            plan = plan_for(rt, depth, draft.get("draft_depth"), draft.get("draft_tokens"), draft.get("draft_threshold"),
-                            draft.get("adaptive_draft"))
-            extra = plan.max_tokens  # the draft may run k slots past the answer
+            draft_plan = plan_for(rt, depth, draft.get("draft_depth"), draft.get("draft_tokens"),
+                                  draft.get("draft_threshold"), draft.get("adaptive_draft"))
+            extra = draft_plan.max_tokens  # the draft may run k slots past the answer
         ids = [p if isinstance(p, list) else rt.encode(p) for p in prompts]  # text or already-encoded ids
         if req.stream and len(ids) > 1:
             raise ManyinoneError("stream supports one prompt per request; got a list of prompts")
@@ -169,17 +202,25 @@ class Engine:
                 "speculative": req.speculative, "draft": draft, "stops": req.stops(), "depth": depth}
 
     def complete(self, job: dict[str, Any]) -> tuple[list[str], list[str], dict[str, Any]]:
-        """Non-streaming: texts, finish reasons, and the generation's info (blocking; takes the lock)."""
-        with self.lock:
-            out = self.runtime.generate(job["prompts"], job["budget"], job["max_new_tokens"], job["sampling"],
-                                        speculative=job["speculative"], **job["draft"])
+        """Non-streaming: texts, finish reasons, and the generation's info (blocking; takes the lock, or
+        waits for its rows of the shared batch)."""
+        if self.batched(job):
+            rows = []
+            for req in self.submit_rows(job):
+                tokens = [t for step in batched_steps(req) for t in step[0]]
+                rows.append((tokens, "stop" if len(tokens) < job["max_new_tokens"] else "length"))
+            info = {"depth": job["depth"], "batched": True}
+        else:
+            with self.lock:
+                out = self.runtime.generate(job["prompts"], job["budget"], job["max_new_tokens"], job["sampling"],
+                                            speculative=job["speculative"], **job["draft"])
+            rows, info = list(zip(out.tokens, out.finish)), {"depth": out.depth, **out.stats}
         texts, finish = [], []
-        for tokens, reason in zip(out.tokens, out.finish):
+        for tokens, reason in rows:
             text, stopped = cut_at_stop(self.runtime.decode(tokens), job["stops"])
             texts.append(text)
             finish.append("stop" if stopped else reason)
-        info = {"depth": out.depth, "completion_tokens": sum(len(t) for t in out.tokens), **out.stats}
-        return texts, finish, info
+        return texts, finish, {**info, "completion_tokens": sum(len(t) for t, _ in rows)}
 
     def start_stream(self, job: dict[str, Any]) -> tuple["queue.Queue[tuple]", threading.Event]:
         """Streaming: a worker thread puts ("delta", text) items, then ("done", finish, tokens) or ("error", msg).
@@ -192,11 +233,14 @@ class Engine:
     def _stream_worker(self, job: dict[str, Any], events: "queue.Queue[tuple]", cancel: threading.Event) -> None:
         rt = self.runtime
         try:
-            with self.lock:
+            # A batched stream holds no lock: the batcher steps under it, between serial requests.
+            with contextlib.nullcontext() if self.batched(job) else self.lock:
                 if cancel.is_set():  # the client left while this request waited for its turn
                     self.cancelled += 1
                     return
-                if job["speculative"]:
+                if self.batched(job):
+                    steps = batched_steps(self.submit_rows(job)[0])
+                elif job["speculative"]:
                     from manyinone.runtime.speculative import speculative_stream
 
                     d = job["draft"]
@@ -230,9 +274,10 @@ class Engine:
 
 
 def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", default_max_tokens: int = 256,
-               api_key: str | None = None, draft: dict[str, Any] | None = None):
+               api_key: str | None = None, batch_rows: int | None = None, draft: dict[str, Any] | None = None):
     """The FastAPI app serving `runtime` under the name `model_name`; with `api_key`, requests need it as a
-    bearer token (401 otherwise). Limits on rows and cache memory are the runtime's (`Runtime(max_batch=...)`)."""
+    bearer token (401 otherwise). Limits on rows and cache memory are the runtime's (`Runtime(max_batch=...)`).
+    batch_rows: rows of the shared continuous batch (None: one request at a time)."""
     try:
         from fastapi import Depends, FastAPI
         from fastapi.exceptions import RequestValidationError
@@ -243,7 +288,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
 
     if api_key is not None and not api_key:
         raise ManyinoneError("api_key is empty; give a secret, or none to serve without authentication")
-    engine = Engine(runtime, template, default_max_tokens, draft)
+    engine = Engine(runtime, template, default_max_tokens, batch_rows=batch_rows, draft=draft)
 
     def authorized(request: Request) -> None:
         if request.url.path == "/health":  # load balancers probe it without a key
@@ -367,9 +412,11 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "auto",
           max_len: int | None = None, default_max_tokens: int = 256, max_batch: int = 16,
           max_cache_mib: float = DEFAULT_MAX_CACHE_MIB, api_key: str | None = None,
-          draft: dict[str, Any] | None = None) -> None:
-    """Load `ckpt` once and serve it until interrupted; `draft`: default draft settings (`Runtime.generate`
-    names), checked against the full depth before the model loads."""
+          batch_rows: int | None = 16, fused: bool = False, draft: dict[str, Any] | None = None) -> None:
+    """Load `ckpt` once and serve it until interrupted; plain requests share a continuous batch of
+    `batch_rows` rows (None: one request at a time); `fused` compiles each decode step (CUDA); `draft`:
+    default draft settings for speculative requests (`Runtime.generate` names), checked against the
+    full depth before the model loads."""
     try:
         import uvicorn
     except ImportError:
@@ -384,10 +431,11 @@ def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fl
         validate(True, index_exits(index), int(resolve(index, None)["depth"]), draft.get("draft_depth"),
                  draft.get("draft_tokens"), draft.get("draft_threshold"), draft.get("adaptive_draft"))
     runtime = Runtime.open(ckpt, dtype=dtype_named(dtype), device=device, max_len=max_len, max_batch=max_batch,
-                           max_cache_mib=max_cache_mib)
+                           max_cache_mib=max_cache_mib, fused=fused)
     template = (runtime.index or {}).get("train", {}).get("template", "alpaca")
     from pathlib import Path
 
-    app = create_app(runtime, Path(ckpt).resolve().name, template, default_max_tokens, api_key, draft)
+    app = create_app(runtime, Path(ckpt).resolve().name, template, default_max_tokens, api_key,
+                     batch_rows=batch_rows, draft=draft)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

@@ -96,13 +96,19 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
         done = [1] * rows  # tokens emitted per row
         live = [ok and max_new_tokens > 1 for ok in live]
         pos = torch.full((rows,), ids.shape[1], dtype=torch.long, device=device)  # [rows] slot of `token`, uncached
+        # The same on the host, so each call can name its live bucket without a sync: attention reads
+        # only the first live_length(furthest) slots, which must cover the furthest row's query slots
+        # (finished rows included: they still write at their standing slots).
+        pos_host = [ids.shape[1]] * rows
         while any(live):
             n, k = tracker.choose()
             if k == 0:  # the adaptive policy expects no gain from drafting now: one plain step at the serving depth
-                _, logits = run(0, depth, token[:, None], pos[:, None], pad)  # [rows, 1, vocab]
+                _, logits = run(0, depth, token[:, None], pos[:, None], pad,
+                                slots_end=max(pos_host) + 1)  # [rows, 1, vocab]
                 live_dev = torch.tensor(live, device=device)  # [rows]
                 token = torch.where(live_dev, choose(logits[:, -1], sampling, generator), token)  # [rows]
                 pos = pos + live_dev.long()
+                pos_host = [p + ok for p, ok in zip(pos_host, live)]
                 chosen = token.tolist()  # the one sync of this step
                 out = [_cut([chosen[b]], b, live, done, stop, max_new_tokens) if live[b] else [] for b in range(rows)]
                 tracker.observe(None, [], [])
@@ -117,9 +123,10 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
             # Made here, while the device is idle after the last round's sync: a host-to-device copy waits for it.
             live_dev = torch.tensor(live, device=device)  # [rows]
             sure = live_dev.clone()  # [rows] live rows whose draft is still confident
-            current, d = token, k
+            current, d, furthest = token, k, max(pos_host)
             for i in range(k):  # draft: layers 0..n-1, one position per row, keys/values land in the cache
-                h, logits = run(0, n, current[:, None], pos[:, None] + i, pad)  # [rows, 1, hidden], [rows, 1, vocab]
+                h, logits = run(0, n, current[:, None], pos[:, None] + i, pad,
+                                slots_end=furthest + i + 1)  # [rows, 1, hidden], [rows, 1, vocab]
                 hidden[:, i] = h[:, 0]
                 probs = None if sampling.greedy else probabilities(logits[:, -1], sampling)  # [rows, vocab]
                 current = choose(logits[:, -1], sampling, generator)  # [rows]
@@ -133,7 +140,8 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
                         break
             # verify: layers n..depth-1 on the drafted positions of every row, from the draft's hidden states.
             # Every drafted token is verified, also a row's tokens after its own first doubt: free and lossless.
-            _, logits = run(n, depth, hidden[:, :d], pos[:, None] + offsets[:d], pad)  # [rows, d, vocab]
+            _, logits = run(n, depth, hidden[:, :d], pos[:, None] + offsets[:d], pad,
+                            slots_end=furthest + d)  # [rows, d, vocab]
             if sampling.greedy:
                 target = logits.argmax(-1)  # [rows, d]
                 matched = (drafts[:, :d] == target).long().cumprod(1).sum(1)  # [rows]
@@ -153,6 +161,7 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
                     out.append([])
                     continue
                 m = m_rows[b]
+                pos_host[b] += m + (m < d)
                 new = host[2 * rows + b * d: 2 * rows + b * d + m] + ([fixes[b]] if m < d else [])
                 offered.append(d)
                 kept.append(m)

@@ -1,23 +1,77 @@
-"""Run a contiguous range of decoder layers on a static KV cache, eagerly or as a replayed CUDA graph.
+"""Run a contiguous range of decoder layers on a static KV cache, eagerly, compiled, or as a replayed CUDA graph.
 
 Every call goes through the model's own modules, which the model's adapter hands over
-(`ModelAdapter.decoder_stack`: embedding, positions, decoder layers, final norm + LM head); only the
-cache and the masks are ours, and nothing here names one architecture's attributes. A segment
-[start, end) is the unit that both plain decoding (0..depth) and self-speculation (draft 0..n,
-verify n..depth) need.
+(`ModelAdapter.decoder_stack`: embedding, positions, decoder layers, final norm + LM head, and for
+width/heads adapters the plan slicing); only the cache and the masks are ours, and nothing here
+names one architecture's attributes. A segment [start, end) is the unit that both plain decoding
+(0..depth) and self-speculation (draft 0..n, verify n..depth) need.
+
+The fused decode step (`compile_step`, used by `Runtime(fused=True)`) is the same call compiled
+whole by torch.compile (norms, RoPE with the cache write, SwiGLU and residual adds fused by
+Inductor) and, on CUDA, recorded as one CUDA graph per (segment, batch, plan, live-length bucket).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import types
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from manyinone.core.errors import ManyinoneError
-from manyinone.runtime.cache import StaticKVCache, attention_masks, position_ids
+from manyinone.runtime.cache import StaticKVCache, attention_masks, live_length, position_ids
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # both take an additive [batch, 1, q, keys] mask
+RECOMPILE_LIMIT = 256  # compiled variants per step function: depths x batches x plans x live buckets
+_STEPS = 0  # steps compiled so far (names their code objects)
+
+
+def cache_argument(layer: nn.Module) -> str:
+    """The keyword a decoder layer takes its cache under: `cache` (transformers >= 5.2x, where
+    `past_key_values` is deprecated and goes in 5.40) or `past_key_values` (4.56 up to then)."""
+    params = inspect.signature(layer.forward).parameters  # follows the deprecation wrapper's __wrapped__
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool = True) -> Callable:
+    """torch.compile for one whole decode step (static shapes: each bucket is its own graph, recorded
+    once as a CUDA graph); raises dynamo's recompile limit so many (depth, batch, plan, bucket)
+    variants never fall back to eager silently. `backend="aot_eager"` traces without code generation
+    (a quick CPU check).
+
+    math_attention: trace attention as its plain math (matmuls and a softmax) so that Inductor fuses the
+    mask, softmax and GQA expansion into its own kernels, as gpt-fast does for decode; False keeps
+    SDPA's fused kernels (benchmarks/decode_suite.py measures both).
+    """
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if isinstance(getattr(cfg, name, None), int) and getattr(cfg, name) < RECOMPILE_LIMIT:
+            setattr(cfg, name, RECOMPILE_LIMIT)
+    global _STEPS
+    _STEPS += 1
+
+    def traced(*args):
+        return fn(*args)
+
+    # A code object of its own per compiled step: dynamo caches compiled graphs per code object and does
+    # not guard on the attention backend, so steps compiled with other settings must never share one.
+    traced = types.FunctionType(traced.__code__.replace(co_name=f"decode_step_{_STEPS}"), traced.__globals__,
+                                f"decode_step_{_STEPS}", None, traced.__closure__)
+    compiled = torch.compile(traced, backend=backend, dynamic=False, fullgraph=False)
+    if not math_attention:
+        return compiled
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def step(*args):
+        with sdpa_kernel(SDPBackend.MATH):  # read when the step is traced; replays do not need it
+            return compiled(*args)
+
+    return step
 
 
 class LayerStack:
@@ -38,8 +92,9 @@ class LayerStack:
         if attn not in ATTENTION_IMPLEMENTATIONS:
             raise ManyinoneError(f"attention implementation {attn!r} unsupported by the runtime; "
                                  f"allowed {list(ATTENTION_IMPLEMENTATIONS)}")
-        self.model, self.parts, self.exit_logits = model, parts, exit_logits
+        self.model, self.parts, self.exit_logits, self.adapter = model, parts, exit_logits, adapter
         self.num_layers = len(parts.layers)
+        self.cache_arg = cache_argument(parts.layers[0])
         self.window = getattr(config, "sliding_window", None)
         types = getattr(config, "layer_types", None)
         if self.window is None:
@@ -57,32 +112,48 @@ class LayerStack:
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         return StaticKVCache(self.num_layers, batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
 
+    def sliced(self, plan) -> contextlib.AbstractContextManager[None]:
+        """Within the block the layers compute `plan` ((width, heads) per layer, bottom first) as views
+        of the one copy of the weights; None: the full width."""
+        if plan is None:
+            return contextlib.nullcontext()
+        if self.parts.sliced is None:
+            raise ManyinoneError(f"the {self.adapter.name!r} adapter serves depth only; a (width, heads) plan "
+                                 "needs an adapter whose decoder stack slices plans (e.g. llama-flextron)")
+        return self.parts.sliced(plan)
+
     def run(self, cache: StaticKVCache, start: int, end: int, inputs: torch.Tensor, slots: torch.Tensor,
-            pad: torch.Tensor, head: bool, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            pad: torch.Tensor, head: bool, last_only: bool = False,
+            live: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layers [start, end) on `inputs` (token ids [batch, q] if start == 0, else hidden [batch, q, hidden]).
 
-        Writes keys/values of those layers at `slots` ([q], or [batch, q] for per-row slots) and returns
-        (hidden after layer end-1 [batch, q, hidden], float32 logits [batch, q or 1, vocab] through the
-        final norm and head, or None).
+        Writes keys/values of those layers at `slots` ([q], or [batch, q] for per-row slots); attention
+        reads the first `live` cache slots (default all; every query slot of every row must be below it).
+        Returns (hidden after layer end-1 [batch, q, hidden], float32 logits [batch, q or 1, vocab]
+        through the final norm and head, or None).
         """
         parts = self.parts
         cache.slots = slots
+        cache.live = cache.max_len if live is None else live
         positions = position_ids(slots, pad)  # [batch, q]
         hidden = parts.embed(inputs, positions) if start == 0 else inputs  # [batch, q, hidden]
         rotary = parts.rotary(hidden, positions) if parts.rotary is not None else None  # (cos, sin) [batch, q, head_dim]
-        full, sliding = attention_masks(slots, pad, cache.max_len, hidden.dtype, self.window)
+        full, sliding = attention_masks(slots, pad, cache.live, hidden.dtype, self.window)  # [batch, 1, q, live]
         for i in range(start, end):
+            kwargs = {self.cache_arg: cache}
             out = parts.layers[i](hidden, attention_mask=sliding if self.sliding[i] else full,
-                                 position_ids=positions, past_key_values=cache, use_cache=True,
-                                 position_embeddings=rotary)
+                                 position_ids=positions, use_cache=True, position_embeddings=rotary, **kwargs)
             # transformers >= 5 returns a tensor from a decoder layer, older versions a tuple.
             hidden = out[0] if isinstance(out, tuple) else out
         if not head:
             return hidden, None
-        out = hidden[:, -1:] if last_only else hidden
+        return hidden, self.logits(end, hidden[:, -1:] if last_only else hidden)  # [batch, q or 1, vocab]
+
+    def logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [..., vocab] of the exit at `depth` from hidden [..., hidden] (before the final norm)."""
         if self.exit_logits is not None:
-            return hidden, self.exit_logits(end, out).float()  # [batch, q or 1, vocab]
-        return hidden, parts.head(out).float()
+            return self.exit_logits(depth, hidden).float()
+        return self.parts.head(hidden).float()
 
 
 class CapturedCall:
@@ -113,8 +184,9 @@ class CapturedCall:
 
 
 class SegmentRunner:
-    """Runs segments of one `LayerStack` on one cache; with `graphs`, each (start, end, head, q) shape once
-    captured and then replayed, so a decode step costs one launch whatever the depth."""
+    """Runs segments of one `LayerStack` on one cache; with `graphs`, each (start, end, head, q, live, plan)
+    shape once captured and then replayed, so a decode step costs one launch whatever the depth. With
+    `compile_fn` (e.g. `compile_step`) each segment is compiled before it is recorded."""
 
     def __init__(self, stack: LayerStack, cache: StaticKVCache, graphs: bool, compile_fn: Callable | None = None):
         self.stack, self.cache, self.graphs = stack, cache, graphs
@@ -122,31 +194,51 @@ class SegmentRunner:
         self.compiled: dict[tuple, Callable] = {}
         self.compile_fn = compile_fn
 
-    def _fn(self, start: int, end: int, head: bool) -> Callable:
+    def step_fn(self, start: int, end: int, head: bool, live: int | None = None) -> Callable:
+        """The (compiled, if compile_fn) function of (inputs, slots, pad) one segment call runs."""
         def segment(inputs, slots, pad):
-            return self.stack.run(self.cache, start, end, inputs, slots, pad, head)
+            return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live)
 
         if self.compile_fn is None:
             return segment
-        key = (start, end, head)
+        key = (start, end, head, live)
         if key not in self.compiled:
             self.compiled[key] = self.compile_fn(segment)
         return self.compiled[key]
 
+    def _fn(self, start: int, end: int, head: bool) -> Callable:  # the earlier name, kept for callers of it
+        return self.step_fn(start, end, head)
+
+    def live_for(self, slots_end: int | None) -> int | None:
+        """The live-length bucket for queries below slot `slots_end` (None: the whole cache)."""
+        return None if slots_end is None else live_length(slots_end, self.cache.max_len)
+
     def __call__(self, start: int, end: int, inputs: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor,
-                 head: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One decode-shaped call (small q); see `LayerStack.run`. Prefill goes through `prefill`."""
+                 head: bool = True, slots_end: int | None = None,
+                 plan=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode-shaped call (small q); see `LayerStack.run`. `slots_end`: one past the last query slot
+        (of the furthest row, for per-row slots), when the caller knows it (attention then reads only the live bucket; default the whole cache).
+        `plan`: the (width, heads) per layer of a width/heads sub-network (None: full width).
+        Prefill goes through `prefill`."""
+        live = self.live_for(slots_end)
         if not self.graphs:
-            return self.stack.run(self.cache, start, end, inputs, slots, pad, head)
-        key = (start, end, head, tuple(inputs.shape), tuple(slots.shape))  # [q] and per-row [batch, q] slots differ
+            with self.stack.sliced(plan):
+                return self.step_fn(start, end, head, live)(inputs, slots, pad)
+        # [q] and per-row [batch, q] slots are different graphs
+        key = (start, end, head, tuple(inputs.shape), tuple(slots.shape), live, plan)
         call = self.captured.get(key)
         if call is None:
-            call = self.captured[key] = CapturedCall(self._fn(start, end, head), [inputs, slots, pad])
+            # The plan's views exist only inside `sliced`: the graph records their addresses (views of
+            # the one copy of the weights), so replays need no slicing.
+            with self.stack.sliced(plan):
+                call = self.captured[key] = CapturedCall(self.step_fn(start, end, head, live), [inputs, slots, pad])
         return call(inputs, slots, pad)
 
-    def prefill(self, end: int, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def prefill(self, end: int, ids: torch.Tensor, pad: torch.Tensor, plan=None) -> torch.Tensor:
         """Layers [0, end) on whole prompts ids [batch, prompt] at slots 0..prompt-1, eagerly (one call per
         request); returns float32 logits of the last position [batch, 1, vocab]."""
         slots = torch.arange(ids.shape[1], device=ids.device)  # [prompt]
-        _, logits = self.stack.run(self.cache, 0, end, ids, slots, pad, head=True, last_only=True)
+        with self.stack.sliced(plan):
+            _, logits = self.stack.run(self.cache, 0, end, ids, slots, pad, head=True, last_only=True,
+                                       live=self.live_for(ids.shape[1]))
         return logits

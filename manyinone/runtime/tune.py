@@ -50,7 +50,8 @@ def decode_rate(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int,
 def measure_step_costs(runtime: Runtime, depth: int, exits: list[int], steps: int = 20) -> dict[int, float]:
     """Measured time of one batch-1 draft step (layers 0..n and the exit's head) relative to one plain
     step at `depth`, per exit: what the draft policy's cost model needs, launch overheads included.
-    (It writes keys/values at slot 0 of the batch-1 cache; every generation prefills it anew.)"""
+    (It writes keys/values at slot 0 of the batch-1 cache, reading the first live bucket as a short
+    decode does; every generation prefills it anew.)"""
     run = runtime.runner(1)
     device = runtime.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -59,11 +60,11 @@ def measure_step_costs(runtime: Runtime, depth: int, exits: list[int], steps: in
 
     def seconds(end: int) -> float:
         with torch.no_grad():
-            run(0, end, token, slots, pad)  # records the graph / compiles
+            run(0, end, token, slots, pad, slots_end=1)  # records the graph / compiles
             synchronize(device)
             start = time.perf_counter()
             for _ in range(steps):
-                run(0, end, token, slots, pad)
+                run(0, end, token, slots, pad, slots_end=1)
             synchronize(device)
         return (time.perf_counter() - start) / steps
 

@@ -17,6 +17,37 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from manyinone.core.errors import ManyinoneError, unreadable
 
 
+class LoraSettings(BaseModel):
+    """LoRA adapters (through peft) on the frozen base; every exit shares them, nested like the layers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    r: int = Field(16, gt=0, le=4096, description="adapter rank")
+    alpha: float | None = Field(None, gt=0, description="scale numerator (scale = alpha / r); default 2 * r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or all-linear: every Linear "
+                                  "of the decoder layers (what QLoRA found needed to match a full fine-tune)")
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets_listed(cls, value):
+        if isinstance(value, str) and value != "all-linear":  # targets=q_proj,v_proj: a list in one word
+            return [t.strip() for t in value.split(",")]
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_named(cls, value):
+        if isinstance(value, list) and (not value or not all(isinstance(t, str) and t.strip() for t in value)):
+            raise ValueError(f"lora.targets {value} must name at least one module, e.g. [q_proj, v_proj] or all-linear")
+        return value
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+
 class TrainConfig(BaseModel):
     """Everything one `manyinone train` run needs; saved beside the run as train_config.yaml."""
 
@@ -55,6 +86,11 @@ class TrainConfig(BaseModel):
                             "shared LM head (folds into exports); head = own norm + LM head (the SFT+heads baseline)")
     exit_heads_lr_scale: float = Field(1.0, gt=0, description="learning rate of the exit modules, as a multiple of lr")
     freeze_base: bool = Field(False, description="train only the exit modules (SFT+heads: run on an SFT checkpoint)")
+    segment_lr_scales: list[float] | None = Field(
+        None, description="depth: one lr multiple per exit for the layers after the previous exit up to it "
+                          "(e.g. [3,2,1,1,1] trains the first layers faster); embeddings, norm and head stay at 1")
+    layer_dropout: float = Field(0.0, ge=0, lt=1, description="LayerSkip-style: per example, layer l is skipped "
+                                                              "with probability rising linearly to this at the last layer")
 
     teacher: str | None = Field(None, description="frozen teacher (HF folder, hub name, .gguf, alias or run folder) "
                                                   "sharing the tokenizer; every exit gets a KL term towards it")
@@ -69,12 +105,26 @@ class TrainConfig(BaseModel):
     mix_rows: str | None = Field(None, description="record slice of mix_data, START:END")
     mix_ratio: float = Field(0.5, ge=0, le=1, description="fraction of each epoch's examples drawn from mix_data")
 
+    exit_positions: float = Field(1.0, gt=0, le=1, description="fraction of supervised positions (drawn per "
+                                  "micro-batch) where exits other than the full depth get their losses")
+    on_policy_ratio: float = Field(0.0, ge=0, le=1, description="GKD-style: fraction of each micro-batch's rows "
+                                   "whose response is the current model's own sample, scored against the teacher")
+    on_policy_tokens: int = Field(128, gt=0, le=4096, description="most tokens sampled per on-policy row")
+    on_policy_temperature: float = Field(1.0, gt=0, le=100, description="sampling temperature of on-policy rows")
+
     seed: int = Field(0, ge=0, le=2**32 - 1, description="derives every random stream: (seed, step), (seed, epoch)")
     save_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints; 0 = end only")
     keep_checkpoints: int = Field(2, gt=0)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     cost_metric: Literal["flops", "params"] = "flops"
     gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="weights in training: auto = bfloat16 with lora on CUDA (frozen base; adapters stay float32), "
+                            "else float32 master weights under bf16 autocast")
+    optimizer: Literal["adamw", "adamw8bit", "adamw4bit", "adamw-bf16sr"] = Field(
+        "adamw", description="adamw (torch); adamw8bit / adamw4bit (torchao: 8/4-bit moments); adamw-bf16sr "
+                             "(torchao: bf16 weights updated with stochastic rounding, no float32 master)")
+    lora: LoraSettings | None = Field(None, description="LoRA-nested tuning through peft, e.g. lora.r=16 lora.alpha=32")
     loss_impl: Literal["lean", "plain"] = Field(
         "lean", description="exit losses: lean = fused chunked head + CE, no logits kept (same numbers); plain = logits per exit")
 
@@ -92,10 +142,36 @@ class TrainConfig(BaseModel):
             raise ValueError(f"output {value!r} is empty; give a run folder, e.g. runs/x")
         return value
 
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_rank_alone(cls, value):
+        if isinstance(value, bool):  # lora=true: the default settings; lora=false: off
+            return {} if value else None
+        return {"r": value} if isinstance(value, int) else value  # `--lora 16` / lora=16: a rank alone
+
     @model_validator(mode="after")
     def _frozen_needs_heads(self) -> "TrainConfig":
         if self.freeze_base and self.exit_heads == "none":
             raise ValueError("freeze_base=true trains only exit modules; set exit_heads to translator or head")
+        if self.lora is not None and set(self.axes) - {"depth"}:
+            # width/heads slice the layers' weights directly; peft wraps those layers
+            raise ValueError(f"lora trains the depth axis only; got axes {self.axes}, allowed [depth]")
+        return self
+
+    @model_validator(mode="after")
+    def _segment_scales_fit(self) -> "TrainConfig":
+        scales = self.segment_lr_scales
+        if scales is not None:
+            if self.exits is None or len(scales) != len(self.exits) or any(x <= 0 for x in scales):
+                raise ValueError(f"segment_lr_scales {scales} needs explicit exits and one positive number per exit "
+                                 f"(exits: {self.exits})")
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_needs_teacher(self) -> "TrainConfig":
+        if self.on_policy_ratio > 0 and not self.teacher:
+            raise ValueError(f"on_policy_ratio={self.on_policy_ratio} scores the model's own samples against a "
+                             "frozen teacher; set teacher=<run or model>")
         return self
 
     def axis_choices(self) -> dict[str, list[int] | None]:
@@ -121,7 +197,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _STRING_FIELDS = ("model", "data", "rows", "output", "device", "template", "sampler", "cost_metric", "exit_heads",
-                  "teacher", "teacher_kl", "teacher_dtype", "mix_data", "mix_rows")
+                  "teacher", "teacher_kl", "teacher_dtype", "mix_data", "mix_rows", "dtype", "optimizer")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -137,17 +213,37 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """`lora.r=16` sets data["lora"]["r"]; a plain key sets data[key]."""
+    head, dot, rest = key.partition(".")
+    if not dot:
+        data[key] = value
+        return
+    inner = data.get(head)
+    if isinstance(inner, int) and not isinstance(inner, bool) and head == "lora":
+        inner = {"r": inner}  # lora=16 then lora.alpha=32
+    if inner is None or inner is True:
+        inner = {}
+    if not isinstance(inner, dict):
+        raise ManyinoneError(f"override {key}={value!r}: {head!r} is not a group of settings (it is {inner!r})")
+    data[head] = {**inner}
+    _set_dotted(data[head], rest, value)
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "config"
     allowed = ""
     if err["type"] == "extra_forbidden":
-        allowed = f"; allowed keys: {', '.join(TrainConfig.model_fields)}"
+        model = LoraSettings if len(err["loc"]) > 1 and err["loc"][0] == "lora" else TrainConfig
+        allowed = f"; allowed keys: {', '.join(model.model_fields)}"
     return f"config field {field!r}: {err['msg']} (got {err.get('input')!r:.60}){allowed}"
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, **fields: Any) -> TrainConfig:
-    """YAML file (optional), then `key=value` overrides, then explicit fields (CLI flags) win."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, recipe: str | None = None,
+                **fields: Any) -> TrainConfig:
+    """A named recipe (optional, `manyinone.train.recipes`), then a YAML file (optional), then
+    `key=value` overrides, then explicit fields (CLI flags): each later source wins."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -165,8 +261,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **f
             raise ManyinoneError(f"config file {str(path)!r} has a key {odd[0]!r} that is not a name; allowed keys: "
                                  f"{', '.join(TrainConfig.model_fields)}")
         data.update(loaded or {})
-    data.update(dict(_parse_override(o) for o in overrides or []))
+    for key, value in (_parse_override(o) for o in overrides or []):
+        _set_dotted(data, key, value)
+    rank = fields.pop("lora", None)  # --lora R sets the rank and keeps any lora.* override
     data.update({k: v for k, v in fields.items() if v is not None})
+    if rank is not None:
+        _set_dotted(data, "lora.r", rank)
+    if recipe is not None:
+        from manyinone.train.recipes import check_supplied, recipe_settings
+
+        exits = data.get("exits")
+        preset = recipe_settings(recipe, len(exits) if isinstance(exits, list) else 5)  # 5: the default exits
+        data = {**preset, **data}
+        check_supplied(recipe, data)
     try:
         return TrainConfig(**data)
     except ValidationError as exc:

@@ -144,17 +144,27 @@ def distill_dataset(output: str | os.PathLike, settings: SampleSettings, records
 
 
 def runtime_sampler(model, tokenizer, template: str, max_new_tokens: int, temperature: float, top_p: float,
-                    counter: Callable[[int], None] | None = None) -> Callable[[list[dict[str, str]], int], list[str]]:
+                    counter: Callable[[int], None] | None = None, records: list[dict[str, str]] | None = None,
+                    batch_size: int | None = None) -> Callable[[list[dict[str, str]], int], list[str]]:
     """`sample` for `distill_dataset` through manyinone's runtime: one batched call per batch.
 
-    counter(n) is told how many tokens each call generated (for the throughput display).
+    counter(n) is told how many tokens each call generated (for the throughput display). Given all
+    `records` and the `batch_size`, the KV cache is sized to this job (longest prompt + new tokens,
+    that many rows) instead of the runtime's default context: decode attention reads the whole
+    cache buffer, so a buffer no longer than needed is what makes large batches fast.
     """
     from manyinone.train.data import encode_prompt
     from manyinone.runtime.generate import Runtime
     from manyinone.runtime.sampling import Sampling
 
     prompts_of = lambda recs: [encode_prompt(r, tokenizer, template) for r in recs]  # noqa: E731
-    runtime = Runtime(model, tokenizer)
+    sizing = {}
+    if records and batch_size:
+        longest = max(len(p) for p in prompts_of(records))
+        sizing["max_len"] = longest + max_new_tokens
+        probe = Runtime(model, tokenizer, max_len=sizing["max_len"], max_cache_mib=2.0**40)
+        sizing["max_cache_mib"] = probe.cache_bytes(batch_size) / 2**20 + 1
+    runtime = Runtime(model, tokenizer, **sizing)
 
     def sample(recs: list[dict[str, str]], seed: int) -> list[str]:
         out = runtime.generate(prompts_of(recs), None, max_new_tokens, Sampling(temperature, top_p, seed))

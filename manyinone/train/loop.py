@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from manyinone.train import distributed
-from manyinone.train import exit_heads
+from manyinone.train import exit_heads, lora
 from manyinone.io.checkpoint import (CHECKPOINTS, build_index, complete_resume_dirs, read_resume_state, resume_corrupt,
                                      resume_dir, save_checkpoint)
 from manyinone.io.durable import atomic_dir, write_failure, write_text_durably
@@ -34,11 +34,15 @@ from manyinone.core.device import pick_device
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.interrupt import deferred_stop_signals
 from manyinone.io.loading import load_pretrained
-from manyinone.train.losses import TeacherTarget, exit_weights, nested_loss, supervised_positions
+from manyinone.train.layer_dropout import dropped_layers, keep_masks, layer_rates
+from manyinone.train.on_policy import on_policy_batch, runtime_sampler as on_policy_sampler
+from manyinone.train.losses import (TeacherTarget, exit_weights, nested_loss, nested_loss_on_positions,
+                                    supervised_positions)
 from manyinone.train.progress import TrainProgress
 from manyinone.core.registry import adapter_for
 from manyinone.elastic.reorder import reorder_by_importance
 from manyinone.train.samplers import make_sampler
+from manyinone.train.optim import check_precision, make_optimizer, set_lr, training_dtype
 from manyinone.train.teacher import Teacher
 
 
@@ -53,16 +57,38 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 # --- resumable state --------------------------------------------------------------------------
-def save_state(output: Path, step: int, model, optimizer, keep: int) -> Path:
-    """Everything needed to continue after optimizer step `step` (state.json marks completeness)."""
+def save_state(output: Path, step: int, model, optimizer, keep: int, trainable_only: bool = False) -> Path:
+    """Everything needed to continue after optimizer step `step` (state.json marks completeness).
+
+    `trainable_only` (LoRA): only the parameters that train are saved (trainable.safetensors); the
+    frozen base is reloaded bit for bit from its source, so a 13B run's state is megabytes, not 26 GB."""
     target = resume_dir(output, step)
     with atomic_dir(target, checksums=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        if trainable_only:
+            save_file({k: v.contiguous() for k, v in lora.trainable_state(model).items()}, str(tmp / TRAINABLE_FILE))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **({"weights": "trainable"} if trainable_only else {})}))
     for old in complete_resume_dirs(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def _load_trainable(model, path: Path) -> None:
+    """Load a LoRA run's saved trainable parameters; every one must be there, and nothing else."""
+    saved = load_file(str(path))
+    params = dict(model.named_parameters())
+    expected = set(lora.trainable_state(model))
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        raise ValueError(f"trainable parameters differ: missing {missing[:2]}, unexpected {extra[:2]}")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
 
 
 def restore_state(output: Path, model, optimizer) -> int:
@@ -82,7 +108,10 @@ def restore_state(output: Path, model, optimizer) -> int:
         raise ManyinoneError(f"resume checkpoint {str(last)!r} was written by {written_by} processes under torchrun; "
                              f"resume with torchrun --nproc-per-node {written_by} (or start a new --output)")
     try:
-        load_model(model, str(last / "model.safetensors"))
+        if state.get("weights") == "trainable":
+            _load_trainable(model, last / TRAINABLE_FILE)
+        else:
+            load_model(model, str(last / "model.safetensors"))
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location="cpu"))
     except Exception as exc:
         raise resume_corrupt(last, exc) from None
@@ -119,14 +148,26 @@ def _metrics_from(path: Path, start: int):
     return path.open("a")
 
 
-def _param_groups(model, heads, cfg: TrainConfig) -> list[dict]:
-    """Base weights at lr (frozen with freeze_base), exit modules at lr * exit_heads_lr_scale."""
+def _param_groups(model, heads, cfg: TrainConfig, layers=None) -> list[dict]:
+    """Base weights at lr (frozen with freeze_base), exit modules at lr * exit_heads_lr_scale.
+
+    With segment_lr_scales, the decoder layers after exit i-1 up to exit i train at lr * scales[i]
+    (`layers`: the adapter's decoder layers, bottom first)."""
     own = {id(p) for p in heads.parameters()} if heads is not None else set()
-    base = [p for p in model.parameters() if id(p) not in own]
+    base = [p for p in model.parameters() if id(p) not in own and p.requires_grad]  # LoRA: the adapters only
     if cfg.freeze_base:
         for p in base:
             p.requires_grad_(False)
-    groups = [{"params": base, "lr_scale": 1.0}] if not cfg.freeze_base else []
+    groups = []
+    if not cfg.freeze_base and cfg.segment_lr_scales is not None:
+        bounds = [0, *cfg.exits]
+        segments = [(scale, [p for layer in layers[lo:hi] for p in layer.parameters() if p.requires_grad])
+                    for scale, lo, hi in zip(cfg.segment_lr_scales, bounds, bounds[1:])]
+        in_segment = {id(p) for _, params in segments for p in params}
+        groups = [{"params": params, "lr_scale": scale} for scale, params in segments if params]
+        base = [p for p in base if id(p) not in in_segment]  # embeddings, final norm, head; layers past the last exit
+    if not cfg.freeze_base:
+        groups.insert(0, {"params": base, "lr_scale": 1.0})
     if heads is not None:
         # No weight decay: it would pull identity-initialised translators towards zero.
         groups.append({"params": list(heads.parameters()), "lr_scale": cfg.exit_heads_lr_scale, "weight_decay": 0.0})
@@ -197,8 +238,17 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     rt = distributed.Runtime.from_env()  # several processes only under torchrun (WORLD_SIZE > 1)
     device = rt.device(cfg.device) if rt.distributed else pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    if rt.distributed and cfg.lora is not None:
+        raise ManyinoneError("lora runs on one device only (it fits a 13B model on one GPU); drop torchrun, or "
+                             "use lora=null for a sharded full fine-tune")
+    dtype = training_dtype(cfg.dtype, device, cfg.lora is not None)
+    check_precision(dtype, cfg.optimizer, cfg.lora is not None)
 
-    model, tokenizer = load_pretrained(cfg.model)
+    # Straight onto the GPU (transformers builds the model on the meta device and fills it from the
+    # weight files): no full copy in CPU memory, so under torchrun no rank holds the whole model on
+    # the CPU; each rank's GPU holds it only until FSDP2 shards it in place.
+    model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device if device.type == "cuda" else None)
+    tuned = lora.apply_lora(model, cfg.lora) if cfg.lora is not None else None  # `model` itself, adapters inside
     adapter = adapter_for(model, cfg.axes)
     adapter.check_axes(cfg.axes)
     space = adapter.space(cfg.axis_choices())
@@ -212,6 +262,8 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
         if rt.distributed:
             raise ManyinoneError(f"exit_heads={cfg.exit_heads!r} runs on one device only; use exit_heads=none under torchrun")
         exit_modules = exit_heads.attach(model, exit_heads.for_adapter(adapter, cfg.exit_heads, space))
+        if tuned is not None:  # copies of peft's frozen norm: they train, in float32 (the optimizer's master)
+            exit_modules.float().requires_grad_(True)
     sampler = make_sampler(cfg.sampler, space, cfg.seed, **({"k": cfg.sampler_k} if cfg.sampler == "random-k" else
                                                            {"n_random": cfg.sampler_k} if cfg.sampler == "sandwich" else {}))
     examples = tokenize_records(load_records(cfg.data, cfg.rows), tokenizer, cfg.max_length, cfg.template)
@@ -231,10 +283,12 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     (rt.shard(model) if rt.distributed else model.to(device)).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(_param_groups(model, exit_modules, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+    layers = adapter.decoder_stack().layers if cfg.segment_lr_scales or cfg.layer_dropout else None
+    optimizer = make_optimizer(cfg.optimizer, _param_groups(model, exit_modules, cfg, layers), cfg.lr, cfg.weight_decay,
+                               device)
     _check_same_run(output, cfg)
-    save = functools.partial(distributed.save_state, rt) if rt.distributed else save_state
+    save = functools.partial(distributed.save_state, rt) if rt.distributed else \
+        functools.partial(save_state, trainable_only=tuned is not None)
     start = distributed.restore_state(rt, output, model, optimizer) if rt.distributed else restore_state(output, model, optimizer)
     if start:
         print(f"resuming from step {start} ({output / CHECKPOINTS})", file=sys.stderr, flush=True)
@@ -258,6 +312,13 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
         teacher_weights = {s: cfg.teacher_full_weight if s == full else cfg.teacher_weight for s in specs}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     order_cache: dict[int, list[int]] = {}
+    on_policy = None
+    if cfg.on_policy_ratio > 0:
+        if rt.distributed:
+            raise ManyinoneError("on_policy_ratio > 0 samples with the unsharded runtime; run on one device "
+                                 "(or set on_policy_ratio=0 under torchrun)")
+        on_policy = on_policy_sampler(model, tokenizer, cfg.on_policy_tokens, cfg.on_policy_temperature,
+                                      cfg.max_length)
 
     def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
         epoch, within = divmod(step, steps_per_epoch)
@@ -266,6 +327,9 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
             order_cache[epoch] = mixed_epoch_order(labelled, len(pool), pool_per_epoch, cfg.mix_ratio, cfg.seed, epoch)
         first = distributed.micro_batch_start(within, micro, cfg.grad_accum, cfg.batch_size, rt.world, rt.rank)
         chosen = [examples[i] for i in order_cache[epoch][first:first + cfg.batch_size]]
+        if on_policy is not None:
+            chosen = on_policy_batch(chosen, on_policy, cfg.on_policy_ratio, cfg.seed, step, micro, cfg.max_length,
+                                     tokenizer.eos_token_id)
         return {k: v.to(device) for k, v in collate(chosen, tokenizer.pad_token_id).items()}
 
     metrics_file = _metrics_from(output / "metrics.jsonl", start) if rt.is_main else open(os.devnull, "w")
@@ -277,13 +341,15 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc. replay exactly after a resume
             lr = lr_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # runs saved before exit modules have none
+                set_lr(group, lr * group.get("lr_scale", 1.0))  # runs saved before exit modules have none
             sampled = sampler.sample(step)
             sums: dict[str, float] = {}
             tokens = 0
-            teacher_s = 0.0
+            teacher_s = on_policy_s = 0.0
             for micro in range(cfg.grad_accum):
+                sampled_at = time.perf_counter()
                 batch = micro_batch(step, micro)
+                on_policy_s += time.perf_counter() - sampled_at  # sampling is most of it when on-policy
                 if teacher is not None:  # the teacher's forward is part of the step: timed on its own
                     teacher_started = time.perf_counter()
                     with autocast:
@@ -294,7 +360,12 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                     teacher_s += time.perf_counter() - teacher_started
                     teacher_target = TeacherTarget(t_feats, teacher.head_weight, teacher_weights,
                                                    cfg.teacher_temperature, cfg.teacher_kl == "reverse")
-                with autocast:
+                dropout = nullcontext()
+                if cfg.layer_dropout:  # masks from (seed, step, micro): a resume draws the same ones
+                    draws = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + micro)
+                    keep = keep_masks(layer_rates(len(layers), cfg.layer_dropout), batch["input_ids"].shape[0], draws)
+                    dropout = dropped_layers(layers, keep)
+                with autocast, dropout:
                     hidden = adapter.forward_nested(batch["input_ids"], batch["attention_mask"], sampled)
                     feats, targets = {}, None
                     for spec, h in hidden.items():
@@ -302,9 +373,16 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                     head = (cfg.loss_impl == "lean" and adapter.linear_head()) or adapter.exit_logits
                     if exit_modules is not None:  # exits with their own modules; the full depth keeps the model's head
                         head = exit_modules.heads_for(feats, head)
-                    out = nested_loss(feats, head, targets, weights, teacher=space.full(),
-                                      distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature,
-                                      frozen=teacher_target)
+                    if cfg.exit_positions < 1 and len(feats) > 1 and space.full() in feats:
+                        picks = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_013 + micro)
+                        kept = max(1, math.ceil(cfg.exit_positions * targets.numel()))
+                        keep = torch.randperm(targets.numel(), generator=picks)[:kept].to(targets.device)  # [kept]
+                        out = nested_loss_on_positions(feats, head, targets, weights, space.full(), keep,
+                                                       cfg.distill_weight, cfg.distill_temperature, teacher_target)
+                    else:
+                        out = nested_loss(feats, head, targets, weights, teacher=space.full(),
+                                          distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature,
+                                          frozen=teacher_target)
                 (out.total / cfg.grad_accum).backward()
                 tokens += int(batch["attention_mask"].sum())
                 # .item() is a device sync; once per micro-batch is negligible next to the step.
@@ -325,7 +403,8 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                 stop.signum = signal.SIGTERM  # another rank was signalled (torchrun forwards SIGTERM)
             record = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr, **sums,
                       "grad_norm": distributed.scalar(grad_norm), "tokens": tokens, "step_time_s": elapsed,
-                      "tokens_per_s": tokens / elapsed, **({"teacher_s": teacher_s} if teacher is not None else {})}
+                      "tokens_per_s": tokens / elapsed, **({"teacher_s": teacher_s} if teacher is not None else {}),
+                      **({"on_policy_s": on_policy_s} if on_policy is not None else {})}
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             metrics_file.write(json.dumps(record) + "\n")
@@ -341,15 +420,24 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     model.eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
-    index = build_index(adapter, space, metric=cfg.cost_metric,
-                        train={"model": cfg.model, "data": cfg.data, "rows": cfg.rows, "template": cfg.template,
-                               "steps": total_steps})
+    record = {"model": cfg.model, "data": cfg.data, "rows": cfg.rows, "template": cfg.template, "steps": total_steps}
     with deferred_stop_signals():  # the run is done: a stop signal now waits for these two saves
-        final = (distributed.unsharded_copy(rt, model, lambda: load_pretrained(cfg.model)[0]) if rt.distributed
+        if tuned is not None:
+            # The resumable state first (it needs the adapters unmerged), then the adapters are folded
+            # into the base: the checkpoint is a plain HF model every reader already serves.
+            save(output, total_steps, model, optimizer, cfg.keep_checkpoints)
+            with exit_heads.detached(model) as trained_heads:
+                model = lora.merge(tuned)
+            if trained_heads is not None:
+                exit_heads.attach(model, trained_heads)
+            record["tuning"] = lora.describe(cfg.lora)
+        index = build_index(adapter, space, metric=cfg.cost_metric, train=record)
+        final = (distributed.unsharded_copy(rt, model, lambda: load_pretrained(cfg.model, dtype=dtype)[0]) if rt.distributed
                  else model.to("cpu"))
         if rt.is_main:
             with exit_heads.detached(final) as trained_heads:
                 save_checkpoint(final, tokenizer, index, output, merge=True, exit_heads=trained_heads)
-        save(output, total_steps, model, optimizer, cfg.keep_checkpoints)
+        if tuned is None:
+            save(output, total_steps, model, optimizer, cfg.keep_checkpoints)
     rt.close()
     return output

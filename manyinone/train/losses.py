@@ -10,7 +10,7 @@ kept for backward.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,36 @@ def nested_loss(
             total = total + frozen.weights.get(spec, 0.0) * kl
         ce_parts[spec] = ce.detach()
     return NestedLossOutput(total=total, ce=ce_parts, kl=kl_parts, teacher_kl=frozen_parts if frozen is not None else None)
+
+
+def nested_loss_on_positions(
+    features: Mapping[SubnetSpec, torch.Tensor],
+    head,
+    targets: torch.Tensor,
+    weights: Mapping[SubnetSpec, float],
+    full: SubnetSpec,
+    keep: torch.Tensor,
+    distill_weight: float = 0.0,
+    temperature: float = 1.0,
+    frozen: TeacherTarget | None = None,
+) -> NestedLossOutput:
+    """`nested_loss` with the full spec on every position and every other spec on positions `keep` only.
+
+    keep: [kept] indices into the tokens. The exits' head matmuls over the vocabulary dominate the
+    loss's cost, so a subset cuts step time; the full depth, what the model is for, keeps every
+    token. Self-distillation compares each exit with the full depth's logits at the kept positions.
+    """
+    only_full = {full: features[full]}
+    frozen_full = None if frozen is None else replace(frozen, weights={full: frozen.weights.get(full, 0.0)})
+    whole = nested_loss(only_full, head, targets, {full: weights.get(full, 1.0)}, frozen=frozen_full)
+    subset = {s: f[keep] for s, f in features.items()}  # [kept, hidden] each; the full one is the KD target
+    frozen_sub = None if frozen is None else replace(
+        frozen, features=frozen.features[keep], weights={s: w for s, w in frozen.weights.items() if s != full})
+    part = nested_loss(subset, head, targets[keep], {**weights, full: 0.0}, teacher=full,
+                       distill_weight=distill_weight, temperature=temperature, frozen=frozen_sub)
+    teacher_kl = None if frozen is None else {**(part.teacher_kl or {}), **(whole.teacher_kl or {})}
+    return NestedLossOutput(total=whole.total + part.total, ce={**part.ce, full: whole.ce[full]}, kl=part.kl,
+                            teacher_kl=teacher_kl)
 
 
 def _lean_nested_loss(features, heads: Mapping[SubnetSpec, LinearHead], targets, weights, teacher, distill_weight,
