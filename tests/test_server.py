@@ -245,3 +245,27 @@ def test_api_key_is_required_when_set(trained_run):
         assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
     assert missing.status_code == wrong.status_code == models.status_code == 401
     assert missing.json()["error"]["code"] == "invalid_api_key" and health.status_code == 200
+
+
+@pytest.mark.parametrize("extra,message", [
+    ('"speculative": true, "draft_exit": 4', "draft exit 4 out of range; allowed 1..3 (shallower than the serving depth 4)"),
+    ('"speculative": true, "draft_tokens": 0', "draft length 0 out of range; allowed 1..16"),
+    ('"speculative": true, "draft_tokens": 17', "draft length 17 out of range; allowed 1..16"),
+    ('"speculative": true, "draft_threshold": 1.5', "draft threshold 1.5 out of range; allowed 0 < threshold < 1"),
+    ('"draft_exit": 2', 'draft_exit: draft settings need "speculative": true'),
+])
+def test_bad_draft_settings_get_a_400_naming_the_range(raw, extra, message):
+    reply = raw('{"prompt": "hi", "max_tokens": 2, ' + extra + "}")
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["message"].startswith(message), reply.json()
+
+
+def test_draft_settings_in_a_request_are_used_and_lossless(server):
+    client, runtime = server
+    plain = client.completions.create(model="tiny", prompt=["Hello", "A longer prompt"], max_tokens=10, temperature=0)
+    spec = client.completions.create(model="tiny", prompt=["Hello", "A longer prompt"], max_tokens=10, temperature=0,
+                                     extra_body={"speculative": True, "draft_exit": 2, "draft_tokens": 3,
+                                                 "draft_threshold": 0.2})
+    assert [c.text for c in spec.choices] == [c.text for c in plain.choices]
+    info = spec.model_extra["manyinone"]
+    assert (info["draft_depth"], info["draft_tokens"], info["threshold"]) == (2, 3, 0.2)

@@ -55,6 +55,24 @@ def test_list_of_prompts_and_speculative_still_work_beside_the_batch(batched):
     assert spec.choices[0].text == out.choices[1].text and spec.model_extra["manyinone"]["drafted"] > 0
 
 
+def test_draft_settings_beside_the_batch_are_used_and_bad_ones_are_400(batched):
+    """A speculative request with draft fields runs alone between batch steps, uses them and equals the
+    batched plain answer; a bad draft value is still a 400 naming it, and the batch keeps serving."""
+    client, _, _ = batched
+    plain = client.completions.create(model="tiny", prompt="a longer prompt", max_tokens=6, temperature=0)
+    spec = client.completions.create(model="tiny", prompt="a longer prompt", max_tokens=6, temperature=0,
+                                     extra_body={"speculative": True, "draft_exit": 2, "draft_tokens": 3})
+    info = spec.model_extra["manyinone"]
+    assert spec.choices[0].text == plain.choices[0].text and (info["draft_depth"], info["draft_tokens"]) == (2, 3)
+    for extra, message in [({"speculative": True, "draft_tokens": 17}, "draft length 17 out of range"),
+                           ({"draft_exit": 2}, 'draft settings need "speculative": true')]:
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=4, extra_body=extra)
+        assert err.value.status_code == 400 and message in err.value.body["message"]
+    again = client.completions.create(model="tiny", prompt="a longer prompt", max_tokens=6, temperature=0)
+    assert again.choices[0].text == plain.choices[0].text and again.model_extra["manyinone"]["batched"]
+
+
 @pytest.mark.parametrize("kwargs,status,message", [
     ({"extra_body": {"budget": 0.1}}, 400, "below the smallest sub-model"),
     ({"prompt": "x" * (MAX_LEN - 4), "max_tokens": 8}, 400, "exceeds the context limit"),

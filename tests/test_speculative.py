@@ -39,7 +39,9 @@ def test_greedy_speculation_equals_plain_decoding(any_tiny_model, draft_depth, d
         spec = rt.generate([prompt], max_new_tokens=30, stop_ids=set(), speculative=True,
                            draft_depth=draft_depth, draft_tokens=draft_tokens)
         assert spec.tokens == plain.tokens
-        assert spec.stats["drafted"] == spec.stats["rounds"] * draft_tokens
+        # a round drafts k tokens, fewer only near the end (never past max_new_tokens)
+        assert spec.stats["drafted"] <= spec.stats["rounds"] * draft_tokens
+        assert spec.stats["exits"] == {draft_depth: [spec.stats["rounds"], spec.stats["drafted"], spec.stats["accepted"]]}
 
 
 def test_full_acceptance_path_and_stop_inside_an_accepted_run(tiny_llama):
@@ -101,7 +103,7 @@ def test_sampled_speculation_runs_and_is_seeded(tiny_llama):
 
 def test_bad_draft_settings(tiny_llama):
     rt = load(tiny_llama)
-    with pytest.raises(ManyinoneError, match="draft depth 4 out of range; allowed 1..3"):
+    with pytest.raises(ManyinoneError, match="draft exit 4 out of range; allowed 1..3"):
         rt.generate([[5, 6]], speculative=True, draft_depth=4)
     with pytest.raises(ManyinoneError, match="draft length 0 out of range"):
         rt.generate([[5, 6]], speculative=True, draft_depth=1, draft_tokens=0)
@@ -113,14 +115,24 @@ def test_autotune_stores_its_choice_and_the_runtime_uses_it(trained_run_tied, tm
     nested = open_checkpoint(ckpt)
     rt = Runtime(nested.model, nested.tokenizer, nested.index, max_len=96)
     choice = autotune(rt, random_prompts(2, seed=13), max_new_tokens=12, draft_lengths=(2, 3))
-    assert {(t["draft_depth"], t["draft_tokens"]) for t in choice["trials"]} == {(n, k) for n in (1, 2, 3) for k in (2, 3)}
+    fixed = [t for t in choice["trials"] if "draft_threshold" not in t and not t.get("adaptive")]
+    assert {(t["draft_depth"], t["draft_tokens"]) for t in fixed} == {(n, k) for n in (1, 2, 3) for k in (2, 3)}
+    assert {(t.get("adaptive", False), t["draft_threshold"]) for t in choice["trials"] if "draft_threshold" in t} == {
+        (False, 0.5), (True, None), (True, 0.5)}
+    assert [e["exit"] for e in choice["exits"]] == [1, 2, 3] and all(0 < e["cost"] <= 1 for e in choice["exits"])
+    best = max(choice["trials"], key=lambda t: t["tokens_per_s"])
+    assert choice["tokens_per_s"] == best["tokens_per_s"] and choice["adaptive"] == bool(best.get("adaptive"))
     store_choice(ckpt, choice)
     stored = json.loads((ckpt / "manyinone.json").read_text())["runtime"]["speculative"]
     assert (stored["draft_depth"], stored["draft_tokens"]) == (choice["draft_depth"], choice["draft_tokens"])
+    assert stored["exits"] == choice["exits"] and stored["threshold"] == choice["threshold"]
     reopened = open_checkpoint(ckpt)
     rt2 = Runtime(reopened.model, reopened.tokenizer, reopened.index, max_len=96)
     out = rt2.generate([[5, 6, 7]], max_new_tokens=8, stop_ids=set(), speculative=True)
-    assert (out.stats["draft_depth"], out.stats["draft_tokens"]) == (choice["draft_depth"], choice["draft_tokens"])
+    assert (out.stats["adaptive"], out.stats["draft_tokens"], out.stats["threshold"]) == (
+        choice["adaptive"], choice["draft_tokens"], choice["threshold"])
+    if not choice["adaptive"]:
+        assert out.stats["draft_depth"] == choice["draft_depth"]
 
 
 def test_cli_tune_speculative_writes_the_choice_and_bad_input_is_one_line(trained_run, tmp_path):

@@ -278,9 +278,19 @@ def generate(
     top_p: float = typer.Option(0.9),
     template: Optional[str] = typer.Option(None, help="alpaca or chat (default: the training template)"),
     seed: int = typer.Option(0),
+    speculative: bool = typer.Option(False, help="self-speculative decoding in the runtime (same output when greedy)"),
+    draft_exit: Optional[int] = typer.Option(None, help="draft exit depth (default: the tuned policy)"),
+    draft_tokens: Optional[int] = typer.Option(None, help="longest draft, 1..16"),
+    draft_threshold: Optional[float] = typer.Option(None, help="stop a draft when the exit's top-1 probability "
+                                                               "falls below this, 0 < t < 1"),
+    adaptive_draft: Optional[bool] = typer.Option(None, "--adaptive-draft/--fixed-draft",
+                                                  help="choose the draft exit and length per round"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (--speculative)"),
+    device: str = typer.Option("auto", help="--speculative only"),
 ) -> None:
-    """Sample text from the sub-model that fits the budget."""
-    from manyinone.eval.session import generate_text
+    """Sample text from the sub-model that fits the budget (with --speculative: from the full budget-indexed
+    checkpoint, drafting with a shallow exit and verifying with the rest)."""
+    from manyinone.eval.session import generate_speculative, generate_text
 
     _at_least(max_new_tokens, 1, "--max-new-tokens")
     _in_range(seed, 0, 2**64 - 1, "--seed")  # what torch.manual_seed takes
@@ -288,6 +298,18 @@ def generate(
         raise ManyinoneError(f"--temperature {temperature} out of range; allowed a finite number >= 0 (0 = greedy)")
     if not 0 < top_p <= 1:  # false for nan too
         raise ManyinoneError(f"--top-p {top_p} out of range; allowed 0 < top_p <= 1")
+    draft = {"draft_depth": draft_exit, "draft_tokens": draft_tokens, "draft_threshold": draft_threshold,
+             "adaptive_draft": adaptive_draft}
+    given = [f"--{k.replace('_', '-').replace('depth', 'exit')}" for k, v in draft.items() if v is not None]
+    if given and not speculative:
+        raise ManyinoneError(f"{', '.join(given)} need --speculative")
+    if speculative:
+        text, spec, stats = generate_speculative(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template,
+                                                 seed, draft, dtype, device)
+        console.print(f"[dim]({spec.label}; {stats['accepted']}/{stats['drafted']} drafted tokens accepted, "
+                      f"{stats['rounds']} rounds)[/]")
+        typer.echo(text)
+        return
     text, spec = generate_text(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template, seed)
     console.print(f"[dim]({spec.label})[/]")
     typer.echo(text)
@@ -307,6 +329,11 @@ def serve(
                                                      "(a request needing more: 413)"),
     api_key: Optional[str] = typer.Option(None, envvar="MANYINONE_API_KEY",
                                           help="require `Authorization: Bearer KEY` (401 without it); /health stays open"),
+    draft_exit: Optional[int] = typer.Option(None, help="default draft exit of speculative requests"),
+    draft_tokens: Optional[int] = typer.Option(None, help="default longest draft, 1..16"),
+    draft_threshold: Optional[float] = typer.Option(None, help="default draft confidence threshold, 0 < t < 1"),
+    adaptive_draft: Optional[bool] = typer.Option(None, "--adaptive-draft/--fixed-draft",
+                                                  help="default: choose the draft exit and length per round"),
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions) with per-request `budget` and
     `speculative` fields. Needs `pip install 'manyinone[serve]'`."""
@@ -314,8 +341,10 @@ def serve(
 
     if max_len is not None:
         _at_least(max_len, 2, "--max-len")
+    draft = {"draft_depth": draft_exit, "draft_tokens": draft_tokens, "draft_threshold": draft_threshold,
+             "adaptive_draft": adaptive_draft}
     run_server(str(ckpt), host, port, dtype, device, max_len, max_batch=max_batch, max_cache_mib=max_cache_mib,
-               api_key=api_key)
+               api_key=api_key, draft=draft)
 
 
 @app.command(name="distill-data")
@@ -396,14 +425,18 @@ def tune_speculative(
     runtime = Runtime.open(ckpt, dtype=torch_dtype, device=device)
     choice = autotune(runtime, instruction_prompts(runtime, data, rows, prompts), max_new_tokens)
     table = Table(title=f"self-speculation on {ckpt} (plain greedy: {choice['baseline_tokens_per_s']:.1f} tok/s)")
-    for col in ("draft exit", "draft length", "tokens/s", "acceptance"):
+    for col in ("draft exit", "draft length", "threshold", "tokens/s", "acceptance", "tokens/round"):
         table.add_column(col, justify="right")
     for t in choice["trials"]:
-        table.add_row(str(t["draft_depth"]), str(t["draft_tokens"]), f"{t['tokens_per_s']:.1f}", f"{t['acceptance']:.2f}")
+        table.add_row("adaptive" if t.get("adaptive") else str(t["draft_depth"]), str(t["draft_tokens"]),
+                      str(t.get("draft_threshold") or "-"), f"{t['tokens_per_s']:.1f}", f"{t['acceptance']:.2f}",
+                      f"{t['tokens_per_round']:.2f}")
     console.print(table)
     store_choice(ckpt, choice)
-    console.print(f"chose draft exit {choice['draft_depth']}, {choice['draft_tokens']} tokens "
-                  f"({choice['speedup']:.2f}x); written to {ckpt / 'manyinone.json'}")
+    what = "the adaptive policy" if choice["adaptive"] else f"draft exit {choice['draft_depth']}"
+    threshold = f", threshold {choice['threshold']}" if choice.get("threshold") else ""
+    console.print(f"chose {what}, up to {choice['draft_tokens']} tokens{threshold} ({choice['speedup']:.2f}x); "
+                  f"written to {ckpt / 'manyinone.json'}")
 
 
 def main() -> None:  # pragma: no cover - `python -m manyinone`

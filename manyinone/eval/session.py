@@ -57,3 +57,24 @@ def generate_text(ckpt: Path, prompt: str, budget: float | None, max_new_tokens:
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                          **sampling)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True), model.manyinone_spec
+
+
+def generate_speculative(ckpt: Path, prompt: str, budget: float | None, max_new_tokens: int, temperature: float,
+                         top_p: float, template: str | None, seed: int, draft: dict, dtype: str = "float32",
+                         device: str = "auto") -> tuple[str, SubnetSpec, dict]:
+    """Self-speculative generation in the runtime; bad draft settings fail before any weights load.
+    `draft`: `Runtime.generate`'s draft keywords (None = the checkpoint's tuned policy)."""
+    from manyinone.runtime import Runtime, Sampling
+    from manyinone.runtime.draft_policy import index_exits, validate
+    from manyinone.runtime.generate import dtype_named
+
+    index = read_index(ckpt)
+    spec = resolve(index, budget)
+    validate(True, index_exits(index), int(spec["depth"]), draft.get("draft_depth"), draft.get("draft_tokens"),
+             draft.get("draft_threshold"), draft.get("adaptive_draft"))
+    sampling = Sampling(temperature, top_p, seed)
+    rt = Runtime.open(ckpt, dtype=dtype_named(dtype), device=device)
+    template = template or index.get("train", {}).get("template", "alpaca")
+    ids = encode_prompt({"instruction": prompt, "input": "", "output": ""}, rt.tokenizer, template)
+    out = rt.generate([ids], budget, max_new_tokens, sampling, speculative=True, **draft)
+    return rt.decode(out.tokens[0]), spec, out.stats

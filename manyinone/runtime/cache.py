@@ -28,10 +28,11 @@ class StaticKVCache:
     is its own graph input, so a cache write is one in-place scatter, never a copy of shared storage.
 
     It offers the one method HF attention modules call on a cache, `update(k, v, layer_idx)`: the new
-    keys/values go to the slots in `self.slots` ([q], set by the runner before each forward) and the
-    first `self.live` slots come back (every step of one bucket has the same shapes, which CUDA graphs
-    need); the attention mask hides the slots a query may not see. A layer running fewer KV heads
-    (a heads sub-network keeps whole query groups) uses the first heads of its buffer.
+    keys/values go to the slots in `self.slots` ([q], or [batch, q] per row; set by the runner before
+    each forward) and the first `self.live` slots come back (every step of one bucket has the same
+    shapes, which CUDA graphs need); the attention mask hides the slots a query may not see. A layer
+    running fewer KV heads (a heads sub-network keeps whole query groups) uses the first heads of its
+    buffer.
     """
 
     is_compileable = True  # read by transformers' compile heuristics; the shapes never change
@@ -42,19 +43,28 @@ class StaticKVCache:
         self.layer_keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.layer_values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.kv_heads = kv_heads
-        self.slots = torch.zeros(1, dtype=torch.long, device=device)  # [q] slots the current forward writes
+        self.slots = torch.zeros(1, dtype=torch.long, device=device)  # [q] or [batch, q] slots the forward writes
         self.batch, self.max_len = batch, max_len
         self.live = max_len  # slots attention reads (set by the runner per call)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args, **_kwargs):
-        """Write [batch, kv, q, head_dim] keys/values at `self.slots`; return [batch, kv, live, head_dim] views."""
+        """Write [batch, kv, q, head_dim] keys/values at `self.slots`; return [batch, kv, live, head_dim] views.
+
+        `self.slots` [q] is one set of slots for every row; [batch, q] gives each row its own (batched
+        speculation, where rows accept different numbers of drafted tokens). Either way every slot
+        written must be below `self.live`, or attention would not read it back."""
         heads = key_states.shape[1]
         keys, values = self.layer_keys[layer_idx], self.layer_values[layer_idx]  # [batch, kv_heads, max_len, head_dim]
         if heads != self.kv_heads:  # a heads sub-network: its first KV heads
             keys, values = keys[:, :heads], values[:, :heads]
-        # Indexed assignment (index_put_): what torch.compile turns into one in-place scatter kernel.
-        keys[:, :, self.slots] = key_states.to(keys.dtype)
-        values[:, :, self.slots] = value_states.to(values.dtype)
+        if self.slots.dim() == 1:
+            # Indexed assignment (index_put_): what torch.compile turns into one in-place scatter kernel.
+            keys[:, :, self.slots] = key_states.to(keys.dtype)
+            values[:, :, self.slots] = value_states.to(values.dtype)
+        else:
+            where = self.slots[:, None, :, None].expand_as(key_states)  # [batch, kv, q, head_dim]
+            keys.scatter_(2, where, key_states.to(keys.dtype))
+            values.scatter_(2, where, value_states.to(values.dtype))
         return keys[:, :, : self.live], values[:, :, : self.live]
 
     @property
@@ -76,7 +86,8 @@ class StaticKVCache:
 
 def attention_masks(slots: torch.Tensor, pad: torch.Tensor, max_len: int, dtype: torch.dtype,
                     sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Additive masks [batch, 1, q, max_len] (0 = attend, dtype-min = hidden) for queries at `slots`.
+    """Additive masks [batch, 1, q, max_len] (0 = attend, dtype-min = hidden) for queries at `slots`
+    ([q] shared by every row, or [batch, q] per row).
 
     `max_len`: the key slots attention reads (the cache's live length). A query at slot s sees key
     slots k with pad[b] <= k <= s (causal, padding hidden); with a sliding window also s - k < window.
@@ -84,8 +95,10 @@ def attention_masks(slots: torch.Tensor, pad: torch.Tensor, max_len: int, dtype:
     eager attention implementations accept it.
     """
     keys = torch.arange(max_len, device=slots.device)  # [max_len]
-    query = slots[:, None]  # [q, 1]
-    visible = (keys[None, :] <= query)[None] & (keys[None, None, :] >= pad[:, None, None])  # [batch, q, max_len]
+    query = slots[..., None]  # [q, 1] or [batch, q, 1]
+    causal = keys <= query  # [q, max_len] or [batch, q, max_len]
+    causal = causal if causal.dim() == 3 else causal[None]  # [1 or batch, q, max_len]
+    visible = causal & (keys[None, None, :] >= pad[:, None, None])  # [batch, q, max_len]
     low = torch.finfo(dtype).min
 
     def additive(allowed: torch.Tensor) -> torch.Tensor:
@@ -95,10 +108,21 @@ def attention_masks(slots: torch.Tensor, pad: torch.Tensor, max_len: int, dtype:
     full = additive(visible)
     if sliding_window is None:
         return full, None
-    in_window = (query - keys[None, :] < sliding_window)[None]  # [1, q, max_len]
+    in_window = query - keys < sliding_window  # [q, max_len] or [batch, q, max_len]
+    in_window = in_window if in_window.dim() == 3 else in_window[None]  # [1 or batch, q, max_len]
     return full, additive(visible & in_window)
 
 
 def position_ids(slots: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """Positions [batch, q] of the queries at `slots`: slot minus the row's left padding (>= 0)."""
-    return (slots[None, :] - pad[:, None]).clamp(min=0)  # [batch, q]
+    """Positions [batch, q] of the queries at `slots` ([q] or [batch, q]): slot minus the row's left
+    padding (>= 0)."""
+    rows = slots if slots.dim() == 2 else slots[None, :]  # [batch or 1, q]
+    return (rows - pad[:, None]).clamp(min=0)  # [batch, q]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [batch, longest] left-padded with pad_id, and each row's pad count [batch]."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
+    return ids.to(device), pad.to(device)

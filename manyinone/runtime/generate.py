@@ -25,6 +25,7 @@ from torch import nn
 from manyinone.io.checkpoint import resolve, routed_plan
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
+from manyinone.runtime.cache import left_pad  # noqa: F401  (re-exported: part of this module's API)
 from manyinone.runtime.sampling import Sampling, choose
 from manyinone.runtime.stack import LayerStack, SegmentRunner, compile_step
 
@@ -69,14 +70,6 @@ def dtype_named(name: str) -> torch.dtype:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [batch, longest] left-padded with pad_id, and each row's pad count [batch]."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long)
-    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
-    return ids.to(device), pad.to(device)
 
 
 class Runtime:
@@ -302,9 +295,12 @@ class Runtime:
 
     def generate(self, prompts: list[list[int]], budget: float | None = None, max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), stop_ids: set[int] | None = None, speculative: bool = False,
-                 draft_depth: int | None = None, draft_tokens: int | None = None, spec=None) -> Generation:
+                 draft_depth: int | None = None, draft_tokens: int | None = None,
+                 draft_threshold: float | None = None, adaptive_draft: bool | None = None,
+                 spec=None) -> Generation:
         """Generate for every prompt (token ids); `speculative` drafts with the first layers and verifies
-        with the rest (one prompt at a time), giving the same tokens as plain decoding when greedy.
+        with the rest (all rows together, each at its own position), giving the same tokens as plain
+        decoding when greedy. Draft settings: see `runtime.draft_policy.plan_for`.
         `spec`: an explicit sub-network instead of the budget's (see `target`)."""
         stats: dict[str, Any] = {}
         depth, plan = self.target(budget, spec)
@@ -312,10 +308,10 @@ class Runtime:
             raise ManyinoneError("speculative decoding serves depth budgets of the full width; this request runs a "
                                  "(width, heads) plan or an explicit spec: set speculative false")
         if speculative:
-            from manyinone.runtime.speculative import speculative_stream
+            from manyinone.runtime.speculative import speculative_batch_stream
 
-            streams = [speculative_stream(self, p, budget, max_new_tokens, sampling, stop_ids, draft_depth,
-                                          draft_tokens, stats) for p in prompts]
+            streams = [speculative_batch_stream(self, prompts, budget, max_new_tokens, sampling, stop_ids, draft_depth,
+                                                draft_tokens, stats, draft_threshold, adaptive_draft)]
         else:
             streams = [self.stream(prompts, budget, max_new_tokens, sampling, stop_ids, stats, spec)]
         tokens: list[list[int]] = [[] for _ in prompts]

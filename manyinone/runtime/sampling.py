@@ -60,22 +60,30 @@ def accept_greedy(draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def accept_sampled(draft: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling (Leviathan et al. 2023): lossless w.r.t. the target distribution.
+    """`accept_sampled_rows` for one row: draft [k], draft_probs / target_probs [k, vocab]; 0-dim results."""
+    accepted, replacement = accept_sampled_rows(draft[None], draft_probs[None], target_probs[None], generator)
+    return accepted[0], replacement[0]
 
-    draft [k] tokens sampled from draft_probs [k, vocab]; target_probs [k, vocab] the full model's
-    distributions at the same positions. Token i is kept with probability min(1, p_i(d_i) / q_i(d_i));
-    at the first rejection j a replacement is drawn from normalise(max(p_j - q_j, 0)). Returns
-    (accepted count m, replacement token for position m; meaningless when m == k) as 0-dim tensors.
+
+def accept_sampled_rows(draft: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
+                        generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling (Leviathan et al. 2023) for every row at once: lossless w.r.t. the target.
+
+    draft [rows, k] tokens sampled from draft_probs [rows, k, vocab]; target_probs [rows, k, vocab] the
+    full model's distributions at the same positions. Token i is kept with probability
+    min(1, p_i(d_i) / q_i(d_i)); at the first rejection j a replacement is drawn from
+    normalise(max(p_j - q_j, 0)). Returns (accepted count m [rows], replacement token for position m
+    [rows]; meaningless where m == k).
     """
-    k = draft.shape[0]
-    rows = torch.arange(k, device=draft.device)
-    p = target_probs[rows, draft]  # [k]
-    q = draft_probs[rows, draft]  # [k]
-    u = torch.rand(k, device=draft.device, generator=generator)
-    accepted = (u * q <= p).long().cumprod(0).sum()
-    j = accepted.clamp(max=k - 1)
-    residual = (target_probs[j] - draft_probs[j]).clamp(min=0)  # [vocab]
+    rows, k = draft.shape
+    p = target_probs.gather(-1, draft[..., None])[..., 0]  # [rows, k]
+    q = draft_probs.gather(-1, draft[..., None])[..., 0]  # [rows, k]
+    u = torch.rand(rows, k, device=draft.device, generator=generator)  # [rows, k]
+    accepted = (u * q <= p).long().cumprod(1).sum(1)  # [rows]
+    j = accepted.clamp(max=k - 1)[:, None, None].expand(rows, 1, target_probs.shape[-1])  # [rows, 1, vocab]
+    target_j = target_probs.gather(1, j)[:, 0]  # [rows, vocab]
+    residual = (target_j - draft_probs.gather(1, j)[:, 0]).clamp(min=0)  # [rows, vocab]
     # p == q exactly leaves no residual mass; then p itself is the right distribution.
-    residual = torch.where(residual.sum() > 0, residual, target_probs[j])
-    replacement = torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target_j)
+    replacement = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator)[:, 0]  # [rows]
     return accepted, replacement

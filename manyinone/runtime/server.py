@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP server over one `Runtime`: /v1/completions, /v1/chat/completions (both with
-`stream`), /v1/models. Extra per-request fields: `budget` (fraction of the full cost) and `speculative`.
+`stream`), /v1/models. Extra per-request fields: `budget` (fraction of the full cost), `speculative`, and the
+draft settings `draft_exit`, `draft_tokens`, `draft_threshold`, `adaptive_draft` (with `speculative`).
 
 Needs the optional extra: `pip install manyinone[serve]` (FastAPI + uvicorn). Requests are checked
 before any work starts (a bad budget, an over-long prompt or a wrongly typed field is a 400 naming the
@@ -32,7 +33,7 @@ from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.batching import Batcher, BatchRequest
 from manyinone.runtime.generate import DEFAULT_MAX_CACHE_MIB, OverLimit, Runtime, dtype_named
 from manyinone.runtime.sampling import Sampling
-from manyinone.runtime.speculative import draft_settings
+from manyinone.runtime.draft_policy import plan_for
 
 
 def _unicode(value: Any) -> Any:
@@ -62,6 +63,15 @@ class _Common(BaseModel):
     seed: Optional[StrictInt] = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generator takes
     budget: Optional[StrictFloat] = None
     speculative: StrictBool = False
+    # Draft settings (speculative only); ranges are checked by the draft policy, whose errors name them.
+    draft_exit: Optional[StrictInt] = None
+    draft_tokens: Optional[StrictInt] = None
+    draft_threshold: Optional[StrictFloat] = None
+    adaptive_draft: Optional[StrictBool] = None
+
+    def draft(self) -> dict[str, Any]:
+        return {"draft_depth": self.draft_exit, "draft_tokens": self.draft_tokens,
+                "draft_threshold": self.draft_threshold, "adaptive_draft": self.adaptive_draft}
 
     @field_validator("stop")
     @classmethod
@@ -131,8 +141,11 @@ class Engine:
     """Turns checked requests into generation: batched rows (with a `Batcher`), else one worker thread at a time."""
 
     def __init__(self, runtime: Runtime, template: str, default_max_tokens: int = 256,
-                 batch_rows: int | None = None) -> None:
+                 batch_rows: int | None = None, draft: dict[str, Any] | None = None) -> None:
+        """`draft`: the server's default draft settings (`Runtime.generate` names) for speculative requests
+        that leave them out."""
         self.runtime, self.template, self.default_max_tokens = runtime, template, default_max_tokens
+        self.draft = {k: v for k, v in (draft or {}).items() if v is not None}
         self.lock = threading.Lock()
         self.cancelled = 0  # streams stopped because their client went away
         self.batcher = None
@@ -164,14 +177,20 @@ class Engine:
         """Everything a bad request could get wrong, before any work: raises ManyinoneError."""
         rt = self.runtime
         depth, plan = rt.target(req.budget)
-        extra = 0
+        extra, draft = 0, {}
+        asked = {k: v for k, v in req.draft().items() if v is not None}
+        if asked and not req.speculative:
+            named = [f for f in ("draft_exit", "draft_tokens", "draft_threshold", "adaptive_draft")
+                     if getattr(req, f) is not None]
+            raise ManyinoneError(f"{', '.join(named)}: draft settings need \"speculative\": true")
         if req.speculative and plan is not None:
             raise ManyinoneError(f"budget {req.budget} runs a (width, heads) plan; speculative decoding serves depth "
                                  "budgets only: set speculative false")
         if req.speculative:
-            if depth == 1:
-                raise ManyinoneError("speculative decoding needs a depth above 1; raise the budget or set speculative false")
-            extra = draft_settings(rt, depth, None, None)[1]  # the draft may run k slots past the answer
+            draft = {**self.draft, **asked}
+            draft_plan = plan_for(rt, depth, draft.get("draft_depth"), draft.get("draft_tokens"),
+                                  draft.get("draft_threshold"), draft.get("adaptive_draft"))
+            extra = draft_plan.max_tokens  # the draft may run k slots past the answer
         ids = [p if isinstance(p, list) else rt.encode(p) for p in prompts]  # text or already-encoded ids
         if req.stream and len(ids) > 1:
             raise ManyinoneError("stream supports one prompt per request; got a list of prompts")
@@ -180,7 +199,7 @@ class Engine:
         # Without a seed each request samples afresh (as OpenAI's API does); with one it replays exactly.
         sampling = Sampling(req.temperature, req.top_p, req.seed if req.seed is not None else secrets.randbits(31))
         return {"prompts": ids, "budget": req.budget, "max_new_tokens": max_new, "sampling": sampling,
-                "speculative": req.speculative, "stops": req.stops(), "depth": depth}
+                "speculative": req.speculative, "draft": draft, "stops": req.stops(), "depth": depth}
 
     def complete(self, job: dict[str, Any]) -> tuple[list[str], list[str], dict[str, Any]]:
         """Non-streaming: texts, finish reasons, and the generation's info (blocking; takes the lock, or
@@ -194,7 +213,7 @@ class Engine:
         else:
             with self.lock:
                 out = self.runtime.generate(job["prompts"], job["budget"], job["max_new_tokens"], job["sampling"],
-                                            speculative=job["speculative"])
+                                            speculative=job["speculative"], **job["draft"])
             rows, info = list(zip(out.tokens, out.finish)), {"depth": out.depth, **out.stats}
         texts, finish = [], []
         for tokens, reason in rows:
@@ -224,8 +243,10 @@ class Engine:
                 elif job["speculative"]:
                     from manyinone.runtime.speculative import speculative_stream
 
+                    d = job["draft"]
                     steps = speculative_stream(rt, job["prompts"][0], job["budget"], job["max_new_tokens"],
-                                               job["sampling"], None)
+                                               job["sampling"], None, d.get("draft_depth"), d.get("draft_tokens"),
+                                               threshold=d.get("draft_threshold"), adaptive=d.get("adaptive_draft"))
                 else:
                     steps = rt.stream(job["prompts"], job["budget"], job["max_new_tokens"], job["sampling"])
                 tokens, sent, finish = [], "", "length"
@@ -253,7 +274,7 @@ class Engine:
 
 
 def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", default_max_tokens: int = 256,
-               api_key: str | None = None, batch_rows: int | None = None):
+               api_key: str | None = None, batch_rows: int | None = None, draft: dict[str, Any] | None = None):
     """The FastAPI app serving `runtime` under the name `model_name`; with `api_key`, requests need it as a
     bearer token (401 otherwise). Limits on rows and cache memory are the runtime's (`Runtime(max_batch=...)`).
     batch_rows: rows of the shared continuous batch (None: one request at a time)."""
@@ -267,7 +288,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
 
     if api_key is not None and not api_key:
         raise ManyinoneError("api_key is empty; give a secret, or none to serve without authentication")
-    engine = Engine(runtime, template, default_max_tokens, batch_rows)
+    engine = Engine(runtime, template, default_max_tokens, batch_rows=batch_rows, draft=draft)
 
     def authorized(request: Request) -> None:
         if request.url.path == "/health":  # load balancers probe it without a key
@@ -391,20 +412,30 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "auto",
           max_len: int | None = None, default_max_tokens: int = 256, max_batch: int = 16,
           max_cache_mib: float = DEFAULT_MAX_CACHE_MIB, api_key: str | None = None,
-          batch_rows: int | None = 16, fused: bool = False) -> None:
+          batch_rows: int | None = 16, fused: bool = False, draft: dict[str, Any] | None = None) -> None:
     """Load `ckpt` once and serve it until interrupted; plain requests share a continuous batch of
-    `batch_rows` rows (None: one request at a time); `fused` compiles each decode step (CUDA)."""
+    `batch_rows` rows (None: one request at a time); `fused` compiles each decode step (CUDA); `draft`:
+    default draft settings for speculative requests (`Runtime.generate` names), checked against the
+    full depth before the model loads."""
     try:
         import uvicorn
     except ImportError:
         raise ManyinoneError("serving needs FastAPI and uvicorn: pip install 'manyinone[serve]'") from None
     if not 0 < port < 65536:
         raise ManyinoneError(f"--port {port} out of range; allowed 1 to 65535")
+    if draft and any(v is not None for v in draft.values()):
+        from manyinone.io.checkpoint import read_index, resolve
+        from manyinone.runtime.draft_policy import index_exits, validate
+
+        index = read_index(ckpt)
+        validate(True, index_exits(index), int(resolve(index, None)["depth"]), draft.get("draft_depth"),
+                 draft.get("draft_tokens"), draft.get("draft_threshold"), draft.get("adaptive_draft"))
     runtime = Runtime.open(ckpt, dtype=dtype_named(dtype), device=device, max_len=max_len, max_batch=max_batch,
                            max_cache_mib=max_cache_mib, fused=fused)
     template = (runtime.index or {}).get("train", {}).get("template", "alpaca")
     from pathlib import Path
 
-    app = create_app(runtime, Path(ckpt).resolve().name, template, default_max_tokens, api_key, batch_rows)
+    app = create_app(runtime, Path(ckpt).resolve().name, template, default_max_tokens, api_key,
+                     batch_rows=batch_rows, draft=draft)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

@@ -1,12 +1,17 @@
-"""Self-speculative decoding: the first n layers draft k tokens, the remaining layers verify them at once.
+"""Self-speculative decoding: the first n layers draft up to k tokens, the remaining layers verify them at once.
 
 Lossless: greedy output equals the full model's token for token (up to float rounding between a
 k-token and a 1-token forward), and sampling keeps the full model's distribution (speculative sampling).
 
 KV reuse: a draft step runs layers 0..n-1 for one position and leaves their keys/values in the shared
 cache together with the hidden state after layer n-1. The verify pass starts from those hidden states
-and runs only layers n..depth-1 on the k positions, so no layer ever runs twice for an accepted token.
-A rejected suffix is rolled back by moving the length back (slots are rewritten before being read).
+and runs only layers n..depth-1 on the drafted positions, so no layer ever runs twice for an accepted
+token. A rejected suffix is rolled back by moving the length back (slots are rewritten before being read).
+
+Batches: every row keeps its own position in the one KV cache (per-row slots [batch, q]), so a row that
+accepts 4 tokens does not wait for one that accepted 1. Rows draft and verify together; a row that
+finished stays where it is (its slots are rewritten, never read). The exit and the length of each round
+come from `draft_policy` (fixed, tuned, or adaptive), and a confidence threshold can end a draft early.
 """
 
 from __future__ import annotations
@@ -16,85 +21,164 @@ from typing import Any
 
 import torch
 
-from manyinone.core.errors import ManyinoneError
-from manyinone.runtime.sampling import Sampling, accept_greedy, accept_sampled, choose, probabilities
+from manyinone.runtime.cache import left_pad
+from manyinone.runtime.draft_policy import (DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, AcceptanceTracker, DraftPlan,
+                                            check_draft, plan_for)
+from manyinone.runtime.sampling import Sampling, accept_sampled_rows, choose, probabilities
 
-DEFAULT_DRAFT_TOKENS = 4
-MAX_DRAFT_TOKENS = 16
+__all__ = ["DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "check_draft", "draft_settings", "plan_for",
+           "speculative_stream", "speculative_batch_stream"]
 
 
 def draft_settings(runtime, depth: int, draft_depth: int | None, draft_tokens: int | None) -> tuple[int, int]:
-    """(n, k) for verifying at `depth`: explicit values, else the checkpoint's tuned choice, else a default
-    (the trained exit nearest a third of the depth, 4 tokens)."""
-    tuned = ((runtime.index or {}).get("runtime") or {}).get("speculative") or {}
-    if draft_depth is None:
-        if tuned.get("draft_depth") and tuned.get("depth", depth) == depth and tuned["draft_depth"] < depth:
-            draft_depth = int(tuned["draft_depth"])
-        else:
-            shallower = [e for e in runtime.exits() if e < depth] or [max(depth // 3, 1)]
-            draft_depth = min(shallower, key=lambda e: (abs(e - depth / 3), e))
-    if draft_tokens is None:
-        draft_tokens = int(tuned.get("draft_tokens") or DEFAULT_DRAFT_TOKENS)
-    if not 1 <= draft_depth < depth:
-        raise ManyinoneError(f"draft depth {draft_depth} out of range; allowed 1..{depth - 1} "
-                             f"(shallower than the verifying depth {depth})")
-    if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
-        raise ManyinoneError(f"draft length {draft_tokens} out of range; allowed 1..{MAX_DRAFT_TOKENS}")
-    return draft_depth, draft_tokens
+    """(first draft exit, longest draft) for verifying at `depth`; see `draft_policy.plan_for`."""
+    plan = plan_for(runtime, depth, draft_depth, draft_tokens)
+    return plan.exits[0], plan.max_tokens
 
 
 def speculative_stream(runtime, prompt: list[int], budget: float | None, max_new_tokens: int, sampling: Sampling,
                        stop_ids: set[int] | None, draft_depth: int | None = None, draft_tokens: int | None = None,
-                       stats: dict[str, Any] | None = None) -> Iterator[list[list[int]]]:
+                       stats: dict[str, Any] | None = None, threshold: float | None = None,
+                       adaptive: bool | None = None) -> Iterator[list[list[int]]]:
     """Like `Runtime.stream` for one prompt: yields [[new tokens]] per accepted run of tokens."""
+    for step in speculative_batch_stream(runtime, [prompt], budget, max_new_tokens, sampling, stop_ids, draft_depth,
+                                         draft_tokens, stats, threshold, adaptive):
+        if step[0]:
+            yield step
+
+
+def _top1(logits: torch.Tensor, sampling: Sampling, probs: torch.Tensor | None) -> torch.Tensor:
+    """The exit's top-1 probability per row [batch] (of the sampling distribution when sampling)."""
+    if probs is not None:
+        return probs.amax(-1)
+    return torch.softmax(logits.float(), -1).amax(-1)
+
+
+def _cut(new: list[int], b: int, live: list[bool], done: list[int], stop: set[int], max_new_tokens: int) -> list[int]:
+    """Row b's new tokens up to a stop token or max_new_tokens; updates its `live` flag and `done` count."""
+    new = new[: max_new_tokens - done[b]]
+    for j, t in enumerate(new):
+        if t in stop:
+            new, live[b] = new[:j], False
+            break
+    done[b] += len(new)
+    if done[b] >= max_new_tokens:
+        live[b] = False
+    return new
+
+
+def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | None, max_new_tokens: int,
+                             sampling: Sampling, stop_ids: set[int] | None, draft_depth: int | None = None,
+                             draft_tokens: int | None = None, stats: dict[str, Any] | None = None,
+                             threshold: float | None = None, adaptive: bool | None = None
+                             ) -> Iterator[list[list[int]]]:
+    """Speculative decoding of every prompt together: yields, per round, each row's new tokens ([] for a
+    row with none this round or one that has finished)."""
     depth = runtime.depth_for(budget)
-    n, k = draft_settings(runtime, depth, draft_depth, draft_tokens)
-    runtime.check_request([prompt], max_new_tokens, extra=k)
+    plan: DraftPlan = plan_for(runtime, depth, draft_depth, draft_tokens, threshold, adaptive)
+    tracker = AcceptanceTracker(plan)
+    runtime.check_request(prompts, max_new_tokens, extra=plan.max_tokens)
     stop = runtime.default_stop_ids() if stop_ids is None else stop_ids
-    run, slots, device = runtime.runner(1), runtime._slots, runtime.device
+    rows, device = len(prompts), runtime.device
+    run = runtime.runner(rows)
     generator = torch.Generator(device).manual_seed(sampling.seed)
     hidden_size = runtime.model.config.hidden_size
-    drafted = accepted = rounds = 0
+    pad_id = int(getattr(runtime.model.config, "pad_token_id", None) or 0)
+    offsets = torch.arange(MAX_DRAFT_TOKENS, device=device)  # [K]
+    drafted = accepted = rounds = plain_steps = rejections = 0
+    per_exit: dict[int, list[int]] = {}  # exit -> [rounds, drafted, accepted]
     with torch.no_grad():
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)  # [1, prompt]
-        pad = torch.zeros(1, dtype=torch.long, device=device)
-        token = choose(run.prefill(depth, ids, pad)[0, -1], sampling, generator)  # 0-dim
-        stopped = int(token) in stop
-        yield [[]] if stopped else [[int(token)]]
-        done, pos = 1, len(prompt)  # tokens emitted; slot of `token`, whose keys/values are not cached yet
-        while not stopped and done < max_new_tokens:
-            hidden = torch.empty(1, k, hidden_size, dtype=runtime.stack.dtype, device=device)  # [1, k, hidden]
-            drafts = torch.empty(k, dtype=torch.long, device=device)
-            draft_probs = None if sampling.greedy else torch.empty(k, runtime.model.config.vocab_size, device=device)
-            current = token
-            for i in range(k):  # draft: layers 0..n-1, one position each, keys/values land in the cache
-                h, logits = run(0, n, current.view(1, 1), slots[pos + i: pos + i + 1], pad)
+        ids, pad = left_pad(prompts, pad_id, device)
+        token = choose(run.prefill(depth, ids, pad)[:, -1], sampling, generator)  # [rows]
+        first = token.tolist()
+        live = [t not in stop for t in first]
+        yield [[t] if ok else [] for t, ok in zip(first, live)]
+        done = [1] * rows  # tokens emitted per row
+        live = [ok and max_new_tokens > 1 for ok in live]
+        pos = torch.full((rows,), ids.shape[1], dtype=torch.long, device=device)  # [rows] slot of `token`, uncached
+        # The same on the host, so each call can name its live bucket without a sync: attention reads
+        # only the first live_length(furthest) slots, which must cover the furthest row's query slots
+        # (finished rows included: they still write at their standing slots).
+        pos_host = [ids.shape[1]] * rows
+        while any(live):
+            n, k = tracker.choose()
+            if k == 0:  # the adaptive policy expects no gain from drafting now: one plain step at the serving depth
+                _, logits = run(0, depth, token[:, None], pos[:, None], pad,
+                                slots_end=max(pos_host) + 1)  # [rows, 1, vocab]
+                live_dev = torch.tensor(live, device=device)  # [rows]
+                token = torch.where(live_dev, choose(logits[:, -1], sampling, generator), token)  # [rows]
+                pos = pos + live_dev.long()
+                pos_host = [p + ok for p, ok in zip(pos_host, live)]
+                chosen = token.tolist()  # the one sync of this step
+                out = [_cut([chosen[b]], b, live, done, stop, max_new_tokens) if live[b] else [] for b in range(rows)]
+                tracker.observe(None, [], [])
+                plain_steps += 1
+                yield out
+                continue
+            k = min(k, max(max_new_tokens - d for d, ok in zip(done, live) if ok))  # never draft past the end
+            hidden = torch.empty(rows, k, hidden_size, dtype=runtime.stack.dtype, device=device)  # [rows, k, hidden]
+            drafts = torch.empty(rows, k, dtype=torch.long, device=device)  # [rows, k]
+            draft_probs = None if sampling.greedy else torch.empty(rows, k, runtime.model.config.vocab_size,
+                                                                  device=device)  # [rows, k, vocab]
+            # Made here, while the device is idle after the last round's sync: a host-to-device copy waits for it.
+            live_dev = torch.tensor(live, device=device)  # [rows]
+            sure = live_dev.clone()  # [rows] live rows whose draft is still confident
+            current, d, furthest = token, k, max(pos_host)
+            for i in range(k):  # draft: layers 0..n-1, one position per row, keys/values land in the cache
+                h, logits = run(0, n, current[:, None], pos[:, None] + i, pad,
+                                slots_end=furthest + i + 1)  # [rows, 1, hidden], [rows, 1, vocab]
                 hidden[:, i] = h[:, 0]
-                current = choose(logits[0, -1], sampling, generator)
-                drafts[i] = current
-                if draft_probs is not None:
-                    draft_probs[i] = probabilities(logits[0, -1], sampling)
-            # verify: layers n..depth-1 on the k drafted positions, from the draft's hidden states
-            _, logits = run(n, depth, hidden, slots[pos: pos + k], pad)  # [1, k, vocab]
+                probs = None if sampling.greedy else probabilities(logits[:, -1], sampling)  # [rows, vocab]
+                current = choose(logits[:, -1], sampling, generator)  # [rows]
+                drafts[:, i] = current
+                if probs is not None:
+                    draft_probs[:, i] = probs
+                if plan.threshold is not None and i < k - 1:
+                    sure &= _top1(logits[:, -1], sampling, probs) >= plan.threshold
+                    if not bool(sure.any()):  # a sync: every live row has doubted; verify what there is
+                        d = i + 1
+                        break
+            # verify: layers n..depth-1 on the drafted positions of every row, from the draft's hidden states.
+            # Every drafted token is verified, also a row's tokens after its own first doubt: free and lossless.
+            _, logits = run(n, depth, hidden[:, :d], pos[:, None] + offsets[:d], pad,
+                            slots_end=furthest + d)  # [rows, d, vocab]
             if sampling.greedy:
-                target = logits[0].argmax(-1)  # [k]
-                matched = accept_greedy(drafts, target)
-                fix = target[matched.clamp(max=k - 1)]
+                target = logits.argmax(-1)  # [rows, d]
+                matched = (drafts[:, :d] == target).long().cumprod(1).sum(1)  # [rows]
+                fix = target.gather(1, matched.clamp(max=d - 1)[:, None])[:, 0]  # [rows]
             else:
-                matched, fix = accept_sampled(drafts, draft_probs, probabilities(logits[0], sampling), generator)
-            m, fix_id, *draft_ids = torch.cat([matched.view(1), fix.view(1), drafts]).tolist()  # one sync per round
-            new = draft_ids[:m] + ([fix_id] if m < k else [])
-            token = fix if m < k else drafts[k - 1]
-            rounds, drafted, accepted = rounds + 1, drafted + k, accepted + m
-            pos += len(new)
-            new = new[: max_new_tokens - done]
-            for j, t in enumerate(new):
-                if t in stop:
-                    new, stopped = new[:j], True
-                    break
-            done += len(new)
-            if new:
-                yield [new]
+                matched, fix = accept_sampled_rows(drafts[:, :d], draft_probs[:, :d], probabilities(logits, sampling),
+                                                   generator)
+            short = matched < d  # [rows] a rejection: the fix token follows the accepted ones
+            token = torch.where(live_dev, torch.where(short, fix, drafts[:, d - 1]), token)
+            pos = pos + torch.where(live_dev, matched + short.long(), 0)
+            host = torch.cat([matched, fix, drafts[:, :d].flatten()]).tolist()  # one sync per round
+            m_rows, fixes = host[:rows], host[rows: 2 * rows]
+            out: list[list[int]] = []
+            offered, kept = [], []
+            for b in range(rows):
+                if not live[b]:
+                    out.append([])
+                    continue
+                m = m_rows[b]
+                pos_host[b] += m + (m < d)
+                new = host[2 * rows + b * d: 2 * rows + b * d + m] + ([fixes[b]] if m < d else [])
+                offered.append(d)
+                kept.append(m)
+                out.append(_cut(new, b, live, done, stop, max_new_tokens))
+            tracker.observe(n, offered, kept)
+            rejections += sum(m < o for m, o in zip(kept, offered))
+            rounds, drafted, accepted = rounds + 1, drafted + sum(offered), accepted + sum(kept)
+            tally = per_exit.setdefault(n, [0, 0, 0])
+            tally[0], tally[1], tally[2] = tally[0] + 1, tally[1] + sum(offered), tally[2] + sum(kept)
+            yield out
     if stats is not None:
-        stats.update(depth=depth, draft_depth=n, draft_tokens=k, rounds=stats.get("rounds", 0) + rounds,
-                     drafted=stats.get("drafted", 0) + drafted, accepted=stats.get("accepted", 0) + accepted)
+        merged = {int(e): list(v) for e, v in (stats.get("exits") or {}).items()}
+        for e, v in per_exit.items():
+            merged[e] = [a + b for a, b in zip(merged.get(e, [0, 0, 0]), v)]
+        stats.update(depth=depth, draft_depth=plan.exits[0] if not plan.adaptive else max(
+            merged, key=lambda e: merged[e][0], default=plan.exits[0]), draft_tokens=plan.max_tokens,
+            threshold=plan.threshold, adaptive=plan.adaptive, rounds=stats.get("rounds", 0) + rounds,
+            plain_steps=stats.get("plain_steps", 0) + plain_steps,
+            drafted=stats.get("drafted", 0) + drafted, accepted=stats.get("accepted", 0) + accepted,
+            rejections=stats.get("rejections", 0) + rejections, exits=merged)

@@ -127,9 +127,10 @@ class LayerStack:
             live: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layers [start, end) on `inputs` (token ids [batch, q] if start == 0, else hidden [batch, q, hidden]).
 
-        Writes keys/values of those layers at `slots` ([q]); attention reads the first `live` cache
-        slots (default all; every query slot must be below it). Returns (hidden after layer end-1
-        [batch, q, hidden], float32 logits [batch, q or 1, vocab] through the final norm and head, or None).
+        Writes keys/values of those layers at `slots` ([q], or [batch, q] for per-row slots); attention
+        reads the first `live` cache slots (default all; every query slot of every row must be below it).
+        Returns (hidden after layer end-1 [batch, q, hidden], float32 logits [batch, q or 1, vocab]
+        through the final norm and head, or None).
         """
         parts = self.parts
         cache.slots = slots
@@ -215,15 +216,16 @@ class SegmentRunner:
     def __call__(self, start: int, end: int, inputs: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor,
                  head: bool = True, slots_end: int | None = None,
                  plan=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One decode-shaped call (small q); see `LayerStack.run`. `slots_end`: one past the last query slot,
-        when the caller knows it (attention then reads only the live bucket; default the whole cache).
+        """One decode-shaped call (small q); see `LayerStack.run`. `slots_end`: one past the last query slot
+        (of the furthest row, for per-row slots), when the caller knows it (attention then reads only the live bucket; default the whole cache).
         `plan`: the (width, heads) per layer of a width/heads sub-network (None: full width).
         Prefill goes through `prefill`."""
         live = self.live_for(slots_end)
         if not self.graphs:
             with self.stack.sliced(plan):
                 return self.step_fn(start, end, head, live)(inputs, slots, pad)
-        key = (start, end, head, tuple(inputs.shape), live, plan)
+        # [q] and per-row [batch, q] slots are different graphs
+        key = (start, end, head, tuple(inputs.shape), tuple(slots.shape), live, plan)
         call = self.captured.get(key)
         if call is None:
             # The plan's views exist only inside `sliced`: the graph records their addresses (views of

@@ -1,21 +1,29 @@
-"""Pick the self-speculation draft exit and draft length by timing a few prompts; store the choice.
+"""Pick the self-speculation policy by timing a few prompts; store it in the checkpoint.
 
-The choice lives in the checkpoint's `manyinone.json` under "runtime" -> "speculative", where
-`Runtime` finds it (explicit draft settings in a call still win).
+Fixed (draft exit, draft length) pairs, a confidence threshold and the adaptive per-round policy are
+timed against plain greedy decoding. The choice, with each exit's measured step cost and acceptance,
+lives in the checkpoint's budget index under "runtime" -> "speculative" (manyinone.json and the
+weights' metadata), where `Runtime` finds it (explicit draft settings in a call still win).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from manyinone.io.checkpoint import INDEX_FILE, read_index, rewrite_index
 from manyinone.core.errors import ManyinoneError
-from manyinone.runtime.generate import Generation, Runtime
+from manyinone.runtime.draft_policy import MAX_DRAFT_TOKENS, check_draft
+from manyinone.runtime.generate import Generation, Runtime, synchronize
 
 DRAFT_LENGTHS = (2, 3, 4, 6, 8)
+THRESHOLDS = (0.5,)  # confidence thresholds tried with a longer draft
 
 
 def instruction_prompts(runtime: Runtime, data: str, rows: str | None, count: int) -> list[list[int]]:
@@ -39,32 +47,110 @@ def decode_rate(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int,
     return (tokens / seconds if seconds > 0 else 0.0), runs
 
 
+def measure_step_costs(runtime: Runtime, depth: int, exits: list[int], steps: int = 20) -> dict[int, float]:
+    """Measured time of one batch-1 draft step (layers 0..n and the exit's head) relative to one plain
+    step at `depth`, per exit: what the draft policy's cost model needs, launch overheads included.
+    (It writes keys/values at slot 0 of the batch-1 cache, reading the first live bucket as a short
+    decode does; every generation prefills it anew.)"""
+    run = runtime.runner(1)
+    device = runtime.device
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    slots = runtime._slots[:1]
+    pad = torch.zeros(1, dtype=torch.long, device=device)
+
+    def seconds(end: int) -> float:
+        with torch.no_grad():
+            run(0, end, token, slots, pad, slots_end=1)  # records the graph / compiles
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                run(0, end, token, slots, pad, slots_end=1)
+            synchronize(device)
+        return (time.perf_counter() - start) / steps
+
+    full = seconds(depth)
+    return {n: min(seconds(n) / full, 1.0) for n in exits}
+
+
+@contextmanager
+def _policy(runtime: Runtime, policy: dict[str, Any]):
+    """Let `runtime` read `policy` as if the checkpoint stored it (trials of the tuned, adaptive policy)."""
+    saved = runtime.index
+    index = copy.deepcopy(saved) if saved is not None else {}
+    index.setdefault("runtime", {})["speculative"] = policy
+    runtime.index = index if saved is not None else None
+    try:
+        yield
+    finally:
+        runtime.index = saved
+
+
+def _trial(runtime, prompts, warm, max_new_tokens, budget, settings: dict[str, Any]) -> dict[str, Any]:
+    # An untimed run as long as the timed ones: it records the CUDA graph of every shape the policy reaches
+    # (an adaptive policy or a threshold visits several exits and verify lengths).
+    decode_rate(runtime, warm, max_new_tokens, budget, speculative=True, **settings)
+    rate, runs = decode_rate(runtime, prompts, max_new_tokens, budget, speculative=True, **settings)
+    drafted = sum(g.stats["drafted"] for g in runs)
+    rounds = sum(g.stats["rounds"] + g.stats.get("plain_steps", 0) for g in runs)  # a plain step: a 1-token round
+    emitted = sum(len(g.tokens[0]) - 1 for g in runs)
+    accepted = sum(g.stats["accepted"] for g in runs)
+    return {**settings, "tokens_per_s": rate, "acceptance": accepted / max(drafted, 1),
+            "tokens_per_round": emitted / max(rounds, 1), "accepted": accepted, "drafted": drafted,
+            "rejections": sum(g.stats["rejections"] for g in runs)}
+
+
 def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 64, budget: float | None = None,
-             draft_depths: list[int] | None = None, draft_lengths: tuple[int, ...] = DRAFT_LENGTHS) -> dict[str, Any]:
-    """Time plain greedy decoding and every (draft exit, draft length) pair; return the fastest pair.
+             draft_depths: list[int] | None = None, draft_lengths: tuple[int, ...] = DRAFT_LENGTHS,
+             thresholds: tuple[float, ...] = THRESHOLDS, adaptive: bool = True) -> dict[str, Any]:
+    """Time plain greedy decoding, every fixed (draft exit, draft length) pair, then the adaptive policy
+    and confidence thresholds; return the fastest policy with the per-exit statistics it runs on.
 
     Default draft exits: the checkpoint's trained exits shallower than the verifying depth. Each setting
-    runs once untimed first (that records its CUDA graphs).
+    runs once untimed first (that records its CUDA graphs). The returned "exits" list (measured step
+    cost and per-token acceptance per exit) is what an adaptive policy starts from at serving time; a
+    trial's "acceptance" is accepted / drafted tokens (the figure the issue reports).
     """
     depth = runtime.depth_for(budget)
     depths = draft_depths or [e for e in runtime.exits() if e < depth]
     if not depths:
         raise ManyinoneError(f"no draft exit shallower than depth {depth}; give draft depths explicitly")
-    warm = prompts[:1]
-    decode_rate(runtime, warm, 8, budget)
-    baseline, _ = decode_rate(runtime, prompts, max_new_tokens, budget)
-    trials = []
     for n in depths:
-        for k in draft_lengths:
-            settings = dict(speculative=True, draft_depth=n, draft_tokens=k)
-            decode_rate(runtime, warm, 2 * k + 2, budget, **settings)
-            rate, runs = decode_rate(runtime, prompts, max_new_tokens, budget, **settings)
-            drafted = sum(g.stats["drafted"] for g in runs)
-            trials.append({"draft_depth": n, "draft_tokens": k, "tokens_per_s": rate,
-                           "acceptance": sum(g.stats["accepted"] for g in runs) / max(drafted, 1)})
+        check_draft(depth, n)
+    for k in draft_lengths:
+        check_draft(depth, draft_tokens=k)
+    for t in thresholds:
+        check_draft(depth, threshold=t)
+    warm = prompts[:1]
+    decode_rate(runtime, warm, max_new_tokens, budget)  # untimed, as long as the timed runs (as every trial)
+    baseline, _ = decode_rate(runtime, prompts, max_new_tokens, budget)
+    costs = measure_step_costs(runtime, depth, depths)
+    trials = [_trial(runtime, prompts, warm, max_new_tokens, budget, {"draft_depth": n, "draft_tokens": k})
+              for n in depths for k in draft_lengths]
+    exits = []
+    for n in depths:
+        # Per-token acceptance (the draft policy's alpha): kept / (kept + first rejections). Tokens drafted
+        # after a rejection were never judged, so accepted / drafted would understate it, the more so for long drafts.
+        mine = [t for t in trials if t["draft_depth"] == n]
+        kept = sum(t["accepted"] for t in mine)
+        alpha = kept / max(kept + sum(t["rejections"] for t in mine), 1)
+        exits.append({"exit": n, "cost": round(costs[n], 4), "acceptance": round(alpha, 4)})
+    best_fixed = max(trials, key=lambda t: t["tokens_per_s"])
+    longest = min(max(draft_lengths) * 2, MAX_DRAFT_TOKENS)
+    for t in thresholds:  # a longer draft that stops at the first doubt
+        trials.append(_trial(runtime, prompts, warm, max_new_tokens, budget,
+                             {"draft_depth": best_fixed["draft_depth"], "draft_tokens": longest, "draft_threshold": t}))
+    if adaptive and len(depths) > 1 and runtime.index is not None:  # a plain model has no index to tune
+        for t in (None, *thresholds):
+            policy = {"depth": depth, "adaptive": True, "exits": exits, "draft_tokens": longest, "threshold": t}
+            with _policy(runtime, policy):
+                trial = _trial(runtime, prompts, warm, max_new_tokens, budget, {})
+            trials.append({**trial, "adaptive": True, "draft_tokens": longest, "draft_threshold": t})
     best = max(trials, key=lambda t: t["tokens_per_s"])
-    return {"depth": depth, **best, "baseline_tokens_per_s": baseline,
-            "speedup": best["tokens_per_s"] / baseline if baseline else 0.0,
+    return {"depth": depth, "draft_depth": best.get("draft_depth", best_fixed["draft_depth"]),
+            "draft_tokens": best["draft_tokens"], "threshold": best.get("draft_threshold"),
+            "adaptive": bool(best.get("adaptive")), "exits": exits, "tokens_per_s": best["tokens_per_s"],
+            "acceptance": best["acceptance"], "tokens_per_round": best["tokens_per_round"],
+            "baseline_tokens_per_s": baseline, "speedup": best["tokens_per_s"] / baseline if baseline else 0.0,
             "device": str(runtime.device), "dtype": str(runtime.stack.dtype).replace("torch.", ""),
             "prompts": len(prompts), "max_new_tokens": max_new_tokens, "trials": trials}
 
@@ -77,8 +163,9 @@ def store_choice(ckpt: str | os.PathLike, choice: dict[str, Any]) -> Path:
     if not (folder / INDEX_FILE).is_file():
         read_index(folder)  # a missing or foreign folder: that error first
         raise ManyinoneError(f"checkpoint {str(ckpt)!r} has no {INDEX_FILE} to record the tuned settings in")
-    keep = ("depth", "draft_depth", "draft_tokens", "tokens_per_s", "baseline_tokens_per_s", "speedup",
-            "acceptance", "device", "dtype", "prompts", "max_new_tokens")
+    keep = ("depth", "draft_depth", "draft_tokens", "threshold", "adaptive", "exits", "tokens_per_s",
+            "baseline_tokens_per_s", "speedup", "acceptance", "tokens_per_round", "device", "dtype", "prompts",
+            "max_new_tokens")
 
     def update(index: dict[str, Any]) -> dict[str, Any]:
         index.setdefault("runtime", {})["speculative"] = {k: choice[k] for k in keep if k in choice}

@@ -1,0 +1,376 @@
+"""Self-speculative decoding sweeps on one checkpoint, side by side in one run:
+
+- tokens/s against draft exit and draft length (batch 1), acceptance and tokens per round per exit;
+- the tuned policy (fixed pair, confidence threshold or the adaptive per-round policy: `runtime.tune`);
+- speed-up over the runtime's own plain decoding at batch 1, 4 and 16 (each row at its own position);
+- HF `generate(assistant_early_exit=n)` beside HF's own plain generate;
+- output equality with plain greedy: in the run's dtype and in float32.
+
+Greedy, every generation forced to `--new-tokens` (EOS does not stop it); decode time excludes prefill and
+is measured after an untimed run of the same setting (CUDA graphs recorded), with device synchronisation.
+Prints a markdown table last, writes a PNG plot and a JSON file.
+
+    python benchmarks/speculative.py --ckpt /root/quality/manyinone --prompts /root/data/alpaca_2000.json  # GPU
+    python benchmarks/speculative.py --ckpt /root/smollm2-hf --exits 6,12,18,24 --prompts /root/data/alpaca_2000.json
+    python benchmarks/speculative.py --tiny                                                       # CPU, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from manyinone.io.checkpoint import build_index, is_checkpoint
+from manyinone.runtime import Runtime
+from manyinone.runtime.draft_policy import best_length
+from manyinone.runtime.tune import autotune, instruction_prompts, store_choice
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tiny_checkpoint(folder: Path, hidden: int = 64, intermediate: int = 128) -> Path:
+    """A tiny random 8-layer LLaMA saved as a manyinone checkpoint with exits 2,4,6,8 (no training)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from manyinone.core.registry import adapter_for
+    from manyinone.io.checkpoint import save_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import make_char_tokenizer  # the test suite's character tokenizer: no hub access
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = LlamaForCausalLM(config).eval()
+    adapter = adapter_for(model)
+    index = build_index(adapter, adapter.space({"depth": [2, 4, 6, 8]}), train={"template": "alpaca"})
+    return save_checkpoint(model, make_char_tokenizer(), index, folder)
+
+
+def open_runtime(path: str, exits: str | None, dtype: torch.dtype, device: str, max_len: int, graphs: bool):
+    """(Runtime, HF model, is a manyinone checkpoint): a checkpoint with its exits (and exit heads), or a
+    plain HF folder given exits to draft from (shared norm and head, the same index a checkpoint has)."""
+    if is_checkpoint(Path(path)):
+        from manyinone.io.api import open_checkpoint
+
+        nested = open_checkpoint(path, dtype=dtype, device=device)
+        return Runtime.from_nested(nested, max_len=max_len, graphs=graphs), nested.model, True
+    from manyinone.core.registry import adapter_for
+    from manyinone.io.loading import load_pretrained
+
+    model, tokenizer = load_pretrained(path, dtype=dtype)
+    model = model.to(device).eval()
+    adapter = adapter_for(model)
+    layers = model.config.num_hidden_layers
+    depths = sorted({int(e) for e in (exits or "").split(",") if e.strip()} | {layers}) if exits else \
+        sorted(set(range(layers // 5 or 1, layers + 1, layers // 5 or 1)) | {layers})
+    index = build_index(adapter, adapter.space({"depth": depths}), train={"template": "alpaca"})
+    return Runtime(model, tokenizer, index, max_len=max_len, graphs=graphs, adapter=adapter), model, False
+
+
+def batch_rate(rt: Runtime, rows: list[list[int]], new: int, **kwargs) -> dict:
+    """Decode tokens/s of all rows together (after an identical untimed run), plus speculation stats."""
+    rt.generate(rows, max_new_tokens=new, stop_ids=set(), **kwargs)
+    g = rt.generate(rows, max_new_tokens=new, stop_ids=set(), **kwargs)
+    out = {"tok_s": g.decode_tokens_per_s, "tokens": g.tokens}
+    if kwargs.get("speculative"):
+        out["acceptance"] = g.stats["accepted"] / max(g.stats["drafted"], 1)
+        steps = g.stats["rounds"] + g.stats.get("plain_steps", 0)  # a plain step is a round of one token
+        out["tokens_per_round"] = sum(len(t) - 1 for t in g.tokens) / max(steps, 1) / len(rows)
+        out["plain_steps"] = g.stats.get("plain_steps", 0) / max(steps, 1)
+        out["exits"] = g.stats.get("exits")
+    return out
+
+
+def hf_rate(model, prompt: list[int], new: int, **kwargs) -> float:
+    """HF generate decode tokens/s at batch 1: (new - 1) / (time(new tokens) - time(1 token))."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+
+    def timed(n):
+        sync(device)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs)
+        sync(device)
+        return time.perf_counter() - start
+
+    timed(4)  # warm-up
+    one, many = timed(1), timed(new)
+    return (new - 1) / max(many - one, 1e-9)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
+    """(rows identical, mean fraction of tokens before the first difference)."""
+    prefix = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y))) / max(len(x), 1)
+              for x, y in zip(a, b)]
+    return sum(x == y for x, y in zip(a, b)), sum(prefix) / max(len(prefix), 1)
+
+
+DEADLINE = [float("inf")]  # perf_counter() after which the remaining sections are skipped (--time-budget)
+
+
+def guarded(name: str, fn, results: dict, errors: dict):
+    """Run one measurement; a failure is recorded and reported instead of ending the benchmark, and past
+    the time budget a section is skipped, so the tables always print."""
+    if time.perf_counter() > DEADLINE[0]:
+        errors[name] = "skipped: over --time-budget"
+        return None
+    try:
+        results[name] = fn()
+    except Exception as exc:  # report and go on: one broken section must not hide the others
+        errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        traceback.print_exc(limit=4)
+    return results.get(name)
+
+
+def settings_of(choice: dict) -> dict:
+    """`Runtime.generate` keywords that replay a tuned choice."""
+    if choice.get("adaptive"):
+        return {"adaptive_draft": True, "draft_tokens": choice["draft_tokens"], "draft_threshold": choice.get("threshold")}
+    return {"draft_depth": choice["draft_depth"], "draft_tokens": choice["draft_tokens"],
+            "draft_threshold": choice.get("threshold")}
+
+
+def label_of(settings: dict) -> str:
+    if settings.get("adaptive_draft"):
+        head = "adaptive"
+    else:
+        head = f"exit {settings['draft_depth']}"
+    t = settings.get("draft_threshold")
+    return f"{head}, k<={settings['draft_tokens']}" + (f", threshold {t}" if t else "")
+
+
+def with_policy(rt: Runtime, choice: dict):
+    """Let `rt` serve `choice` as if the checkpoint stored it (the adaptive policy reads its exit stats there)."""
+    import copy
+
+    index = copy.deepcopy(rt.index)
+    index.setdefault("runtime", {})["speculative"] = {k: v for k, v in choice.items() if k != "trials"}
+    rt.index = index
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", help="manyinone checkpoint folder, or a plain HF folder (then give --exits)")
+    parser.add_argument("--exits", default=None, help="draft exits of a plain HF model, e.g. 6,12,18,24")
+    parser.add_argument("--prompts", help="Alpaca-style .json of instructions")
+    parser.add_argument("--rows", default="1800:2000", help="held-out record slice")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--tune-prompts", type=int, default=2, help="prompts per batch-1 sweep setting")
+    parser.add_argument("--lengths", default="1,2,3,4,6,8", help="draft lengths swept")
+    parser.add_argument("--thresholds", default="0.4,0.7", help="confidence thresholds tried with a longer draft")
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--hf-exits", default=None, help="HF assistant_early_exit values (default: tuned exit, +6)")
+    parser.add_argument("--hf-tokens", type=int, default=64, help="new tokens for the slow HF baselines; 0 skips them")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--no-float32-check", action="store_true")
+    parser.add_argument("--store", action="store_true", help="write the tuned policy into the checkpoint's index")
+    parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model on CPU, few tokens: checks the script")
+    parser.add_argument("--out", default="speculative_sweep", help="prefix of the .json and .png written")
+    parser.add_argument("--time-budget", type=float, default=200.0,
+                        help="seconds after loading; sections not started by then are skipped (tables still print)")
+    args = parser.parse_args()
+
+    if args.tiny:
+        torch.set_num_threads(1)
+        args.ckpt = str(tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
+        args.prompts, args.rows, args.new_tokens, args.hf_tokens = "demo", None, 16, 8
+        args.lengths, args.thresholds, args.batches, args.dtype = "1,2,4", "0.05", "1,4", "float32"
+    if not args.ckpt or not args.prompts:
+        parser.error("--ckpt and --prompts are required (or --tiny)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    graphs = device == "cuda" and not args.no_graphs
+    dtype = DTYPES[args.dtype]
+    lengths = tuple(int(x) for x in args.lengths.split(","))
+    thresholds = tuple(float(x) for x in args.thresholds.split(",") if x.strip())
+    batches = [int(x) for x in args.batches.split(",")]
+    results: dict = {}
+    errors: dict = {}
+
+    probe, _, _ = open_runtime(args.ckpt, args.exits, torch.float32, "cpu", 8, False)  # for the prompts only
+    prompts = instruction_prompts(probe, args.prompts, args.rows, max(batches + [args.tune_prompts]))
+    while len(prompts) < max(batches):  # a small data slice: reuse prompts to fill the batch
+        prompts = prompts + prompts
+    del probe
+    max_len = max(len(p) for p in prompts) + args.new_tokens + 32
+    rt, hf_model, checkpoint = open_runtime(args.ckpt, args.exits, dtype, device, max_len, graphs)
+    depth = rt.depth_for(None)
+    print(f"{args.ckpt}: {rt.num_layers} layers, exits {rt.exits()}, {'checkpoint' if checkpoint else 'plain HF'}"
+          f"{' with exit heads' if rt.stack.exit_logits else ''}; {args.dtype} on "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, graphs={graphs}; "
+          f"{args.new_tokens} new tokens", flush=True)
+
+    started = time.perf_counter()
+    DEADLINE[0] = started + args.time_budget
+    choice = guarded("sweep", lambda: autotune(rt, prompts[: args.tune_prompts], args.new_tokens,
+                                               draft_lengths=lengths, thresholds=thresholds), results, errors)
+    print(f"sweep done in {time.perf_counter() - started:.0f} s", flush=True)
+    if choice and args.store and checkpoint:
+        guarded("store", lambda: str(store_choice(args.ckpt, choice)), results, errors)
+    policies = {}
+    if choice:
+        with_policy(rt, choice)  # the adaptive policy starts from the measured per-exit costs and acceptance
+        fixed = [t for t in choice["trials"] if not t.get("adaptive") and "draft_threshold" not in t]
+        best_fixed = max(fixed, key=lambda t: t["tokens_per_s"])
+        policies["best fixed"] = {"draft_depth": best_fixed["draft_depth"], "draft_tokens": best_fixed["draft_tokens"]}
+        policies["tuned"] = settings_of(choice)
+        if len([e for e in rt.exits() if e < depth]) > 1 and not choice.get("adaptive"):
+            policies["adaptive"] = {"adaptive_draft": True, "draft_tokens": min(max(lengths) * 2, 16)}
+
+    for b in batches:
+        rows = prompts[:b]
+        plain = guarded(f"plain b{b}", lambda: batch_rate(rt, rows, args.new_tokens), results, errors)
+        for name, settings in policies.items():
+            spec = guarded(f"{name} b{b}", lambda s=settings: batch_rate(rt, rows, args.new_tokens, speculative=True,
+                                                                        **s), results, errors)
+            if spec and plain:
+                spec["speedup"] = spec["tok_s"] / plain["tok_s"] if plain["tok_s"] else 0.0
+                spec["same"] = agreement(spec["tokens"], plain["tokens"])
+        print(f"batch {b} done at {time.perf_counter() - started:.0f} s", flush=True)
+
+    if choice and dtype != torch.float32 and not args.no_float32_check:
+        def float32_equality():
+            rt32, _, _ = open_runtime(args.ckpt, args.exits, torch.float32, device, max_len, graphs)
+            with_policy(rt32, choice)
+            rows = prompts[: max(args.tune_prompts, 4)]
+            plain = [rt32.generate([p], max_new_tokens=args.new_tokens, stop_ids=set()).tokens[0] for p in rows]
+            out = {}
+            for name, settings in policies.items():
+                one = [rt32.generate([p], max_new_tokens=args.new_tokens, stop_ids=set(), speculative=True,
+                                     **settings).tokens[0] for p in rows]
+                batched = rt32.generate(rows, max_new_tokens=args.new_tokens, stop_ids=set(), speculative=True,
+                                        **settings).tokens
+                out[name] = {"batch 1": agreement(one, plain), f"batch {len(rows)}": agreement(batched, plain)}
+            return out
+
+        guarded("float32 equality", float32_equality, results, errors)
+
+    if args.hf_tokens and choice:
+        tuned_exit = choice["draft_depth"]
+        hf_exits = [int(x) for x in args.hf_exits.split(",")] if args.hf_exits else \
+            sorted({tuned_exit, min(tuned_exit + 6, depth - 1)})
+        p0 = prompts[0]
+        guarded("HF generate", lambda: hf_rate(hf_model, p0, args.hf_tokens), results, errors)
+        for n in hf_exits:
+            guarded(f"HF assistant_early_exit={n}", lambda n=n: hf_rate(hf_model, p0, args.hf_tokens,
+                                                                       assistant_early_exit=n), results, errors)
+    print(f"all done in {time.perf_counter() - started:.0f} s", flush=True)
+
+    report = {"args": vars(args), "results": results, "errors": errors, "policies": policies}
+    Path(f"{args.out}.json").write_text(json.dumps(report, indent=1, default=str))
+    try:  # never skipped: the plot shows whatever was measured
+        plot(results, policies, batches, f"{args.out}.png", args)
+    except Exception as exc:
+        errors["plot"] = f"{type(exc).__name__}: {exc}"
+    print_tables(results, errors, policies, batches, args)
+
+
+def plot(results: dict, policies: dict, batches: list[int], path: str, args) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    sweep = results.get("sweep") or {}
+    fixed = [t for t in sweep.get("trials", []) if not t.get("adaptive") and "draft_threshold" not in t]
+    ax = axes[0]
+    for n in sorted({t["draft_depth"] for t in fixed}):
+        mine = sorted((t for t in fixed if t["draft_depth"] == n), key=lambda t: t["draft_tokens"])
+        ax.plot([t["draft_tokens"] for t in mine], [t["tokens_per_s"] for t in mine], marker="o", label=f"exit {n}")
+    if sweep.get("baseline_tokens_per_s"):
+        ax.axhline(sweep["baseline_tokens_per_s"], color="k", ls="--", label="plain")
+    ax.set(xlabel="draft length k", ylabel="decode tokens/s (batch 1)", title="tokens/s vs draft exit and length")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    exits = sweep.get("exits", [])
+    ax.bar([str(e["exit"]) for e in exits], [e["acceptance"] for e in exits], color="tab:green")
+    for i, e in enumerate(exits):
+        ax.text(i, e["acceptance"], f"c={e['cost']:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set(xlabel="draft exit", ylabel="per-token acceptance alpha", title="acceptance per exit (c: measured step cost)",
+           ylim=(0, 1))
+    ax = axes[2]
+    width = 0.8 / max(len(policies), 1)
+    for j, name in enumerate(policies):
+        vals = [(results.get(f"{name} b{b}") or {}).get("speedup", 0) for b in batches]
+        ax.bar([i + j * width for i in range(len(batches))], vals, width, label=name)
+    hf = results.get("HF generate")
+    if hf:
+        for name, value in results.items():
+            if name.startswith("HF assistant_early_exit") and value:
+                ax.axhline(value / hf, ls=":", color="tab:red", label=f"{name.replace('HF ', 'HF ')} (vs HF)")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([i + width * (len(policies) - 1) / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set(ylabel="speed-up over plain decoding", title="self-speculation speed-up")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{Path(args.ckpt).name}: {args.dtype}, {args.new_tokens} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def print_tables(results: dict, errors: dict, policies: dict, batches: list[int], args) -> None:
+    sweep = results.get("sweep") or {}
+    if sweep:
+        base = sweep["baseline_tokens_per_s"]
+        print(f"\nBatch-1 sweep (plain greedy {base:.1f} tok/s):\n")
+        print("| policy | tok/s | vs plain | accepted / drafted | tokens/round |")
+        print("| --- | --- | --- | --- | --- |")
+        for t in sweep["trials"]:
+            name = "adaptive" if t.get("adaptive") else f"exit {t['draft_depth']}"
+            name += f", k={t['draft_tokens']}" + (f", threshold {t['draft_threshold']}" if t.get("draft_threshold") else "")
+            print(f"| {name} | {t['tokens_per_s']:.1f} | {t['tokens_per_s'] / base:.2f}x | {t['acceptance']:.3f} | "
+                  f"{t['tokens_per_round']:.2f} |")
+        print("\n| exit | measured step cost c | per-token acceptance alpha (kept / (kept + rejections)) | "
+              "best expected speed-up, k |\n| --- | --- | --- | --- |")
+        for e in sweep["exits"]:
+            k, gain = best_length(e["acceptance"], e["cost"], 16)
+            print(f"| {e['exit']} | {e['cost']:.3f} | {e['acceptance']:.3f} | {gain:.2f}x, k={k} |")
+        print(f"\ntuned: {label_of(settings_of(sweep))} ({sweep['speedup']:.2f}x when tuned); stored={args.store}")
+    print("\n| batch | policy | tok/s (all rows) | speed-up | accepted / drafted | tokens/round/row | plain steps | "
+          "same as plain (rows, prefix) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for b in batches:
+        plain = results.get(f"plain b{b}")
+        if plain:
+            print(f"| {b} | plain | {plain['tok_s']:.1f} | 1.00x | | | | |")
+        for name, settings in policies.items():
+            r = results.get(f"{name} b{b}")
+            if r and "speedup" in r:
+                same, prefix = r["same"]
+                print(f"| {b} | {name}: {label_of(settings)} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
+                      f"{r['acceptance']:.3f} | {r['tokens_per_round']:.2f} | {r['plain_steps']:.0%} | {same}/{b}, "
+                      f"{prefix:.3f} |")
+    f32 = results.get("float32 equality")
+    if f32:
+        for name, rows in f32.items():
+            text = "; ".join(f"{k}: {same} identical, prefix {prefix:.3f}" for k, (same, prefix) in rows.items())
+            print(f"| float32 | {name} | | | | | | {text} |")
+    hf = results.get("HF generate")
+    if hf:
+        print(f"\n| HF baseline (batch 1, {args.hf_tokens} tokens) | tok/s | vs HF generate |\n| --- | --- | --- |")
+        print(f"| HF generate | {hf:.1f} | 1.00x |")
+        for name, value in results.items():
+            if name.startswith("HF assistant_early_exit") and value:
+                print(f"| {name} | {value:.1f} | {value / hf:.2f}x |")
+    for name, err in errors.items():
+        print(f"| {name} | {'SKIPPED' if err.startswith('skipped') else 'FAILED'} | {err} |")
+    print(f"\nwrote {args.out}.json and {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()
