@@ -285,8 +285,8 @@ def generate(
                                                                "falls below this, 0 < t < 1"),
     adaptive_draft: Optional[bool] = typer.Option(None, "--adaptive-draft/--fixed-draft",
                                                   help="choose the draft exit and length per round"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (--speculative)"),
-    device: str = typer.Option("auto", help="--speculative only"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    device: str = typer.Option("auto"),
 ) -> None:
     """Sample text from the sub-model that fits the budget (with --speculative: from the full budget-indexed
     checkpoint, drafting with a shallow exit and verifying with the rest)."""
@@ -310,7 +310,7 @@ def generate(
                       f"{stats['rounds']} rounds)[/]")
         typer.echo(text)
         return
-    text, spec = generate_text(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template, seed)
+    text, spec = generate_text(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template, seed, dtype, device)
     console.print(f"[dim]({spec.label})[/]")
     typer.echo(text)
 
@@ -334,6 +334,10 @@ def serve(
     draft_threshold: Optional[float] = typer.Option(None, help="default draft confidence threshold, 0 < t < 1"),
     adaptive_draft: Optional[bool] = typer.Option(None, "--adaptive-draft/--fixed-draft",
                                                   help="default: choose the draft exit and length per round"),
+    batch_rows: int = typer.Option(16, help="rows of the continuous batch plain requests share (0: one request "
+                                            "at a time)"),
+    fused: bool = typer.Option(False, "--fused/--eager", help="compile each decode step into one CUDA graph "
+                                                              "(CUDA; the first request of each shape compiles)"),
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions) with per-request `budget` and
     `speculative` fields. Needs `pip install 'manyinone[serve]'`."""
@@ -343,8 +347,9 @@ def serve(
         _at_least(max_len, 2, "--max-len")
     draft = {"draft_depth": draft_exit, "draft_tokens": draft_tokens, "draft_threshold": draft_threshold,
              "adaptive_draft": adaptive_draft}
+    _at_least(batch_rows, 0, "--batch-rows")
     run_server(str(ckpt), host, port, dtype, device, max_len, max_batch=max_batch, max_cache_mib=max_cache_mib,
-               api_key=api_key, draft=draft)
+               api_key=api_key, batch_rows=batch_rows or None, fused=fused, draft=draft)
 
 
 @app.command(name="distill-data")

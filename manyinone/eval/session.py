@@ -6,11 +6,10 @@ from pathlib import Path
 
 import torch
 
-from manyinone.io.api import NestedModel, load, open_checkpoint
+from manyinone.io.api import NestedModel, open_checkpoint
 from manyinone.io.checkpoint import build_index, is_checkpoint, read_index, recover_interrupted, resolve
 from manyinone.train.data import encode_prompt
 from manyinone.core.space import NestedSpace, SubnetSpec
-from manyinone.core.errors import ManyinoneError
 from manyinone.io.loading import load_pretrained
 from manyinone.core.registry import adapter_for
 from manyinone.core.device import pick_device
@@ -36,27 +35,13 @@ def load_for_eval(source: str, exits: list[int] | None, device: str = "auto"
 
 
 def generate_text(ckpt: Path, prompt: str, budget: float | None, max_new_tokens: int, temperature: float,
-                  top_p: float, template: str | None, seed: int) -> tuple[str, SubnetSpec]:
-    """Generate from the sub-model fitting `budget`; the prompt is wrapped in the training template."""
-    from transformers import AutoTokenizer
-
-    index = read_index(ckpt)
-    resolve(index, budget)  # a bad budget fails before any weights load
-    model = load(ckpt, budget)
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False)  # `load` verified the folder
-    template = template or index.get("train", {}).get("template", "alpaca")
-    ids = encode_prompt({"instruction": prompt, "input": "", "output": ""}, tokenizer, template)
-    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-    limit = getattr(model.config, "max_position_embeddings", None)
-    prompt_len = len(ids)
-    if limit is not None and prompt_len + max_new_tokens > limit:
-        raise ManyinoneError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the context limit "
-                             f"of {limit} tokens; shorten the prompt or lower --max-new-tokens")
-    torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                         **sampling)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True), model.manyinone_spec
+                  top_p: float, template: str | None, seed: int, dtype: str = "float32",
+                  device: str = "auto") -> tuple[str, SubnetSpec]:
+    """Generate from the sub-model fitting `budget` through the runtime (the one generation path);
+    the prompt is wrapped in the training template."""
+    text, spec, _ = _runtime_generate(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template, seed,
+                                      None, dtype, device)
+    return text, spec
 
 
 def generate_speculative(ckpt: Path, prompt: str, budget: float | None, max_new_tokens: int, temperature: float,
@@ -64,17 +49,23 @@ def generate_speculative(ckpt: Path, prompt: str, budget: float | None, max_new_
                          device: str = "auto") -> tuple[str, SubnetSpec, dict]:
     """Self-speculative generation in the runtime; bad draft settings fail before any weights load.
     `draft`: `Runtime.generate`'s draft keywords (None = the checkpoint's tuned policy)."""
+    return _runtime_generate(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template, seed, draft,
+                             dtype, device)
+
+
+def _runtime_generate(ckpt, prompt, budget, max_new_tokens, temperature, top_p, template, seed, draft, dtype, device):
     from manyinone.runtime import Runtime, Sampling
     from manyinone.runtime.draft_policy import index_exits, validate
     from manyinone.runtime.generate import dtype_named
 
     index = read_index(ckpt)
-    spec = resolve(index, budget)
-    validate(True, index_exits(index), int(spec["depth"]), draft.get("draft_depth"), draft.get("draft_tokens"),
-             draft.get("draft_threshold"), draft.get("adaptive_draft"))
+    spec = resolve(index, budget)  # a bad budget fails before any weights load
+    if draft is not None:
+        validate(True, index_exits(index), int(spec["depth"]), draft.get("draft_depth"), draft.get("draft_tokens"),
+                 draft.get("draft_threshold"), draft.get("adaptive_draft"))
     sampling = Sampling(temperature, top_p, seed)
     rt = Runtime.open(ckpt, dtype=dtype_named(dtype), device=device)
     template = template or index.get("train", {}).get("template", "alpaca")
     ids = encode_prompt({"instruction": prompt, "input": "", "output": ""}, rt.tokenizer, template)
-    out = rt.generate([ids], budget, max_new_tokens, sampling, speculative=True, **draft)
+    out = rt.generate([ids], budget, max_new_tokens, sampling, speculative=draft is not None, **(draft or {}))
     return rt.decode(out.tokens[0]), spec, out.stats
