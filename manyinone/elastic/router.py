@@ -213,15 +213,22 @@ def load_router(folder) -> Router:
 def export_routed(ckpt, router: Router, budgets: Sequence[float], output, context: int = 512):
     """Write `ckpt`'s model (one copy of the weights) with the router beside it. A static router's
     plan for each of `budgets` goes into the index, so `manyinone.load(output, budget=b)` serves the
-    plan that fits b; an input-adaptive one is used per prompt by `manyinone.runtime.routed`."""
-    from pathlib import Path
-
+    plan that fits b; an input-adaptive one is used per prompt by `manyinone.runtime.routed`.
+    A plan that costs more than its budget is refused (nothing is written)."""
     from manyinone.io.api import open_checkpoint
-    from manyinone.io.checkpoint import save_checkpoint
     from manyinone.io.export import check_export_target
 
     check_export_target(ckpt, output)
-    nested = open_checkpoint(ckpt)
+    return export_routed_nested(open_checkpoint(ckpt), router, budgets, output, context)
+
+
+def export_routed_nested(nested, router: Router, budgets: Sequence[float], output, context: int = 512):
+    """`export_routed` from an opened checkpoint (`manyinone.io.api.NestedModel`)."""
+    from pathlib import Path
+
+    from manyinone.elastic.route import check_within_budget
+    from manyinone.io.checkpoint import save_checkpoint
+
     adapter = nested.adapter
     require_plans(adapter, "routing")
     if len(router.layers) != adapter.num_layers:
@@ -231,9 +238,11 @@ def export_routed(ckpt, router: Router, budgets: Sequence[float], output, contex
     routed = []
     for b in [] if router.adaptive else budgets:
         plan = router.plan(b)
-        routed.append({"budget": b, "plan": [list(o) for o in plan],
-                       "relative": plan_relative_cost(plan, table, router.options, fixed)})
-    index = {**nested.index, "routed": routed,
+        relative = plan_relative_cost(plan, table, router.options, fixed)
+        check_within_budget(b, relative, "the router's plan")
+        routed.append({"budget": b, "plan": [list(o) for o in plan], "relative": relative})
+    index = {**{k: v for k, v in nested.index.items() if k not in ("token_routed", "token_router")},
+             "routed": routed,
              "router": {"options": [list(o) for o in router.options], "context_size": router.context_size,
                         "metric": metric}}
     # The router's files go into the same atomic write as the weights (and into its checksums).
