@@ -398,3 +398,34 @@ def attach_token_routing(model: nn.Module, adapter, routing: TokenRouting) -> nn
     model.forward = forward  # an instance attribute: nn.Module.__call__ dispatches to it
     model.manyinone_routing = routing
     return model
+
+
+# --- is it really routing per token? ----------------------------------------------------------------
+def width_distribution(routing: TokenRouting, plan_index: torch.Tensor) -> list[dict[int, float]]:
+    """Per layer, the share of the routed tokens (plan_index: any shape) that ran each MLP width."""
+    usage = torch.bincount(plan_index.flatten().cpu(), minlength=len(routing.plans)).double()
+    usage = usage / usage.sum().clamp(min=1)
+    out = []
+    for i in range(len(routing.plans[0])):
+        shares: dict[int, float] = {}
+        for k, plan in enumerate(routing.plans):
+            shares[plan[i][0]] = shares.get(plan[i][0], 0.0) + float(usage[k])
+        out.append({w: s for w, s in sorted(shares.items()) if s > 0})
+    return out
+
+
+def adaptivity(routing: TokenRouting, plan_index: torch.Tensor, min_share: float = 0.05) -> dict[str, float]:
+    """How much the routing depends on the token: `distinct` (differently-sized plans each taking at
+    least `min_share` of the tokens) and `layers_varying` (layers whose width differs across tokens by
+    that rule). A router that always picks one width is static in disguise: distinct 1."""
+    usage = torch.bincount(plan_index.flatten().cpu(), minlength=len(routing.plans)).double()
+    usage = usage / usage.sum().clamp(min=1)
+    kept = {tuple(w for w, _ in routing.plans[k]) for k in range(len(routing.plans)) if usage[k] >= min_share}
+    dist = width_distribution(routing, plan_index)
+    varying = sum(sum(s >= min_share for s in layer.values()) > 1 for layer in dist)
+    return {"distinct": float(len(kept)), "layers_varying": float(varying), "top_share": float(usage.max())}
+
+
+def is_token_adaptive(routing: TokenRouting, plan_index: torch.Tensor, min_share: float = 0.05) -> bool:
+    """True when at least two different width plans each serve `min_share` of the tokens."""
+    return adaptivity(routing, plan_index, min_share)["distinct"] >= 2
