@@ -214,6 +214,8 @@ def main() -> None:
                 points = fn(nested, batches, eval_examples, ROUTER_BUDGETS, args, device, latency)
                 results[name] = {"points": points, "train_s": time.perf_counter() - started, "run": results["width"]["run"]}
                 print(f"{name}: router trained and {len(points)} budgets evaluated", flush=True)
+                for p in points:  # in the log at once: a run stopped later still reports these
+                    print(json.dumps({k: v for k, v in p.items() if k not in ("plans", "plan")}), flush=True)
 
     # Measured-ms axis: every plan priced with the latency table (same device, same shapes).
     if latency is not None:
