@@ -38,7 +38,7 @@ from manyinone.elastic.router import Router, RouterTraining, plan_relative_cost,
 from manyinone.core.device import pick_device
 from manyinone.train.loop import train
 
-VARIANTS = ("depth", "width", "depth+width", "routed", "adaptive", "token")
+VARIANTS = ("depth", "width", "depth+width", "routed", "adaptive", "token", "token-joint")
 ROUTER_BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
@@ -112,6 +112,8 @@ def main() -> None:
                         help="MLP widths of the width variants ('' = the adapter's default)")
     parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--token-plans", type=int, default=4, help="token router: plans per budget")
+    parser.add_argument("--joint-lr", type=float, default=1e-5, help="token-joint: the model's learning rate")
+    parser.add_argument("--no-decode", action="store_true", help="skip the exported half-width decode timing")
     parser.add_argument("--token-steps", type=int, default=None, help="token router steps (default --router-steps)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model + demo data on CPU")
     args = parser.parse_args()
@@ -138,7 +140,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     latency = None
     eval_examples = None
-    routers = {"routed", "adaptive", "token"} & set(variants)
+    routers = {"routed", "adaptive", "token", "token-joint"} & set(variants)
     for name in [v for v in variants if v in recipes] + (["width"] if routers and "width" not in variants else []):
         if name in results:
             continue
@@ -201,14 +203,16 @@ def main() -> None:
         results["routed"] = {"points": points, "train_s": time.perf_counter() - started, "run": results["width"]["run"]}
         print(f"routed: router trained and {len(points)} budgets evaluated", flush=True)
 
-    if {"adaptive", "token"} & set(variants):
-        from router_points import adaptive_points, token_points
+    if {"adaptive", "token", "token-joint"} & set(variants):
+        from router_points import adaptive_points, token_joint_points, token_points
 
         nested = open_checkpoint(results["width"]["run"], device=str(device))
+        nested.index_path = results["width"]["run"]  # token-joint trains a fresh copy of the model
         train_examples = tokenize_records(load_records(args.data, args.train_rows), nested.tokenizer, args.max_length, "alpaca")
         batches = [collate(train_examples[i:i + args.batch_size], nested.tokenizer.pad_token_id)
                    for i in range(0, len(train_examples) - args.batch_size + 1, args.batch_size)]
-        for name, fn in (("adaptive", adaptive_points), ("token", token_points)):
+        # token-joint last: it trains its own copy of the model, the others see the width run unchanged.
+        for name, fn in (("adaptive", adaptive_points), ("token", token_points), ("token-joint", token_joint_points)):
             if name in variants:
                 started = time.perf_counter()
                 points = fn(nested, batches, eval_examples, ROUTER_BUDGETS, args, device, latency)
@@ -228,7 +232,8 @@ def main() -> None:
                     p["ms"] = plan_ms(latency, [tuple(o) for o in p["plan"]])
                 p["ms_rel"] = p["ms"] / full_ms
 
-    speed = measure_decoding(results, out, args, device) if "width" in results and device.type == "cuda" or args.smoke else {}
+    decode = not args.no_decode and ("width" in results and device.type == "cuda" or args.smoke)
+    speed = measure_decoding(results, out, args, device) if decode else {}
     summary = summarise(results)
     (out / "results.json").write_text(json.dumps({"variants": results, "summary": summary, "latency": latency,
                                                   "decode": speed}, indent=2) + "\n")
@@ -345,7 +350,7 @@ def write_markdown(out: Path, results, summary, speed, latency) -> None:
 def equal_cost_lines(results) -> list[str]:
     """The issue's comparison: at average cost 0.5 and 0.7 (FLOPs), each variant's best dev loss, and
     the token router's width shares per layer (a router that always picks one width is static in disguise)."""
-    names = [n for n in ("width", "routed", "adaptive", "token") if n in results]
+    names = [n for n in ("width", "routed", "adaptive", "token", "token-joint") if n in results]
     if "token" not in results:
         return []
     lines = ["\n| average cost ≤ | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
@@ -355,9 +360,9 @@ def equal_cost_lines(results) -> list[str]:
             b = best_within(results[n]["points"], "flops", limit)
             cells.append("—" if b is None else f"{b['loss']:.3f} ({b['flops']:.3f})")
         lines.append(f"| {limit} | " + " | ".join(cells) + " |")
-    for p in results["token"]["points"]:
+    for p in [p for n in ("token", "token-joint") if n in results for p in results[n]["points"]]:
         varying = sum(len([s for s in layer.values() if s >= 0.05]) > 1 for layer in p["widths_per_layer"])
-        lines.append(f"\ntoken@{p['budget']}: dev loss {p['loss']:.3f} at average FLOPs {p['flops']:.3f}"
+        lines.append(f"\n{p['spec']}: dev loss {p['loss']:.3f} at average FLOPs {p['flops']:.3f}"
                      + (f", ms {p['ms']:.2f}" if "ms" in p else "") + f"; plan shares {p['usage']}; "
                      f"{varying} of {len(p['widths_per_layer'])} layers vary their width across tokens; "
                      f"router overhead {p['router_flops']:.2e} of the full model's FLOPs per token")

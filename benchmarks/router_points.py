@@ -48,7 +48,15 @@ def _eval_token(adapter, routing, examples, pad_id, device, batch_size):
     return total / count, torch.cat(chosen)
 
 
-def token_points(nested, batches, eval_examples, budgets, args, device, latency) -> list[dict]:
+def token_joint_points(nested, batches, eval_examples, budgets, args, device, latency) -> list[dict]:
+    """`token_points` with the model trained jointly (on its own fresh copy of the width run)."""
+    from manyinone.io.api import open_checkpoint
+
+    fresh = open_checkpoint(nested.index_path, device=str(device))
+    return token_points(fresh, batches, eval_examples, budgets, args, device, latency, model_lr=args.joint_lr)
+
+
+def token_points(nested, batches, eval_examples, budgets, args, device, latency, model_lr: float = 0.0) -> list[dict]:
     adapter, pad = nested.adapter, nested.tokenizer.pad_token_id
     widths, heads = _options(nested)
     flops, params = cost_parts(adapter, widths, heads), cost_parts(adapter, widths, heads, metric="params")
@@ -57,7 +65,7 @@ def token_points(nested, batches, eval_examples, budgets, args, device, latency)
     router = TokenRouter(adapter.num_layers, widths, heads, embed.shape[1], args.token_plans)
     train_token_router(router, adapter, batches, flops,
                        TokenRouterTraining(budgets=budgets, steps=args.token_steps or args.router_steps, lr=1e-2,
-                                           cost_weight=args.router_cost_weight))
+                                           cost_weight=args.router_cost_weight, model_lr=model_lr))
     full_flops = adapter.plan_cost(((adapter.intermediate, adapter.num_heads),) * adapter.num_layers).flops_per_token
     selector_flops = 2.0 * sum(m.weight.numel() for m in router.selector if isinstance(m, torch.nn.Linear))
     points = []
@@ -66,7 +74,7 @@ def token_points(nested, batches, eval_examples, budgets, args, device, latency)
         loss, chosen = _eval_token(adapter, routing, eval_examples, pad, device, args.batch_size)
         usage = (torch.bincount(chosen, minlength=len(routing.plans)).double() / chosen.numel()).tolist()
         cost = lambda table: sum(u * table.plan_cost(p, widths, heads) for u, p in zip(usage, routing.plans))  # noqa: E731
-        point = {"spec": f"token@{b}", "budget": b, "loss": loss, "flops": cost(flops), "params": cost(params),
+        point = {"spec": f"{'token-joint' if model_lr > 0 else 'token'}@{b}", "budget": b, "loss": loss, "flops": cost(flops), "params": cost(params),
                  "usage": [round(u, 3) for u in usage], "plans": [[list(o) for o in p] for p in routing.plans],
                  "plan": [list(o) for o in routing.widest_used()],
                  "widths_per_layer": [{str(w): round(s, 3) for w, s in layer.items()}
