@@ -10,7 +10,7 @@ timeout "${PARETO_TIMEOUT:-200}" python3 benchmarks/pareto.py --model /root/smol
   --variants width,routed,adaptive,token,token-joint --no-decode --latency-repeats 5 --router-steps 150 \
   --out "$OUT/pareto" 2>&1 \
   | grep -v "Loading weights" > "$OUT/pareto.log"
-grep -v "^{" "$OUT/pareto.log" | tail -30
+if grep -q "average cost ≤" "$OUT/pareto.log"; then grep -v "^{" "$OUT/pareto.log" | tail -30; else tail -40 "$OUT/pareto.log"; fi
 timeout "${DECODE_TIMEOUT:-60}" python3 benchmarks/token_decode.py --new 96 --repeats 2 --out "$OUT/token_decode.json" 2>&1 \
   | grep -v "Loading weights" > "$OUT/token_decode.log"
 tail -8 "$OUT/token_decode.log"

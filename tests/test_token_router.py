@@ -266,3 +266,21 @@ def test_bad_inputs_get_one_line_errors(token_run, trained_run, tmp_path, adapte
         route_checkpoint(trained_run, tmp_path / "r", "token", [0.5], data="demo")
     with pytest.raises(ManyinoneError, match="route mode 'perlayer' unknown"):
         route_checkpoint(token_run, tmp_path / "r", "perlayer", [0.5], data="demo")
+
+
+@torch.no_grad()
+def test_the_server_decodes_a_token_routed_budget_per_token(token_run):
+    pytest.importorskip("fastapi")
+    from manyinone.runtime import Runtime
+    from manyinone.runtime.server import CompletionRequest, Engine
+
+    rt = Runtime.open(token_run, device="cpu")
+    budget = rt.index["token_routed"][0]["average"]
+    engine = Engine(rt, "alpaca", default_max_tokens=8, batch_rows=4)  # the shared batch is on...
+    job = engine.check(CompletionRequest(prompt="Hello there", temperature=0.0, budget=budget), ["Hello there"], 8)
+    assert not engine.batched(job)  # ... but a token-routed budget changes plans per step: it decodes alone
+    texts, _, info = engine.complete(job)
+    want = rt.generate([rt.encode("Hello there")], budget=budget, max_new_tokens=8)
+    assert info["token_routed"] and texts[0] == rt.decode(want.tokens[0])
+    with pytest.raises(ManyinoneError, match="speculative decoding serves depth budgets only"):
+        engine.check(CompletionRequest(prompt="Hi", budget=budget, speculative=True), ["Hi"], 4)
