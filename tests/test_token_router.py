@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import manyinone
 from helpers import max_abs_diff, sample_batch
 from manyinone.core.errors import ManyinoneError
-from manyinone.elastic.router import prefix_masks
+from manyinone.elastic.routing_math import prefix_masks
 from manyinone.elastic.token_router import (CostParts, TokenRouter, TokenRouterTraining, average_cost, cost_parts,
                                             is_token_adaptive, load_token_router, routed_forward, token_costs,
                                             token_width_probs, train_token_router, width_distribution)

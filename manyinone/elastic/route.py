@@ -22,11 +22,11 @@ import torch
 
 from manyinone.core.adapter import PlanAdapter
 from manyinone.core.errors import ManyinoneError
+from manyinone.elastic.router import check_within_budget
 from manyinone.elastic.token_router import (CostParts, TokenRouter, TokenRouterTraining, cost_parts,
                                             save_token_router, train_token_router)
 
 MODES = ("static", "adaptive", "token")
-OVER_BUDGET_SLACK = 1e-3  # budgets compare at 3 decimals, as index costs do
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -38,14 +38,6 @@ def parse_budgets(text: str) -> list[float]:
     if not budgets or bad:
         raise ManyinoneError(f"budgets {bad or text!r} out of range; allowed 0 < budget <= 1")
     return sorted(set(budgets))
-
-
-def check_within_budget(budget: float, cost: float, what: str) -> None:
-    """Refuse to store a plan that costs more than the budget it is stored for (`load(budget)` would
-    then serve an over-budget model, or fail)."""
-    if cost > budget + OVER_BUDGET_SLACK:
-        raise ManyinoneError(f"{what} for budget {budget} costs {cost:.3f}, over its budget; train the router "
-                             "longer or with a higher cost weight, or drop that budget")
 
 
 def elastic_options(nested) -> tuple[list[int], list[int]]:

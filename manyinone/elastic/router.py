@@ -28,27 +28,8 @@ from manyinone.train.progress import TrainProgress
 
 
 
-# --- pure math --------------------------------------------------------------------------------
-def expected_cost(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Expected cost of a routing distribution. probs: [batch, layers, options]; table: [layers,
-    options] cost of each option in each layer (any unit: relative FLOPs, ms). Returns [batch]."""
-    return (probs * table).sum(dim=(1, 2))
-
-
-def prefix_masks(probs: torch.Tensor, sizes: torch.Tensor, total: int) -> torch.Tensor:
-    """Soft prefix masks: unit j is kept with the probability that the chosen option keeps >= j+1 units.
-
-    probs: [batch, layers, options]; sizes: [options] units each option keeps. Returns [batch, layers, total];
-    for a one-hot `probs` it is exactly 1 on the chosen prefix and 0 after it.
-    """
-    keep = (torch.arange(total, device=probs.device)[None, :] < sizes.to(probs.device)[:, None]).to(probs.dtype)  # [options, total]
-    return probs @ keep  # [batch, layers, total]
-
-
-def budget_penalty(expected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """Mean squared gap between expected relative cost and the budget ([batch] each): both sides
-    count, so the router neither overspends nor wastes the budget it was given."""
-    return (expected - budget).pow(2).mean()
+# The pure math lives in routing_math (shared with the token router); re-exported here for callers.
+from manyinone.elastic.routing_math import budget_penalty, expected_cost, prefix_masks  # noqa: E402,F401
 
 
 # --- the router network ---------------------------------------------------------------------------
@@ -165,6 +146,17 @@ def train_router(router: Router, adapter, batches: Sequence[dict[str, torch.Tens
 
 
 # --- static plans in a checkpoint ---------------------------------------------------------------------
+OVER_BUDGET_SLACK = 1e-3  # budgets compare at 3 decimals, as index costs do
+
+
+def check_within_budget(budget: float, cost: float, what: str) -> None:
+    """Refuse to store a plan that costs more than the budget it is stored for (`load(budget)` would
+    then serve an over-budget model, or fail)."""
+    if cost > budget + OVER_BUDGET_SLACK:
+        raise ManyinoneError(f"{what} for budget {budget} costs {cost:.3f}, over its budget; train the router "
+                             "longer or with a higher cost weight, or drop that budget")
+
+
 def plan_relative_cost(plan: Sequence[Option], table: torch.Tensor, options: Sequence[Option], fixed: float) -> float:
     """Relative cost of a per-layer plan from the option cost table ([layers, options])."""
     return fixed + sum(float(table[i, list(options).index(tuple(o))]) for i, o in enumerate(plan))
@@ -226,7 +218,6 @@ def export_routed_nested(nested, router: Router, budgets: Sequence[float], outpu
     """`export_routed` from an opened checkpoint (`manyinone.io.api.NestedModel`)."""
     from pathlib import Path
 
-    from manyinone.elastic.route import check_within_budget
     from manyinone.io.checkpoint import save_checkpoint
 
     adapter = nested.adapter

@@ -34,7 +34,7 @@ from torch import nn
 
 from manyinone.core.adapter import LayerPlan, require_plans
 from manyinone.core.errors import ManyinoneError
-from manyinone.elastic.router import budget_penalty, prefix_masks
+from manyinone.elastic.routing_math import budget_penalty, prefix_masks
 
 TOKEN_ROUTER_WEIGHTS, TOKEN_ROUTER_CONFIG = "token_router.safetensors", "token_router.json"
 

@@ -102,3 +102,11 @@ def attention_masks(slots: torch.Tensor, pad: torch.Tensor, max_len: int, dtype:
 def position_ids(slots: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     """Positions [batch, q] of the queries at `slots`: slot minus the row's left padding (>= 0)."""
     return (slots[None, :] - pad[:, None]).clamp(min=0)  # [batch, q]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [batch, longest] left-padded with pad_id, and each row's pad count [batch]."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
+    return ids.to(device), pad.to(device)

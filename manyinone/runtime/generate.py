@@ -26,6 +26,7 @@ from manyinone.io.checkpoint import resolve, routed_plan
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.sampling import Sampling, choose
+from manyinone.runtime.cache import left_pad  # noqa: F401  (importable from here, as before)
 from manyinone.runtime.stack import LayerStack, SegmentRunner, compile_step
 
 DEFAULT_MAX_LEN = 2048
@@ -69,14 +70,6 @@ def dtype_named(name: str) -> torch.dtype:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [batch, longest] left-padded with pad_id, and each row's pad count [batch]."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long)
-    pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
-    return ids.to(device), pad.to(device)
 
 
 class Runtime:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from manyinone.elastic.token_router import TokenRouting
+from manyinone.runtime.cache import left_pad
 from manyinone.runtime.sampling import Sampling, choose
 from manyinone.runtime.stack import CapturedCall, SegmentRunner
 
@@ -58,8 +59,6 @@ def token_routed_stream(rt, prompts: list[list[int]], routing: TokenRouting, max
                         sampling: Sampling, stop_ids: set[int] | None, stats: dict[str, Any] | None
                         ) -> Iterator[list[list[int]]]:
     """`Runtime.stream` for a token-routed budget: yields each step's new tokens per row."""
-    from manyinone.runtime.generate import left_pad
-
     rt.check_request(prompts, max_new_tokens)
     stop = rt.default_stop_ids() if stop_ids is None else stop_ids
     runner = rt.runner(len(prompts))
