@@ -6,7 +6,9 @@ heads; each token id goes to a plan through a fixed random table, and decoding s
 so the tokens, and so the plans, really change from step to step. For each shape and batch:
 - token: the token-routed stream (its measured average width and cost come back in its stats);
 - static lo / mid / hi: the uniform plans at w_lo, (w_lo + w_hi) / 2 and w_hi, same runtime;
-- ratio: token tok/s over the static rate interpolated at the token run's measured average cost.
+- ratio: token tok/s over the static rate interpolated at the token run's measured average cost;
+- per-layer (batch 1): the design not taken, each layer choosing its width from the hidden state
+  entering it, so the host reads the device once per layer before launching that layer.
 Same process, same prompt, warm-up first, CUDA-synchronised timings; a table last.
 
 GPU (H200, ~2 min):  python benchmarks/token_decode.py --out /root/token_decode.json
@@ -58,6 +60,29 @@ def routing_of(adapter, w_lo: int, w_hi: int, vocab: int) -> TokenRouting:
     return routing.priced(lambda p: adapter.plan_cost(p).flops_per_token / full)
 
 
+@torch.no_grad()
+def per_layer_run(rt, prompts, w_lo: int, w_hi: int, new: int, sampling: Sampling) -> None:
+    """The other design: each layer picks its width from the hidden state entering it, which the host
+    must read before it launches that layer (one sync and one segment call per layer per step)."""
+    from manyinone.runtime.cache import left_pad
+    from manyinone.runtime.sampling import choose
+
+    heads, layers = rt.stack.adapter.num_heads, rt.num_layers
+    runner = rt.runner(len(prompts))
+    generator = torch.Generator(rt.device).manual_seed(sampling.seed)
+    ids, pad = left_pad(prompts, 0, rt.device)
+    logits = runner.prefill(layers, ids, pad, None)
+    token, slot = choose(logits[:, -1], sampling, generator), ids.shape[1]
+    for _ in range(new - 1):
+        x = token[:, None]
+        for i in range(layers):
+            wide = bool((x.float().sum() if i == 0 else x[..., 0].float().sum()) > 0)  # the host sync per layer
+            plan = rt._plan(((w_hi if wide else w_lo, heads),) * (i + 1))
+            x, logits = runner(i, i + 1, x, rt._slots[slot: slot + 1], pad, head=i == layers - 1,
+                               slots_end=slot + 1, plan=plan)
+        token, slot = choose(logits[:, -1], sampling, generator), slot + 1
+
+
 def timed(fn, repeats: int, device) -> float:
     fn()  # warm-up: graph capture for every shape this run meets
     best = float("inf")
@@ -106,6 +131,9 @@ def run_shape(shape: str, args, device, dtype) -> list[dict]:
                                             args.repeats, device)
             static[name] = (cost, rate)
             entry[f"static {name} (w={width}) tok/s"] = rate
+        if batch == 1:  # per-layer choices (a host sync per layer), the design the plan set avoids
+            entry["per-layer tok/s"] = batch * args.new / timed(
+                lambda: per_layer_run(rt, prompts, w_lo, w_hi, args.new, sampling), args.repeats, device)
         # The static rate at the token run's measured average cost, interpolated between the two nearest plans.
         points = sorted(static.values())
         avg = entry["token avg cost"] or points[0][0]
@@ -147,14 +175,16 @@ def main() -> None:
             rows.append({"shape": shape, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
-    print("\n| shape | batch | token tok/s | avg cost | plan shares | mixed steps | static at avg cost tok/s | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| shape | batch | token tok/s | avg cost | plan shares | mixed steps | static at avg cost tok/s | ratio "
+          "| per-layer (sync per layer) tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
             print(f"| {r['shape']} | error: {r['error'][:80]} | | | | | | |")
             continue
         print(f"| {r['shape']} | {r['batch']} | {r['token tok/s']:,.1f} | {r['token avg cost']:.3f} | "
-              f"{r['plan shares']} | {r['mixed steps']} | {r['static at avg cost tok/s']:,.1f} | {r['ratio']:.2f}x |")
+              f"{r['plan shares']} | {r['mixed steps']} | {r['static at avg cost tok/s']:,.1f} | {r['ratio']:.2f}x | "
+              + (f"{r['per-layer tok/s']:,.1f} |" if "per-layer tok/s" in r else "— |"))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def test_route_token_writes_a_checkpoint_that_export_refuses(width_cli_run, tmp_
     assert "average cost" in result.stdout and "routed (token)" in result.stdout
     index = read_index(out)
     assert len(index["token_routed"]) == 1 and len(index["token_routed"][0]["plans"]) == 3
+    info = invoke("info", out)
+    assert info.exit_code == 0 and "token-routed budget: average cost" in info.stdout
     line = error_line(invoke("export", out, "--budget", "1.0", "-o", tmp_path / "plain"))
     assert "is token-routed" in line and "a plain HF model holds one plan" in line
     assert not (tmp_path / "plain").exists()

@@ -222,6 +222,12 @@ def info(ckpt: Path = typer.Argument(..., help="checkpoint folder")) -> None:
                       f"{e['flops_per_token'] / 1e9:.3f}", f"{rel['params']:.3f}", f"{rel['flops']:.3f}")
     console.print(table)
     console.print(f"budgets resolve by relative {index['metric']}: budget b -> largest spec with cost <= b")
+    for entry in index.get("routed") or []:
+        typer.echo(f"routed plan for budget {entry['budget']}: cost {entry['relative']:.3f}")
+    for entry in index.get("token_routed") or []:
+        shares = ", ".join(f"{u:.2f}" for u in entry["usage"])
+        typer.echo(f"token-routed budget: average cost {entry['average']:.3f} over its calibration tokens, "
+                   f"{len(entry['plans'])} plans (token shares {shares})")
 
 
 @app.command(name="eval")
