@@ -30,7 +30,7 @@ def _nll(adapter, hidden, labels) -> tuple[float, int]:
 
 def _options(nested):
     space = nested.space
-    return list(space.dims["width"].choices), list(space.dims["heads"].choices)
+    return sorted(space.dims["width"].choices), sorted(space.dims["heads"].choices)  # the order TokenRouter keeps
 
 
 @torch.no_grad()

@@ -49,21 +49,27 @@ class CostParts:
     width_table: torch.Tensor
     heads_table: torch.Tensor
     fixed: float
+    widths: tuple[int, ...] = ()  # the tables' column order (sorted, as TokenRouter keeps its options)
+    heads: tuple[int, ...] = ()
 
-    def plan_cost(self, plan: Sequence[tuple[int, int]], widths: Sequence[int], heads: Sequence[int]) -> float:
-        w, h = list(widths), list(heads)
+    def plan_cost(self, plan: Sequence[tuple[int, int]], widths: Sequence[int] | None = None,
+                  heads: Sequence[int] | None = None) -> float:
+        """Relative cost of a per-layer (width, heads) plan."""
+        w, h = list(widths or self.widths), list(heads or self.heads)
         return self.fixed + sum(float(self.width_table[i, w.index(a)] + self.heads_table[i, h.index(b)])
                                 for i, (a, b) in enumerate(plan))
 
 
 def cost_parts(adapter, widths: Sequence[int], heads: Sequence[int], context: int = 512,
                metric: str = "flops") -> CostParts:
-    """The adapter's exact costs, split per axis: a LLaMA layer's cost is its MLP's plus its attention's."""
+    """The adapter's exact costs, split per axis: a LLaMA layer's cost is its MLP's plus its attention's.
+    Columns in sorted order, the order TokenRouter keeps its options in."""
+    widths, heads = sorted(int(w) for w in widths), sorted(int(h) for h in heads)
     full_w, full_h = adapter.intermediate, adapter.num_heads
     by_width, fixed = adapter.option_costs([(w, full_h) for w in widths], context, metric)  # [layers, W]
     by_heads, _ = adapter.option_costs([(full_w, h) for h in heads], context, metric)  # [layers, H]
     full, _ = adapter.option_costs([(full_w, full_h)], context, metric)  # [layers, 1]
-    return CostParts(by_width - full, by_heads, fixed)
+    return CostParts(by_width - full, by_heads, fixed, tuple(widths), tuple(heads))
 
 
 def token_costs(width_probs: torch.Tensor, head_probs: torch.Tensor, parts: CostParts) -> torch.Tensor:
@@ -226,6 +232,9 @@ def train_token_router(router: TokenRouter, adapter, batches: Sequence[dict[str,
     from manyinone.train.losses import supervised_positions, token_cross_entropy
 
     adapter = require_plans(adapter, "token routing")
+    if parts.widths and (list(parts.widths) != router.widths or list(parts.heads) != router.heads):
+        raise ManyinoneError(f"cost tables for widths {list(parts.widths)} / heads {list(parts.heads)}, the router "
+                             f"routes {router.widths} / {router.heads}; build both from the same options")
     if not batches:
         raise ManyinoneError("token router training needs at least one batch")
     bad = [b for b in settings.budgets if not 0 < b <= 1]
