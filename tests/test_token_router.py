@@ -262,6 +262,13 @@ def test_bad_inputs_get_one_line_errors(token_run, trained_run, tmp_path, adapte
     shallow = LlamaFlextronAdapter(nested.adapter.extract_plan(((128, 4),) * 3))
     with pytest.raises(ManyinoneError, match="does not match the checkpoint: 4 layers, the model has 3"):
         load_token_router(token_run, shallow)
+    from manyinone.elastic.route import export_token_routed
+
+    parts = cost_parts(nested.adapter, WIDTHS, HEADS)
+    wrong = TokenRouter(4, WIDTHS, [2, 3], embed_size=64, num_plans=2)
+    with pytest.raises(ManyinoneError, match=r"does not match the checkpoint: heads \[3\] not multiples of 2"):
+        export_token_routed(nested, wrong, {1.0: 0.5}, tmp_path / "wrong", [], parts)
+    assert not (tmp_path / "wrong").exists()
     with pytest.raises(ManyinoneError, match="token routing needs a checkpoint trained with elastic width"):
         route_checkpoint(trained_run, tmp_path / "r", "token", [0.5], data="demo")
     with pytest.raises(ManyinoneError, match="route mode 'perlayer' unknown"):

@@ -146,8 +146,10 @@ def token_budget_entries(router: TokenRouter, adapter, aims: dict[float, float],
 def export_token_routed(nested, router: TokenRouter, aims: dict[float, float], output, batches, parts: CostParts,
                         metric: str = "flops") -> Path:
     """Write `nested`'s model (one copy of the weights) with the token router and its budgets in the index."""
+    from manyinone.elastic.token_router import check_router_fits
     from manyinone.io.checkpoint import save_checkpoint
 
+    check_router_fits(router.config(), nested.adapter, "being written")
     entries = token_budget_entries(router, nested.adapter, aims, batches, parts)
     index = {**{k: v for k, v in nested.index.items() if k not in ("routed", "router")},
              "token_routed": entries, "token_router": {**router.config(), "metric": metric}}
