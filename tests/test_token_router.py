@@ -15,8 +15,9 @@ from helpers import max_abs_diff, sample_batch
 from manyinone.core.errors import ManyinoneError
 from manyinone.elastic.routing_math import prefix_masks
 from manyinone.elastic.token_router import (CostParts, TokenRouter, TokenRouterTraining, average_cost, cost_parts,
-                                            is_token_adaptive, load_token_router, routed_forward, token_costs,
-                                            token_width_probs, train_token_router, width_distribution)
+                                            is_token_adaptive, routed_forward, token_costs, token_width_probs,
+                                            train_token_router, width_distribution)
+from manyinone.elastic.token_router_io import load_token_router
 from manyinone.train.data import collate, load_records, tokenize_records
 from manyinone_flextron import LlamaFlextronAdapter
 

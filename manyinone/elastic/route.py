@@ -23,8 +23,8 @@ import torch
 from manyinone.core.adapter import PlanAdapter
 from manyinone.core.errors import ManyinoneError
 from manyinone.elastic.router import check_within_budget
-from manyinone.elastic.token_router import (CostParts, TokenRouter, TokenRouterTraining, cost_parts,
-                                            save_token_router, train_token_router)
+from manyinone.elastic.token_router import CostParts, TokenRouter, TokenRouterTraining, cost_parts, train_token_router
+from manyinone.elastic.token_router_io import save_token_router
 
 MODES = ("static", "adaptive", "token")
 
@@ -146,7 +146,7 @@ def token_budget_entries(router: TokenRouter, adapter, aims: dict[float, float],
 def export_token_routed(nested, router: TokenRouter, aims: dict[float, float], output, batches, parts: CostParts,
                         metric: str = "flops") -> Path:
     """Write `nested`'s model (one copy of the weights) with the token router and its budgets in the index."""
-    from manyinone.elastic.token_router import check_router_fits
+    from manyinone.elastic.token_router_io import check_router_fits
     from manyinone.io.checkpoint import save_checkpoint
 
     check_router_fits(router.config(), nested.adapter, "being written")

@@ -38,7 +38,7 @@ class NestedModel:
 
     def token_routing(self, budget: float | None):
         """The token routing (`TokenRouting`) serving `budget`, or None when `budget` is not token-routed."""
-        from manyinone.elastic.token_router import routing_for
+        from manyinone.elastic.token_router_io import routing_for
 
         return routing_for(self, budget)
 
@@ -101,7 +101,7 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         heads = ExitHeads.load(path, index["exit_heads"], shared.norm, shared.weight).eval()
     token_router = None
     if "token_router" in index:
-        from manyinone.elastic.token_router import load_token_router
+        from manyinone.elastic.token_router_io import load_token_router
 
         token_router = load_token_router(folder, adapter, index["token_router"])
     return NestedModel(model=model, tokenizer=tokenizer, adapter=adapter, index=index, exit_heads=heads,
@@ -120,7 +120,7 @@ def load(path: str | os.PathLike, budget: float | None = None, dtype: torch.dtyp
     nested = open_checkpoint(path, dtype=dtype, device=device)
     routing = nested.token_routing(budget)
     if routing is not None:  # every token on its own plan: the full model with the router's masks attached
-        from manyinone.elastic.token_router import attach_token_routing
+        from manyinone.elastic.token_router_io import attach_token_routing
 
         sub = attach_token_routing(nested.model, nested.adapter, routing)
         sub.manyinone_spec = SubnetSpec(depth=nested.adapter.num_layers)

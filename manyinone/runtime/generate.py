@@ -161,7 +161,7 @@ class Runtime:
         when the checkpoint does not route `budget` per token."""
         if self.index is None or not self.index.get("token_routed"):
             return None
-        from manyinone.elastic.token_router import routing_for
+        from manyinone.elastic.token_router_io import routing_for
 
         return routing_for(self, budget)
 
