@@ -292,3 +292,19 @@ def test_the_server_decodes_a_token_routed_budget_per_token(token_run):
     assert info["token_routed"] and texts[0] == rt.decode(want.tokens[0])
     with pytest.raises(ManyinoneError, match="speculative decoding serves depth budgets only"):
         engine.check(CompletionRequest(prompt="Hi", budget=budget, speculative=True), ["Hi"], 4)
+
+
+@torch.no_grad()
+def test_a_compiled_step_routes_the_same_tokens(token_run, char_tokenizer_module):
+    from manyinone.io.api import open_checkpoint
+    from manyinone.runtime import Runtime
+    from manyinone.runtime.stack import compile_step
+
+    nested = open_checkpoint(token_run)
+    budget = nested.index["token_routed"][0]["average"]
+    plain = Runtime.from_nested(nested)
+    compiled = Runtime.from_nested(nested, compile_fn=lambda fn: compile_step(fn, "aot_eager"))
+    prompt = char_tokenizer_module("What is 2 plus 2?")["input_ids"]
+    want = plain.generate([prompt], budget=budget, max_new_tokens=6, stop_ids=set())
+    got = compiled.generate([prompt], budget=budget, max_new_tokens=6, stop_ids=set())
+    assert got.tokens == want.tokens and got.stats["plan_counts"] == want.stats["plan_counts"]
