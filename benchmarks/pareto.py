@@ -9,6 +9,11 @@ GPU (SmolLM2 + Alpaca, ~6 min on an H100):
 CPU smoke test (tiny random model, demo data, ~1 min):
     python benchmarks/pareto.py --smoke --out runs/pareto-smoke
 Writes <out>/results.json, <out>/results.md, <out>/pareto.png and <out>/latency.json.
+
+Router variants (all on the width run's model, frozen): `routed` (one plan per budget), `adaptive`
+(one plan per prompt, from its mean embedding) and `token` (one of K plans per token,
+manyinone.elastic.token_router). Routed points report the *measured* average cost of the dev tokens
+they actually routed (FLOPs and latency-table ms), and the token router's share of each width per layer.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # router_points beside this file
 from manyinone.io.api import open_checkpoint
 from manyinone.train.config import TrainConfig
 from manyinone.train.data import collate, load_records, tokenize_records
@@ -32,7 +38,8 @@ from manyinone.elastic.router import Router, RouterTraining, plan_relative_cost,
 from manyinone.core.device import pick_device
 from manyinone.train.loop import train
 
-VARIANTS = ("depth", "width", "depth+width", "routed")
+VARIANTS = ("depth", "width", "depth+width", "routed", "adaptive", "token", "token-joint")
+ROUTER_BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
 def settings(args) -> dict:
@@ -104,6 +111,10 @@ def main() -> None:
     parser.add_argument("--widths", default="192,384,512,640,768,1024,1280,1536",
                         help="MLP widths of the width variants ('' = the adapter's default)")
     parser.add_argument("--latency-repeats", type=int, default=10)
+    parser.add_argument("--token-plans", type=int, default=4, help="token router: plans per budget")
+    parser.add_argument("--joint-lr", type=float, default=1e-5, help="token-joint: the model's learning rate")
+    parser.add_argument("--no-decode", action="store_true", help="skip the exported half-width decode timing")
+    parser.add_argument("--token-steps", type=int, default=None, help="token router steps (default --router-steps)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model + demo data on CPU")
     args = parser.parse_args()
 
@@ -129,7 +140,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     latency = None
     eval_examples = None
-    for name in [v for v in variants if v in recipes] + (["width"] if "routed" in variants and "width" not in variants else []):
+    routers = {"routed", "adaptive", "token", "token-joint"} & set(variants)
+    for name in [v for v in variants if v in recipes] + (["width"] if routers and "width" not in variants else []):
         if name in results:
             continue
         started = time.perf_counter()
@@ -191,6 +203,24 @@ def main() -> None:
         results["routed"] = {"points": points, "train_s": time.perf_counter() - started, "run": results["width"]["run"]}
         print(f"routed: router trained and {len(points)} budgets evaluated", flush=True)
 
+    if {"adaptive", "token", "token-joint"} & set(variants):
+        from router_points import adaptive_points, token_joint_points, token_points
+
+        nested = open_checkpoint(results["width"]["run"], device=str(device))
+        nested.index_path = results["width"]["run"]  # token-joint trains a fresh copy of the model
+        train_examples = tokenize_records(load_records(args.data, args.train_rows), nested.tokenizer, args.max_length, "alpaca")
+        batches = [collate(train_examples[i:i + args.batch_size], nested.tokenizer.pad_token_id)
+                   for i in range(0, len(train_examples) - args.batch_size + 1, args.batch_size)]
+        # token-joint last: it trains its own copy of the model, the others see the width run unchanged.
+        for name, fn in (("adaptive", adaptive_points), ("token", token_points), ("token-joint", token_joint_points)):
+            if name in variants:
+                started = time.perf_counter()
+                points = fn(nested, batches, eval_examples, ROUTER_BUDGETS, args, device, latency)
+                results[name] = {"points": points, "train_s": time.perf_counter() - started, "run": results["width"]["run"]}
+                print(f"{name}: router trained and {len(points)} budgets evaluated", flush=True)
+                for p in points:  # in the log at once: a run stopped later still reports these
+                    print(json.dumps({k: v for k, v in p.items() if k not in ("plans", "plan")}), flush=True)
+
     # Measured-ms axis: every plan priced with the latency table (same device, same shapes).
     if latency is not None:
         full_layers = int(latency["num_layers"])
@@ -198,10 +228,12 @@ def main() -> None:
         full_ms = plan_ms(latency, [full] * full_layers)
         for res in results.values():
             for p in res["points"]:
-                p["ms"] = plan_ms(latency, [tuple(o) for o in p["plan"]])
+                if "ms" not in p:  # routed-per-prompt/token points carry their measured average already
+                    p["ms"] = plan_ms(latency, [tuple(o) for o in p["plan"]])
                 p["ms_rel"] = p["ms"] / full_ms
 
-    speed = measure_decoding(results, out, args, device) if "width" in results and device.type == "cuda" or args.smoke else {}
+    decode = not args.no_decode and ("width" in results and device.type == "cuda" or args.smoke)
+    speed = measure_decoding(results, out, args, device) if decode else {}
     summary = summarise(results)
     (out / "results.json").write_text(json.dumps({"variants": results, "summary": summary, "latency": latency,
                                                   "decode": speed}, indent=2) + "\n")
@@ -296,6 +328,7 @@ def write_markdown(out: Path, results, summary, speed, latency) -> None:
     for name, res in results.items():
         s = summary[name]
         lines.append(f"| {name} | {cell(s['params'])} | {cell(s['flops'])} | {cell(s['ms_rel'])} | {res['train_s']:.0f} |")
+    lines += equal_cost_lines(results)
     for key, what in (("flops", "FLOP"), ("ms_rel", "measured millisecond")):
         ranked = sorted((s[key]["loss"], n) for n, s in summary.items() if s[key] is not None)
         if ranked:
@@ -312,6 +345,28 @@ def write_markdown(out: Path, results, summary, speed, latency) -> None:
                      + "".join(f"; {k} {v:.2f}x" for k, v in speed.items() if k.startswith("speedup") and k.endswith("runtime"))
                      + "".join(f"; {k}: {v}" for k, v in speed.items() if k.endswith("error")) + ".")
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def equal_cost_lines(results) -> list[str]:
+    """The issue's comparison: at average cost 0.5 and 0.7 (FLOPs), each variant's best dev loss, and
+    the token router's width shares per layer (a router that always picks one width is static in disguise)."""
+    names = [n for n in ("width", "routed", "adaptive", "token", "token-joint") if n in results]
+    if "token" not in results:
+        return []
+    lines = ["\n| average cost ≤ | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for limit in (0.5, 0.7):
+        cells = []
+        for n in names:
+            b = best_within(results[n]["points"], "flops", limit)
+            cells.append("—" if b is None else f"{b['loss']:.3f} ({b['flops']:.3f})")
+        lines.append(f"| {limit} | " + " | ".join(cells) + " |")
+    for p in [p for n in ("token", "token-joint") if n in results for p in results[n]["points"]]:
+        varying = sum(len([s for s in layer.values() if s >= 0.05]) > 1 for layer in p["widths_per_layer"])
+        lines.append(f"\n{p['spec']}: dev loss {p['loss']:.3f} at average FLOPs {p['flops']:.3f}"
+                     + (f", ms {p['ms']:.2f}" if "ms" in p else "") + f"; plan shares {p['usage']}; "
+                     f"{varying} of {len(p['widths_per_layer'])} layers vary their width across tokens; "
+                     f"router overhead {p['router_flops']:.2e} of the full model's FLOPs per token")
+    return lines
 
 
 def plot(path: Path, results) -> None:

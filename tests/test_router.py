@@ -134,9 +134,15 @@ def test_routing_a_depth_only_checkpoint_is_refused(trained_run, tmp_path):
 def test_static_plans_export_into_one_checkpoint_that_load_serves(width_run, tmp_path):
     router = Router(4, OPTIONS)
     torch.nn.init.zeros_(router.layers[0][2].weight)
-    out = export_routed(width_run, router, [0.5, 1.0], tmp_path / "routed")
+    # This untrained router's plan costs about 0.6 at every budget: stored for 0.5 it would be over
+    # budget (and load(budget=0.5) would then serve more than asked), so that export is refused whole.
+    with pytest.raises(ManyinoneError, match=r"plan for budget 0.5 costs 0\.\d+, over its budget"):
+        export_routed(width_run, router, [0.5, 1.0], tmp_path / "over")
+    assert not (tmp_path / "over").exists()
+    out = export_routed(width_run, router, [0.7, 1.0], tmp_path / "routed")
     index = read_index(out)
-    assert [r["budget"] for r in index["routed"]] == [0.5, 1.0] and (out / "router.safetensors").is_file()
+    assert [r["budget"] for r in index["routed"]] == [0.7, 1.0] and (out / "router.safetensors").is_file()
+    assert all(r["relative"] <= r["budget"] for r in index["routed"])
     entry = index["routed"][0]
     sub = manyinone.load(out, budget=entry["relative"])
     plan = tuple(tuple(o) for o in entry["plan"])

@@ -190,17 +190,23 @@ class LlamaFlextronAdapter(ModelAdapter):
             return self.depth.forward_nested(input_ids, attention_mask, [depth])[depth]
 
     @contextmanager
-    def masked(self, neuron_masks: torch.Tensor, head_masks: torch.Tensor) -> Iterator[None]:
-        """Within the block, scale each layer's MLP neurons and attention heads per sequence (the
-        router's soft or hard choices). neuron_masks: [batch, layers, intermediate]; head_masks:
-        [batch, layers, heads]. A 0/1 prefix mask computes exactly the sliced sub-network: a dropped
-        query group's KV head then feeds nothing."""
+    def masked(self, neuron_masks: torch.Tensor | None, head_masks: torch.Tensor | None) -> Iterator[None]:
+        """Within the block, scale each layer's MLP neurons and attention heads (the router's soft or
+        hard choices). neuron_masks: [batch, layers, intermediate] per sequence, or [batch, seq, layers,
+        intermediate] per token (the token router); head_masks: [batch, layers, heads]; None leaves
+        that axis alone. A 0/1 prefix mask computes exactly the sliced sub-network: a dropped query
+        group's KV head then feeds nothing."""
 
-        masks = {"width": neuron_masks, "heads": head_masks}  # each [batch, layers, units]
+        def layer_mask(m: torch.Tensor, i: int) -> torch.Tensor:
+            return m[:, i] if m.dim() == 3 else m[:, :, i]  # [batch, (seq,) units]
+
+        masks = {"width": neuron_masks, "heads": head_masks}
         handles = []
         try:
             for name, axis in self.layer_axes.items():
-                handles += hooked(self.base.layers, axis, lambda i, axis=axis, m=masks[name]: axis.mask_hook(m[:, i]))
+                if masks[name] is not None:
+                    handles += hooked(self.base.layers, axis,
+                                      lambda i, axis=axis, m=masks[name]: axis.mask_hook(layer_mask(m, i)))
             yield
         finally:
             for h in handles:

@@ -113,12 +113,17 @@ class Axis:
 
     # --- soft masks (the router) -------------------------------------------------------------------
     def mask_hook(self, mask: torch.Tensor) -> Callable:
-        """A forward pre-hook for `entry` scaling unit j by mask[:, j] (mask: [batch, total]); a 0/1
-        prefix mask computes exactly the sliced layer."""
-        features = mask.repeat_interleave(self.unit_size, dim=-1)  # [batch, total * unit_size]
+        """A forward pre-hook for `entry` scaling unit j by mask[..., j]: mask [batch, total] (one per
+        sequence) or [batch, seq, total] (one per token, the token router's). A 0/1 prefix mask
+        computes exactly the sliced layer; on a layer already sliced to fewer units the mask's
+        prefix of that length applies (a prefix mask keeps its meaning). The mask is read when the
+        hook runs, so a CUDA graph recorded through it reads the mask tensor's later contents."""
 
         def hook(_module, inputs):
-            return (inputs[0] * features[:, None, :].to(inputs[0].dtype),)  # [batch, seq, features]
+            x = inputs[0]  # [batch, seq, kept features]
+            f = mask if self.unit_size == 1 else mask.repeat_interleave(self.unit_size, dim=-1)
+            f = f if f.dim() == 3 else f[:, None, :]  # [batch, seq or 1, total * unit_size]
+            return (x * f[..., : x.shape[-1]].to(x.dtype),)
         return hook
 
 

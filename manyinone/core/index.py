@@ -96,6 +96,35 @@ class RouterRecord(_Strict):
     metric: Literal["flops", "params"] = "flops"
 
 
+class TokenRoutedBudget(_Strict):
+    """One budget of a token router: its K per-layer plans (one chosen per token), each plan's
+    relative cost, the share of calibration tokens each took and their measured average cost."""
+
+    budget: StrictFloat
+    plans: list[list[tuple[StrictInt, StrictInt]]] = Field(min_length=1)
+    costs: list[StrictFloat] = Field(min_length=1)
+    usage: list[StrictFloat] = Field(min_length=1)
+    average: StrictFloat = Field(gt=0)
+    widest: list[tuple[StrictInt, StrictInt]] = Field(min_length=1)  # per layer, the widest plan tokens used
+
+    @model_validator(mode="after")
+    def _one_per_plan(self) -> "TokenRoutedBudget":
+        if not len(self.plans) == len(self.costs) == len(self.usage):
+            raise ValueError(f"{len(self.plans)} plans, {len(self.costs)} costs and {len(self.usage)} usage shares; "
+                             "need one of each per plan")
+        return self
+
+
+class TokenRouterRecord(_Strict):
+    num_layers: StrictInt = Field(ge=1)
+    widths: list[StrictInt] = Field(min_length=1)
+    heads: list[StrictInt] = Field(min_length=1)
+    embed_size: StrictInt = Field(ge=1)
+    num_plans: StrictInt = Field(ge=1)
+    hidden: StrictInt = Field(ge=1)
+    metric: Literal["flops", "params"] = "flops"
+
+
 class ExportRecord(_Strict):
     budget: StrictFloat
     spec: dict[str, StrictInt]
@@ -119,6 +148,8 @@ class BudgetIndex(_Strict):
     exit_heads: Optional[ExitHeadsRecord] = None
     routed: Optional[list[RoutedPlan]] = None
     router: Optional[RouterRecord] = None
+    token_routed: Optional[list[TokenRoutedBudget]] = None
+    token_router: Optional[TokenRouterRecord] = None
     runtime: Optional[dict[str, dict[str, Any]]] = None  # tuned settings, e.g. {"speculative": {...}}
     exported: Optional[ExportRecord] = None
 
@@ -165,6 +196,19 @@ class BudgetIndex(_Strict):
                                  f"allowed {low:.3f} <= budget <= 1")
         best = max(fitting, key=lambda r: (r.relative, r.budget))
         return tuple(tuple(o) for o in best.plan)
+
+    def token_routed_budget(self, budget: float | None) -> TokenRoutedBudget | None:
+        """The token-routed budget of the largest measured average cost within `budget`; None when the
+        index holds none (or budget is None: the full model)."""
+        if not self.token_routed or budget is None:
+            return None
+        budget = check_budget(budget)
+        fitting = [r for r in self.token_routed if r.average <= budget + EPS]
+        if not fitting:
+            low = min(r.average for r in self.token_routed)
+            raise ManyinoneError(f"budget {budget} is below the cheapest token-routed budget (average cost {low:.3f}); "
+                                 f"allowed {low:.3f} <= budget <= 1")
+        return max(fitting, key=lambda r: (r.average, r.budget))
 
     def check_model(self, num_layers: int, source: str = "checkpoint") -> None:
         """Refuse an index that describes more layers than the model it ships with has."""

@@ -28,27 +28,8 @@ from manyinone.train.progress import TrainProgress
 
 
 
-# --- pure math --------------------------------------------------------------------------------
-def expected_cost(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Expected cost of a routing distribution. probs: [batch, layers, options]; table: [layers,
-    options] cost of each option in each layer (any unit: relative FLOPs, ms). Returns [batch]."""
-    return (probs * table).sum(dim=(1, 2))
-
-
-def prefix_masks(probs: torch.Tensor, sizes: torch.Tensor, total: int) -> torch.Tensor:
-    """Soft prefix masks: unit j is kept with the probability that the chosen option keeps >= j+1 units.
-
-    probs: [batch, layers, options]; sizes: [options] units each option keeps. Returns [batch, layers, total];
-    for a one-hot `probs` it is exactly 1 on the chosen prefix and 0 after it.
-    """
-    keep = (torch.arange(total, device=probs.device)[None, :] < sizes.to(probs.device)[:, None]).to(probs.dtype)  # [options, total]
-    return probs @ keep  # [batch, layers, total]
-
-
-def budget_penalty(expected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """Mean squared gap between expected relative cost and the budget ([batch] each): both sides
-    count, so the router neither overspends nor wastes the budget it was given."""
-    return (expected - budget).pow(2).mean()
+# The pure math lives in routing_math (shared with the token router); re-exported here for callers.
+from manyinone.elastic.routing_math import budget_penalty, expected_cost, prefix_masks  # noqa: E402,F401
 
 
 # --- the router network ---------------------------------------------------------------------------
@@ -165,6 +146,17 @@ def train_router(router: Router, adapter, batches: Sequence[dict[str, torch.Tens
 
 
 # --- static plans in a checkpoint ---------------------------------------------------------------------
+OVER_BUDGET_SLACK = 1e-3  # budgets compare at 3 decimals, as index costs do
+
+
+def check_within_budget(budget: float, cost: float, what: str) -> None:
+    """Refuse to store a plan that costs more than the budget it is stored for (`load(budget)` would
+    then serve an over-budget model, or fail)."""
+    if cost > budget + OVER_BUDGET_SLACK:
+        raise ManyinoneError(f"{what} for budget {budget} costs {cost:.3f}, over its budget; train the router "
+                             "longer or with a higher cost weight, or drop that budget")
+
+
 def plan_relative_cost(plan: Sequence[Option], table: torch.Tensor, options: Sequence[Option], fixed: float) -> float:
     """Relative cost of a per-layer plan from the option cost table ([layers, options])."""
     return fixed + sum(float(table[i, list(options).index(tuple(o))]) for i, o in enumerate(plan))
@@ -213,15 +205,21 @@ def load_router(folder) -> Router:
 def export_routed(ckpt, router: Router, budgets: Sequence[float], output, context: int = 512):
     """Write `ckpt`'s model (one copy of the weights) with the router beside it. A static router's
     plan for each of `budgets` goes into the index, so `manyinone.load(output, budget=b)` serves the
-    plan that fits b; an input-adaptive one is used per prompt by `manyinone.runtime.routed`."""
-    from pathlib import Path
-
+    plan that fits b; an input-adaptive one is used per prompt by `manyinone.runtime.routed`.
+    A plan that costs more than its budget is refused (nothing is written)."""
     from manyinone.io.api import open_checkpoint
-    from manyinone.io.checkpoint import save_checkpoint
     from manyinone.io.export import check_export_target
 
     check_export_target(ckpt, output)
-    nested = open_checkpoint(ckpt)
+    return export_routed_nested(open_checkpoint(ckpt), router, budgets, output, context)
+
+
+def export_routed_nested(nested, router: Router, budgets: Sequence[float], output, context: int = 512):
+    """`export_routed` from an opened checkpoint (`manyinone.io.api.NestedModel`)."""
+    from pathlib import Path
+
+    from manyinone.io.checkpoint import save_checkpoint
+
     adapter = nested.adapter
     require_plans(adapter, "routing")
     if len(router.layers) != adapter.num_layers:
@@ -231,9 +229,11 @@ def export_routed(ckpt, router: Router, budgets: Sequence[float], output, contex
     routed = []
     for b in [] if router.adaptive else budgets:
         plan = router.plan(b)
-        routed.append({"budget": b, "plan": [list(o) for o in plan],
-                       "relative": plan_relative_cost(plan, table, router.options, fixed)})
-    index = {**nested.index, "routed": routed,
+        relative = plan_relative_cost(plan, table, router.options, fixed)
+        check_within_budget(b, relative, "the router's plan")
+        routed.append({"budget": b, "plan": [list(o) for o in plan], "relative": relative})
+    index = {**{k: v for k, v in nested.index.items() if k not in ("token_routed", "token_router")},
+             "routed": routed,
              "router": {"options": [list(o) for o in router.options], "context_size": router.context_size,
                         "metric": metric}}
     # The router's files go into the same atomic write as the weights (and into its checksums).

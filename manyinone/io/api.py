@@ -34,6 +34,13 @@ class NestedModel:
     adapter: ModelAdapter
     index: dict[str, Any]
     exit_heads: ExitHeads | None = None  # per-exit modules, when trained with exit_heads
+    token_router: Any = None  # a manyinone.elastic.token_router.TokenRouter, when the index has token-routed budgets
+
+    def token_routing(self, budget: float | None):
+        """The token routing (`TokenRouting`) serving `budget`, or None when `budget` is not token-routed."""
+        from manyinone.elastic.token_router_io import routing_for
+
+        return routing_for(self, budget)
 
     @property
     def space(self) -> NestedSpace:
@@ -92,7 +99,13 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if "exit_heads" in index:
         shared = adapter.linear_head()
         heads = ExitHeads.load(path, index["exit_heads"], shared.norm, shared.weight).eval()
-    return NestedModel(model=model, tokenizer=tokenizer, adapter=adapter, index=index, exit_heads=heads)
+    token_router = None
+    if "token_router" in index:
+        from manyinone.elastic.token_router_io import load_token_router
+
+        token_router = load_token_router(folder, adapter, index["token_router"])
+    return NestedModel(model=model, tokenizer=tokenizer, adapter=adapter, index=index, exit_heads=heads,
+                       token_router=token_router)
 
 
 def load(path: str | os.PathLike, budget: float | None = None, dtype: torch.dtype = torch.float32,
@@ -100,9 +113,18 @@ def load(path: str | os.PathLike, budget: float | None = None, dtype: torch.dtyp
     """The sub-model of checkpoint `path` that fits `budget` (fraction of full cost; None = full).
 
     Returns a plain transformers model (forward gives `.logits`, `.generate` works) sharing the
-    checkpoint's tensors; `model.manyinone_spec` records which sub-network it is.
+    checkpoint's tensors; `model.manyinone_spec` records which sub-network it is. A token-routed
+    budget returns the full model with the token router attached (`manyinone_routing`): each token
+    runs its plan as prefix masks (the reference path; `manyinone.runtime` computes only the kept units).
     """
     nested = open_checkpoint(path, dtype=dtype, device=device)
+    routing = nested.token_routing(budget)
+    if routing is not None:  # every token on its own plan: the full model with the router's masks attached
+        from manyinone.elastic.token_router_io import attach_token_routing
+
+        sub = attach_token_routing(nested.model, nested.adapter, routing)
+        sub.manyinone_spec = SubnetSpec(depth=nested.adapter.num_layers)
+        return sub.eval()
     plan = routed_plan(nested.index, budget)  # a router's per-layer plan, if the index holds any
     if plan is not None:
         sub = nested.adapter.extract_plan(plan)

@@ -309,3 +309,8 @@ def _copy_safetensors(src: Path, dst: Path, metadata: dict[str, str]) -> None:
             out.write(len(data).to_bytes(8, "little"))
             out.write(data)
             shutil.copyfileobj(f, out, 1 << 20)
+
+
+def token_routed_budget(index: BudgetIndex | dict[str, Any], budget: float | None):
+    """The index's token-routed budget for `budget` (BudgetIndex.token_routed_budget), or None."""
+    return _typed(index).token_routed_budget(budget)

@@ -60,6 +60,7 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
     """
     check_export_target(ckpt, output)
     torch_dtype = export_dtype(dtype)
+    refuse_token_routed(ckpt, read_index(ckpt), budget)
     spec = resolve(read_index(ckpt), budget)  # a bad budget fails before any weights load
     nested = open_checkpoint(ckpt, dtype=torch_dtype, full_check=True)
     entry = next(e for e in nested.index["specs"] if e["spec"] == spec.to_dict())
@@ -74,6 +75,24 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
         "exported": {"budget": budget, "spec": spec.to_dict(), "from": str(ckpt)},
     }
     return save_checkpoint(sub, nested.tokenizer, index, output, max_shard_size=max_shard_size)
+
+
+def refuse_token_routed(ckpt, index: dict, budget: float) -> None:
+    """A token-routed budget is refused, not exported: each token picks one of K per-layer plans, and a
+    plain HF config holds one architecture for every token. The one model that could stand in for it,
+    the widest plan its tokens use, costs more than the budget, so writing it would break the budget
+    silently."""
+    from manyinone.io.checkpoint import token_routed_budget
+
+    entry = token_routed_budget(index, budget)
+    if entry is None:
+        return
+    widest = max(c for c, u in zip(entry.costs, entry.usage) if u > 0)
+    raise ManyinoneError(
+        f"budget {budget} of {str(ckpt)!r} is token-routed ({len(entry.plans)} plans chosen per token, average cost "
+        f"{entry.average:.3f}); a plain HF model holds one plan for all tokens, and the widest plan its tokens use "
+        f"costs {widest:.3f}, over the budget: serve it with `manyinone serve` or manyinone.load, or export a "
+        "uniform budget from the checkpoint it was routed from")
 
 
 def export_all(ckpt: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32",

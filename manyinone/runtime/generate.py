@@ -27,6 +27,7 @@ from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.cache import left_pad  # noqa: F401  (re-exported: part of this module's API)
 from manyinone.runtime.sampling import Sampling, choose
+from manyinone.runtime.cache import left_pad  # noqa: F401  (importable from here, as before)
 from manyinone.runtime.stack import LayerStack, SegmentRunner, compile_step
 
 DEFAULT_MAX_LEN = 2048
@@ -88,8 +89,9 @@ class Runtime:
     def __init__(self, model: nn.Module, tokenizer: Any = None, index: dict[str, Any] | None = None,
                  max_len: int | None = None, graphs: bool | None = None, compile_fn=None,
                  exit_logits=None, adapter=None, max_batch: int | None = None,
-                 max_cache_mib: float = DEFAULT_MAX_CACHE_MIB, fused: bool = False) -> None:
+                 max_cache_mib: float = DEFAULT_MAX_CACHE_MIB, fused: bool = False, token_router=None) -> None:
         self.model, self.tokenizer, self.index = model.eval(), tokenizer, index
+        self.token_router = token_router  # a TokenRouter when the index has token-routed budgets
         self.stack = LayerStack(model, exit_logits, adapter)
         axes = list((index or {}).get("space") or {})
         if any(a != "depth" for a in axes) and self.stack.parts.sliced is None:
@@ -137,7 +139,8 @@ class Runtime:
             def exit_logits(depth: int, hidden: torch.Tensor) -> torch.Tensor:
                 return nested.exit_logits(SubnetSpec({"depth": depth}), hidden)
 
-        return cls(nested.model, nested.tokenizer, nested.index, exit_logits=exit_logits, adapter=nested.adapter, **kwargs)
+        return cls(nested.model, nested.tokenizer, nested.index, exit_logits=exit_logits, adapter=nested.adapter,
+                   token_router=nested.token_router, **kwargs)
 
     # --- budgets ----------------------------------------------------------------------------
     @property
@@ -154,6 +157,15 @@ class Runtime:
         """Decoder layers to run for `budget` (fraction of the full cost; None = all)."""
         return self.target(budget)[0]
 
+    def token_routing(self, budget: float | None):
+        """The token routing (`manyinone.elastic.token_router.TokenRouting`) serving `budget`, or None
+        when the checkpoint does not route `budget` per token."""
+        if self.index is None or not self.index.get("token_routed"):
+            return None
+        from manyinone.elastic.token_router_io import routing_for
+
+        return routing_for(self, budget)
+
     def target(self, budget: float | None = None, spec=None) -> tuple[int, tuple[tuple[int, int], ...] | None]:
         """(depth, plan) of the sub-network to run: `spec` (a SubnetSpec or mapping, e.g. {"depth": 16,
         "width": 5504}) if given, else the budget's spec in the index (or its stored routed plan). plan:
@@ -164,6 +176,9 @@ class Runtime:
                     raise ManyinoneError(f"budget {budget!r} needs a manyinone checkpoint; this plain model allows "
                                          "only the full budget (1)")
                 return self.num_layers, None
+            routing = self.token_routing(budget)
+            if routing is not None:  # per token; the union of its plans is what a pass over mixed tokens slices
+                return self.num_layers, self._plan(routing.union)
             routed = routed_plan(self.index, budget) if self.stack.parts.sliced is not None else None
             if routed is not None:
                 return len(routed), self._plan(routed)
@@ -255,7 +270,14 @@ class Runtime:
                sampling: Sampling = Sampling(), stop_ids: set[int] | None = None,
                stats: dict[str, Any] | None = None, spec=None) -> Iterator[list[list[int]]]:
         """Plain decoding, all rows together: yields each step's new tokens per row ([] once a row stopped).
-        `spec`: an explicit sub-network instead of the budget's (see `target`)."""
+        `spec`: an explicit sub-network instead of the budget's (see `target`). A token-routed budget
+        runs each token on its router's plan (`runtime.token_routed`)."""
+        routing = self.token_routing(budget) if spec is None else None
+        if routing is not None:
+            from manyinone.runtime.token_routed import token_routed_stream
+
+            yield from token_routed_stream(self, prompts, routing, max_new_tokens, sampling, stop_ids, stats)
+            return
         depth, plan = self.target(budget, spec)
         self.check_request(prompts, max_new_tokens)
         stop = self.default_stop_ids() if stop_ids is None else stop_ids

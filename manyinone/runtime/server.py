@@ -154,7 +154,8 @@ class Engine:
             self.batcher.start()
 
     def batched(self, job: dict[str, Any]) -> bool:
-        return self.batcher is not None and not job["speculative"]
+        # A token-routed budget changes its plan every step; it decodes through Runtime.stream, not the batch.
+        return self.batcher is not None and not job["speculative"] and self.runtime.token_routing(job["budget"]) is None
 
     def submit_rows(self, job: dict[str, Any]) -> list[BatchRequest]:
         return [self.batcher.submit(p, job["budget"], job["max_new_tokens"], job["sampling"]) for p in job["prompts"]]
