@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # router_points beside this file
 from manyinone.io.api import open_checkpoint
-from manyinone.train.config import TrainConfig
+from manyinone.train.config import load_config
 from manyinone.train.data import collate, load_records, tokenize_records
 from manyinone.core.space import SubnetSpec
 from manyinone.eval.evaluate import evaluate_exits
@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--joint-lr", type=float, default=1e-5, help="token-joint: the model's learning rate")
     parser.add_argument("--no-decode", action="store_true", help="skip the exported half-width decode timing")
     parser.add_argument("--token-steps", type=int, default=None, help="token router steps (default --router-steps)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a TrainConfig field for every variant, e.g. teacher=runs/sft (the agreement recipe's "
+                             "teacher and data: issue 19's width/heads rerun)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model + demo data on CPU")
     args = parser.parse_args()
 
@@ -145,7 +148,8 @@ def main() -> None:
         if name in results:
             continue
         started = time.perf_counter()
-        run_dir = train(TrainConfig(**common, **recipes[name], output=str(out / name)), show_progress=False)
+        run_dir = train(load_config(None, args.set, **common, **recipes[name], output=str(out / name)),
+                        show_progress=False)
         train_s = time.perf_counter() - started
         nested = open_checkpoint(run_dir, device=str(device))
         adapter, index = nested.adapter, nested.index
