@@ -109,6 +109,8 @@ def export(
     latency: Optional[Path] = typer.Option(None, help="latency table JSON (benchmarks/pareto.py writes one)"),
     dtype: str = typer.Option("float32", help="weights of the export: float32, bfloat16 or float16"),
     max_shard_size: str = typer.Option("5GB", help="weights above this are split into HF shards (e.g. 5GB, 500MB)"),
+    gguf: bool = typer.Option(False, "--gguf", help="also write GGUF for llama.cpp: model.gguf, or with --all "
+                                                   "model-<spec>.gguf for every budget"),
 ) -> None:
     """Write a sub-model as a plain HF checkpoint, or all of them as one budget-indexed one (the source's
     every byte is checked against its sha256 first)."""
@@ -125,7 +127,7 @@ def export(
     if all_ == (budget is not None):
         raise ManyinoneError("give exactly one of --budget B or --all")
     shard = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
-    out = export_all(ckpt, output, dtype, shard) if all_ else export_budget(ckpt, budget, output, dtype, shard)
+    out = export_all(ckpt, output, dtype, shard, gguf) if all_ else export_budget(ckpt, budget, output, dtype, shard, gguf)
     console.print(f"exported to [bold]{out}[/]")
 
 
@@ -173,7 +175,8 @@ def eval_(
     data: str = typer.Option(..., help=".json/.jsonl file, HF dataset name or 'demo'"),
     rows: Optional[str] = typer.Option(None, help="record slice START:END, e.g. 1800:2000"),
     exits: Optional[str] = typer.Option(None, help="exits to score when CKPT is not a manyinone checkpoint"),
-    template: str = typer.Option("alpaca", help="alpaca or chat"),
+    template: Optional[str] = typer.Option(None, help="alpaca or chat (default: the template the checkpoint was "
+                                                      "trained with)"),
     max_length: int = typer.Option(512),
     batch_size: int = typer.Option(8),
     output: Optional[Path] = typer.Option(None, help="folder for eval.json and eval.png (default: CKPT, or runs/eval)"),
@@ -198,6 +201,7 @@ def eval_(
     _at_least(gen_prompts, 0, "--gen-prompts")
     _at_least(gen_tokens, 1, "--gen-tokens")
     nested, space, costs, dev = load_for_eval(ckpt, _int_list(exits, "exits"), device)
+    template = template or ((getattr(nested, "index", None) or {}).get("train") or {}).get("template", "alpaca")
     records = load_records(data, rows)
     examples = tokenize_records(records, nested.tokenizer, max_length, template)
     result = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, dev,
