@@ -1,5 +1,7 @@
 """OpenAI-compatible HTTP server over one `Runtime`: /v1/completions, /v1/chat/completions (both with
-`stream`), /v1/models. Extra per-request fields: `budget` (fraction of the full cost) and `speculative`.
+`stream`), /v1/models. Extra per-request fields: `budget` (fraction of the full cost) and `speculative`. OpenAI fields
+that would change the answer and are not implemented (`n` > 1, `logprobs`, `tools`, `response_format`,
+...: `UNSUPPORTED`) get a 400 naming the field.
 
 Needs the optional extra: `pip install manyinone[serve]` (FastAPI + uvicorn). Requests are checked
 before any work starts (a bad budget, an over-long prompt or a wrongly typed field is a 400 naming the
@@ -47,16 +49,55 @@ def _unicode(value: Any) -> Any:
     return value
 
 
+def _off(*defaults: Any):
+    """A value that asks for nothing: absent, null, or one of `defaults`."""
+    return lambda value: value is None or any(value == d and type(value) is type(d) for d in defaults)
+
+
+# OpenAI fields that would change the answer and that manyinone does not implement: a request that
+# sets one to anything but its "off" value gets a 400 naming it, never an answer that silently
+# ignores it. Fields that change nothing here (user, metadata, store, service_tier) are accepted.
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "n": (_off(1), "one choice per prompt; send n separate requests (or a list of prompts)"),
+    "best_of": (_off(1), "one candidate per prompt"),
+    "logprobs": (_off(False), "token log-probabilities are not returned"),
+    "top_logprobs": (_off(0), "token log-probabilities are not returned"),
+    "echo": (_off(False), "the prompt is not echoed back"),
+    "suffix": (_off(""), "no insertion (suffix) completions"),
+    "tools": (_off([]), "no tool calling"),
+    "tool_choice": (_off("none"), "no tool calling"),
+    "functions": (_off([]), "no function calling"),
+    "function_call": (_off("none"), "no function calling"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, "no JSON mode or structured outputs"),
+    "logit_bias": (_off({}), "no logit bias"),
+    "presence_penalty": (_off(0, 0.0), "no presence penalty"),
+    "frequency_penalty": (_off(0, 0.0), "no frequency penalty"),
+    "stream_options": (lambda v: v is None or not (isinstance(v, dict) and v.get("include_usage")),
+                       "no usage chunk in streams"),
+    "audio": (_off(), "text only"),
+    "modalities": (lambda v: v is None or v == ["text"], "text only"),
+    "prediction": (_off(), "no predicted outputs"),
+}
+
+
+class Unsupported(Exception):
+    """A request set an OpenAI field manyinone does not implement (answered with a 400 naming it)."""
+
+    def __init__(self, field: str, value: Any, why: str) -> None:
+        super().__init__(f"{field}={value!r:.60} is not supported by manyinone ({why}); leave it out")
+        self.field = field
+
+
 class _Common(BaseModel):
     # OpenAI clients send fields we have no use for (user, ...); the ones we read are strictly typed
-    # (`max_tokens: true` or `stream: "yes"` are refused, not coerced) and finite.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # (`max_tokens: true` or `stream: "yes"` are refused, not coerced) and finite. Extras are kept so
+    # `refuse_unsupported` can name a field that would change the answer.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
     temperature: StrictFloat = Field(1.0, ge=0, le=2)
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1, le=1)
     stream: StrictBool = False
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
     seed: Optional[StrictInt] = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generator takes
@@ -73,6 +114,12 @@ class _Common(BaseModel):
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def refuse_unsupported(self) -> None:
+        """Raise `Unsupported` for the first field of UNSUPPORTED set to something other than off."""
+        for field, value in (self.model_extra or {}).items():
+            if field in UNSUPPORTED and not UNSUPPORTED[field][0](value):
+                raise Unsupported(field, value, UNSUPPORTED[field][1])
 
 
 class CompletionRequest(_Common):
@@ -147,17 +194,19 @@ class Engine:
         return [self.batcher.submit(p, job["budget"], job["max_new_tokens"], job["sampling"]) for p in job["prompts"]]
 
     def chat_prompt(self, messages: list[Message]) -> list[int]:
-        """Token ids of a chat, encoded as training encoded prompts (one BOS, never two)."""
+        """Token ids of a chat in the template the checkpoint was trained with, encoded as training
+        encoded prompts (one BOS, never two): a chat-trained checkpoint gets the tokenizer's chat
+        template over the whole conversation; an Alpaca-trained one the Alpaca prompt around the last
+        user message (Alpaca is single-turn), even when its tokenizer has a chat template."""
+        from manyinone.train.data import encode_prompt
+
         tok = self.runtime.tokenizer
-        if getattr(tok, "chat_template", None):
+        if self.template == "chat" and getattr(tok, "chat_template", None):
             text = tok.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
                                            add_generation_prompt=True)
             return self.runtime.encode(text, "chat")
-        from manyinone.train.data import encode_prompt
-
-        # No chat template: the checkpoint's training template around the last user message.
         user = [m.content for m in messages if m.role == "user"] or [messages[-1].content]
-        template = "alpaca" if self.template == "chat" else self.template
+        template = "alpaca" if self.template == "chat" else self.template  # chat-trained, template since lost
         return encode_prompt({"instruction": user[-1], "input": "", "output": ""}, tok, template)
 
     def check(self, req: _Common, prompts: list[str | list[int]], max_tokens: int | None) -> dict[str, Any]:
@@ -284,6 +333,10 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
         return _error(401, "missing or wrong API key; send the header Authorization: Bearer <key>",
                       code="invalid_api_key")
 
+    @app.exception_handler(Unsupported)
+    async def _unsupported(_request, exc: Unsupported):
+        return _error(400, str(exc), exc.field, code="unsupported_parameter")
+
     @app.exception_handler(OverLimit)
     async def _too_large(_request, exc: OverLimit):
         return _error(413, str(exc))
@@ -348,6 +401,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        req.refuse_unsupported()
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise ManyinoneError("prompt: empty list; give at least one prompt")
@@ -367,6 +421,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
+        req.refuse_unsupported()
         job = engine.check(req, [engine.chat_prompt(req.messages)], req.max_completion_tokens or req.max_tokens)
         if req.stream:
             base = envelope("chatcmpl", object="chat.completion.chunk")
