@@ -63,7 +63,21 @@ def _int_list(text: Optional[str], name: str) -> Optional[list[int]]:
         raise ManyinoneError(f"{name} {text!r} malformed; expected comma-separated integers, e.g. 6,12,18,24,30") from None
 
 
-@app.command()
+def config_keys_help() -> str:
+    """Every TrainConfig key with its default and description, for `train --help` (rich markup escaped;
+    blank lines keep one key per line, since rich joins single line breaks)."""
+    from rich.markup import escape
+
+    from manyinone.train.config import TrainConfig
+
+    lines = ["Config keys (a --config YAML file or --set key=value), with their defaults:"]
+    for name, field in TrainConfig.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default
+        lines.append(escape(f"{name} = {default!r}" + (f": {field.description}" if field.description else "")))
+    return "\n\n".join(lines)
+
+
+@app.command(epilog=config_keys_help())
 @_friendly
 def train(
     model: Optional[str] = typer.Option(None, help="HF folder, hub name, .gguf file or an alias: "
@@ -86,6 +100,8 @@ def train(
     recipe: Optional[str] = typer.Option(None, help="a measured preset, applied first (flags and --set win): "
                                          + "; ".join(f"{n}: {d}" for n, (d, _) in RECIPES.items())),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    report_to: Optional[list[str]] = typer.Option(None, "--report-to", help="also log metrics to tensorboard "
+                                                  "and/or wandb (repeat the flag; metrics.jsonl is always written)"),
 ) -> None:
     """Fine-tune so that every exit is a usable model (SoFT); `--exits 30` alone is plain SFT."""
     from manyinone.train.config import load_config
@@ -93,7 +109,8 @@ def train(
 
     cfg = load_config(config, set_, recipe=recipe, model=model, axes=axes.split(",") if axes else None,
                       exits=_int_list(exits, "exits"), data=data, rows=rows, output=output, epochs=epochs,
-                      max_steps=max_steps, batch_size=batch_size, lr=lr, lora=lora, dtype=dtype)
+                      max_steps=max_steps, batch_size=batch_size, lr=lr, lora=lora, dtype=dtype,
+                      report_to=[t for item in report_to for t in item.split(",")] if report_to else None)
     out = run_training(cfg, show_progress=not quiet)
     console.print(f"checkpoint written to [bold]{out}[/] (metrics: {out / 'metrics.jsonl'})")
 
@@ -313,7 +330,7 @@ def serve(
                                           help="require `Authorization: Bearer KEY` (401 without it); /health stays open"),
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions) with per-request `budget` and
-    `speculative` fields. Needs `pip install 'manyinone[serve]'`."""
+    `speculative` fields. Needs `pip install 'manyinone\\[serve]'`."""  # \\[: rich would read [serve] as markup
     from manyinone.runtime.server import serve as run_server
 
     if max_len is not None:

@@ -125,6 +125,8 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="derives every random stream: (seed, step), (seed, epoch)")
     save_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints; 0 = end only")
     keep_checkpoints: int = Field(2, gt=0)
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        [], description="trackers that also get each step's metrics (metrics.jsonl is always written)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     cost_metric: Literal["flops", "params"] = "flops"
     gradient_checkpointing: bool = False
@@ -144,6 +146,13 @@ class TrainConfig(BaseModel):
         if value is not None and (not value or value != sorted(set(value))):
             raise ValueError(f"{info.field_name} {value} must be non-empty and strictly increasing, e.g. {sorted(set(value))}")
         return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_listed(cls, value):
+        if isinstance(value, str):  # report_to=tensorboard,wandb: a list in one word
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return [] if value is None else value
 
     @field_validator("output")
     @classmethod
@@ -214,7 +223,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _STRING_FIELDS = ("model", "data", "data_subset", "data_split", "rows", "output", "device", "template", "sampler",
-                  "cost_metric", "exit_heads",
+                  "cost_metric", "exit_heads", "report_to",
                   "teacher", "teacher_kl", "teacher_dtype", "mix_data", "mix_rows", "dtype", "optimizer")
 
 

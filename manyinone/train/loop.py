@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from manyinone.train.on_policy import on_policy_batch, runtime_sampler as on_pol
 from manyinone.train.losses import (TeacherTarget, exit_weights, nested_loss, nested_loss_on_positions,
                                     supervised_positions)
 from manyinone.train.progress import TrainProgress
+from manyinone.train.reporting import Reporter
 from manyinone.core.registry import adapter_for
 from manyinone.elastic.reorder import reorder_by_importance
 from manyinone.train.samplers import make_sampler
@@ -128,7 +129,7 @@ def _check_same_run(output: Path, cfg: TrainConfig) -> None:
             raise ManyinoneError(f"output {str(output)!r} holds an unreadable train_config.yaml ({type(exc).__name__}); "
                                  "restore it or use a new --output") from None
         changed = [k for k in TrainConfig.model_fields
-                   if k not in ("output", "max_steps", "save_every", "keep_checkpoints", "device")
+                   if k not in ("output", "max_steps", "save_every", "keep_checkpoints", "device", "report_to")
                    and getattr(before, k) != getattr(cfg, k)]
         if changed:
             raise ManyinoneError(f"output {str(output)!r} holds a run with different settings {changed}; use a new --output")
@@ -341,7 +342,9 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
 
     metrics_file = _metrics_from(output / "metrics.jsonl", start) if rt.is_main else open(os.devnull, "w")
     progress = TrainProgress(total_steps, [s.label for s in specs], enabled=show_progress and rt.is_main)
-    with progress, metrics_file, deferred_stop_signals() as stop:  # SIGTERM/Ctrl-C: save, then exit
+    reporter = Reporter(cfg.report_to if rt.is_main else [], output, cfg.model_dump(), start)
+    # SIGTERM/Ctrl-C: save, then exit
+    with progress, metrics_file, closing(reporter), deferred_stop_signals() as stop:
         progress.advance_to(start)
         for step in range(start, total_steps):
             started = time.perf_counter()
@@ -419,6 +422,7 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            reporter.log(record)
             progress.update(step + 1, record)
             periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
             if (periodic or stop) and step + 1 < total_steps:
