@@ -299,11 +299,26 @@ def generate(
     top_p: float = typer.Option(0.9),
     template: Optional[str] = typer.Option(None, help="alpaca or chat (default: the training template)"),
     seed: int = typer.Option(0),
+    every_budget: bool = typer.Option(False, "--every-budget", help="answer greedily at every budget of the index, "
+                                                                    "cheapest first, with each one's tokens/s"),
 ) -> None:
-    """Sample text from the sub-model that fits the budget."""
-    from manyinone.eval.session import generate_text
+    """Sample text from the sub-model that fits the budget (or, with --every-budget, see the trade-off)."""
+    from manyinone.eval.session import answers_at_every_budget, generate_text
 
     _at_least(max_new_tokens, 1, "--max-new-tokens")
+    if every_budget:
+        if budget is not None:
+            raise ManyinoneError("--every-budget answers at every budget; leave out --budget")
+        from rich.markup import escape
+
+        table = Table(title=f"{escape(prompt)}  (greedy, {max_new_tokens} new tokens at most)")
+        for col, justify in (("sub-model", "left"), ("rel. cost", "right"), ("tokens/s", "right"), ("answer", "left")):
+            table.add_column(col, justify=justify)
+        for row in answers_at_every_budget(ckpt, prompt, max_new_tokens, template):
+            table.add_row(row["spec"], f"{row['relative_cost']:.2f}", f"{row['tokens_per_s']:.1f}",
+                          escape(row["text"].strip().replace("\n", " ")))
+        console.print(table)
+        return
     _in_range(seed, 0, 2**64 - 1, "--seed")  # what torch.manual_seed takes
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ManyinoneError(f"--temperature {temperature} out of range; allowed a finite number >= 0 (0 = greedy)")

@@ -461,5 +461,10 @@ def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fl
     from pathlib import Path
 
     app = create_app(runtime, Path(ckpt).resolve().name, template, default_max_tokens, api_key, batch_rows)
+    import sys
+
+    where = "only this machine" if host in ("127.0.0.1", "localhost", "::1") else "the network"
+    print(f"serving {ckpt} at http://{host}:{port}/v1 (OpenAI-compatible; reachable from {where}"
+          f"{', bearer auth on' if api_key else ''})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
