@@ -84,7 +84,8 @@ def train(
                                                    f"{alias_help()} (default smollm2)"),
     axes: Optional[str] = typer.Option(None, help="comma-separated nested axes, e.g. depth"),
     exits: Optional[str] = typer.Option(None, help="depth exits, e.g. 6,12,18,24,30 (default: 5 evenly spaced)"),
-    data: Optional[str] = typer.Option(None, help=".json/.jsonl file, HF dataset name, or 'demo' (default)"),
+    data: Optional[str] = typer.Option(None, help=".json/.jsonl/.parquet/.csv file, HF dataset name or folder, "
+                                                  "or 'demo' (default); rows: alpaca, messages or text"),
     rows: Optional[str] = typer.Option(None, help="record slice START:END, e.g. 0:1800"),
     output: Optional[str] = typer.Option(None, help="run folder (default runs/manyinone)"),
     epochs: Optional[float] = typer.Option(None),
@@ -189,7 +190,7 @@ def info(ckpt: Path = typer.Argument(..., help="checkpoint folder")) -> None:
 @_friendly
 def eval_(
     ckpt: str = typer.Argument(..., help="checkpoint folder, or any model source with --exits"),
-    data: str = typer.Option(..., help=".json/.jsonl file, HF dataset name or 'demo'"),
+    data: str = typer.Option(..., help=".json/.jsonl/.parquet/.csv file, HF dataset name or folder, or 'demo'"),
     rows: Optional[str] = typer.Option(None, help="record slice START:END, e.g. 1800:2000"),
     exits: Optional[str] = typer.Option(None, help="exits to score when CKPT is not a manyinone checkpoint"),
     template: Optional[str] = typer.Option(None, help="alpaca or chat (default: the template the checkpoint was "
