@@ -105,9 +105,9 @@ def test_parse_rows():
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(ManyinoneError, match="not found"):
         load_records(str(tmp_path / "nope.jsonl"))
-    other = tmp_path / "data.csv"
+    other = tmp_path / "data.txt"
     other.write_text("instruction,output\na,b\n")
-    with pytest.raises(ManyinoneError, match="expected a .json/.jsonl file"):
+    with pytest.raises(ManyinoneError, match="expected a .json/.jsonl/.parquet/.csv file"):
         load_records(str(other))
 
 
@@ -197,7 +197,7 @@ def test_alpaca_prompt_text(char_tokenizer):
 
 
 def test_unknown_template(char_tokenizer):
-    with pytest.raises(ManyinoneError, match=r"template 'vicuna' unknown; allowed \['alpaca', 'chat'\]"):
+    with pytest.raises(ManyinoneError, match=r"template 'vicuna' unknown; allowed \['alpaca', 'chat'\] or 'auto'"):
         prompt_and_response(GOOD[0], char_tokenizer, "vicuna")
 
 

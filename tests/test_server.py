@@ -106,7 +106,7 @@ def test_list_of_prompts_is_batched(server):
     ({"prompt": "x" * (MAX_LEN - 4), "max_tokens": 8}, "exceeds the context limit"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": -1}, "temperature"),
-    ({"n": 2}, "n:"),
+    ({"n": 2}, "n=2 is not supported"),
 ])
 def test_bad_requests_get_a_400_naming_the_problem(server, kwargs, message):
     client, _ = server

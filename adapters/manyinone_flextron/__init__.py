@@ -165,7 +165,8 @@ class LlamaFlextronAdapter(ModelAdapter):
 
     # --- forward ----------------------------------------------------------------------------
     def forward_nested(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: Sequence[SubnetSpec]
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, specs: Sequence[SubnetSpec],
+        position_ids: torch.Tensor | None = None,
     ) -> dict[SubnetSpec, torch.Tensor]:
         # One pass per (width, heads); each pass captures all of its depths at once.
         groups: dict[tuple[int, int], list[SubnetSpec]] = {}
@@ -179,7 +180,7 @@ class LlamaFlextronAdapter(ModelAdapter):
                 raise ManyinoneError("gradient checkpointing cannot train width/heads sub-networks; turn it off")
             depths = [SubnetSpec(depth=len(self.plan(s))) for s in members]
             with self.sliced(((width, heads),) * self.num_layers):
-                hidden = self.depth.forward_nested(input_ids, attention_mask, depths)
+                hidden = self.depth.forward_nested(input_ids, attention_mask, depths, position_ids)
             out.update({s: hidden[d] for s, d in zip(members, depths)})  # each [batch, seq, hidden]
         return out
 

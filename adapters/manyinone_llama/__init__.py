@@ -86,7 +86,8 @@ class LlamaDepthAdapter(ModelAdapter):
             self.base.config.num_hidden_layers = n
 
     def forward_nested(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: Sequence[SubnetSpec]
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, specs: Sequence[SubnetSpec],
+        position_ids: torch.Tensor | None = None,
     ) -> dict[SubnetSpec, torch.Tensor]:
         depths = sorted({s["depth"] for s in specs})
         captured: dict[int, torch.Tensor] = {}
@@ -102,8 +103,10 @@ class LlamaDepthAdapter(ModelAdapter):
         try:
             with self._only_first(depths[-1]):
                 # Through the top-level model, so FSDP2's root hooks (embeddings, norm, head) run;
-                # logits_to_keep=1 keeps its own head output to one position per row.
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+                # logits_to_keep=1 keeps its own head output to one position per row. Packed rows
+                # (position_ids, no attention_mask) get transformers' own block-diagonal mask.
+                self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False, logits_to_keep=1)
         finally:
             for h in handles:
                 h.remove()

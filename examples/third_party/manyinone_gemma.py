@@ -37,9 +37,10 @@ class GemmaDepthAdapter(ModelAdapter):
         self.check_axes(list(choices))
         return self.layout.space(choices)
 
-    def forward_nested(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       specs: Sequence[SubnetSpec]) -> dict[SubnetSpec, torch.Tensor]:
-        return self.layout.forward_nested(input_ids, attention_mask, specs)  # hooks on Gemma's own layers
+    def forward_nested(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       specs: Sequence[SubnetSpec], position_ids: torch.Tensor | None = None
+                       ) -> dict[SubnetSpec, torch.Tensor]:
+        return self.layout.forward_nested(input_ids, attention_mask, specs, position_ids)  # hooks on Gemma's own layers
 
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.layout.exit_logits(hidden)  # Gemma's own (1 + weight) RMSNorm and head

@@ -63,14 +63,29 @@ def _int_list(text: Optional[str], name: str) -> Optional[list[int]]:
         raise ManyinoneError(f"{name} {text!r} malformed; expected comma-separated integers, e.g. 6,12,18,24,30") from None
 
 
-@app.command()
+def config_keys_help() -> str:
+    """Every TrainConfig key with its default and description, for `train --help` (rich markup escaped;
+    blank lines keep one key per line, since rich joins single line breaks)."""
+    from rich.markup import escape
+
+    from manyinone.train.config import TrainConfig
+
+    lines = ["Config keys (a --config YAML file or --set key=value), with their defaults:"]
+    for name, field in TrainConfig.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default
+        lines.append(escape(f"{name} = {default!r}" + (f": {field.description}" if field.description else "")))
+    return "\n\n".join(lines)
+
+
+@app.command(epilog=config_keys_help())
 @_friendly
 def train(
     model: Optional[str] = typer.Option(None, help="HF folder, hub name, .gguf file or an alias: "
                                                    f"{alias_help()} (default smollm2)"),
     axes: Optional[str] = typer.Option(None, help="comma-separated nested axes, e.g. depth"),
     exits: Optional[str] = typer.Option(None, help="depth exits, e.g. 6,12,18,24,30 (default: 5 evenly spaced)"),
-    data: Optional[str] = typer.Option(None, help=".json/.jsonl file, HF dataset name, or 'demo' (default)"),
+    data: Optional[str] = typer.Option(None, help=".json/.jsonl/.parquet/.csv file, HF dataset name or folder, "
+                                                  "or 'demo' (default); rows: alpaca, messages or text"),
     rows: Optional[str] = typer.Option(None, help="record slice START:END, e.g. 0:1800"),
     output: Optional[str] = typer.Option(None, help="run folder (default runs/manyinone)"),
     epochs: Optional[float] = typer.Option(None),
@@ -86,6 +101,8 @@ def train(
     recipe: Optional[str] = typer.Option(None, help="a measured preset, applied first (flags and --set win): "
                                          + "; ".join(f"{n}: {d}" for n, (d, _) in RECIPES.items())),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    report_to: Optional[list[str]] = typer.Option(None, "--report-to", help="also log metrics to tensorboard "
+                                                  "and/or wandb (repeat the flag; metrics.jsonl is always written)"),
 ) -> None:
     """Fine-tune so that every exit is a usable model (SoFT); `--exits 30` alone is plain SFT."""
     from manyinone.train.config import load_config
@@ -93,7 +110,8 @@ def train(
 
     cfg = load_config(config, set_, recipe=recipe, model=model, axes=axes.split(",") if axes else None,
                       exits=_int_list(exits, "exits"), data=data, rows=rows, output=output, epochs=epochs,
-                      max_steps=max_steps, batch_size=batch_size, lr=lr, lora=lora, dtype=dtype)
+                      max_steps=max_steps, batch_size=batch_size, lr=lr, lora=lora, dtype=dtype,
+                      report_to=[t for item in report_to for t in item.split(",")] if report_to else None)
     out = run_training(cfg, show_progress=not quiet)
     console.print(f"checkpoint written to [bold]{out}[/] (metrics: {out / 'metrics.jsonl'})")
 
@@ -109,6 +127,8 @@ def export(
     latency: Optional[Path] = typer.Option(None, help="latency table JSON (benchmarks/pareto.py writes one)"),
     dtype: str = typer.Option("float32", help="weights of the export: float32, bfloat16 or float16"),
     max_shard_size: str = typer.Option("5GB", help="weights above this are split into HF shards (e.g. 5GB, 500MB)"),
+    gguf: bool = typer.Option(False, "--gguf", help="also write GGUF for llama.cpp: model.gguf, or with --all "
+                                                   "model-<spec>.gguf for every budget"),
 ) -> None:
     """Write a sub-model as a plain HF checkpoint, or all of them as one budget-indexed one (the source's
     every byte is checked against its sha256 first)."""
@@ -125,7 +145,7 @@ def export(
     if all_ == (budget is not None):
         raise ManyinoneError("give exactly one of --budget B or --all")
     shard = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
-    out = export_all(ckpt, output, dtype, shard) if all_ else export_budget(ckpt, budget, output, dtype, shard)
+    out = export_all(ckpt, output, dtype, shard, gguf) if all_ else export_budget(ckpt, budget, output, dtype, shard, gguf)
     console.print(f"exported to [bold]{out}[/]")
 
 
@@ -234,10 +254,11 @@ def info(ckpt: Path = typer.Argument(..., help="checkpoint folder")) -> None:
 @_friendly
 def eval_(
     ckpt: str = typer.Argument(..., help="checkpoint folder, or any model source with --exits"),
-    data: str = typer.Option(..., help=".json/.jsonl file, HF dataset name or 'demo'"),
+    data: str = typer.Option(..., help=".json/.jsonl/.parquet/.csv file, HF dataset name or folder, or 'demo'"),
     rows: Optional[str] = typer.Option(None, help="record slice START:END, e.g. 1800:2000"),
     exits: Optional[str] = typer.Option(None, help="exits to score when CKPT is not a manyinone checkpoint"),
-    template: str = typer.Option("alpaca", help="alpaca or chat"),
+    template: Optional[str] = typer.Option(None, help="alpaca or chat (default: the template the checkpoint was "
+                                                      "trained with)"),
     max_length: int = typer.Option(512),
     batch_size: int = typer.Option(8),
     output: Optional[Path] = typer.Option(None, help="folder for eval.json and eval.png (default: CKPT, or runs/eval)"),
@@ -262,6 +283,7 @@ def eval_(
     _at_least(gen_prompts, 0, "--gen-prompts")
     _at_least(gen_tokens, 1, "--gen-tokens")
     nested, space, costs, dev = load_for_eval(ckpt, _int_list(exits, "exits"), device)
+    template = template or ((getattr(nested, "index", None) or {}).get("train") or {}).get("template", "alpaca")
     records = load_records(data, rows)
     examples = tokenize_records(records, nested.tokenizer, max_length, template)
     result = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, dev,
@@ -351,12 +373,27 @@ def generate(
                                                   help="choose the draft exit and length per round"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     device: str = typer.Option("auto"),
+    every_budget: bool = typer.Option(False, "--every-budget", help="answer greedily at every budget of the index, "
+                                                                    "cheapest first, with each one's tokens/s"),
 ) -> None:
     """Sample text from the sub-model that fits the budget (with --speculative: from the full budget-indexed
-    checkpoint, drafting with a shallow exit and verifying with the rest)."""
-    from manyinone.eval.session import generate_speculative, generate_text
+    checkpoint, drafting with a shallow exit and verifying with the rest; with --every-budget: the trade-off)."""
+    from manyinone.eval.session import answers_at_every_budget, generate_speculative, generate_text
 
     _at_least(max_new_tokens, 1, "--max-new-tokens")
+    if every_budget:
+        if budget is not None:
+            raise ManyinoneError("--every-budget answers at every budget; leave out --budget")
+        from rich.markup import escape
+
+        table = Table(title=f"{escape(prompt)}  (greedy, {max_new_tokens} new tokens at most)")
+        for col, justify in (("sub-model", "left"), ("rel. cost", "right"), ("tokens/s", "right"), ("answer", "left")):
+            table.add_column(col, justify=justify)
+        for row in answers_at_every_budget(ckpt, prompt, max_new_tokens, template):
+            table.add_row(row["spec"], f"{row['relative_cost']:.2f}", f"{row['tokens_per_s']:.1f}",
+                          escape(row["text"].strip().replace("\n", " ")))
+        console.print(table)
+        return
     _in_range(seed, 0, 2**64 - 1, "--seed")  # what torch.manual_seed takes
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ManyinoneError(f"--temperature {temperature} out of range; allowed a finite number >= 0 (0 = greedy)")
@@ -404,7 +441,7 @@ def serve(
                                                               "(CUDA; the first request of each shape compiles)"),
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions) with per-request `budget` and
-    `speculative` fields. Needs `pip install 'manyinone[serve]'`."""
+    `speculative` fields. Needs `pip install 'manyinone\\[serve]'`."""  # \\[: rich would read [serve] as markup
     from manyinone.runtime.server import serve as run_server
 
     if max_len is not None:

@@ -84,11 +84,15 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def forward_nested(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: Sequence[SubnetSpec]
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, specs: Sequence[SubnetSpec],
+        position_ids: torch.Tensor | None = None,
     ) -> dict[SubnetSpec, torch.Tensor]:
         """One forward pass; returns each spec's last hidden state before the final norm.
 
         input_ids, attention_mask: [batch, seq]. Returned tensors: [batch, seq, hidden].
+        position_ids [batch, seq] (packed rows, attention_mask None): positions restart at each packed
+        example, and the model must keep attention inside each one (transformers' models build that
+        block-diagonal mask from position_ids when attention_mask is None). Only packed training passes it.
         """
 
     @abstractmethod

@@ -69,3 +69,31 @@ def _runtime_generate(ckpt, prompt, budget, max_new_tokens, temperature, top_p, 
     ids = encode_prompt({"instruction": prompt, "input": "", "output": ""}, rt.tokenizer, template)
     out = rt.generate([ids], budget, max_new_tokens, sampling, speculative=draft is not None, **(draft or {}))
     return rt.decode(out.tokens[0]), spec, out.stats
+
+
+def answers_at_every_budget(ckpt: Path, prompt: str, max_new_tokens: int, template: str | None = None,
+                            device: str = "auto") -> list[dict]:
+    """The same prompt answered greedily by every sub-model of the index, cheapest first: one row each
+    with its spec, relative cost, answer, new tokens and tokens per second (prefill included), through
+    the decode runtime (one copy of the weights; each budget runs its own prefix of the layers)."""
+    import time
+
+    from manyinone.runtime.generate import Runtime
+
+    runtime = Runtime.open(ckpt, device=device)
+    index = runtime.index or {}
+    template = template or index.get("train", {}).get("template", "alpaca")
+    ids = encode_prompt({"instruction": prompt, "input": "", "output": ""}, runtime.tokenizer, template)
+    metric = index.get("metric", "flops")
+    entries = sorted(index.get("specs", []), key=lambda e: e["relative"][metric])
+    runtime.generate([ids], max_new_tokens=2, spec=SubnetSpec(**entries[0]["spec"]))  # warm-up: first-call costs
+    rows = []
+    for entry in entries:
+        spec = SubnetSpec(**entry["spec"])
+        started = time.perf_counter()
+        out = runtime.generate([ids], max_new_tokens=max_new_tokens, spec=spec)
+        elapsed = time.perf_counter() - started
+        tokens = out.tokens[0]
+        rows.append({"spec": spec.label, "relative_cost": entry["relative"][metric], "text": runtime.decode(tokens),
+                     "tokens": len(tokens), "tokens_per_s": len(tokens) / elapsed if elapsed > 0 else 0.0})
+    return rows

@@ -30,6 +30,7 @@ from manyinone.core.cost import METRICS
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError, first_line, resource_error
 from manyinone.io.durable import atomic_dir, recover_interrupted_write
+from manyinone.io.compat import make_floor_compatible
 from manyinone.io.integrity import CHECKSUMS_FILE, verify_checksums
 from manyinone.core.index import FORMAT, BudgetIndex, dumps_index, parse_index
 
@@ -212,6 +213,7 @@ def save_checkpoint(model: nn.Module, tokenizer, index: dict[str, Any], out: str
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        make_floor_compatible(tmp)  # transformers 4.56 (the declared floor) reads it as 5.x does
         _write_index_copies(tmp, index, lambda metadata: _write_weights(model, tmp, metadata, max_shard_size))
     return Path(out)
 

@@ -11,7 +11,9 @@ import torch
 
 from manyinone.io.checkpoint import MAX_SHARD_SIZE, read_index, recover_interrupted, resolve, save_checkpoint
 from manyinone.core.errors import ManyinoneError
+from manyinone.core.space import SubnetSpec
 from manyinone.io.integrity import CHECKSUMS_FILE
+from manyinone.io.model_card import model_card
 
 REPORTS = ("eval.json", "eval.png")  # `manyinone eval` writes these beside an export; stale once it is replaced
 
@@ -50,10 +52,20 @@ def export_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+GGUF_FILE = "model.gguf"
+
+
+def gguf_name(spec: dict[str, int]) -> str:
+    """An --all export's GGUF file of one budget: depth=12 -> model-depth-12.gguf (flat in the folder, so the
+    checksums cover it; no '=' in a name that shells and llama.cpp flags take)."""
+    return "model-" + "_".join(f"{k}-{v}" for k, v in spec.items()) + ".gguf"
+
+
 def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathLike, dtype: str = "float32",
-                  max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+                  max_shard_size: int | str = MAX_SHARD_SIZE, gguf: bool = False) -> Path:
     """Write the sub-model fitting `budget` as a standalone HF checkpoint plain transformers loads,
-    its weights in `dtype` (bfloat16 halves a 13B export to 26 GB), sharded above `max_shard_size`.
+    its weights in `dtype` (bfloat16 halves a 13B export to 26 GB), sharded above `max_shard_size`;
+    with `gguf`, also model.gguf for llama.cpp. README.md is its model card.
 
     manyinone.json beside it records the spec and its cost relative to the full model. The source is
     verified in full (every byte's sha256) first: an export never copies a damaged weight.
@@ -74,7 +86,16 @@ def export_budget(ckpt: str | os.PathLike, budget: float, output: str | os.PathL
         "specs": [exported],
         "exported": {"budget": budget, "spec": spec.to_dict(), "from": str(ckpt)},
     }
-    return save_checkpoint(sub, nested.tokenizer, index, output, max_shard_size=max_shard_size)
+
+    def extra(folder: Path) -> None:
+        if gguf:
+            from manyinone.io.gguf_out import write_gguf
+
+            write_gguf(sub, nested.tokenizer, folder / GGUF_FILE, torch_dtype)
+        (folder / "README.md").write_text(model_card(index, ckpt, exported, [GGUF_FILE] if gguf else None),
+                                          encoding="utf-8")
+
+    return save_checkpoint(sub, nested.tokenizer, index, output, max_shard_size=max_shard_size, write_extra=extra)
 
 
 def refuse_token_routed(ckpt, index: dict, budget: float) -> None:
@@ -96,9 +117,23 @@ def refuse_token_routed(ckpt, index: dict, budget: float) -> None:
 
 
 def export_all(ckpt: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32",
-               max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
-    """Write one budget-indexed checkpoint (each tensor once) that `manyinone.load(output, budget=b)` serves."""
+               max_shard_size: int | str = MAX_SHARD_SIZE, gguf: bool = False) -> Path:
+    """Write one budget-indexed checkpoint (each tensor once) that `manyinone.load(output, budget=b)` serves;
+    with `gguf`, also model-<spec>.gguf for every budget (each a standalone llama.cpp model)."""
     check_export_target(ckpt, output)
-    nested = open_checkpoint(ckpt, dtype=export_dtype(dtype), full_check=True)
+    torch_dtype = export_dtype(dtype)
+    nested = open_checkpoint(ckpt, dtype=torch_dtype, full_check=True)
+    specs = [SubnetSpec(**e["spec"]) for e in nested.index["specs"]]
+    names = [gguf_name(s.to_dict()) for s in specs]
+
+    def extra(folder: Path) -> None:
+        if gguf:
+            from manyinone.io.gguf_out import write_gguf
+
+            for spec, name in zip(specs, names):
+                write_gguf(nested.sub_model(spec), nested.tokenizer, folder / name, torch_dtype)
+        (folder / "README.md").write_text(model_card(nested.index, ckpt, None, names if gguf else None),
+                                          encoding="utf-8")
+
     return save_checkpoint(nested.model, nested.tokenizer, nested.index, output, exit_heads=nested.exit_heads,
-                           max_shard_size=max_shard_size)
+                           max_shard_size=max_shard_size, write_extra=extra)

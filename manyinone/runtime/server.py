@@ -1,6 +1,8 @@
 """OpenAI-compatible HTTP server over one `Runtime`: /v1/completions, /v1/chat/completions (both with
 `stream`), /v1/models. Extra per-request fields: `budget` (fraction of the full cost), `speculative`, and the
 draft settings `draft_exit`, `draft_tokens`, `draft_threshold`, `adaptive_draft` (with `speculative`).
+OpenAI fields that would change the answer and are not implemented (`n` > 1, `logprobs`, `tools`,
+`response_format`, ...: `UNSUPPORTED`) get a 400 naming the field.
 
 Needs the optional extra: `pip install manyinone[serve]` (FastAPI + uvicorn). Requests are checked
 before any work starts (a bad budget, an over-long prompt or a wrongly typed field is a 400 naming the
@@ -32,6 +34,7 @@ except ImportError:  # without the [serve] extra, create_app says what to instal
 from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.batching import Batcher, BatchRequest
 from manyinone.runtime.generate import DEFAULT_MAX_CACHE_MIB, OverLimit, Runtime, dtype_named
+from manyinone.runtime.openai_fields import UNSUPPORTED, Unsupported  # noqa: F401  (re-exported)
 from manyinone.runtime.sampling import Sampling
 from manyinone.runtime.draft_policy import plan_for
 
@@ -50,14 +53,14 @@ def _unicode(value: Any) -> Any:
 
 class _Common(BaseModel):
     # OpenAI clients send fields we have no use for (user, ...); the ones we read are strictly typed
-    # (`max_tokens: true` or `stream: "yes"` are refused, not coerced) and finite.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # (`max_tokens: true` or `stream: "yes"` are refused, not coerced) and finite. Extras are kept so
+    # `refuse_unsupported` can name a field that would change the answer.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
     temperature: StrictFloat = Field(1.0, ge=0, le=2)
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1, le=1)
     stream: StrictBool = False
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
     seed: Optional[StrictInt] = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generator takes
@@ -83,6 +86,12 @@ class _Common(BaseModel):
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def refuse_unsupported(self) -> None:
+        """Raise `Unsupported` for the first field of UNSUPPORTED set to something other than off."""
+        for field, value in (self.model_extra or {}).items():
+            if field in UNSUPPORTED and not UNSUPPORTED[field][0](value):
+                raise Unsupported(field, value, UNSUPPORTED[field][1])
 
 
 class CompletionRequest(_Common):
@@ -161,17 +170,19 @@ class Engine:
         return [self.batcher.submit(p, job["budget"], job["max_new_tokens"], job["sampling"]) for p in job["prompts"]]
 
     def chat_prompt(self, messages: list[Message]) -> list[int]:
-        """Token ids of a chat, encoded as training encoded prompts (one BOS, never two)."""
+        """Token ids of a chat in the template the checkpoint was trained with, encoded as training
+        encoded prompts (one BOS, never two): a chat-trained checkpoint gets the tokenizer's chat
+        template over the whole conversation; an Alpaca-trained one the Alpaca prompt around the last
+        user message (Alpaca is single-turn), even when its tokenizer has a chat template."""
+        from manyinone.train.data import encode_prompt
+
         tok = self.runtime.tokenizer
-        if getattr(tok, "chat_template", None):
+        if self.template == "chat" and getattr(tok, "chat_template", None):
             text = tok.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
                                            add_generation_prompt=True)
             return self.runtime.encode(text, "chat")
-        from manyinone.train.data import encode_prompt
-
-        # No chat template: the checkpoint's training template around the last user message.
         user = [m.content for m in messages if m.role == "user"] or [messages[-1].content]
-        template = "alpaca" if self.template == "chat" else self.template
+        template = "alpaca" if self.template == "chat" else self.template  # chat-trained, template since lost
         return encode_prompt({"instruction": user[-1], "input": "", "output": ""}, tok, template)
 
     def check(self, req: _Common, prompts: list[str | list[int]], max_tokens: int | None) -> dict[str, Any]:
@@ -306,6 +317,10 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
         return _error(401, "missing or wrong API key; send the header Authorization: Bearer <key>",
                       code="invalid_api_key")
 
+    @app.exception_handler(Unsupported)
+    async def _unsupported(_request, exc: Unsupported):
+        return _error(400, str(exc), exc.field, code="unsupported_parameter")
+
     @app.exception_handler(OverLimit)
     async def _too_large(_request, exc: OverLimit):
         return _error(413, str(exc))
@@ -370,6 +385,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        req.refuse_unsupported()
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise ManyinoneError("prompt: empty list; give at least one prompt")
@@ -389,6 +405,7 @@ def create_app(runtime: Runtime, model_name: str, template: str = "alpaca", defa
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
+        req.refuse_unsupported()
         job = engine.check(req, [engine.chat_prompt(req.messages)], req.max_completion_tokens or req.max_tokens)
         if req.stream:
             base = envelope("chatcmpl", object="chat.completion.chunk")
@@ -438,5 +455,10 @@ def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fl
 
     app = create_app(runtime, Path(ckpt).resolve().name, template, default_max_tokens, api_key,
                      batch_rows=batch_rows, draft=draft)
+    import sys
+
+    where = "only this machine" if host in ("127.0.0.1", "localhost", "::1") else "the network"
+    print(f"serving {ckpt} at http://{host}:{port}/v1 (OpenAI-compatible; reachable from {where}"
+          f"{', bearer auth on' if api_key else ''})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

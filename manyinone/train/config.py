@@ -60,9 +60,19 @@ class TrainConfig(BaseModel):
     heads: list[int] | None = Field(None, description="query heads for the heads axis (whole GQA groups); default: every group count")
     reorder: bool = Field(True, description="width/heads: sort neurons and heads by importance before training")
     calibration_batches: int = Field(8, gt=0, description="micro-batches of training data that score importance")
-    data: str = Field("demo", description=".json/.jsonl file, HF dataset name, or 'demo'")
+    data: str = Field("demo", description=".json/.jsonl/.parquet/.csv file, HF dataset name, or 'demo'; rows are "
+                                          "alpaca (instruction/input/output), messages (multi-turn chat) or text")
+    data_subset: str | None = Field(None, description="hub dataset: its subset (configuration) name")
+    data_split: str = Field("train", description="hub dataset: the split to read")
+    data_columns: dict[str, str] | None = Field(
+        None, description="the row fields (instruction, input, output, messages, text) -> the source's column names, "
+                          "e.g. {instruction: question, output: answer}")
     rows: str | None = Field(None, description="record slice START:END, e.g. 0:1800")
-    template: Literal["alpaca", "chat"] = "alpaca"
+    template: Literal["auto", "alpaca", "chat"] = Field(
+        "auto", description="prompt format: auto = the tokenizer's chat template when it has one, else alpaca "
+                            "(messages rows always use the chat template)")
+    packing: bool = Field(False, description="several examples per row of max_length tokens, attention kept inside "
+                                             "each example and positions restarting (batch_size then counts rows)")
     output: str = Field("runs/manyinone", description="run folder: final checkpoint, metrics, resumable state")
 
     epochs: float = Field(1.0, gt=0)
@@ -115,6 +125,8 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="derives every random stream: (seed, step), (seed, epoch)")
     save_every: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints; 0 = end only")
     keep_checkpoints: int = Field(2, gt=0)
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        [], description="trackers that also get each step's metrics (metrics.jsonl is always written)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     cost_metric: Literal["flops", "params"] = "flops"
     gradient_checkpointing: bool = False
@@ -136,6 +148,13 @@ class TrainConfig(BaseModel):
         if value is not None and (not value or value != sorted(set(value))):
             raise ValueError(f"{info.field_name} {value} must be non-empty and strictly increasing, e.g. {sorted(set(value))}")
         return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_listed(cls, value):
+        if isinstance(value, str):  # report_to=tensorboard,wandb: a list in one word
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return [] if value is None else value
 
     @field_validator("output")
     @classmethod
@@ -170,6 +189,13 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _packing_alone(self) -> "TrainConfig":
+        if self.packing and self.on_policy_ratio > 0:
+            raise ValueError("packing=true does not combine with on_policy_ratio > 0 (sampled responses replace "
+                             "whole rows); turn one off")
+        return self
+
+    @model_validator(mode="after")
     def _on_policy_needs_teacher(self) -> "TrainConfig":
         if self.on_policy_ratio > 0 and not self.teacher:
             raise ValueError(f"on_policy_ratio={self.on_policy_ratio} scores the model's own samples against a "
@@ -198,7 +224,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_STRING_FIELDS = ("model", "data", "rows", "output", "device", "template", "sampler", "cost_metric", "exit_heads",
+_STRING_FIELDS = ("model", "data", "data_subset", "data_split", "rows", "output", "device", "template", "sampler",
+                  "cost_metric", "exit_heads", "report_to",
                   "teacher", "teacher_kl", "teacher_dtype", "mix_data", "mix_rows", "dtype", "optimizer")
 
 

@@ -1,23 +1,27 @@
-"""Instruction data: Alpaca-style records -> token ids with the prompt masked out of the loss.
+"""Records -> token ids with everything but the supervised text masked out of the loss, and batches.
 
-Sources: a `.json` / `.jsonl` file, an HF `datasets` name, or
-`demo`, a small instruction set generated here so the default job needs no download.
+Records come from `manyinone.train.records` (alpaca, messages or text rows from json/jsonl/parquet/
+csv/hub sources). Templates: `alpaca` (the Alpaca prompt), `chat` (the tokenizer's chat template),
+`auto` (chat when the tokenizer has a chat template, else alpaca). `messages` rows always go through
+the chat template with the loss on assistant turns only; `text` rows are supervised throughout.
+With packing, several examples share a row: positions restart at each example and the model's
+attention stays inside it (block-diagonal, built by transformers from where positions restart).
 """
 
 from __future__ import annotations
 
-import json
-import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from manyinone.core.errors import ManyinoneError, first_line
+from manyinone.core.errors import ManyinoneError
+from manyinone.train.records import (  # noqa: F401  (re-exported: the data API in one place)
+    DEMO, FORMATS, demo_records, is_unicode, load_records, parse_rows, read_json_rows, records_format,
+    validate_records,
+)
 
 IGNORE = -100  # label value skipped by the loss (prompt and padding positions)
-DEMO = "demo"
 TEMPLATES = ("alpaca", "chat")
 
 ALPACA_PROMPT = (
@@ -26,160 +30,98 @@ ALPACA_PROMPT = (
 )
 
 
-def parse_rows(rows: str | None) -> slice:
-    """'0:1800' -> slice(0, 1800); None or '' -> everything."""
-    if not rows:
-        return slice(None)
-    try:
-        start, _, stop = rows.partition(":")
-        return slice(int(start) if start else None, int(stop) if stop else None)
-    except ValueError:
-        raise ManyinoneError(f"rows {rows!r} malformed; expected START:END, e.g. 0:1800") from None
+def resolve_template(template: str, tokenizer) -> str:
+    """`auto` -> chat when the tokenizer has a chat template (an Instruct model), else alpaca."""
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if template not in TEMPLATES:
+        raise ManyinoneError(f"prompt template {template!r} unknown; allowed {list(TEMPLATES)} or 'auto'")
+    return template
 
 
-def demo_records(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
-    """A deterministic toy instruction set (arithmetic, word and list tasks) for offline runs."""
-    rng = random.Random(seed)
-    words = ["apple", "river", "stone", "cloud", "garden", "window", "silver", "forest", "candle", "planet"]
-    records = []
-    for i in range(n):
-        kind = i % 4
-        if kind == 0:
-            a, b = rng.randint(2, 99), rng.randint(2, 99)
-            records.append({"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."})
-        elif kind == 1:
-            w = rng.choice(words)
-            records.append({"instruction": "Spell the word backwards.", "input": w, "output": f"{w} backwards is {w[::-1]}."})
-        elif kind == 2:
-            xs = rng.sample(range(1, 50), 5)
-            records.append({"instruction": "Sort these numbers from smallest to largest.",
-                            "input": ", ".join(map(str, xs)), "output": ", ".join(map(str, sorted(xs)))})
-        else:
-            ws = rng.sample(words, 3)
-            records.append({"instruction": "Write the words in capital letters.", "input": " ".join(ws),
-                            "output": " ".join(w.upper() for w in ws)})
-    return records
-
-
-def validate_records(records: list[Any], source: str, first_row: int = 0) -> list[dict[str, str]]:
-    """Each row needs non-empty string `instruction` and `output`; `input` is an optional string.
-
-    Errors name the row as numbered in the source (`first_row` is the index of records[0]).
-    """
-    clean = []
-    for i, row in enumerate(records, start=first_row):
-        if not isinstance(row, dict):
-            raise ManyinoneError(f"{source}: row {i} is a {type(row).__name__}, expected an object with instruction/input/output")
-        for key in ("instruction", "output"):
-            value = row.get(key)
-            if not isinstance(value, str) or not value.strip():
-                what = "missing" if value is None else f"not a non-empty string ({value!r:.40})"
-                raise ManyinoneError(f"{source}: row {i} field {key!r} is {what}; rows need instruction, output (and optional input)")
-        extra = row.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise ManyinoneError(f"{source}: row {i} field 'input' is {type(extra).__name__}, expected a string")
-        for key in ("instruction", "input", "output"):
-            if not is_unicode(row.get(key) or ""):
-                raise ManyinoneError(f"{source}: row {i} field {key!r} is not valid Unicode (it holds a lone surrogate, "
-                                     "e.g. JSON \\ud800); fix the text")
-        clean.append({"instruction": row["instruction"], "input": extra or "", "output": row["output"]})
-    return clean
-
-
-def read_json_rows(path: Path) -> list[Any]:
-    """Rows of a local .json (a list) or .jsonl file, exactly as written.
-
-    Read with the json module rather than `datasets`: its Arrow/pandas conversion coerces types
-    (a numeric-looking string becomes an int), which would hide the real bad row from the checks.
-    """
-    text = path.read_text(encoding="utf-8", errors="strict")
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except (ValueError, RecursionError) as exc:  # also an int of >4300 digits, nesting too deep
-                    raise ManyinoneError(f"{path}: row {i} is not valid JSON ({_json_reason(exc)})") from None
-        return rows
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ManyinoneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (ValueError, RecursionError) as exc:
-        raise ManyinoneError(f"{path}: not valid JSON ({_json_reason(exc)})") from None
-    if not isinstance(rows, list):
-        raise ManyinoneError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-    return rows
-
-
-def _json_reason(exc: Exception) -> str:
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    return getattr(exc, "msg", None) or first_line(exc)
-
-
-def load_records(source: str, rows: str | None = None) -> list[dict[str, str]]:
-    """Records from `source`, sliced by `rows` ('START:END'), validated."""
-    selector = parse_rows(rows)
-    path = Path(source)
-    if source == DEMO:
-        records = demo_records()
-    elif path.suffix in (".json", ".jsonl"):
-        if path.is_dir():
-            raise ManyinoneError(f"data file {source!r} is a folder; expected a .json/.jsonl file")
-        if not path.is_file():
-            raise ManyinoneError(f"data file {source!r} not found")
-        try:
-            records = read_json_rows(path)
-        except UnicodeDecodeError:
-            raise ManyinoneError(f"data file {source!r} is not UTF-8 text") from None
-    elif path.exists():
-        raise ManyinoneError(f"data {source!r}: expected a .json/.jsonl file, an HF dataset name or {DEMO!r}")
-    else:
-        import datasets
-
-        datasets.disable_progress_bars()
-        try:
-            records = datasets.load_dataset(source, split="train").to_list()
-        except Exception as exc:
-            first = first_line(exc)
-            raise ManyinoneError(f"cannot load dataset {source!r}: {first}") from None
-    first_row = selector.indices(len(records))[0]
-    records = validate_records(records[selector], source, first_row)
-    if not records:
-        raise ManyinoneError(f"data {source!r} rows {rows!r}: no records selected")
-    return records
-
-
-def is_unicode(text: str) -> bool:
-    """False for strings no tokenizer accepts: lone surrogates (JSON "\\ud800", undecodable argv bytes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def prompt_and_response(record: dict[str, str], tokenizer, template: str) -> tuple[str, str]:
-    """The prompt text (masked out of the loss) and the response text (+ EOS) for one record."""
-    bad = next((v for v in record.values() if isinstance(v, str) and not is_unicode(v)), None)
+def _check_unicode(record: dict[str, Any]) -> None:
+    texts = [v for v in record.values() if isinstance(v, str)]
+    texts += [m.get("content") for m in record.get("messages") or [] if isinstance(m, dict)]
+    bad = next((v for v in texts if isinstance(v, str) and not is_unicode(v)), None)
     if bad is not None:
         raise ManyinoneError(f"text {bad!r:.40} is not valid Unicode (a lone surrogate, e.g. from bytes that are "
                              "not UTF-8); pass UTF-8 text")
-    if template == "chat":
+
+
+def _chat(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ManyinoneError("template 'chat' (and messages rows) need a tokenizer with a chat_template; this one "
+                             "has none: use alpaca rows with template alpaca")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _last_assistant(messages: list[dict[str, str]]) -> int:
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+def prompt_and_response(record: dict[str, Any], tokenizer, template: str) -> tuple[str, str]:
+    """The prompt text (masked out of the loss) and the response text for one record: for a messages
+    row, the conversation before its last assistant turn and that turn as the template renders it."""
+    _check_unicode(record)
+    template = resolve_template(template, tokenizer)
+    if "text" in record:
+        raise ManyinoneError("text rows carry no prompt (they are supervised throughout); prompts for generation "
+                             "need alpaca or messages rows")
+    if "messages" in record:
         if not getattr(tokenizer, "chat_template", None):
-            raise ManyinoneError("template 'chat' needs a tokenizer with a chat_template; this one has none, use alpaca")
+            _chat(tokenizer, [], False)  # raises: messages rows need the chat template
+        if template != "chat":
+            raise ManyinoneError("messages rows are formatted by the tokenizer's chat template; set template=chat "
+                                 "(or auto)")
+        last = _last_assistant(record["messages"])
+        prompt = _chat(tokenizer, record["messages"][:last], True)
+        through = _chat(tokenizer, record["messages"][:last + 1], False)
+        if not through.startswith(prompt):
+            raise _inconsistent(last)
+        return prompt, through[len(prompt):]
+    if template == "chat":
         content = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                               add_generation_prompt=True)
-    elif template == "alpaca":
+        prompt = _chat(tokenizer, [{"role": "user", "content": content}], True)
+    else:
         ctx = ", paired with an input that provides further context" if record["input"] else ""
         block = f"### Input:\n{record['input']}\n\n" if record["input"] else ""
         prompt = ALPACA_PROMPT.format(ctx=ctx, instruction=record["instruction"], input_block=block)
-    else:
-        raise ManyinoneError(f"prompt template {template!r} unknown; allowed {list(TEMPLATES)}")
     return prompt, record["output"] + (tokenizer.eos_token or "")
+
+
+def _inconsistent(turn: int) -> ManyinoneError:
+    return ManyinoneError(f"the tokenizer's chat template renders message {turn} differently once the conversation "
+                          "goes on (its generation prompt is not a prefix of the conversation), so assistant turns "
+                          "cannot be masked exactly; use a template whose turns only append")
+
+
+def segments(record: dict[str, Any], tokenizer, template: str) -> list[tuple[str, bool]]:
+    """A record's text as (piece, supervised) pieces in order, the one place that says what the loss sees:
+    alpaca/chat: prompt, response; messages: everything but assistant turns unsupervised; text: all of it."""
+    _check_unicode(record)
+    template = resolve_template(template, tokenizer)
+    if "text" in record:
+        return [(record["text"] + (tokenizer.eos_token or ""), True)]
+    if "messages" not in record:
+        prompt, response = prompt_and_response(record, tokenizer, template)
+        return [(prompt, False), (response, True)]
+    if template != "chat":
+        prompt_and_response(record, tokenizer, template)  # raises: messages need the chat template
+    messages, pieces, done = record["messages"], [], ""
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _chat(tokenizer, messages[:k], True) if k else ""
+        through = _chat(tokenizer, messages[:k + 1], False)
+        if not prompt.startswith(done) or not through.startswith(prompt):
+            raise _inconsistent(k)
+        pieces += [(prompt[len(done):], False), (through[len(prompt):], True)]
+        done = through
+    full = _chat(tokenizer, messages, False)
+    if not full.startswith(done):
+        raise _inconsistent(len(messages) - 1)
+    pieces.append((full[len(done):], False))  # turns after the last assistant one (usually nothing)
+    return [(text, supervised) for text, supervised in pieces if text]
 
 
 def adds_special_tokens(template: str) -> bool:
@@ -194,48 +136,96 @@ def adds_special_tokens(template: str) -> bool:
 def encode_text(tokenizer, text: str, template: str) -> list[int]:
     """Token ids of an already-templated prompt text, as training tokenized it (see `encode_prompt`).
     `template`: "chat" for chat-template text (its BOS is in it), anything else for plain text."""
-    return tokenizer(text, add_special_tokens=adds_special_tokens(template))["input_ids"]
+    return tokenizer(text, add_special_tokens=adds_special_tokens(resolve_template(template, tokenizer)
+                                                                  if template == "auto" else template))["input_ids"]
 
 
 @dataclass
 class Example:
     input_ids: list[int]
-    labels: list[int]  # IGNORE on prompt positions
+    labels: list[int]  # IGNORE on unsupervised positions
+    positions: list[int] | None = None  # a packed row: each example's positions, restarting at 0
 
 
-def encode_prompt(record: dict[str, str], tokenizer, template: str) -> list[int]:
+def encode_prompt(record: dict[str, Any], tokenizer, template: str) -> list[int]:
     """The prompt's token ids exactly as training sees them (a chat template brings its own BOS): the one
     prompt encoder for training, eval, the runtime's tuning and the server."""
     prompt, _ = prompt_and_response(record, tokenizer, template)
-    return encode_text(tokenizer, prompt, template)
+    return encode_text(tokenizer, prompt, resolve_template(template, tokenizer))
 
 
-def tokenize_records(records: list[dict[str, str]], tokenizer, max_length: int, template: str = "alpaca") -> list[Example]:
-    """Tokenize prompt and response separately so the prompt is masked exactly; truncate to max_length."""
+def encode_record(record: dict[str, Any], tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one whole record, untruncated; labels are IGNORE outside supervised pieces."""
+    template = resolve_template(template, tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    text_row = "text" in record
+    for n, (piece, supervised) in enumerate(segments(record, tokenizer, template)):
+        special = n == 0 and (text_row or adds_special_tokens(template))  # BOS once, unless the template has it
+        tokens = tokenizer(piece, add_special_tokens=special)["input_ids"]
+        ids += tokens
+        labels += tokens if supervised else [IGNORE] * len(tokens)
+    return ids, labels
+
+
+def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int, template: str = "alpaca") -> list[Example]:
+    """Token ids with exact loss masks. Prompted rows are truncated to max_length; a text row longer
+    than that becomes consecutive max_length windows (continued pretraining loses no text)."""
     examples = []
     for record in records:
-        _, response = prompt_and_response(record, tokenizer, template)
-        p = encode_prompt(record, tokenizer, template)
-        r = tokenizer(response, add_special_tokens=False)["input_ids"]
-        ids = (p + r)[:max_length]
-        labels = ([IGNORE] * len(p) + r)[:max_length]
-        if any(label != IGNORE for label in labels[1:]):  # keep only rows with a supervised token left
-            examples.append(Example(ids, labels))
+        ids, labels = encode_record(record, tokenizer, template)
+        starts = range(0, len(ids), max_length) if "text" in record else [0]
+        for s in starts:
+            window_ids, window_labels = ids[s:s + max_length], labels[s:s + max_length]
+            if any(label != IGNORE for label in window_labels[1:]):  # keep only rows with a supervised token left
+                examples.append(Example(window_ids, window_labels))
     if not examples:
         raise ManyinoneError(f"no example keeps a response token within max_length={max_length}; raise it")
     return examples
 
 
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Several examples per row of at most max_length tokens (first-fit by decreasing length, which is
+    deterministic), each keeping its own positions 0..n-1 so attention and RoPE stay inside it."""
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e.input_ids)):  # sorted() is stable: ties keep source order
+        n = len(e.input_ids)
+        fit = next((r for r, free in enumerate(room) if free >= n), None)
+        if fit is None:
+            rows.append([e])
+            room.append(max_length - n)
+        else:
+            rows[fit].append(e)
+            room[fit] -= n
+    return [Example([t for e in row for t in e.input_ids], [t for e in row for t in e.labels],
+                    [p for e in row for p in range(len(e.input_ids))]) for row in rows]
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels, each [batch, seq]."""
+    """Right-pad to the longest example, each tensor [batch, seq]: input_ids, labels, and
+    attention_mask (plain rows) or position_ids (packed rows: the padding is one more segment of its
+    own, and transformers builds the block-diagonal causal mask from where positions restart; row_tokens
+    [batch] counts each row's real tokens)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    packed = any(e.positions is not None for e in examples)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+        positions[row, :n] = torch.tensor(e.positions if e.positions is not None else range(n))
+        positions[row, n:] = torch.arange(width - n)
+    if packed:
+        return {"input_ids": ids, "position_ids": positions, "labels": labels, "row_tokens": mask.sum(1)}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens in a collated batch."""
+    return int(batch["attention_mask"].sum() if "attention_mask" in batch else batch["row_tokens"].sum())
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -29,7 +29,8 @@ from manyinone.io.checkpoint import (CHECKPOINTS, build_index, complete_resume_d
                                      resume_dir, save_checkpoint)
 from manyinone.io.durable import atomic_dir, write_failure, write_text_durably
 from manyinone.train.config import TrainConfig
-from manyinone.train.data import collate, load_records, mixed_count, mixed_epoch_order, tokenize_records
+from manyinone.train.data import (batch_tokens, collate, load_records, mixed_count, mixed_epoch_order, pack,
+                                  resolve_template, tokenize_records)
 from manyinone.core.device import pick_device
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.interrupt import deferred_stop_signals
@@ -39,6 +40,7 @@ from manyinone.train.on_policy import on_policy_batch, runtime_sampler as on_pol
 from manyinone.train.losses import (TeacherTarget, exit_weights, nested_loss, nested_loss_on_positions,
                                     supervised_positions)
 from manyinone.train.progress import TrainProgress
+from manyinone.train.reporting import Reporter
 from manyinone.core.registry import adapter_for
 from manyinone.elastic.reorder import reorder_by_importance
 from manyinone.train.samplers import make_sampler
@@ -127,7 +129,8 @@ def _check_same_run(output: Path, cfg: TrainConfig) -> None:
             raise ManyinoneError(f"output {str(output)!r} holds an unreadable train_config.yaml ({type(exc).__name__}); "
                                  "restore it or use a new --output") from None
         changed = [k for k in TrainConfig.model_fields
-                   if k not in ("output", "max_steps", "save_every", "keep_checkpoints", "device", "compile_layers")
+                   if k not in ("output", "max_steps", "save_every", "keep_checkpoints", "device", "compile_layers",
+                                "report_to")
                    and getattr(before, k) != getattr(cfg, k)]
         if changed:
             raise ManyinoneError(f"output {str(output)!r} holds a run with different settings {changed}; use a new --output")
@@ -266,10 +269,16 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
             exit_modules.float().requires_grad_(True)
     sampler = make_sampler(cfg.sampler, space, cfg.seed, **({"k": cfg.sampler_k} if cfg.sampler == "random-k" else
                                                            {"n_random": cfg.sampler_k} if cfg.sampler == "sandwich" else {}))
-    examples = tokenize_records(load_records(cfg.data, cfg.rows), tokenizer, cfg.max_length, cfg.template)
-    labelled = len(examples)
+    # `auto` is settled here, once: train_config.yaml and the index record the template the run used.
+    cfg = cfg.model_copy(update={"template": resolve_template(cfg.template, tokenizer)})
+    records = load_records(cfg.data, cfg.rows, cfg.data_subset, cfg.data_split, cfg.data_columns)
+    examples = tokenize_records(records, tokenizer, cfg.max_length, cfg.template)
     pool = tokenize_records(load_records(cfg.mix_data, cfg.mix_rows), tokenizer, cfg.max_length, cfg.template) \
         if cfg.mix_data else []
+    unpacked = examples  # importance calibration reads plain rows
+    if cfg.packing:  # labelled and mixed-in rows are packed apart, so mix_ratio still counts rows of each
+        examples, pool = pack(examples, cfg.max_length), pack(pool, cfg.max_length) if pool else []
+    labelled = len(examples)
     examples += pool  # indices [labelled, labelled + len(pool)) are the mixed-in records
     pool_per_epoch = mixed_count(labelled, len(pool), cfg.mix_ratio) if pool else 0
     epoch_size = (0 if pool and cfg.mix_ratio == 1 else labelled) + pool_per_epoch
@@ -300,8 +309,8 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     elif cfg.reorder and {"width", "heads"} & set(cfg.axes):
         # Prefixes must hold the most important units before any width is trained (a resumed run
         # restores the already permuted weights instead).
-        calibration = [collate(examples[i:i + cfg.batch_size], tokenizer.pad_token_id)
-                       for i in range(0, min(len(examples), cfg.calibration_batches * cfg.batch_size), cfg.batch_size)]
+        calibration = [collate(unpacked[i:i + cfg.batch_size], tokenizer.pad_token_id)
+                       for i in range(0, min(len(unpacked), cfg.calibration_batches * cfg.batch_size), cfg.batch_size)]
         reorder_by_importance(adapter, [(b["input_ids"].to(device), b["attention_mask"].to(device)) for b in calibration],
                               show_progress=show_progress)
     try:  # an unwritable output fails here, before any training time is spent
@@ -339,7 +348,9 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
 
     metrics_file = _metrics_from(output / "metrics.jsonl", start) if rt.is_main else open(os.devnull, "w")
     progress = TrainProgress(total_steps, [s.label for s in specs], enabled=show_progress and rt.is_main)
-    with progress, metrics_file, deferred_stop_signals() as stop:  # SIGTERM/Ctrl-C: save, then exit
+    reporter = Reporter(cfg.report_to if rt.is_main else [], output, cfg.model_dump(), start)
+    # SIGTERM/Ctrl-C: save, then exit
+    with progress, metrics_file, closing(reporter), deferred_stop_signals() as stop:
         progress.advance_to(start)
         for step in range(start, total_steps):
             started = time.perf_counter()
@@ -358,7 +369,8 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                 if teacher is not None:  # the teacher's forward is part of the step: timed on its own
                     teacher_started = time.perf_counter()
                     with autocast:
-                        t_feats, _ = supervised_positions(teacher.hidden(batch["input_ids"], batch["attention_mask"]),
+                        t_feats, _ = supervised_positions(teacher.hidden(batch["input_ids"], batch.get("attention_mask"),
+                                                                         batch.get("position_ids")),
                                                           batch["labels"])  # [tokens, teacher_hidden]
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
@@ -371,7 +383,9 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                     keep = keep_masks(layer_rates(len(layers), cfg.layer_dropout), batch["input_ids"].shape[0], draws)
                     dropout = dropped_layers(layers, keep)
                 with autocast, dropout:
-                    hidden = adapter.forward_nested(batch["input_ids"], batch["attention_mask"], sampled)
+                    # Packed rows pass position_ids (and no mask); plain rows call exactly as before.
+                    packed = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+                    hidden = adapter.forward_nested(batch["input_ids"], batch.get("attention_mask"), sampled, **packed)
                     feats, targets = {}, None
                     for spec, h in hidden.items():
                         feats[spec], targets = supervised_positions(h, batch["labels"])
@@ -389,7 +403,7 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                                           distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature,
                                           frozen=teacher_target)
                 (out.total / cfg.grad_accum).backward()
-                tokens += int(batch["attention_mask"].sum())
+                tokens += batch_tokens(batch)
                 # .item() is a device sync; once per micro-batch is negligible next to the step.
                 for spec, ce in out.ce.items():
                     sums[f"ce/{spec.label}"] = sums.get(f"ce/{spec.label}", 0.0) + ce.item() / cfg.grad_accum
@@ -414,6 +428,7 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            reporter.log(record)
             progress.update(step + 1, record)
             periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
             if (periodic or stop) and step + 1 < total_steps:

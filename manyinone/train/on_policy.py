@@ -43,10 +43,14 @@ def on_policy_batch(examples: Sequence[Example], sample: Sampler, ratio: float, 
     if k == 0:
         return list(examples)
     prompts = [prompt_of(e) for e in examples[:k]]
-    replies = sample(prompts, on_policy_seed(seed, step, micro))
+    asked = [p for p in prompts if p]  # a raw-text row (supervised throughout) has no prompt to answer
+    replies = iter(sample(asked, on_policy_seed(seed, step, micro)) if asked else [])
     fresh = []
-    for prompt, reply, original in zip(prompts, replies, examples):
-        reply = list(reply) + ([stop_id] if stop_id is not None else [])
+    for prompt, original in zip(prompts, examples):
+        if not prompt:
+            fresh.append(original)
+            continue
+        reply = list(next(replies)) + ([stop_id] if stop_id is not None else [])
         ids, labels = (prompt + reply)[:max_length], ([IGNORE] * len(prompt) + reply)[:max_length]
         # A prompt that fills max_length leaves no sampled token to learn from: keep the labelled row.
         fresh.append(Example(ids, labels) if any(label != IGNORE for label in labels[1:]) else original)

@@ -54,9 +54,11 @@ class Teacher:
         return cls(model.to(device), source)
 
     @torch.no_grad()
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, teacher_hidden]: the input to the teacher's LM head."""
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, seq, teacher_hidden]: the input to the teacher's LM head (position_ids: packed rows)."""
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids).last_hidden_state
 
 
 def check_same_vocabulary(source: str, teacher_tokenizer, tokenizer, teacher_rows: int) -> None:
