@@ -75,6 +75,9 @@ RECIPES: dict[str, list[str]] = {
     # and GKD-style on-policy rows (a quarter of each micro-batch sampled by the model being trained).
     "agree-lr3-full": [*AGREE_BIG, *LR3, "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
     "agree-lr3-onpolicy": [*AGREE_BIG, *LR3, "--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=128"],
+    # agree-lr3-full on gen16 with 90% of each epoch generated (2 epochs: 2,250 steps, 2.5x agree-big).
+    "agree-huge": [*AGREE[:-4], "--set", "mix_data=@gen16", "--set", "mix_ratio=0.9", *LR3,
+                   "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
     # LoRA-nested SoFT (issue 15): plain SoFT's recipe on a frozen base with adapters on every linear
     # layer, shared by all exits, at 10x the learning rate (the usual LoRA rule); compare each with
     # "soft" per exit, and the ranks with one another for the rank that closes the gap.
@@ -87,6 +90,9 @@ RECIPES: dict[str, list[str]] = {
 DATA_STEPS: dict[str, list[str]] = {
     "gen": ["--teacher", "@sft", "--samples", "4", "--temperature", "0.8", "--top-p", "0.95",
             "--max-new-tokens", "256", "--batch-size", "256"],
+    # Round 3: 16 samples per prompt (~12x the labelled tokens); run it alone on the GPU first.
+    "gen16": ["--teacher", "@sft", "--samples", "16", "--temperature", "0.8", "--top-p", "0.95",
+              "--max-new-tokens", "256", "--batch-size", "1024"],
     "gen6": ["--teacher", "@sft", "--samples", "6", "--temperature", "0.8", "--top-p", "0.95",
              "--max-new-tokens", "256", "--batch-size", "512"],
 }
