@@ -75,6 +75,9 @@ RECIPES: dict[str, list[str]] = {
     # and GKD-style on-policy rows (a quarter of each micro-batch sampled by the model being trained).
     "agree-lr3-full": [*AGREE_BIG, *LR3, "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
     "agree-lr3-onpolicy": [*AGREE_BIG, *LR3, "--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=128"],
+    # agree-lr3-full with raw-text continuations as its generated data (against the WikiText regression).
+    "agree-lr3-text": [*AGREE[:-4], "--set", "mix_data=@gentext", "--set", "mix_ratio=0.5", *LR3,
+                       "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
     # agree-lr3-full on gen16 with 90% of each epoch generated (2 epochs: 2,250 steps, 2.5x agree-big).
     "agree-huge": [*AGREE[:-4], "--set", "mix_data=@gen16", "--set", "mix_ratio=0.9", *LR3,
                    "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
@@ -86,6 +89,7 @@ RECIPES: dict[str, list[str]] = {
     "gentle-lora64": [*MANYINONE_GENTLE[:4], "--lr", "1e-3", *MANYINONE_GENTLE[6:-2],
                       "--set", "exit_heads_lr_scale=3", "--lora", "64"],
 }
+PREFIX_TEXT = "{prefix_text}"  # filled in from --prefix-text
 # Data steps: `manyinone distill-data` runs; "@name" in a recipe's flags is the JSONL they write.
 DATA_STEPS: dict[str, list[str]] = {
     "gen": ["--teacher", "@sft", "--samples", "4", "--temperature", "0.8", "--top-p", "0.95",
@@ -93,6 +97,10 @@ DATA_STEPS: dict[str, list[str]] = {
     # Round 3: 16 samples per prompt (~12x the labelled tokens); run it alone on the GPU first.
     "gen16": ["--teacher", "@sft", "--samples", "16", "--temperature", "0.8", "--top-p", "0.95",
               "--max-new-tokens", "256", "--batch-size", "1024"],
+    # Continuations of raw-text prefixes (--prefix-text, e.g. TinyStories; never WikiText, the test
+    # set): general text against the full depth's WikiText regression.
+    "gentext": ["--teacher", "@sft", "--text", PREFIX_TEXT, "--prefixes", "4000", "--prefix-tokens", "64",
+                "--samples", "1", "--max-new-tokens", "192", "--batch-size", "1024"],
     "gen6": ["--teacher", "@sft", "--samples", "6", "--temperature", "0.8", "--top-p", "0.95",
              "--max-new-tokens", "256", "--batch-size", "512"],
 }
@@ -246,6 +254,7 @@ def main() -> None:
     parser.add_argument("--batch-size", default="16")
     parser.add_argument("--lr", default="5e-5")
     parser.add_argument("--template", default="alpaca")
+    parser.add_argument("--prefix-text", help="raw text whose prefixes the gentext data step continues")
     parser.add_argument("--compile", action="store_true", help="every training compiles its decoder layers "
                                                                "(`--set compile_layers=true`)")
     parser.add_argument("--text", help="raw text for per-exit perplexity (WikiText-2 test)")
@@ -303,8 +312,13 @@ def main() -> None:
                 return
             made_here = not target.is_file()
             if made_here:
+                flags = substitute(recipes[recipe], paths)
+                if PREFIX_TEXT in flags:
+                    if not args.prefix_text:
+                        raise RuntimeError(f"data step {recipe} continues raw-text prefixes: give --prefix-text")
+                    flags = [args.prefix_text if f == PREFIX_TEXT else f for f in flags]
                 run(cli + ["distill-data", "--output", str(target), "--data", args.data, "--rows", args.train_rows,
-                           "--template", args.template, *substitute(recipes[recipe], paths)], log)
+                           "--template", args.template, *flags], log)
             with lock:
                 # A file an earlier call finished without recording its cost has none we can honestly give.
                 data_done[recipe] = time.perf_counter() - started + cost_of(deps) if made_here else float("nan")

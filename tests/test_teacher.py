@@ -222,6 +222,32 @@ def test_distill_data_command_writes_loadable_records(tiny_llama, tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
 
 
+def test_distill_data_continues_raw_text_prefixes(tiny_llama, tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time a small fox lived by the river and sang to the fish every morning. " * 4)
+    out = tmp_path / "text.jsonl"
+    args = ["distill-data", "--teacher", str(tiny_llama), "--text", str(text), "--prefixes", "6", "--prefix-tokens",
+            "12", "--samples", "2", "--max-new-tokens", "5", "--batch-size", "4", "--dtype", "float32", "--device",
+            "cpu", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 10 and all(set(r) >= {"text", "prompt_index", "sample"} for r in rows)
+    model, tokenizer = load_pretrained(str(tiny_llama))
+    from manyinone.train.distill_data import text_prefixes
+
+    prefixes = text_prefixes(text.read_text(), tokenizer, 6, 12, 0)
+    for row in rows:  # each row is its prefix, then what the teacher wrote
+        prefix = prefixes[row["prompt_index"]]["text"]
+        assert row["text"].startswith(prefix) and len(row["text"]) > len(prefix)
+    assert load_records(str(out))  # text rows: training reads them as continued-pretraining rows
+    run = train(config(tiny_llama, tmp_path / "run", rows="0:8", mix_data=str(out), mix_ratio=0.5, epochs=1),
+                show_progress=False)
+    assert (run / "metrics.jsonl").is_file()
+    short = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "other.jsonl"), "--prefix-tokens", "5000"])
+    assert short.exit_code == 2 and "not more than --prefix-tokens 5000" in short.output
+
+
 # --- agreement on generations ------------------------------------------------------------------------
 def test_generation_agreement_equals_a_direct_count(tiny_llama):
     model, tokenizer = load_pretrained(str(tiny_llama))

@@ -84,15 +84,20 @@ def distill_data(
     seed: int = typer.Option(0),
     dtype: str = typer.Option("bfloat16", help="float32, bfloat16 or float16"),
     device: str = typer.Option("auto"),
+    text: Optional[Path] = typer.Option(None, help="raw-text file: prompts are prefixes of it (instead of --data), "
+                                                   "rows are `text` records, prefix + continuation"),
+    prefixes: int = typer.Option(1000, help="--text: how many prefixes"),
+    prefix_tokens: int = typer.Option(64, help="--text: tokens per prefix"),
 ) -> None:
-    """Sample responses from a teacher on the training prompts into a resumable JSONL dataset
-    (run the same command again to resume); train mixes it in with --set mix_data=FILE."""
+    """Sample responses from a teacher on the training prompts (or continuations of raw-text prefixes) into
+    a resumable JSONL dataset (run the same command again to resume); train mixes it in with --set mix_data=FILE."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from manyinone.train.data import load_records
-    from manyinone.train.distill_data import SampleSettings, distill_dataset, runtime_sampler
+    from manyinone.core.errors import unreadable
+    from manyinone.train.distill_data import SampleSettings, distill_dataset, runtime_sampler, text_prefixes
     from manyinone.io.loading import load_pretrained
     from manyinone.runtime.generate import dtype_named
     from manyinone.runtime.sampling import Sampling
@@ -101,12 +106,24 @@ def distill_data(
     for value, name in ((samples, "--samples"), (max_new_tokens, "--max-new-tokens"), (batch_size, "--batch-size")):
         _at_least(value, 1, name)
     Sampling(temperature, top_p, seed)  # bad temperature / top-p / seed: refused before any weights load
-    records = load_records(data, rows)
-    settings = SampleSettings(teacher, data, rows, template, samples, temperature, top_p, max_new_tokens, batch_size,
-                              seed)
+    if text is not None:
+        for value, name in ((prefixes, "--prefixes"), (prefix_tokens, "--prefix-tokens")):
+            _at_least(value, 1, name)
+        try:
+            raw = text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise unreadable("text file", text, exc) from None
+        settings = SampleSettings(teacher, str(text), None, template, samples, temperature, top_p, max_new_tokens,
+                                  batch_size, seed, prefix_tokens, prefixes)
+    else:
+        records = load_records(data, rows)
+        settings = SampleSettings(teacher, data, rows, template, samples, temperature, top_p, max_new_tokens,
+                                  batch_size, seed)
     weights = dtype_named(dtype)
     dev = pick_device(device)
     model, tokenizer = load_pretrained(teacher, dtype=weights)
+    if text is not None:
+        records = text_prefixes(raw, tokenizer, prefixes, prefix_tokens, seed)
     tokens = [0]
     sample = runtime_sampler(model.to(dev), tokenizer, template, max_new_tokens, temperature, top_p,
                              counter=lambda n: tokens.__setitem__(0, tokens[0] + n), records=records,

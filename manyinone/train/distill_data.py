@@ -3,7 +3,8 @@
 `manyinone distill-data` samples `samples` responses per prompt with manyinone's own runtime
 (static KV cache, CUDA graphs, a whole batch per step) and writes Alpaca records
 (`instruction`, `input`, `output`) that `manyinone train --set mix_data=...` mixes with the
-labelled set. Each record also says which prompt and sample it is (`prompt_index`, `sample`,
+labelled set. With `--text`, the prompts are raw-text prefixes instead and the rows are `text`
+records (prefix + continuation). Each record also says which prompt and sample it is (`prompt_index`, `sample`,
 `prompt_sha256`), so a resumed run can check it was sampled for the same prompts.
 
 Durability: lines are appended to `<output>.partial` one whole batch at a time, flushed and
@@ -40,10 +41,27 @@ class SampleSettings:
     max_new_tokens: int
     batch_size: int
     seed: int
+    prefix_tokens: int | None = None  # raw-text prompts (`--text`): tokens per prefix
+    prefixes: int | None = None  # and how many
 
 
 def prompt_sha(record: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps([record["instruction"], record["input"]]).encode()).hexdigest()[:16]
+    key = ["text", record["text"]] if "text" in record else [record["instruction"], record["input"]]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def text_prefixes(text: str, tokenizer, count: int, prefix_tokens: int, seed: int) -> list[dict[str, str]]:
+    """`count` raw-text prompts: windows of `prefix_tokens` tokens at offsets drawn from (seed), as
+    `text` records. The teacher continues each one, so the generated rows carry general text (the
+    labelled set's instructions alone make a model forget it: WikiText perplexity rises)."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= prefix_tokens:
+        raise ManyinoneError(f"the text has {len(ids)} tokens, not more than --prefix-tokens {prefix_tokens}; "
+                             "give a longer text or fewer prefix tokens")
+    starts = torch.randint(0, len(ids) - prefix_tokens, (count,), generator=torch.Generator().manual_seed(seed))
+    return [{"text": tokenizer.decode(ids[s:s + prefix_tokens])} for s in starts.tolist()]
 
 
 def work_units(n_prompts: int, samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
@@ -126,8 +144,9 @@ def distill_dataset(output: str | os.PathLike, settings: SampleSettings, records
                 if (p, s) in done or not text.strip():  # an empty response (EOS at once) is no training record
                     continue
                 rec = records[p]
-                lines.append(json.dumps({"instruction": rec["instruction"], "input": rec["input"], "output": text,
-                                         "prompt_index": p, "sample": s, "prompt_sha256": prompt_sha(rec)},
+                body = {"text": rec["text"] + text} if "text" in rec else \
+                    {"instruction": rec["instruction"], "input": rec["input"], "output": text}
+                lines.append(json.dumps({**body, "prompt_index": p, "sample": s, "prompt_sha256": prompt_sha(rec)},
                                         ensure_ascii=False) + "\n")
             try:
                 append_durably(f, "".join(lines))
@@ -157,7 +176,12 @@ def runtime_sampler(model, tokenizer, template: str, max_new_tokens: int, temper
     from manyinone.runtime.generate import Runtime
     from manyinone.runtime.sampling import Sampling
 
-    prompts_of = lambda recs: [encode_prompt(r, tokenizer, template) for r in recs]  # noqa: E731
+    def prompt_ids(record: dict[str, str]) -> list[int]:
+        if "text" in record:  # a raw-text prefix starts as training starts a text row (BOS, no template)
+            return tokenizer(record["text"])["input_ids"]
+        return encode_prompt(record, tokenizer, template)
+
+    prompts_of = lambda recs: [prompt_ids(r) for r in recs]  # noqa: E731
     sizing = {}
     if records and batch_size:
         longest = max(len(p) for p in prompts_of(records))
