@@ -35,10 +35,9 @@ from manyinone.core.device import pick_device
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.interrupt import deferred_stop_signals
 from manyinone.io.loading import load_pretrained
-from manyinone.train.layer_dropout import dropped_layers, keep_masks, layer_rates
 from manyinone.train.on_policy import on_policy_batch, runtime_sampler as on_policy_sampler
-from manyinone.train.losses import (TeacherTarget, exit_weights, nested_loss, nested_loss_on_positions,
-                                    supervised_positions)
+from manyinone.train import step_parts
+from manyinone.train.losses import exit_weights
 from manyinone.train.progress import TrainProgress
 from manyinone.train.reporting import Reporter
 from manyinone.core.registry import adapter_for
@@ -368,50 +367,20 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
                 on_policy_s += time.perf_counter() - sampled_at  # sampling is most of it when on-policy
                 if teacher is not None:  # the teacher's forward is part of the step: timed on its own
                     teacher_started = time.perf_counter()
-                    with autocast:
-                        t_feats, _ = supervised_positions(teacher.hidden(batch["input_ids"], batch.get("attention_mask"),
-                                                                         batch.get("position_ids")),
-                                                          batch["labels"])  # [tokens, teacher_hidden]
+                    teacher_target = step_parts.teacher_target(teacher, batch, autocast, teacher_weights, cfg)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     teacher_s += time.perf_counter() - teacher_started
-                    teacher_target = TeacherTarget(t_feats, teacher.head_weight, teacher_weights,
-                                                   cfg.teacher_temperature, cfg.teacher_kl == "reverse")
-                dropout = nullcontext()
-                if cfg.layer_dropout:  # masks from (seed, step, micro): a resume draws the same ones
-                    draws = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + micro)
-                    keep = keep_masks(layer_rates(len(layers), cfg.layer_dropout), batch["input_ids"].shape[0], draws)
-                    dropout = dropped_layers(layers, keep)
+                dropout = step_parts.layer_dropout(cfg, layers, step, micro, batch["input_ids"].shape[0])
                 with autocast, dropout:
                     # Packed rows pass position_ids (and no mask); plain rows call exactly as before.
                     packed = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
                     hidden = adapter.forward_nested(batch["input_ids"], batch.get("attention_mask"), sampled, **packed)
-                    feats, targets = {}, None
-                    for spec, h in hidden.items():
-                        feats[spec], targets = supervised_positions(h, batch["labels"])
-                    head = (cfg.loss_impl == "lean" and adapter.linear_head()) or adapter.exit_logits
-                    if exit_modules is not None:  # exits with their own modules; the full depth keeps the model's head
-                        head = exit_modules.heads_for(feats, head)
-                    if cfg.exit_positions < 1 and len(feats) > 1 and space.full() in feats:
-                        picks = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_013 + micro)
-                        kept = max(1, math.ceil(cfg.exit_positions * targets.numel()))
-                        keep = torch.randperm(targets.numel(), generator=picks)[:kept].to(targets.device)  # [kept]
-                        out = nested_loss_on_positions(feats, head, targets, weights, space.full(), keep,
-                                                       cfg.distill_weight, cfg.distill_temperature, teacher_target)
-                    else:
-                        out = nested_loss(feats, head, targets, weights, teacher=space.full(),
-                                          distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature,
-                                          frozen=teacher_target)
+                    out = step_parts.exit_losses(cfg, adapter, space, exit_modules, weights, hidden, batch["labels"],
+                                       teacher_target, step, micro)
                 (out.total / cfg.grad_accum).backward()
                 tokens += batch_tokens(batch)
-                # .item() is a device sync; once per micro-batch is negligible next to the step.
-                for spec, ce in out.ce.items():
-                    sums[f"ce/{spec.label}"] = sums.get(f"ce/{spec.label}", 0.0) + ce.item() / cfg.grad_accum
-                for spec, kl in out.kl.items():
-                    sums[f"kl/{spec.label}"] = sums.get(f"kl/{spec.label}", 0.0) + kl.item() / cfg.grad_accum
-                for spec, kl in (out.teacher_kl or {}).items():
-                    sums[f"teacher_kl/{spec.label}"] = sums.get(f"teacher_kl/{spec.label}", 0.0) + kl.item() / cfg.grad_accum
-                sums["loss"] = sums.get("loss", 0.0) + out.total.item() / cfg.grad_accum
+                step_parts.add_to_sums(sums, out, cfg.grad_accum)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -36,7 +36,7 @@ def test_short_soak_is_flat_and_exact(soak_module, tiny_llama, tmp_path):
 
 
 def test_soak_catches_a_planted_leak(soak_module, tiny_llama, tmp_path, monkeypatch):
-    import manyinone.train.loop as train_module
+    import manyinone.train.step_parts as train_module  # where the loop's exit losses are computed
 
     kept = []
     real = train_module.nested_loss
