@@ -44,12 +44,13 @@ class SequentialVerify:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def __call__(self, start, end, inputs, slots, pad, head=True):
+    def __call__(self, start, end, inputs, slots, pad, head=True, **options):
+        """`options`: the runner's own keywords (slots_end, plan), passed through unchanged."""
         if start == 0 or inputs.shape[1] == 1:
-            return self.runner(start, end, inputs, slots, pad, head)
+            return self.runner(start, end, inputs, slots, pad, head, **options)
         hs, ls = [], []
         for i in range(inputs.shape[1]):
-            h, logits = self.runner(start, end, inputs[:, i: i + 1], slots[..., i: i + 1], pad, head)
+            h, logits = self.runner(start, end, inputs[:, i: i + 1], slots[..., i: i + 1], pad, head, **options)
             hs.append(h.clone())
             ls.append(logits.clone())
         return torch.cat(hs, 1), torch.cat(ls, 1)
