@@ -134,6 +134,17 @@ class ExportRecord(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _largest_within(entries, cost: Callable[[Any], float], budget: float, smallest: str):
+    """The entry of the largest cost(entry) within `budget` (ties: the larger stored budget). A budget
+    below every entry is refused, naming `smallest` ("<which> (<cost kind>") and its cost."""
+    budget = check_budget(budget)
+    fitting = [e for e in entries if cost(e) <= budget + EPS]
+    if not fitting:
+        low = min(cost(e) for e in entries)
+        raise ManyinoneError(f"budget {budget} is below {smallest} {low:.3f}); allowed {low:.3f} <= budget <= 1")
+    return max(fitting, key=lambda e: (cost(e), e.budget))
+
+
 class BudgetIndex(_Strict):
     """The budget index of one checkpoint (see the module docstring)."""
 
@@ -188,13 +199,7 @@ class BudgetIndex(_Strict):
         holds no routed plans (or budget is None: the full model)."""
         if not self.routed or budget is None:
             return None
-        budget = check_budget(budget)
-        fitting = [r for r in self.routed if r.relative <= budget + EPS]
-        if not fitting:
-            low = min(r.relative for r in self.routed)
-            raise ManyinoneError(f"budget {budget} is below the smallest routed plan (cost {low:.3f}); "
-                                 f"allowed {low:.3f} <= budget <= 1")
-        best = max(fitting, key=lambda r: (r.relative, r.budget))
+        best = _largest_within(self.routed, lambda r: r.relative, budget, "the smallest routed plan (cost")
         return tuple(tuple(o) for o in best.plan)
 
     def token_routed_budget(self, budget: float | None) -> TokenRoutedBudget | None:
@@ -202,13 +207,8 @@ class BudgetIndex(_Strict):
         index holds none (or budget is None: the full model)."""
         if not self.token_routed or budget is None:
             return None
-        budget = check_budget(budget)
-        fitting = [r for r in self.token_routed if r.average <= budget + EPS]
-        if not fitting:
-            low = min(r.average for r in self.token_routed)
-            raise ManyinoneError(f"budget {budget} is below the cheapest token-routed budget (average cost {low:.3f}); "
-                                 f"allowed {low:.3f} <= budget <= 1")
-        return max(fitting, key=lambda r: (r.average, r.budget))
+        return _largest_within(self.token_routed, lambda r: r.average, budget,
+                               "the cheapest token-routed budget (average cost")
 
     def check_model(self, num_layers: int, source: str = "checkpoint") -> None:
         """Refuse an index that describes more layers than the model it ships with has."""

@@ -29,7 +29,8 @@ from manyinone.train.progress import TrainProgress
 
 
 # The pure math lives in routing_math (shared with the token router); re-exported here for callers.
-from manyinone.elastic.routing_math import budget_penalty, expected_cost, prefix_masks  # noqa: E402,F401
+from manyinone.elastic.routing_math import (budget_penalty, check_training_inputs, expected_cost,  # noqa: E402,F401
+                                            prefix_masks)
 
 
 # --- the router network ---------------------------------------------------------------------------
@@ -97,11 +98,7 @@ def train_router(router: Router, adapter, batches: Sequence[dict[str, torch.Tens
     from manyinone.train.losses import supervised_positions, token_cross_entropy
 
     adapter = require_plans(adapter, "router training")
-    if not batches:
-        raise ManyinoneError("router training needs at least one batch")
-    bad = [b for b in settings.budgets if not 0 < b <= 1]
-    if bad:
-        raise ManyinoneError(f"router budgets {bad} out of range; allowed 0 < budget <= 1")
+    check_training_inputs(batches, settings.budgets, "router training")
     model = adapter.model
     model.eval()
     for p in model.parameters():

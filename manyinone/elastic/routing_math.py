@@ -3,7 +3,11 @@ over options, a distribution's expected cost, and the budget penalty."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from manyinone.core.errors import ManyinoneError
 
 
 # --- pure math --------------------------------------------------------------------------------
@@ -29,3 +33,12 @@ def budget_penalty(expected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor
     return (expected - budget).pow(2).mean()
 
 
+
+
+def check_training_inputs(batches: Sequence, budgets: Sequence[float], what: str) -> None:
+    """What every router's training refuses up front: no batches, or a budget outside (0, 1]."""
+    if not batches:
+        raise ManyinoneError(f"{what} needs at least one batch")
+    bad = [b for b in budgets if not 0 < b <= 1]
+    if bad:
+        raise ManyinoneError(f"router budgets {bad} out of range; allowed 0 < budget <= 1")

@@ -32,7 +32,7 @@ from torch import nn
 
 from manyinone.core.adapter import LayerPlan, require_plans
 from manyinone.core.errors import ManyinoneError
-from manyinone.elastic.routing_math import budget_penalty, prefix_masks
+from manyinone.elastic.routing_math import budget_penalty, check_training_inputs, prefix_masks
 
 
 # --- pure math --------------------------------------------------------------------------------
@@ -231,11 +231,7 @@ def train_token_router(router: TokenRouter, adapter, batches: Sequence[dict[str,
     if parts.widths and (list(parts.widths) != router.widths or list(parts.heads) != router.heads):
         raise ManyinoneError(f"cost tables for widths {list(parts.widths)} / heads {list(parts.heads)}, the router "
                              f"routes {router.widths} / {router.heads}; build both from the same options")
-    if not batches:
-        raise ManyinoneError("token router training needs at least one batch")
-    bad = [b for b in settings.budgets if not 0 < b <= 1]
-    if bad:
-        raise ManyinoneError(f"router budgets {bad} out of range; allowed 0 < budget <= 1")
+    check_training_inputs(batches, settings.budgets, "token router training")
     model = adapter.model
     joint = settings.model_lr > 0
     model.train(joint)

@@ -26,8 +26,7 @@ from manyinone.io.checkpoint import resolve, routed_plan
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.cache import left_pad  # noqa: F401  (re-exported: part of this module's API)
-from manyinone.runtime.sampling import Sampling, choose
-from manyinone.runtime.cache import left_pad  # noqa: F401  (importable from here, as before)
+from manyinone.runtime.sampling import Sampling, choose, step_output
 from manyinone.runtime.stack import LayerStack, SegmentRunner, compile_step
 
 DEFAULT_MAX_LEN = 2048
@@ -303,12 +302,7 @@ class Runtime:
                 if cuda:
                     ready.synchronize()
                 chosen = (host if cuda else token).tolist()  # the one CPU-GPU sync per step
-                out = []
-                for row, t in enumerate(chosen):
-                    if live[row] and t in stop:
-                        live[row] = False
-                    out.append([t] if live[row] else [])
-                yield out
+                yield step_output(chosen, live, stop)
                 if step == max_new_tokens - 1 or not any(live):
                     break
                 token, slot = following, slot + 1

@@ -53,6 +53,17 @@ def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
+def step_output(chosen: list[int], live: list[bool], stop: set[int]) -> list[list[int]]:
+    """What one decode step yields per row: [token] while the row is live, [] once it has stopped;
+    a row stops at its first token in `stop` (that token is not yielded). Updates `live` in place."""
+    out = []
+    for row, t in enumerate(chosen):
+        if live[row] and t in stop:
+            live[row] = False
+        out.append([t] if live[row] else [])
+    return out
+
+
 def accept_greedy(draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Number of leading draft tokens [k] equal to the full model's greedy tokens [k] (a 0-dim tensor)."""
     return (draft == target).long().cumprod(0).sum()

@@ -23,7 +23,7 @@ import torch
 
 from manyinone.elastic.token_router import TokenRouting
 from manyinone.runtime.cache import left_pad
-from manyinone.runtime.sampling import Sampling, choose
+from manyinone.runtime.sampling import Sampling, choose, step_output
 from manyinone.runtime.stack import CapturedCall, SegmentRunner
 
 
@@ -78,12 +78,7 @@ def token_routed_stream(rt, prompts: list[list[int]], routing: TokenRouting, max
         slot, live = ids.shape[1], [True] * len(prompts)
         for step in range(max_new_tokens):
             chosen = token.tolist()  # the one CPU-GPU sync per step: this token's plan picks the next graph
-            out = []
-            for row, t in enumerate(chosen):
-                if live[row] and t in stop:
-                    live[row] = False
-                out.append([t] if live[row] else [])
-            yield out
+            yield step_output(chosen, live, stop)
             if step == max_new_tokens - 1 or not any(live):
                 break
             rows = [table[t] for t in chosen]

@@ -291,12 +291,14 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     (rt.shard(model) if rt.distributed else model.to(device)).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The decoder layers, for the levers that act per layer (None when none does).
+    layers = adapter.decoder_stack().layers if cfg.segment_lr_scales or cfg.layer_dropout or cfg.compile_layers \
+        else None
     if cfg.compile_layers:
         # The layer's forward only, not its __call__: the exit-capture and layer-dropout hooks come and
         # go every step and would otherwise be guards that force a recompile.
-        for layer in adapter.decoder_stack().layers:
+        for layer in layers:
             layer.forward = torch.compile(layer.forward)
-    layers = adapter.decoder_stack().layers if cfg.segment_lr_scales or cfg.layer_dropout else None
     optimizer = make_optimizer(cfg.optimizer, _param_groups(model, exit_modules, cfg, layers), cfg.lr, cfg.weight_decay,
                                device)
     _check_same_run(output, cfg)
