@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speculative import agreement, open_runtime, tiny_checkpoint  # noqa: E402  (same folder)
+from decode import smoke_checkpoint  # noqa: E402  (same folder)
+from speculative import agreement, open_runtime  # noqa: E402
 
 from manyinone.runtime.cache import StaticKVCache  # noqa: E402
 from manyinone.runtime.tune import instruction_prompts  # noqa: E402
@@ -83,17 +84,23 @@ class Float32Cache(StaticKVCache):
 
 
 @contextlib.contextmanager
-def float32_cache(rt):
-    stack = rt.stack
-    original = stack.new_cache
-    stack.new_cache = lambda batch, max_len: Float32Cache(stack.num_layers, batch, stack.kv_heads, max_len,
-                                                          stack.head_dim, stack.dtype, stack.device)
+def stack_swapped(rt, name: str, value):
+    """Inside: `rt.stack.<name>` is `value`; the runtime's cached runners (and graphs) are dropped on the
+    way in and out, so each variant records its own."""
+    original = getattr(rt.stack, name)
+    setattr(rt.stack, name, value)
     rt._runners.clear()
     try:
         yield
     finally:
-        stack.new_cache = original
+        setattr(rt.stack, name, original)
         rt._runners.clear()
+
+
+def float32_cache(rt):
+    stack = rt.stack
+    return stack_swapped(rt, "new_cache", lambda batch, max_len: Float32Cache(
+        stack.num_layers, batch, stack.kv_heads, max_len, stack.head_dim, stack.dtype, stack.device))
 
 
 @contextlib.contextmanager
@@ -107,7 +114,6 @@ def no_reduced_precision_reduction():
         m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 
 
-@contextlib.contextmanager
 def float32_logits(rt, adapter):
     """Logits at the serving depth from the final norm's output times the head weight in float32 (plain and
     speculative alike), instead of a bf16 matmul whose output is rounded to bf16 before the argmax; at logits
@@ -122,13 +128,7 @@ def float32_logits(rt, adapter):
             return torch.nn.functional.linear(head.norm(hidden).float(), head.weight.float())
         return original(end, hidden) if original is not None else stack.parts.head(hidden)
 
-    stack.exit_logits = exit_logits
-    rt._runners.clear()
-    try:
-        yield
-    finally:
-        stack.exit_logits = original
-        rt._runners.clear()
+    return stack_swapped(rt, "exit_logits", exit_logits)
 
 
 def first_divergence_gaps(rt, prompts, plain, spec) -> list[float]:
@@ -262,7 +262,7 @@ def main() -> None:
         # SmolLM2's widths and two threads: CPU bf16 GEMMs then split their reductions like GPU kernels do
         # (one thread and tiny widths are batch-invariant on CPU, and nothing would diverge).
         torch.set_num_threads(2)
-        args.ckpt = str(tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", hidden=576, intermediate=1536))
+        args.ckpt = str(smoke_checkpoint(Path(tempfile.mkdtemp()) / "tiny", hidden=576, intermediate=1536))
         args.prompts, args.rows, args.count, args.new_tokens = "demo", None, 2, 24
     device = "cuda" if torch.cuda.is_available() else "cpu"
     graphs = device == "cuda"

@@ -41,7 +41,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def smoke_checkpoint(folder: Path) -> Path:
+def smoke_checkpoint(folder: Path, hidden: int = 64, intermediate: int = 128) -> Path:
     """A tiny random 8-layer LLaMA saved as a manyinone checkpoint with exits 2,4,6,8 (no training)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,7 +52,7 @@ def smoke_checkpoint(folder: Path) -> Path:
     from helpers import make_char_tokenizer  # the test suite's character tokenizer: no hub access
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+    config = LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=8,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
     model = LlamaForCausalLM(config).eval()

@@ -32,32 +32,8 @@ from manyinone.runtime import Runtime
 from manyinone.runtime.draft_policy import best_length
 from manyinone.runtime.tune import autotune, instruction_prompts, store_choice
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def tiny_checkpoint(folder: Path, hidden: int = 64, intermediate: int = 128) -> Path:
-    """A tiny random 8-layer LLaMA saved as a manyinone checkpoint with exits 2,4,6,8 (no training)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from manyinone.core.registry import adapter_for
-    from manyinone.io.checkpoint import save_checkpoint
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from helpers import make_char_tokenizer  # the test suite's character tokenizer: no hub access
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    model = LlamaForCausalLM(config).eval()
-    adapter = adapter_for(model)
-    index = build_index(adapter, adapter.space({"depth": [2, 4, 6, 8]}), train={"template": "alpaca"})
-    return save_checkpoint(model, make_char_tokenizer(), index, folder)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import DTYPES, smoke_checkpoint, sync  # noqa: E402  (same folder: the plain decode benchmark)
 
 
 def open_runtime(path: str, exits: str | None, dtype: torch.dtype, device: str, max_len: int, graphs: bool):
@@ -187,7 +163,7 @@ def main() -> None:
 
     if args.tiny:
         torch.set_num_threads(1)
-        args.ckpt = str(tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
+        args.ckpt = str(smoke_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
         args.prompts, args.rows, args.new_tokens, args.hf_tokens = "demo", None, 16, 8
         args.lengths, args.thresholds, args.batches, args.dtype = "1,2,4", "0.05", "1,4", "float32"
     if not args.ckpt or not args.prompts:
