@@ -48,6 +48,8 @@ AGREE = [*MANYINONE_GENTLE[:2], "--epochs", "2", *MANYINONE_GENTLE[4:], "--set",
          "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"]
 LR3 = ["--lr", "3e-4", "--set", "warmup_steps=20", "--set", "exit_heads_lr_scale=10"]
 AGREE_BIG = [*AGREE[:-4], "--set", "mix_data=@gen6", "--set", "mix_ratio=0.75"]
+# The full depth leans on the teacher (KL x3) instead of labels x3.
+FULL_BY_TEACHER = ["--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"]
 RECIPES: dict[str, list[str]] = {
     "sft": ["--exits", "30"],
     # SFT + early-exit heads (the Sorted-LLaMA paper's SFT+ICT): own norm + LM head per exit,
@@ -69,18 +71,20 @@ RECIPES: dict[str, list[str]] = {
     "agree-big-lr3": [*AGREE_BIG, *LR3],  # faster base lr, the full depth held by the teacher
     "agree-big-seg": [*AGREE_BIG, "--set", "segment_lr_scales=[4,3,2,1,1]"],  # early layers train faster
     "agree-big-drop": [*AGREE_BIG, "--set", "layer_dropout=0.1"],  # LayerSkip's layer dropout
-    "agree-big-full": [*AGREE_BIG, "--set", "teacher_full_weight=3",
-                       "--set", "exit_weights=[1,1,1,1,1]"],  # the full depth leans on the teacher, not labels
+    "agree-big-full": [*AGREE_BIG, *FULL_BY_TEACHER],
     # Round 3 candidates (not run yet): the best exits (lr3) with the full depth held by the teacher,
     # and GKD-style on-policy rows (a quarter of each micro-batch sampled by the model being trained).
-    "agree-lr3-full": [*AGREE_BIG, *LR3, "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
+    "agree-lr3-full": [*AGREE_BIG, *LR3, *FULL_BY_TEACHER],
     "agree-lr3-onpolicy": [*AGREE_BIG, *LR3, "--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=128"],
     # agree-lr3-full with raw-text continuations as its generated data (against the WikiText regression).
-    "agree-lr3-text": [*AGREE[:-4], "--set", "mix_data=@gentext", "--set", "mix_ratio=0.5", *LR3,
-                       "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
+    "agree-lr3-text": [*AGREE[:-4], "--set", "mix_data=@gentext", "--set", "mix_ratio=0.5", *LR3, *FULL_BY_TEACHER],
     # agree-lr3-full on gen16 with 90% of each epoch generated (2 epochs: 2,250 steps, 2.5x agree-big).
-    "agree-huge": [*AGREE[:-4], "--set", "mix_data=@gen16", "--set", "mix_ratio=0.9", *LR3,
-                   "--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"],
+    "agree-huge": [*AGREE[:-4], "--set", "mix_data=@gen16", "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER],
+    # Round 3: start from the SFT run (the teacher itself) instead of the base model, so the full depth
+    # begins at SFT's loss and the teacher's KL only has to hold it there while the exits learn.
+    "agree-init": ["--model", "@sft", *AGREE_BIG, *FULL_BY_TEACHER],
+    "agree-init-lr3": ["--model", "@sft", *AGREE_BIG, *LR3, *FULL_BY_TEACHER],
+    "agree-init-lr3-labels": ["--model", "@sft", *AGREE_BIG, *LR3],  # the full depth on labels x3, as in agree-big-lr3
     # LoRA-nested SoFT (issue 15): plain SoFT's recipe on a frozen base with adapters on every linear
     # layer, shared by all exits, at 10x the learning rate (the usual LoRA rule); compare each with
     # "soft" per exit, and the ranks with one another for the rank that closes the gap.
