@@ -1,7 +1,8 @@
 """Generation from one loaded model at any budget per call: static KV cache, CUDA graphs, batching.
 
-A budget picks a sub-network from the checkpoint's index: a depth, and with width/heads axes a
-(width, heads) plan per layer that runs as views of the one copy of the weights (`LayerStack.sliced`).
+A budget picks a sub-network from the checkpoint's index: a depth, and with per-layer axes (width,
+heads) a plan (a SubnetSpec of sizes per layer) that runs as views of the one copy of the weights
+(`LayerStack.sliced`).
 `fused=True` compiles each whole decode step (`stack.compile_step`) before recording its CUDA graph.
 
 Example:
