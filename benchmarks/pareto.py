@@ -32,6 +32,7 @@ from manyinone.train.config import load_config
 from manyinone.train.data import collate, load_records, tokenize_records
 from manyinone.core.space import SubnetSpec
 from manyinone.eval.evaluate import evaluate_exits
+from manyinone.core.axes import PAIR_AXES, as_plan, encode_plan
 from manyinone.elastic.latency import measure_latency, option_table, plan_ms, save_table
 from manyinone.train.losses import supervised_positions
 from manyinone.elastic.router import Router, RouterTraining, plan_relative_cost, train_router
@@ -172,7 +173,7 @@ def main() -> None:
         for r in rows:
             entry = by_label[r["spec"]]
             points.append({"spec": r["spec"], "loss": r["loss"], "params": entry["relative"]["params"],
-                           "flops": entry["relative"]["flops"], "plan": [list(p) for p in adapter_plan(adapter, entry["spec"])]})
+                           "flops": entry["relative"]["flops"], "plan": stored(adapter_plan(adapter, entry["spec"]))})
         results[name] = {"points": points, "train_s": train_s, "run": str(run_dir)}
         print(f"{name}: trained in {train_s:.0f} s, {len(points)} sub-networks evaluated", flush=True)
 
@@ -203,7 +204,7 @@ def main() -> None:
             loss = held_out_loss_of_plan(adapter, plan, eval_examples, nested.tokenizer.pad_token_id, device, args.batch_size)
             points.append({"spec": f"router@{b}", "loss": loss, "flops": plan_relative_cost(plan, flops_table, options, flops_rest),
                            "params": plan_relative_cost(plan, params_table, options, params_rest),
-                           "plan": [list(p) for p in plan]})
+                           "plan": stored(plan)})
         results["routed"] = {"points": points, "train_s": time.perf_counter() - started, "run": results["width"]["run"]}
         print(f"routed: router trained and {len(points)} budgets evaluated", flush=True)
 
@@ -244,6 +245,11 @@ def main() -> None:
     write_markdown(out, results, summary, speed, latency)
     plot(out / "pareto.png", results)
     print((out / "results.md").read_text())
+
+
+def stored(plan) -> list[list[int]]:
+    """A plan as results.json keeps it: (width, heads) per layer."""
+    return encode_plan(as_plan(plan), PAIR_AXES)
 
 
 def adapter_plan(adapter, spec: dict) -> tuple:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from manyinone.core.axes import PAIR_AXES, encode_plan
 from manyinone.elastic.latency import plan_ms
 from manyinone.elastic.router import Router, RouterTraining, plan_relative_cost, train_router
 from manyinone.elastic.token_router import (TokenRouter, TokenRouterTraining, adaptivity, cost_parts, routed_forward,
@@ -75,8 +76,8 @@ def token_points(nested, batches, eval_examples, budgets, args, device, latency,
         usage = (torch.bincount(chosen, minlength=len(routing.plans)).double() / chosen.numel()).tolist()
         cost = lambda table: sum(u * table.plan_cost(p, widths, heads) for u, p in zip(usage, routing.plans))  # noqa: E731
         point = {"spec": f"{'token-joint' if model_lr > 0 else 'token'}@{b}", "budget": b, "loss": loss, "flops": cost(flops), "params": cost(params),
-                 "usage": [round(u, 3) for u in usage], "plans": [[list(o) for o in p] for p in routing.plans],
-                 "plan": [list(o) for o in routing.widest_used()],
+                 "usage": [round(u, 3) for u in usage], "plans": [encode_plan(p, PAIR_AXES) for p in routing.plans],
+                 "plan": encode_plan(routing.widest_used(), PAIR_AXES),
                  "widths_per_layer": [{str(w): round(s, 3) for w, s in layer.items()}
                                       for layer in width_distribution(routing, chosen)],
                  "adaptivity": adaptivity(routing, chosen), "router_flops": selector_flops / full_flops}
@@ -127,5 +128,5 @@ def adaptive_points(nested, batches, eval_examples, budgets, args, device, laten
         widest = router.plan(b, adapter.sequence_context(*[collate(eval_examples[:1], pad)[k].to(device)
                                                           for k in ("input_ids", "attention_mask")])[0])
         points.append({"spec": f"adaptive@{b}", "budget": b, "loss": loss, **spent, "distinct_plans": distinct,
-                       "plan": [list(o) for o in widest]})
+                       "plan": encode_plan(widest, PAIR_AXES)})
     return points

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from manyinone.core.axes import as_plan
 from manyinone.elastic.token_router import TokenRouting
 from manyinone.runtime.generate import Runtime, synchronize
 from manyinone.runtime.sampling import Sampling
@@ -53,7 +54,7 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
 
 def routing_of(adapter, w_lo: int, w_hi: int, vocab: int) -> TokenRouting:
     heads = adapter.num_heads
-    plans = (((w_lo, heads),) * adapter.num_layers, ((w_hi, heads),) * adapter.num_layers)
+    plans = (as_plan(((w_lo, heads),) * adapter.num_layers), as_plan(((w_hi, heads),) * adapter.num_layers))
     table = torch.randint(0, 2, (vocab,), generator=torch.Generator().manual_seed(1))
     full = adapter.plan_cost(((adapter.intermediate, heads),) * adapter.num_layers).flops_per_token
     routing = TokenRouting(0.0, plans, table)

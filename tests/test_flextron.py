@@ -136,7 +136,7 @@ def test_cost_by_hand_and_full_spec_matches_the_depth_adapter(tiny_llama):
     mixed = adapter.plan_cost(((128, 4), (32, 2)))
     full_layer = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3 + 2 * 64
     assert mixed.params == 64 + full_layer + (matmul + 2 * 64)
-    assert mixed.flops_per_token == 2 * 100 * 64 + sum(adapter.layer_cost(i, w, h)[1] for i, (w, h) in enumerate(((128, 4), (32, 2))))
+    assert mixed.flops_per_token == 2 * 100 * 64 + sum(adapter.layer_cost(i, {"width": w, "heads": h})[1] for i, (w, h) in enumerate(((128, 4), (32, 2))))
 
 
 # --- importance reordering ----------------------------------------------------------------------------

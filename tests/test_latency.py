@@ -65,7 +65,7 @@ def test_measured_layer_time_is_the_depth_difference(tiny_llama, monkeypatch):
     def fake_ms(fn, device, repeats, warmup):
         fn()
         plan = last["plan"]
-        return 2.0 + len(plan) * plan[0][0] / 32
+        return 2.0 + len(plan) * plan[0]["width"] / 32
 
     monkeypatch.setattr(adapter, "forward_plan", forward_plan)
     monkeypatch.setattr(latency, "_timed_ms", fake_ms)

@@ -16,9 +16,10 @@ from manyinone.train.data import collate, load_records, tokenize_records
 from manyinone.core.errors import ManyinoneError
 from manyinone.elastic.router import (Router, RouterTraining, budget_penalty, expected_cost, export_routed,
                               plan_relative_cost, prefix_masks, train_router)
+from manyinone.core.axes import as_plan
 from manyinone_flextron import LlamaFlextronAdapter
 
-OPTIONS = [(32, 2), (64, 2), (128, 4)]  # tiny model: MLP 128, 4 heads in 2 KV groups
+OPTIONS = list(as_plan([(32, 2), (64, 2), (128, 4)]))  # (width, heads): tiny model, MLP 128, 4 heads in 2 KV groups
 
 
 def test_prefix_masks_by_hand():
@@ -45,8 +46,8 @@ def test_router_cost_accounting_matches_the_adapters_costs(adapter):
     for metric, total in (("flops", full.flops_per_token), ("params", full.params)):
         table, rest = adapter.option_costs(OPTIONS, metric=metric)  # [layers, options]
         assert table.shape == (4, 3) and 0 < rest < 1
-        assert plan_relative_cost([(128, 4)] * 4, table, OPTIONS, rest) == pytest.approx(1.0)
-        plan = ((32, 2), (128, 4), (64, 2), (32, 2))
+        assert plan_relative_cost(as_plan([(128, 4)] * 4), table, OPTIONS, rest) == pytest.approx(1.0)
+        plan = as_plan(((32, 2), (128, 4), (64, 2), (32, 2)))
         exact = adapter.plan_cost(plan)
         want = (exact.flops_per_token if metric == "flops" else exact.params) / total
         assert plan_relative_cost(plan, table, OPTIONS, rest) == pytest.approx(want, rel=1e-6)
@@ -60,15 +61,15 @@ def test_router_cost_accounting_matches_the_adapters_costs(adapter):
 @torch.no_grad()
 def test_hard_masks_compute_exactly_the_sliced_mixed_plan(adapter):
     ids, mask = sample_batch()
-    plan = ((32, 2), (128, 4), (64, 2), (128, 2))
-    options = [(32, 2), (64, 2), (128, 2), (128, 4)]
+    plan = as_plan(((32, 2), (128, 4), (64, 2), (128, 2)))
+    options = list(as_plan([(32, 2), (64, 2), (128, 2), (128, 4)]))
     onehot = torch.zeros(3, 4, 4)  # [batch, layers, options]
     for i, o in enumerate(plan):
         onehot[:, i, options.index(o)] = 1
-    neuron = prefix_masks(onehot, torch.tensor([w for w, _ in options]), 128)
-    heads = prefix_masks(onehot, torch.tensor([h for _, h in options]), 4)
-    full_plan = ((128, 4),) * 4
-    with adapter.masked(neuron, heads):
+    neuron = prefix_masks(onehot, torch.tensor([o["width"] for o in options]), 128)
+    heads = prefix_masks(onehot, torch.tensor([o["heads"] for o in options]), 4)
+    full_plan = as_plan(((128, 4),) * 4)
+    with adapter.masked({"width": neuron, "heads": heads}):
         masked = adapter.exit_logits(adapter.forward_plan(ids, mask, full_plan))
     sliced = adapter.exit_logits(adapter.forward_plan(ids, mask, plan))
     extracted = adapter.extract_plan(plan)(input_ids=ids, attention_mask=mask).logits
@@ -145,7 +146,7 @@ def test_static_plans_export_into_one_checkpoint_that_load_serves(width_run, tmp
     assert all(r["relative"] <= r["budget"] for r in index["routed"])
     entry = index["routed"][0]
     sub = manyinone.load(out, budget=entry["relative"])
-    plan = tuple(tuple(o) for o in entry["plan"])
+    plan = as_plan(entry["plan"])  # stored as (width, heads) per layer
     assert sub.manyinone_plan == plan and sub.manyinone_spec.label == "depth=4"
     nested = manyinone.open_checkpoint(out)
     ids, mask = sample_batch()

@@ -16,6 +16,7 @@ from manyinone.io.checkpoint import build_index, resolve, save_checkpoint
 from manyinone.runtime import Runtime
 from manyinone.runtime.cache import live_length
 from manyinone.runtime.stack import cache_argument, compile_step
+from manyinone.core.axes import as_plan
 from manyinone_flextron import LlamaFlextronAdapter
 from test_runtime import hf_greedy, random_prompts
 
@@ -68,7 +69,7 @@ def test_width_budget_through_a_checkpoint_equals_the_exported_width_model(tiny_
     spec = resolve(rt.index, 0.5)
     assert spec["width"] < 128 or spec["heads"] < 4  # the budget really slices width or heads
     depth, plan = rt.target(0.5)
-    assert depth == spec["depth"] and plan == ((spec["width"], spec["heads"]),) * depth
+    assert depth == spec["depth"] and plan == (SubnetSpec(width=spec["width"], heads=spec["heads"]),) * depth
     sub = adapter.extract(spec).eval()
     for prompt in random_prompts(2, seed=13):
         assert rt.generate([prompt], budget=0.5, max_new_tokens=16, stop_ids=set()).tokens[0] == hf_greedy(sub, prompt, 16)
@@ -156,9 +157,10 @@ def test_a_stored_routed_plan_runs_as_views_and_equals_its_extracted_model(tiny_
     model = load(tiny_qwen2)
     adapter = LlamaFlextronAdapter(model)
     index = build_index(adapter, adapter.space({"depth": [4], "width": [64, 128], "heads": [2, 4]}))
-    plan = ((128, 2), (32, 4), (64, 2), (128, 4))
+    pairs = ((128, 2), (32, 4), (64, 2), (128, 4))  # (width, heads): the index's stored form
+    plan = as_plan(pairs)
     relative = adapter.plan_cost(plan).flops_per_token / adapter.cost(SubnetSpec()).flops_per_token
-    index["routed"] = [{"budget": 0.7, "plan": [list(o) for o in plan], "relative": relative}]
+    index["routed"] = [{"budget": 0.7, "plan": [list(o) for o in pairs], "relative": relative}]
     rt = Runtime(model, index=index, adapter=adapter, max_len=96)
     assert rt.target(0.9) == (4, plan)
     sub = adapter.extract_plan(plan).eval()

@@ -71,7 +71,7 @@ def test_one_hot_choices_compute_exactly_the_sliced_plan(adapter):
         select[..., k] = 1  # every token on plan k
         neurons = prefix_masks(token_width_probs(select, one_hot_plans), torch.tensor(WIDTHS), 128)
         assert neurons.shape == (batch, seq, 4, 128)
-        with adapter.masked(neurons, None):
+        with adapter.masked({"width": neurons}):
             masked = adapter.exit_logits(adapter.forward_plan(ids, mask, full))
         sliced = adapter.exit_logits(adapter.forward_plan(ids, mask, plan))
         assert max_abs_diff(masked, sliced, mask) <= 1e-5
@@ -119,11 +119,11 @@ def test_the_routed_tokens_average_equals_their_plans_costs(adapter):
     select = torch.nn.functional.one_hot(index, 2).float()  # [batch, seq, K]
     plan_w = torch.zeros(1, 2, 4, len(WIDTHS))
     for k, plan in enumerate(routing.plans):
-        for i, (w, _) in enumerate(plan):
-            plan_w[0, k, i, WIDTHS.index(w)] = 1
+        for i, o in enumerate(plan):
+            plan_w[0, k, i, WIDTHS.index(o["width"])] = 1
     heads = torch.zeros(1, 4, len(HEADS))
-    for i, (_, h) in enumerate(routing.plans[0]):
-        heads[0, i, HEADS.index(h)] = 1
+    for i, o in enumerate(routing.plans[0]):
+        heads[0, i, HEADS.index(o["heads"])] = 1
     probs = token_width_probs(select, plan_w.expand(index.shape[0], -1, -1, -1))
     per_token = token_costs(probs, heads.expand(index.shape[0], -1, -1), parts)
     assert per_token.mean().item() == pytest.approx(by_hand, rel=1e-5)

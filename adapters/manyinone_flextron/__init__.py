@@ -7,9 +7,10 @@ weights into the model's own modules for one pass (gradients flow into the full 
 attention and MLP forward code stays transformers' own, which infers head counts from the weights.
 
 Each axis is a `manyinone.core.axes.Axis` built here from LLaMA's module names: it owns its slicing
-table, its importance score and its mask hook. Per-layer sizes (a `LayerPlan`, one (width, heads)
-pair per kept layer, as the router and the index store them) become one `SubnetSpec` per layer
-inside (`layer_specs`); a `SubnetSpec` for the whole model is the uniform special case.
+table, its importance score and its mask hook. A per-layer plan (`LayerPlan`) is one `SubnetSpec`
+per kept layer, keyed by axis ({"width": w, "heads": h}); a `SubnetSpec` for the whole model is the
+uniform special case (`plan`). Everything below loops over `layer_axes`, so another axis of this layout
+is one more entry in `llama_axes` (plus its dimension in `space` and its FLOPs term in `layer_cost`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from manyinone.core.adapter import LayerPlan, ModelAdapter
-from manyinone.core.axes import Axis, Slice, hooked
+from manyinone.core.adapter import ModelAdapter
+from manyinone.core.axes import PAIR_AXES, Axis, LayerPlan, Slice, as_plan, hooked, layer_sizes
 from manyinone.core.cost import Cost
 from manyinone.core.space import DepthDim, HeadsDim, NestedSpace, SubnetSpec, WidthDim, even_exits, even_sizes
 from manyinone.core.errors import ManyinoneError
@@ -30,7 +31,7 @@ from manyinone_llama import LlamaDepthAdapter
 
 __all__ = ["LayerPlan", "LlamaFlextronAdapter", "PLAN_AXES", "llama_axes"]
 
-PLAN_AXES = ("width", "heads")  # the per-layer axes, in the order a (width, heads) pair lists them
+PLAN_AXES = PAIR_AXES  # this adapter's per-layer axes, in the order its importance scores list them
 
 
 def llama_axes(intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, Axis]:
@@ -104,40 +105,50 @@ class LlamaFlextronAdapter(ModelAdapter):
             dims.append(cls(total=total, choices=values))
         return NestedSpace(dims)
 
+    def full_sizes(self) -> SubnetSpec:
+        """One layer at full size on every per-layer axis."""
+        return SubnetSpec({name: axis.total for name, axis in self.layer_axes.items()})
+
     def plan(self, spec: Mapping[str, int]) -> LayerPlan:
         """The per-layer sizes of a uniform spec; axes the spec leaves out are full."""
         depth = spec.get("depth", self.num_layers)
-        return ((spec.get("width", self.intermediate), spec.get("heads", self.num_heads)),) * depth
+        return (SubnetSpec({name: spec.get(name, axis.total) for name, axis in self.layer_axes.items()}),) * depth
 
-    def layer_specs(self, plan: LayerPlan) -> tuple[SubnetSpec, ...]:
-        """A checked plan as one SubnetSpec per layer: {"width": w, "heads": h}."""
-        return tuple(SubnetSpec(dict(zip(PLAN_AXES, option))) for option in self.check_plan(plan))
-
-    def check_plan(self, plan: LayerPlan) -> LayerPlan:
-        plan = tuple((int(w), int(h)) for w, h in plan)
+    def check_plan(self, plan) -> LayerPlan:
+        """`plan` (per layer a mapping axis -> size, or an old (width, heads) pair) as SubnetSpecs naming
+        every axis, those a layer leaves out at full size; refused in one line if out of range."""
+        plan = as_plan(plan)
         if not 1 <= len(plan) <= self.num_layers:
             raise ManyinoneError(f"layer plan of {len(plan)} layers; allowed 1..{self.num_layers}")
-        for i, (w, h) in enumerate(plan):
-            if not (1 <= w <= self.intermediate and 1 <= h <= self.num_heads and h % self.group == 0):
-                raise ManyinoneError(
-                    f"layer {i}: width={w}, heads={h} out of range; allowed width 1..{self.intermediate}, "
-                    f"heads a multiple of {self.group} up to {self.num_heads}"
-                )
-        return plan
+        checked = []
+        for i, sizes in enumerate(plan):
+            unknown = sorted(set(sizes) - set(self.layer_axes))
+            if unknown:
+                raise ManyinoneError(f"layer {i}: axes {unknown} unknown to the {self.name!r} adapter; "
+                                     f"allowed {list(self.layer_axes)}")
+            sizes = {name: sizes.get(name, axis.total) for name, axis in self.layer_axes.items()}
+            if not all(1 <= v <= a.total and v % a.group == 0 for v, a in zip(sizes.values(), self.layer_axes.values())):
+                given = ", ".join(f"{n}={v}" for n, v in sizes.items())
+                allowed = ", ".join(f"{n} 1..{a.total}" if a.group == 1 else f"{n} a multiple of {a.group} up to {a.total}"
+                                    for n, a in self.layer_axes.items())
+                raise ManyinoneError(f"layer {i}: {given} out of range; allowed {allowed}")
+            checked.append(SubnetSpec(sizes))
+        return tuple(checked)
 
     @contextmanager
     def sliced(self, plan: LayerPlan) -> Iterator[None]:
         """Within the block, the model's layers compute `plan`'s widths and heads (depth unchanged)."""
-        views = [view for layer, spec in zip(self.base.layers, self.layer_specs(plan))
+        views = [view for layer, spec in zip(self.base.layers, self.check_plan(plan))
                  for axis in self.layer_axes.values() for view in axis.views(layer, spec[axis.name])]
         with swapped(views):
             yield
 
     # --- cost -------------------------------------------------------------------------------
-    def layer_cost(self, index: int, width: int, heads: int, context: int = 512) -> tuple[int, float]:
-        """(parameters, forward FLOPs per token) of decoder layer `index` at `width` and `heads`."""
+    def layer_cost(self, index: int, sizes: Mapping[str, int], context: int = 512) -> tuple[int, float]:
+        """(parameters, forward FLOPs per token) of decoder layer `index` at `sizes` (axis -> size;
+        an axis left out is full)."""
         layer = self.base.layers[index]
-        sizes = {"width": width, "heads": heads}
+        sizes = {**self.full_sizes(), **sizes}
         linear_weights = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         params = matmul = 0
         for name, p in layer.named_parameters():
@@ -148,15 +159,15 @@ class LlamaFlextronAdapter(ModelAdapter):
             params += numel
             matmul += numel if name in linear_weights else 0
         # 2 FLOPs per multiply-add; attention scores and the weighted sum add 2 * 2 * context * width.
-        return params, float(2 * matmul + 4 * context * heads * self.head_dim)
+        return params, float(2 * matmul + 4 * context * sizes["heads"] * self.head_dim)
 
     def plan_cost(self, plan: LayerPlan, context: int = 512) -> Cost:
         plan = self.check_plan(plan)
         head = self.model.lm_head.weight.numel()
         params = sum(p.numel() for p in self.base.norm.parameters())
         flops = 2.0 * head
-        for i, (w, h) in enumerate(plan):
-            p, f = self.layer_cost(i, w, h, context)
+        for i, sizes in enumerate(plan):
+            p, f = self.layer_cost(i, sizes, context)
             params, flops = params + p, flops + f
         return Cost(params=params, flops_per_token=flops)
 
@@ -168,18 +179,17 @@ class LlamaFlextronAdapter(ModelAdapter):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, specs: Sequence[SubnetSpec],
         position_ids: torch.Tensor | None = None,
     ) -> dict[SubnetSpec, torch.Tensor]:
-        # One pass per (width, heads); each pass captures all of its depths at once.
-        groups: dict[tuple[int, int], list[SubnetSpec]] = {}
+        # One pass per layer sizes (width, heads); each pass captures all of its depths at once.
+        groups: dict[SubnetSpec, list[SubnetSpec]] = {}
         for spec in specs:
             groups.setdefault(self.plan(spec)[0], []).append(spec)
         out: dict[SubnetSpec, torch.Tensor] = {}
-        for (width, heads), members in groups.items():
-            if self.model.training and getattr(self.base, "gradient_checkpointing", False) and \
-                    (width, heads) != (self.intermediate, self.num_heads):
+        for sizes, members in groups.items():
+            if self.model.training and getattr(self.base, "gradient_checkpointing", False) and sizes != self.full_sizes():
                 # Recomputation in backward would run after the sliced weights are swapped back out.
                 raise ManyinoneError("gradient checkpointing cannot train width/heads sub-networks; turn it off")
             depths = [SubnetSpec(depth=len(self.plan(s))) for s in members]
-            with self.sliced(((width, heads),) * self.num_layers):
+            with self.sliced((sizes,) * self.num_layers):
                 hidden = self.depth.forward_nested(input_ids, attention_mask, depths, position_ids)
             out.update({s: hidden[d] for s, d in zip(members, depths)})  # each [batch, seq, hidden]
         return out
@@ -191,21 +201,22 @@ class LlamaFlextronAdapter(ModelAdapter):
             return self.depth.forward_nested(input_ids, attention_mask, [depth])[depth]
 
     @contextmanager
-    def masked(self, neuron_masks: torch.Tensor | None, head_masks: torch.Tensor | None) -> Iterator[None]:
-        """Within the block, scale each layer's MLP neurons and attention heads (the router's soft or
-        hard choices). neuron_masks: [batch, layers, intermediate] per sequence, or [batch, seq, layers,
-        intermediate] per token (the token router); head_masks: [batch, layers, heads]; None leaves
-        that axis alone. A 0/1 prefix mask computes exactly the sliced sub-network: a dropped query
-        group's KV head then feeds nothing."""
+    def masked(self, masks: Mapping[str, torch.Tensor | None]) -> Iterator[None]:
+        """Within the block, scale each layer's units of every axis in `masks` (the router's soft or hard
+        choices). masks[name]: [batch, layers, total] per sequence, or [batch, seq, layers, total] per
+        token (the token router's widths); an axis left out or None is untouched. A 0/1 prefix mask
+        computes exactly the sliced sub-network: a dropped query group's KV head then feeds nothing."""
+        unknown = sorted(set(masks) - set(self.layer_axes))
+        if unknown:
+            raise ManyinoneError(f"masks for axes {unknown} unknown to the {self.name!r} adapter; allowed {list(self.layer_axes)}")
 
         def layer_mask(m: torch.Tensor, i: int) -> torch.Tensor:
             return m[:, i] if m.dim() == 3 else m[:, :, i]  # [batch, (seq,) units]
 
-        masks = {"width": neuron_masks, "heads": head_masks}
         handles = []
         try:
             for name, axis in self.layer_axes.items():
-                if masks[name] is not None:
+                if masks.get(name) is not None:
                     handles += hooked(self.base.layers, axis,
                                       lambda i, axis=axis, m=masks[name]: axis.mask_hook(layer_mask(m, i)))
             yield
@@ -220,16 +231,18 @@ class LlamaFlextronAdapter(ModelAdapter):
         keep = attention_mask.unsqueeze(-1).float()  # [batch, seq, 1]
         return (emb * keep).sum(1) / keep.sum(1).clamp(min=1)  # [batch, hidden]
 
-    def option_costs(self, options: Sequence[tuple[int, int]], context: int = 512,
+    def option_costs(self, options: Sequence[Mapping[str, int]], context: int = 512,
                      metric: str = "flops") -> tuple[torch.Tensor, float]:
-        """([layers, options] cost of each option in each layer, the fixed rest: final norm, LM head),
-        both relative to the full model, so the full plan's layer costs plus the rest sum to 1."""
+        """([layers, options] cost of each option (one layer's sizes) in each layer, the fixed rest:
+        final norm, LM head), both relative to the full model, so the full plan's layer costs plus the
+        rest sum to 1."""
         full = self.cost(SubnetSpec(), context)
         pick = {"flops": 1, "params": 0}[metric]
         total = (full.params, full.flops_per_token)[pick]
-        table = torch.tensor([[self.layer_cost(i, w, h, context)[pick] / total for w, h in options]
+        options = [layer_sizes(o) for o in options]
+        table = torch.tensor([[self.layer_cost(i, o, context)[pick] / total for o in options]
                               for i in range(self.num_layers)], dtype=torch.float64)
-        rest = 1.0 - float(sum(self.layer_cost(i, self.intermediate, self.num_heads, context)[pick]
+        rest = 1.0 - float(sum(self.layer_cost(i, self.full_sizes(), context)[pick]
                                for i in range(self.num_layers))) / total
         return table.float(), rest
 
@@ -240,8 +253,8 @@ class LlamaFlextronAdapter(ModelAdapter):
         return self.depth.linear_head()  # the memory-lean loss's (final norm, head weight)
 
     def decoder_stack(self):
-        # The depth adapter's pieces, plus the plan slicing: the runtime serves every (width, heads)
-        # plan as views of the one copy of the weights.
+        # The depth adapter's pieces, plus the plan slicing: the runtime serves every per-layer plan
+        # as views of the one copy of the weights.
         return dataclasses.replace(self.depth.decoder_stack(), sliced=self.sliced)
 
     # --- importance reordering ----------------------------------------------------------------
@@ -292,7 +305,7 @@ class LlamaFlextronAdapter(ModelAdapter):
         only (their per-layer sizes are in `config.manyinone_plan`)."""
         plan = self.check_plan(plan)
         sub = self.depth.extract(SubnetSpec(depth=len(plan)))  # shares the kept layers' tensors
-        for layer, spec in zip(sub.model.layers, self.layer_specs(plan)):
+        for layer, spec in zip(sub.model.layers, plan):
             for axis in self.layer_axes.values():
                 for module, leaf, view in axis.views(layer, spec[axis.name]):
                     # A copy, not a view: safetensors refuses views into a larger shared storage.
@@ -302,9 +315,9 @@ class LlamaFlextronAdapter(ModelAdapter):
             layer.mlp.intermediate_size = spec["width"]
         config = sub.config
         if len(set(plan)) == 1:
-            width, heads = plan[0]
+            width, heads = plan[0]["width"], plan[0]["heads"]
             config.intermediate_size, config.num_attention_heads = width, heads
             config.num_key_value_heads, config.head_dim = heads // self.group, self.head_dim
         else:
-            config.manyinone_plan = [list(p) for p in plan]
+            config.manyinone_plan = [p.to_dict() for p in plan]  # per layer, axis -> size
         return sub

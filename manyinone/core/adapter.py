@@ -4,7 +4,7 @@ An adapter knows one architecture (which modules are layers, neurons, heads) and
 the CLI, the data or the training loop. The core only calls what is declared here:
 
 * `ModelAdapter`: every adapter (depth exits, cost, export, the runtime's `decoder_stack`);
-* `PlanAdapter`: adapters with per-layer width/heads plans (the router, latency tables, routing);
+* `PlanAdapter`: adapters with per-layer plans over their `layer_axes` (the router, latency tables, routing);
 * `Reorderable`: adapters that can sort their units by importance before elastic training.
 
 The two protocols are checked with `isinstance` where they are needed, so an adapter that lacks a
@@ -22,14 +22,14 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from manyinone.core.axes import Axis, LayerPlan, LayerSizes
 from manyinone.core.cost import Cost
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.lean_loss import LinearHead
 
 
-Option = tuple[int, int]  # one layer's (MLP width, query heads)
-LayerPlan = tuple[Option, ...]  # one Option per kept layer, bottom first
+Option = LayerSizes  # one layer's size per axis (a SubnetSpec, e.g. {"width": 768, "heads": 9}); see core.axes
 
 
 @dataclass
@@ -42,9 +42,9 @@ class DecoderStack:
     position_embeddings=); rotary(hidden, positions) -> the (cos, sin) the layers take, or None;
     head(hidden) -> logits through the model's own final norm and LM head; kv_heads, head_dim: the
     KV cache's shape per layer. The hidden state an exit sees is taken before the final norm.
-    sliced(plan): for adapters with width/heads plans, a context manager inside which the first
-    len(plan) layers compute that plan's (width, heads) as views of the one copy of the weights
-    (None: the runtime serves depth only).
+    sliced(plan): for adapters with per-layer plans, a context manager inside which the first
+    len(plan) layers compute that plan's sizes (one SubnetSpec per layer) as views of the one copy of
+    the weights (None: the runtime serves depth only).
     """
 
     embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -124,21 +124,26 @@ class ModelAdapter(ABC):
 
 @runtime_checkable
 class PlanAdapter(Protocol):
-    """An adapter with per-layer (width, heads) plans: what the router, latency tables and routed
-    generation call (see adapters/manyinone_flextron)."""
+    """An adapter with per-layer plans over its `layer_axes`: what the router, latency tables and
+    routed generation call (see adapters/manyinone_flextron). A plan is a tuple of SubnetSpec, one per
+    kept layer, keyed by the names in `layer_axes`; nothing here names an axis, so a new axis is a new
+    `layer_axes` entry in the adapters that support it."""
 
     name: str
     num_layers: int  # decoder layers
-    intermediate: int  # MLP neurons per layer (the full width)
-    num_heads: int  # query heads per layer (the full heads)
+    layer_axes: Mapping[str, Axis]  # the per-layer axes by name; each Axis's `total` is its full size
 
     def plan(self, spec: Mapping[str, int]) -> LayerPlan: ...
 
-    def check_plan(self, plan: LayerPlan) -> LayerPlan: ...
+    def check_plan(self, plan: Sequence[Mapping[str, int]]) -> LayerPlan:
+        """The plan as a tuple of SubnetSpec naming every layer axis (ones it leaves out at full size),
+        or one line naming the bad layer, axis and size."""
 
     def forward_plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: LayerPlan) -> torch.Tensor: ...
 
-    def masked(self, neuron_masks: torch.Tensor, head_masks: torch.Tensor) -> AbstractContextManager[None]: ...
+    def masked(self, masks: Mapping[str, torch.Tensor | None]) -> AbstractContextManager[None]:
+        """Within the block, scale each layer's units of axis name by masks[name]: [batch, layers, total]
+        per sequence or [batch, seq, layers, total] per token; an axis left out (or None) is untouched."""
 
     def sequence_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
 
@@ -165,10 +170,10 @@ class Reorderable(Protocol):
 
 
 def require_plans(adapter, what: str) -> PlanAdapter:
-    """`adapter` as a PlanAdapter, or one line saying `what` needs width/heads plans."""
+    """`adapter` as a PlanAdapter, or one line saying `what` needs per-layer plans."""
     if not isinstance(adapter, PlanAdapter):
         missing = [m for m in ("plan", "check_plan", "forward_plan", "masked", "sequence_context", "option_costs",
-                               "extract_plan", "num_layers", "intermediate", "num_heads") if not hasattr(adapter, m)]
+                               "extract_plan", "num_layers", "layer_axes") if not hasattr(adapter, m)]
         raise ManyinoneError(f"the {adapter.name!r} adapter has no per-layer plans (PlanAdapter lacks {missing}); "
                              f"{what} needs a checkpoint trained with width/heads axes")
     return adapter

@@ -7,8 +7,12 @@ units group (grouped-query attention keeps whole query groups with their KV head
 one Axis per axis they support from their own module names; the machinery below is generic, so a
 new axis (elastic hidden size, MoE experts) is a new Axis value plus the adapter that offers it.
 
-A per-layer plan is a tuple of `SubnetSpec`, one per layer ({"width": w, "heads": h}); the axes read
-their own size from it. Module paths are relative to one decoder layer.
+A per-layer plan (`LayerPlan`) is a tuple of `SubnetSpec`, one per kept layer, bottom first, keyed by
+axis name ({"width": w, "heads": h} for the Flextron adapter); each axis reads its own size from it, so
+the plan machinery (router, latency tables, index, runtime) never lists the axes. On disk a plan is
+stored compactly as lists of sizes in the order of an explicit axis list (`encode_plan`); files written
+before axes were named hold (width, heads) pairs, which is that list's default (`PAIR_AXES`).
+Module paths are relative to one decoder layer.
 
 Example:
     >>> width = Axis("width", total=11008, entry="mlp.down_proj",
@@ -19,13 +23,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from manyinone.core.errors import ManyinoneError
+from manyinone.core.space import SubnetSpec
+
+LayerSizes = SubnetSpec  # one layer's size per axis, e.g. SubnetSpec(width=768, heads=9)
+LayerPlan = tuple[SubnetSpec, ...]  # one LayerSizes per kept layer, bottom first
+# The axis order of plans, options and latency keys stored before axes were named: a bare pair is
+# (width, heads). Still the default list order on disk, so those files read and write unchanged.
+PAIR_AXES = ("width", "heads")
 
 
 @dataclass(frozen=True)
@@ -132,4 +143,54 @@ def hooked(layers: Sequence[nn.Module], axis: Axis, make_hook: Callable[[int], C
     return [layer.get_submodule(axis.entry).register_forward_pre_hook(make_hook(i)) for i, layer in enumerate(layers)]
 
 
-__all__ = ["Axis", "Slice", "hooked"]
+# --- plans: axis-keyed in memory, sizes in an explicit axis order on disk -------------------------
+def axis_order(names: Iterable[str]) -> tuple[str, ...]:
+    """A stable order for writing axes as list positions: PAIR_AXES first (so width/heads files keep
+    their old layout), any other axis after them by name."""
+    names = set(names)
+    return tuple(a for a in PAIR_AXES if a in names) + tuple(sorted(names - set(PAIR_AXES)))
+
+
+def layer_sizes(sizes: Mapping[str, int] | Sequence[int], axes: Sequence[str] = PAIR_AXES) -> SubnetSpec:
+    """One layer's sizes as a SubnetSpec: from a mapping (axis -> size), or from a list of sizes in
+    `axes` order (the stored form; a bare pair is the old (width, heads))."""
+    if isinstance(sizes, Mapping):
+        return sizes if isinstance(sizes, SubnetSpec) else SubnetSpec(sizes)
+    sizes = list(sizes)
+    if len(sizes) != len(axes) or not all(isinstance(v, int) or hasattr(v, "__index__") for v in sizes):
+        raise ManyinoneError(f"layer sizes {sizes!r} do not match the axes {list(axes)}; expected one integer per axis "
+                             "or a mapping axis -> size")
+    return SubnetSpec(dict(zip(axes, (int(v) for v in sizes))))
+
+
+def as_plan(plan: Iterable[Mapping[str, int] | Sequence[int]], axes: Sequence[str] = PAIR_AXES) -> LayerPlan:
+    """A per-layer plan as a tuple of SubnetSpec (each layer a mapping, or sizes in `axes` order)."""
+    return tuple(layer_sizes(o, axes) for o in plan)
+
+
+def plan_axes(options: Iterable[Mapping[str, int]]) -> tuple[str, ...]:
+    """The axes a set of layer sizes names (all of them must name the same ones), in `axis_order`."""
+    names = {tuple(sorted(o)) for o in options}
+    if len(names) != 1:
+        raise ManyinoneError(f"layer sizes name different axes {sorted(names)}; every option needs the same axes")
+    return axis_order(next(iter(names)))
+
+
+def encode_sizes(sizes: Mapping[str, int], axes: Sequence[str]) -> list[int]:
+    """One layer's sizes as the stored list, in `axes` order."""
+    return [int(sizes[a]) for a in axes]
+
+
+def encode_plan(plan: Iterable[Mapping[str, int]], axes: Sequence[str]) -> list[list[int]]:
+    """A plan as stored: one list of sizes per layer, in `axes` order."""
+    return [encode_sizes(o, axes) for o in plan]
+
+
+def widest(plans: Sequence[LayerPlan]) -> LayerPlan:
+    """Per layer, the largest size of each axis over `plans` (all of one length): the one sliced pass
+    that contains every plan (the rest masked off per row or token)."""
+    return tuple(SubnetSpec({a: max(p[i][a] for p in plans) for a in plans[0][i]}) for i in range(len(plans[0])))
+
+
+__all__ = ["Axis", "LayerPlan", "LayerSizes", "PAIR_AXES", "Slice", "as_plan", "axis_order", "encode_plan",
+           "encode_sizes", "hooked", "layer_sizes", "plan_axes", "widest"]

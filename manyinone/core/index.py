@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
 
+from manyinone.core.axes import PAIR_AXES, LayerPlan, as_plan
 from manyinone.core.cost import METRICS, check_budget, resolve_budget
 from manyinone.core.errors import ManyinoneError
 from manyinone.core.space import SubnetSpec
@@ -83,17 +84,26 @@ class ExitHeadsRecord(_Strict):
 
 
 class RoutedPlan(_Strict):
-    """A router's fixed per-layer plan for one budget: (width, heads) per kept layer."""
+    """A router's fixed per-layer plan for one budget: per kept layer, its sizes in the order of the
+    router's `axes` ((width, heads) when the router names none)."""
 
     budget: StrictFloat
-    plan: list[tuple[StrictInt, StrictInt]] = Field(min_length=1)
+    plan: list[list[StrictInt]] = Field(min_length=1)
     relative: StrictFloat = Field(gt=0)
 
 
 class RouterRecord(_Strict):
-    options: list[tuple[StrictInt, StrictInt]] = Field(min_length=1)
+    """The router's options (one layer's sizes each, in `axes` order). `axes` is absent for
+    (width, heads), so width/heads checkpoints keep the exact layout earlier versions read."""
+
+    options: list[list[StrictInt]] = Field(min_length=1)
     context_size: Optional[StrictInt] = None
     metric: Literal["flops", "params"] = "flops"
+    axes: Optional[list[StrictStr]] = Field(None, min_length=1)
+
+    @property
+    def plan_axes(self) -> tuple[str, ...]:
+        return tuple(self.axes) if self.axes else PAIR_AXES
 
 
 class TokenRoutedBudget(_Strict):
@@ -166,6 +176,12 @@ class BudgetIndex(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "BudgetIndex":
+        axes = self.plan_axes
+        sized = [(f"router.options[{i}]", o) for i, o in enumerate(self.router.options if self.router else [])]
+        sized += [(f"routed[{i}].plan[{j}]", o) for i, r in enumerate(self.routed or []) for j, o in enumerate(r.plan)]
+        for field, sizes in sized:
+            if len(sizes) != len(axes):
+                raise _FieldError(field, f"{len(sizes)} sizes for the axes {list(axes)}; need one per axis")
         for i, entry in enumerate(self.specs):
             if self.metric not in entry.relative:
                 raise _FieldError(f"specs[{i}].relative", f"lacks the index's metric {self.metric!r}")
@@ -194,13 +210,18 @@ class BudgetIndex(_Strict):
     def resolve(self, budget: float | None) -> SubnetSpec:
         return resolve_budget(self.spec_costs(), budget)
 
-    def routed_plan(self, budget: float | None) -> tuple[tuple[int, int], ...] | None:
-        """The stored per-layer plan of the largest relative cost within `budget`; None when the index
-        holds no routed plans (or budget is None: the full model)."""
+    @property
+    def plan_axes(self) -> tuple[str, ...]:
+        """The axes the stored routed plans list sizes for, in order."""
+        return self.router.plan_axes if self.router else PAIR_AXES
+
+    def routed_plan(self, budget: float | None) -> LayerPlan | None:
+        """The stored per-layer plan (one SubnetSpec per layer) of the largest relative cost within
+        `budget`; None when the index holds no routed plans (or budget is None: the full model)."""
         if not self.routed or budget is None:
             return None
         best = _largest_within(self.routed, lambda r: r.relative, budget, "the smallest routed plan (cost")
-        return tuple(tuple(o) for o in best.plan)
+        return as_plan(best.plan, self.plan_axes)
 
     def token_routed_budget(self, budget: float | None) -> TokenRoutedBudget | None:
         """The token-routed budget of the largest measured average cost within `budget`; None when the

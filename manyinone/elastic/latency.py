@@ -1,13 +1,16 @@
-"""Measured latency lookup table: milliseconds per decoder layer for each (width, heads) option,
-so budgets can be given in milliseconds as well as fractions (Flextron's latency surrogate).
+"""Measured latency lookup table: milliseconds per decoder layer for each option (one layer's size
+on every per-layer axis), so budgets can be given in milliseconds as well as fractions (Flextron's
+latency surrogate).
 
 Measured once on the target device through the adapter's own sliced forward: for each option, the
 whole model at depth L and at depth 1; the difference over L - 1 is one layer, the rest is the
-embedding, final norm and LM head. Stored as JSON beside a checkpoint.
+embedding, final norm and LM head. Stored as JSON beside a checkpoint: `layer_ms` is keyed by the
+option's sizes joined by commas in the order of the table's `axes` ("768,6" for axes
+["width", "heads"]); a table without `axes` (written before axes were named) is (width, heads).
 
 Example:
-    >>> table = measure_latency(adapter, [(768, 6), (1536, 9)], batch=16, seq=512)
-    >>> plan_ms(table, [(768, 6)] * 30)
+    >>> table = measure_latency(adapter, [{"width": 768, "heads": 6}, {"width": 1536, "heads": 9}])
+    >>> plan_ms(table, [{"width": 768, "heads": 6}] * 30)
 """
 
 from __future__ import annotations
@@ -21,12 +24,24 @@ from typing import Any
 
 import torch
 
-from manyinone.core.adapter import Option  # one layer's (width, heads)
+from manyinone.core.adapter import Option  # one layer's sizes, axis -> size
+from manyinone.core.axes import PAIR_AXES, LayerSizes, as_plan, encode_sizes, layer_sizes, plan_axes
 from manyinone.core.errors import ManyinoneError
 
 
-def _key(option: Option) -> str:
-    return f"{option[0]},{option[1]}"
+def table_axes(table: dict[str, Any]) -> tuple[str, ...]:
+    """The axes a table's keys list sizes for, in order ((width, heads) for a table that names none)."""
+    return tuple(table.get("axes") or PAIR_AXES)
+
+
+def _key(option: Option, axes: Sequence[str]) -> str:
+    return ",".join(map(str, encode_sizes(layer_sizes(option), axes)))
+
+
+def table_options(table: dict[str, Any]) -> list[LayerSizes]:
+    """The options a table measured, as axis-keyed sizes."""
+    axes = table_axes(table)
+    return [layer_sizes([int(v) for v in k.split(",")], axes) for k in table["layer_ms"]]
 
 
 def _timed_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
@@ -48,8 +63,9 @@ def _timed_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
 @torch.no_grad()
 def measure_latency(adapter, options: Sequence[Option], batch: int = 16, seq: int = 512, repeats: int = 10,
                     warmup: int = 3, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """{"layer_ms": {"w,h": ms of one layer}, "rest_ms": ms outside the layers, ...} for one forward
-    of [batch, seq] tokens on the model's device (bf16 autocast on CUDA unless `dtype` says otherwise)."""
+    """{"axes": [...], "layer_ms": {"sizes,...": ms of one layer}, "rest_ms": ms outside the layers, ...}
+    for one forward of [batch, seq] tokens on the model's device (bf16 autocast on CUDA unless `dtype`
+    says otherwise). options: one layer's sizes each (mappings, or old (width, heads) pairs)."""
     model = adapter.model.eval()
     device = next(model.parameters()).device
     num_layers = adapter.num_layers
@@ -59,25 +75,32 @@ def measure_latency(adapter, options: Sequence[Option], batch: int = 16, seq: in
     mask = torch.ones_like(ids)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    options = list(as_plan(options))
+    axes = plan_axes(options)
     layer_ms, rest = {}, []
     for option in options:
         with autocast:
-            deep = _timed_ms(lambda: adapter.forward_plan(ids, mask, (tuple(option),) * num_layers), device, repeats, warmup)
-            one = _timed_ms(lambda: adapter.forward_plan(ids, mask, (tuple(option),)), device, repeats, warmup)
+            deep = _timed_ms(lambda: adapter.forward_plan(ids, mask, (option,) * num_layers), device, repeats, warmup)
+            one = _timed_ms(lambda: adapter.forward_plan(ids, mask, (option,)), device, repeats, warmup)
         per_layer = max(deep - one, 0.0) / (num_layers - 1)
-        layer_ms[_key(option)] = per_layer
+        layer_ms[_key(option, axes)] = per_layer
         rest.append(max(one - per_layer, 0.0))
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "batch": batch, "seq": seq, "dtype": str(dtype).removeprefix("torch."), "num_layers": num_layers,
-            "layer_ms": layer_ms, "rest_ms": statistics.median(rest)}
+            "axes": list(axes), "layer_ms": layer_ms, "rest_ms": statistics.median(rest)}
 
 
 def plan_ms(table: dict[str, Any], plan: Sequence[Option]) -> float:
     """Estimated ms of one forward of a per-layer plan: the rest plus each layer's measured time."""
-    missing = sorted({_key(o) for o in plan} - set(table["layer_ms"]))
+    axes = table_axes(table)
+    plan = as_plan(plan)
+    named = sorted({a for o in plan for a in o} - set(axes))
+    if named:
+        raise ManyinoneError(f"latency table times axes {list(axes)}; the plan also names {named}")
+    missing = sorted({_key(o, axes) for o in plan} - set(table["layer_ms"]))
     if missing:
         raise ManyinoneError(f"latency table has no entry for options {missing}; measured: {sorted(table['layer_ms'])}")
-    return table["rest_ms"] + sum(table["layer_ms"][_key(o)] for o in plan)
+    return table["rest_ms"] + sum(table["layer_ms"][_key(o, axes)] for o in plan)
 
 
 def relative_budget(table: dict[str, Any], full_plan: Sequence[Option], ms: float) -> float:
@@ -88,21 +111,22 @@ def relative_budget(table: dict[str, Any], full_plan: Sequence[Option], ms: floa
     return min(ms / full, 1.0)
 
 
-def spec_plan(spec: dict[str, int], space: dict[str, dict]) -> list[Option]:
-    """The per-layer (width, heads) of a uniform spec, axes it lacks at their totals in `space`
+def spec_plan(spec: dict[str, int], space: dict[str, dict], axes: Sequence[str] = PAIR_AXES) -> list[Option]:
+    """The per-layer sizes on `axes` of a uniform spec, axes it lacks at their totals in `space`
     (an index's "space"; a depth-only index needs the table's full option, see `index_budget_for_ms`)."""
     total = {axis: int(v["total"]) for axis, v in space.items()}
     depth = spec.get("depth", total.get("depth"))
-    return [(spec.get("width", total.get("width")), spec.get("heads", total.get("heads")))] * int(depth)
+    return [layer_sizes({a: spec.get(a, total[a]) for a in axes})] * int(depth)
 
 
 def index_budget_for_ms(index: dict[str, Any], table: dict[str, Any], ms: float) -> float:
     """The relative cost (the index's metric) of the index's sub-network with the largest measured
     time within `ms`, so `--budget-ms` resolves through the ordinary budget path."""
-    full_width, full_heads = max(tuple(map(int, k.split(","))) for k in table["layer_ms"])
-    space = {"width": {"total": full_width}, "heads": {"total": full_heads},
+    axes, options = table_axes(table), table_options(table)
+    # An axis the index does not nest runs at full size: the largest the table measured.
+    space = {**{a: {"total": max(o[a] for o in options)} for a in axes},
              "depth": {"total": table["num_layers"]}, **index["space"]}
-    priced = [(plan_ms(table, spec_plan(e["spec"], space)), e["relative"][index["metric"]]) for e in index["specs"]]
+    priced = [(plan_ms(table, spec_plan(e["spec"], space, axes)), e["relative"][index["metric"]]) for e in index["specs"]]
     fitting = [p for p in priced if p[0] <= ms]
     if not fitting:
         fastest = min(t for t, _ in priced)
@@ -115,7 +139,7 @@ def option_table(table: dict[str, Any], options: Sequence[Option], num_layers: i
                  ) -> tuple[torch.Tensor, float]:
     """Router cost table from measured latency: ([layers, options] ms / full ms, rest share)."""
     full = plan_ms(table, full_plan)
-    row = [table["layer_ms"][_key(o)] / full for o in options]
+    row = [table["layer_ms"][_key(o, table_axes(table))] / full for o in as_plan(options)]
     return torch.tensor([row] * num_layers), table["rest_ms"] / full
 
 
@@ -136,12 +160,14 @@ def load_table(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ManyinoneError(f"latency table {str(path)!r} unreadable ({type(exc).__name__})") from None
     keys_ok = isinstance(table, dict) and isinstance(table.get("layer_ms"), dict) and table["layer_ms"] \
-        and isinstance(table.get("num_layers"), int) and "rest_ms" in table
+        and isinstance(table.get("num_layers"), int) and "rest_ms" in table \
+        and (table.get("axes") is None or (isinstance(table["axes"], list) and table["axes"]
+                                           and all(isinstance(a, str) for a in table["axes"])))
     try:
-        options_ok = keys_ok and all(len(tuple(map(int, k.split(",")))) == 2 for k in table["layer_ms"])
+        options_ok = keys_ok and all(len(tuple(map(int, k.split(",")))) == len(table_axes(table)) for k in table["layer_ms"])
     except ValueError:
         options_ok = False
     if not options_ok:
-        raise ManyinoneError(f"latency table {str(path)!r} lacks layer_ms (keys 'width,heads'), rest_ms or "
-                             "num_layers; write it with measure_latency")
+        raise ManyinoneError(f"latency table {str(path)!r} lacks layer_ms (keys: sizes in the order of its axes, "
+                             "'width,heads' when it names none), rest_ms or num_layers; write it with measure_latency")
     return table

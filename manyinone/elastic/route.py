@@ -3,7 +3,7 @@ with the model frozen, check each budget's plans against the budget, and write a
 checkpoint holding the router (one atomic write; the checksums cover the router's files).
 
 Modes:
-- static: one per-layer (width, heads) plan per budget (`router.Router`), stored in the index;
+- static: one per-layer plan (every layer's size on each axis) per budget (`router.Router`), stored in the index;
 - adaptive: one plan per prompt from its mean embedding (`router.Router(context_size=...)`);
 - token: one of K plans per token, heads per budget (`token_router.TokenRouter`).
 
@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,9 @@ from typing import Any
 import torch
 
 from manyinone.core.adapter import PlanAdapter
+from manyinone.core.axes import PAIR_AXES, encode_plan
 from manyinone.core.errors import ManyinoneError
+from manyinone.core.space import SubnetSpec
 from manyinone.elastic.router import check_within_budget
 from manyinone.elastic.token_router import CostParts, TokenRouter, TokenRouterTraining, cost_parts, train_token_router
 from manyinone.elastic.token_router_io import save_token_router
@@ -40,12 +43,23 @@ def parse_budgets(text: str) -> list[float]:
     return sorted(set(budgets))
 
 
+def axis_choices(nested) -> dict[str, list[int]]:
+    """Per axis of the adapter's layers, the checkpoint's trained sizes (full size for an axis it does not nest)."""
+    space = nested.index["space"]
+    return {name: sorted(space[name]["choices"]) if name in space else [axis.total]
+            for name, axis in nested.adapter.layer_axes.items()}
+
+
+def plan_options(nested) -> list[SubnetSpec]:
+    """Every combination of the trained per-layer sizes: the options a static router or a latency table covers."""
+    choices = axis_choices(nested)
+    return [SubnetSpec(dict(zip(choices, sizes))) for sizes in itertools.product(*choices.values())]
+
+
 def elastic_options(nested) -> tuple[list[int], list[int]]:
-    """The checkpoint's trained widths and heads (full size for an axis it does not nest)."""
-    adapter, space = nested.adapter, nested.index["space"]
-    widths = list(space["width"]["choices"]) if "width" in space else [adapter.intermediate]
-    heads = list(space["heads"]["choices"]) if "heads" in space else [adapter.num_heads]
-    return sorted(widths), sorted(heads)
+    """The checkpoint's trained widths and heads: the token router's two axes."""
+    choices = axis_choices(nested)
+    return choices["width"], choices["heads"]
 
 
 def training_batches(nested, data: str, rows: str | None, batch_size: int, max_length: int) -> list[dict]:
@@ -78,9 +92,9 @@ def route_checkpoint(ckpt: str | os.PathLike, output: str | os.PathLike, mode: s
         space = sorted(nested.index["space"])
         raise ManyinoneError(f"{mode} routing needs a checkpoint trained with elastic width; {str(ckpt)!r} nests "
                              f"{space} (train with --axes width,heads)")
-    if not isinstance(adapter, PlanAdapter) or not {"width", "heads"} & set(nested.index["space"]):
-        raise ManyinoneError(f"{mode} routing needs elastic width or heads; {str(ckpt)!r} nests "
-                             f"{sorted(nested.index['space'])} (train with --axes width,heads)")
+    if not isinstance(adapter, PlanAdapter) or not set(adapter.layer_axes) & set(nested.index["space"]):
+        raise ManyinoneError(f"{mode} routing needs elastic width or heads (a nested per-layer axis); {str(ckpt)!r} "
+                             f"nests {sorted(nested.index['space'])} (train with --axes width,heads)")
     batches = training_batches(nested, data, rows, batch_size, max_length)
     torch.manual_seed(seed)
     if mode == "token":
@@ -92,8 +106,7 @@ def _route_plans(nested, output, mode, budgets, batches, steps, cost_weight, lr,
     from manyinone.elastic.router import Router, RouterTraining, export_routed_nested, train_router
 
     adapter = nested.adapter
-    widths, heads = elastic_options(nested)
-    options = [(w, h) for w in widths for h in heads]
+    options = plan_options(nested)
     metric = nested.index.get("metric", "flops")
     table, fixed = adapter.option_costs(options, metric=metric)
     adaptive = mode == "adaptive"
@@ -136,10 +149,10 @@ def token_budget_entries(router: TokenRouter, adapter, aims: dict[float, float],
         average = routing.average(chosen)
         check_within_budget(budget, average, "the token router's average cost over the calibration tokens")
         used = [k for k in range(router.num_plans) if usage[k] > 0]
-        widest = [(max(routing.plans[k][i][0] for k in used), routing.plans[0][i][1]) for i in range(router.num_layers)]
-        entries.append({"budget": aim, "plans": [[list(o) for o in p] for p in routing.plans],
+        # Stored as (width, heads) per layer: the token router's two axes, in the index's pair layout.
+        entries.append({"budget": aim, "plans": [encode_plan(p, PAIR_AXES) for p in routing.plans],
                         "costs": list(routing.costs), "usage": usage.tolist(), "average": average,
-                        "widest": [list(o) for o in widest]})
+                        "widest": encode_plan(routing.union_of(used), PAIR_AXES)})
     return entries
 
 
@@ -159,7 +172,7 @@ def export_token_routed(nested, router: TokenRouter, aims: dict[float, float], o
 
 def write_latency(ckpt: str | os.PathLike, output: str | os.PathLike, batch: int = 1, seq: int = 128,
                   repeats: int = 10, device: str = "auto") -> dict[str, Any]:
-    """Measure the checkpoint's latency table (ms per layer for every trained (width, heads)) on `device`
+    """Measure the checkpoint's latency table (ms per layer for every trained per-layer option) on `device`
     and write it as JSON (what `export --budget-ms` and the routers' ms budgets read)."""
     from manyinone.core.device import pick_device
     from manyinone.elastic.latency import measure_latency, save_table
@@ -168,10 +181,9 @@ def write_latency(ckpt: str | os.PathLike, output: str | os.PathLike, batch: int
     dev = pick_device(device)
     nested = open_checkpoint(ckpt, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=str(dev))
     if not isinstance(nested.adapter, PlanAdapter):
-        raise ManyinoneError(f"a latency table times (width, heads) options; {str(ckpt)!r} nests "
+        raise ManyinoneError(f"a latency table times (width, heads) options (the adapter's per-layer axes); {str(ckpt)!r} nests "
                              f"{sorted(nested.index['space'])} with the {nested.adapter.name!r} adapter")
-    widths, heads = elastic_options(nested)
-    table = measure_latency(nested.adapter, [(w, h) for w in widths for h in heads], batch=batch, seq=seq,
+    table = measure_latency(nested.adapter, plan_options(nested), batch=batch, seq=seq,
                             repeats=repeats, warmup=min(3, repeats))
     save_table(table, output)
     return table

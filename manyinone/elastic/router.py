@@ -1,15 +1,17 @@
-"""Learned router (Flextron): picks each layer's (width, heads) option for a compute budget.
+"""Learned router (Flextron): picks each layer's option (its size on every per-layer axis) for a
+compute budget.
 
 A small network per layer maps the budget (and, in input-adaptive mode, the mean embedding of the
 input sequence) to a distribution over the layer's options. Training keeps the model frozen: the
-router's choice enters the model as prefix masks on MLP neurons and attention heads (a hard choice
-masks exactly what slicing drops), and a penalty keeps the expected cost at the budget.
+router's choice enters the model as one prefix mask per axis (MLP neurons, attention heads, or any
+axis the adapter's `layer_axes` names; a hard choice masks exactly what slicing drops), and a penalty
+keeps the expected cost at the budget.
 
 Static mode: `Router.plan(budget)` resolves a budget to one fixed per-layer configuration.
 
 Example:
-    >>> router = Router(num_layers=30, options=[(768, 6), (1536, 9)])
-    >>> plan = router.plan(0.5)        # ((768, 6), (1536, 9), ...) one pair per layer
+    >>> router = Router(num_layers=30, options=[{"width": 768, "heads": 6}, {"width": 1536, "heads": 9}])
+    >>> plan = router.plan(0.5)        # (SubnetSpec(heads=6, width=768), ...) one per layer
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manyinone.core.adapter import Option, require_plans
+from manyinone.core.axes import LayerPlan, as_plan, encode_plan, layer_sizes, plan_axes
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.progress import TrainProgress
 
@@ -35,14 +38,16 @@ from manyinone.elastic.routing_math import (budget_penalty, check_training_input
 
 # --- the router network ---------------------------------------------------------------------------
 class Router(nn.Module):
-    """Per-layer MLPs from (budget[, mean input embedding]) to logits over `options`."""
+    """Per-layer MLPs from (budget[, mean input embedding]) to logits over `options` (each one layer's
+    sizes: a mapping axis -> size, or sizes listed in `axes` order; an old (width, heads) pair by default)."""
 
     def __init__(self, num_layers: int, options: Sequence[Option], context_size: int | None = None,
-                 hidden: int = 64) -> None:
+                 hidden: int = 64, axes: Sequence[str] | None = None) -> None:
         super().__init__()
         if not options:
-            raise ManyinoneError("a router needs at least one (width, heads) option")
-        self.options = [tuple(int(x) for x in o) for o in options]
+            raise ManyinoneError("a router needs at least one option (one layer's sizes per axis)")
+        self.options = list(as_plan(options, *([axes] if axes else [])))
+        self.axes = plan_axes(self.options)  # the routed axes, in the order they are stored
         self.context_size = context_size  # None: static (budget only); else input-adaptive
         features = 1 + (context_size or 0)
         self.layers = nn.ModuleList(
@@ -65,7 +70,7 @@ class Router(nn.Module):
         return torch.stack([layer(x) for layer in self.layers], dim=1)  # [batch, layers, options]
 
     @torch.no_grad()
-    def plan(self, budget: float, context: torch.Tensor | None = None) -> tuple[Option, ...]:
+    def plan(self, budget: float, context: torch.Tensor | None = None) -> LayerPlan:
         """The most likely option per layer for `budget` (one sequence's context if adaptive)."""
         device = next(self.parameters()).device
         ctx = None if context is None else context.reshape(1, -1).to(device)
@@ -106,8 +111,11 @@ def train_router(router: Router, adapter, batches: Sequence[dict[str, torch.Tens
     device = next(model.parameters()).device
     router.to(device).train()
     table = table.to(device)
-    widths = torch.tensor([w for w, _ in router.options])
-    heads = torch.tensor([h for _, h in router.options])
+    unknown = sorted(set(router.axes) - set(adapter.layer_axes))
+    if unknown:
+        raise ManyinoneError(f"router options name axes {unknown}; the {adapter.name!r} adapter plans {list(adapter.layer_axes)}")
+    sizes = {a: torch.tensor([o[a] for o in router.options]) for a in router.axes}  # [options] units kept per axis
+    full_plan = adapter.plan({})  # every layer at full size: the masks alone pick the sub-network
     optimizer = torch.optim.Adam(router.parameters(), lr=settings.lr)
     rng = random.Random(settings.seed)
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
@@ -123,11 +131,10 @@ def train_router(router: Router, adapter, batches: Sequence[dict[str, torch.Tens
             soft = F.softmax((logits + gumbel) / settings.temperature, dim=-1)  # [batch, layers, options]
             hard = F.one_hot(soft.argmax(-1), len(router.options)).to(soft.dtype)
             probs = hard + soft - soft.detach()  # straight-through: hard forward, soft gradient
-            neuron_masks = prefix_masks(probs, widths, adapter.intermediate)  # [batch, layers, neurons]
-            head_masks = prefix_masks(probs, heads, adapter.num_heads)  # [batch, layers, heads]
-            with adapter.masked(neuron_masks, head_masks), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                hidden = adapter.forward_plan(batch["input_ids"], batch["attention_mask"],
-                                              ((adapter.intermediate, adapter.num_heads),) * adapter.num_layers)
+            masks = {a: prefix_masks(probs, sizes[a], adapter.layer_axes[a].total)  # [batch, layers, units]
+                     for a in router.axes}
+            with adapter.masked(masks), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                hidden = adapter.forward_plan(batch["input_ids"], batch["attention_mask"], full_plan)
             feats, targets = supervised_positions(hidden, batch["labels"])
             ce = token_cross_entropy(adapter.exit_logits(feats), targets)
             spent = expected_cost(F.softmax(logits, -1), table) + settings.fixed_cost  # [batch]
@@ -156,10 +163,19 @@ def check_within_budget(budget: float, cost: float, what: str) -> None:
 
 def plan_relative_cost(plan: Sequence[Option], table: torch.Tensor, options: Sequence[Option], fixed: float) -> float:
     """Relative cost of a per-layer plan from the option cost table ([layers, options])."""
-    return fixed + sum(float(table[i, list(options).index(tuple(o))]) for i, o in enumerate(plan))
+    options = list(as_plan(options))
+    return fixed + sum(float(table[i, options.index(layer_sizes(o))]) for i, o in enumerate(plan))
 
 
 ROUTER_WEIGHTS, ROUTER_CONFIG = "router.safetensors", "router.json"
+
+
+def router_axes_field(router: Router) -> dict:
+    """{"axes": [...]} naming the order of the stored sizes, left out for (width, heads): files of a
+    width/heads router stay exactly what earlier versions wrote and read."""
+    from manyinone.core.axes import PAIR_AXES
+
+    return {} if router.axes == PAIR_AXES else {"axes": list(router.axes)}
 
 
 def save_router(router: Router, folder, metric: str = "flops") -> dict:
@@ -171,8 +187,9 @@ def save_router(router: Router, folder, metric: str = "flops") -> dict:
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    config = {"options": [list(o) for o in router.options], "context_size": router.context_size,
-              "hidden": router.layers[0][0].out_features, "num_layers": len(router.layers), "metric": metric}
+    config = {"options": encode_plan(router.options, router.axes), "context_size": router.context_size,
+              "hidden": router.layers[0][0].out_features, "num_layers": len(router.layers), "metric": metric,
+              **router_axes_field(router)}
     save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(folder / ROUTER_WEIGHTS))
     (folder / ROUTER_CONFIG).write_text(json.dumps(config) + "\n")
     return config
@@ -191,8 +208,8 @@ def load_router(folder) -> Router:
                              f"write one with manyinone.elastic.router.export_routed")
     try:
         config = json.loads((folder / ROUTER_CONFIG).read_text())
-        router = Router(config["num_layers"], [tuple(o) for o in config["options"]], config["context_size"],
-                        config["hidden"])
+        router = Router(config["num_layers"], config["options"], config["context_size"], config["hidden"],
+                        config.get("axes"))
         router.load_state_dict(load_file(str(folder / ROUTER_WEIGHTS)))
     except Exception as exc:  # json, safetensors and torch each raise their own types for a bad file
         raise ManyinoneError(f"router in {str(folder)!r} is corrupt ({type(exc).__name__})") from None
@@ -228,11 +245,11 @@ def export_routed_nested(nested, router: Router, budgets: Sequence[float], outpu
         plan = router.plan(b)
         relative = plan_relative_cost(plan, table, router.options, fixed)
         check_within_budget(b, relative, "the router's plan")
-        routed.append({"budget": b, "plan": [list(o) for o in plan], "relative": relative})
+        routed.append({"budget": b, "plan": encode_plan(plan, router.axes), "relative": relative})
     index = {**{k: v for k, v in nested.index.items() if k not in ("token_routed", "token_router")},
              "routed": routed,
-             "router": {"options": [list(o) for o in router.options], "context_size": router.context_size,
-                        "metric": metric}}
+             "router": {"options": encode_plan(router.options, router.axes), "context_size": router.context_size,
+                        "metric": metric, **router_axes_field(router)}}
     # The router's files go into the same atomic write as the weights (and into its checksums).
     return Path(save_checkpoint(nested.model, nested.tokenizer, index, output, exit_heads=nested.exit_heads,
                                 write_extra=lambda folder: save_router(router, folder, metric)))

@@ -17,7 +17,10 @@ step (one CUDA graph per plan), where per-layer choices would need a host sync p
 Example:
     >>> router = TokenRouter(30, widths=[384, 768, 1536], heads=[6, 9], embed_size=576, num_plans=4)
     >>> routing = router.routing(0.6, embeddings, adapter)   # K plans + the token -> plan table
-    >>> routing.plans[routing.table[token_id]]               # ((768, 9), (384, 9), ...) per layer
+    >>> routing.plans[routing.table[token_id]]               # (SubnetSpec(heads=9, width=768), ...) per layer
+
+This router is about two named axes by design (it routes "width" per token and holds "heads" per
+budget); an adapter offers them through `layer_axes`, and any other axis it has stays at full size.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from manyinone.core.adapter import LayerPlan, require_plans
+from manyinone.core.adapter import require_plans
+from manyinone.core.axes import LayerPlan, as_plan, widest
 from manyinone.core.errors import ManyinoneError
+from manyinone.core.space import SubnetSpec
 from manyinone.elastic.routing_math import budget_penalty, check_training_inputs, prefix_masks
 
 
@@ -48,12 +53,24 @@ class CostParts:
     widths: tuple[int, ...] = ()  # the tables' column order (sorted, as TokenRouter keeps its options)
     heads: tuple[int, ...] = ()
 
-    def plan_cost(self, plan: Sequence[tuple[int, int]], widths: Sequence[int] | None = None,
+    def plan_cost(self, plan: Sequence, widths: Sequence[int] | None = None,
                   heads: Sequence[int] | None = None) -> float:
-        """Relative cost of a per-layer (width, heads) plan."""
+        """Relative cost of a per-layer plan (its width and heads per layer)."""
         w, h = list(widths or self.widths), list(heads or self.heads)
-        return self.fixed + sum(float(self.width_table[i, w.index(a)] + self.heads_table[i, h.index(b)])
-                                for i, (a, b) in enumerate(plan))
+        return self.fixed + sum(float(self.width_table[i, w.index(o["width"])] + self.heads_table[i, h.index(o["heads"])])
+                                for i, o in enumerate(as_plan(plan)))
+
+
+ROUTED_AXES = ("width", "heads")  # what the token router picks: width per token, heads per budget
+
+
+def routed_totals(adapter) -> tuple[int, int]:
+    """(full width, full heads) of the adapter's layers, or one line if it lacks either axis."""
+    missing = [a for a in ROUTED_AXES if a not in adapter.layer_axes]
+    if missing:
+        raise ManyinoneError(f"token routing needs the per-layer axes {list(ROUTED_AXES)}; the {adapter.name!r} adapter "
+                             f"plans {list(adapter.layer_axes)}")
+    return adapter.layer_axes["width"].total, adapter.layer_axes["heads"].total
 
 
 def cost_parts(adapter, widths: Sequence[int], heads: Sequence[int], context: int = 512,
@@ -61,10 +78,10 @@ def cost_parts(adapter, widths: Sequence[int], heads: Sequence[int], context: in
     """The adapter's exact costs, split per axis: a LLaMA layer's cost is its MLP's plus its attention's.
     Columns in sorted order, the order TokenRouter keeps its options in."""
     widths, heads = sorted(int(w) for w in widths), sorted(int(h) for h in heads)
-    full_w, full_h = adapter.intermediate, adapter.num_heads
-    by_width, fixed = adapter.option_costs([(w, full_h) for w in widths], context, metric)  # [layers, W]
-    by_heads, _ = adapter.option_costs([(full_w, h) for h in heads], context, metric)  # [layers, H]
-    full, _ = adapter.option_costs([(full_w, full_h)], context, metric)  # [layers, 1]
+    full_w, full_h = routed_totals(adapter)
+    by_width, fixed = adapter.option_costs([SubnetSpec(width=w, heads=full_h) for w in widths], context, metric)  # [layers, W]
+    by_heads, _ = adapter.option_costs([SubnetSpec(width=full_w, heads=h) for h in heads], context, metric)  # [layers, H]
+    full, _ = adapter.option_costs([SubnetSpec(width=full_w, heads=full_h)], context, metric)  # [layers, 1]
     return CostParts(by_width - full, by_heads, fixed, tuple(widths), tuple(heads))
 
 
@@ -141,7 +158,7 @@ class TokenRouter(nn.Module):
         width_logits, head_logits = self.plan_logits(b)
         widths = [[self.widths[j] for j in row] for row in width_logits[0].argmax(-1).tolist()]  # [K][layers]
         heads = [self.heads[j] for j in head_logits[0].argmax(-1).tolist()]  # [layers]
-        plans = tuple(tuple(zip(w, heads)) for w in widths)
+        plans = tuple(tuple(SubnetSpec(width=a, heads=b) for a, b in zip(w, heads)) for w in widths)
         table = torch.cat([self.select_logits(b, embedding[i: i + chunk].to(device)[None])[0].argmax(-1).cpu()
                            for i in range(0, embedding.shape[0], chunk)])  # [vocab]
         return TokenRouting(float(budget), plans, table)
@@ -149,8 +166,8 @@ class TokenRouter(nn.Module):
 
 @dataclass
 class TokenRouting:
-    """One budget's routing as the runtime uses it: K plans ((width, heads) per layer, one heads
-    plan shared by all) and table[token id] -> plan index."""
+    """One budget's routing as the runtime uses it: K plans (a SubnetSpec of width and heads per
+    layer, the heads shared by all) and table[token id] -> plan index."""
 
     budget: float
     plans: tuple[LayerPlan, ...]
@@ -162,15 +179,18 @@ class TokenRouting:
     @property
     def union(self) -> LayerPlan:
         """Per layer, the widest width any plan uses (with the shared heads): what one pass over mixed tokens slices."""
-        return tuple((max(p[i][0] for p in self.plans), self.plans[0][i][1]) for i in range(len(self.plans[0])))
+        return widest(self.plans)
+
+    def union_of(self, indices) -> LayerPlan:
+        """`union` over the plans at `indices` only (the rows of one decode step, the plans tokens used)."""
+        return widest([self.plans[k] for k in indices])
 
     def used(self) -> list[int]:
         """Indices of the plans some token id routes to."""
         return sorted(set(self.table.tolist()))
 
     def widest_used(self) -> LayerPlan:
-        used = self.used()
-        return tuple((max(self.plans[k][i][0] for k in used), self.plans[0][i][1]) for i in range(len(self.plans[0])))
+        return self.union_of(self.used())
 
     def priced(self, plan_cost) -> "TokenRouting":
         self.costs = tuple(float(plan_cost(p)) for p in self.plans)
@@ -179,7 +199,7 @@ class TokenRouting:
     def neuron_masks(self, plan_index: torch.Tensor, intermediate: int) -> torch.Tensor:
         """0/1 prefix masks of each token's plan: plan_index [batch, q] -> [batch, q, layers, intermediate]."""
         if self._width_rows is None or self._width_rows.device != plan_index.device:
-            self._width_rows = torch.tensor([[w for w, _ in p] for p in self.plans], device=plan_index.device)  # [K, layers]
+            self._width_rows = torch.tensor([[o["width"] for o in p] for p in self.plans], device=plan_index.device)  # [K, layers]
         width = self._width_rows[plan_index]  # [batch, q, layers]
         return (torch.arange(intermediate, device=plan_index.device) < width[..., None]).float()
 
@@ -246,7 +266,8 @@ def train_token_router(router: TokenRouter, adapter, batches: Sequence[dict[str,
     rng = random.Random(settings.seed)
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
     embed = model.get_input_embeddings()
-    full = ((adapter.intermediate, adapter.num_heads),) * adapter.num_layers
+    full_w, full_h = routed_totals(adapter)
+    full = adapter.plan({})  # every layer at full size: the masks alone pick each token's plan
     log = []
     for step in range(settings.steps):
         batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
@@ -254,9 +275,8 @@ def train_token_router(router: TokenRouter, adapter, batches: Sequence[dict[str,
         budget = torch.tensor([rng.choice(list(settings.budgets)) for _ in range(rows)], device=device)
         with torch.no_grad():
             embeds = embed(batch["input_ids"])  # [batch, seq, embed]: the router sees, never trains, them
-        neurons, heads, soft_w, soft_h = routed_masks(router, budget, embeds, adapter.intermediate,
-                                                      adapter.num_heads, gen, settings.temperature)
-        with adapter.masked(neurons, heads), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        neurons, heads, soft_w, soft_h = routed_masks(router, budget, embeds, full_w, full_h, gen, settings.temperature)
+        with adapter.masked({"width": neurons, "heads": heads}), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             hidden = adapter.forward_plan(batch["input_ids"], batch["attention_mask"], full)
         feats, targets = supervised_positions(hidden, batch["labels"])
         ce = token_cross_entropy(adapter.exit_logits(feats), targets)
@@ -279,8 +299,8 @@ def routed_forward(adapter, routing: TokenRouting, input_ids: torch.Tensor, atte
     """The plain reference of token routing: hidden [batch, seq, hidden] (before the final norm) with
     every token on its plan, as prefix masks over the union plan (no KV cache, no graphs)."""
     index = routing.table.to(input_ids.device)[input_ids]  # [batch, seq]
-    masks = routing.neuron_masks(index, adapter.intermediate)  # [batch, seq, layers, intermediate]
-    with adapter.masked(masks, None):
+    masks = routing.neuron_masks(index, routed_totals(adapter)[0])  # [batch, seq, layers, intermediate]
+    with adapter.masked({"width": masks}):
         return adapter.forward_plan(input_ids, attention_mask, routing.union)
 
 
@@ -293,7 +313,7 @@ def width_distribution(routing: TokenRouting, plan_index: torch.Tensor) -> list[
     for i in range(len(routing.plans[0])):
         shares: dict[int, float] = {}
         for k, plan in enumerate(routing.plans):
-            shares[plan[i][0]] = shares.get(plan[i][0], 0.0) + float(usage[k])
+            shares[plan[i]["width"]] = shares.get(plan[i]["width"], 0.0) + float(usage[k])
         out.append({w: s for w, s in sorted(shares.items()) if s > 0})
     return out
 
@@ -304,7 +324,7 @@ def adaptivity(routing: TokenRouting, plan_index: torch.Tensor, min_share: float
     that rule). A router that always picks one width is static in disguise: distinct 1."""
     usage = torch.bincount(plan_index.flatten().cpu(), minlength=len(routing.plans)).double()
     usage = usage / usage.sum().clamp(min=1)
-    kept = {tuple(w for w, _ in routing.plans[k]) for k in range(len(routing.plans)) if usage[k] >= min_share}
+    kept = {tuple(o["width"] for o in routing.plans[k]) for k in range(len(routing.plans)) if usage[k] >= min_share}
     dist = width_distribution(routing, plan_index)
     varying = sum(sum(s >= min_share for s in layer.values()) > 1 for layer in dist)
     return {"distinct": float(len(kept)), "layers_varying": float(varying), "top_share": float(usage.max())}

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from manyinone.core.axes import as_plan
 from manyinone.core.errors import ManyinoneError, first_line
-from manyinone.elastic.token_router import TokenRouter, TokenRouting
+from manyinone.elastic.token_router import TokenRouter, TokenRouting, routed_totals
 
 TOKEN_ROUTER_WEIGHTS, TOKEN_ROUTER_CONFIG = "token_router.safetensors", "token_router.json"
 
@@ -31,16 +32,17 @@ def save_token_router(router: TokenRouter, folder) -> dict:
 
 def check_router_fits(config: dict, adapter, source: str) -> None:
     """Refuse a router built for another model: its layers, widths, heads or embedding size."""
-    group = adapter.num_heads // getattr(adapter, "num_kv_heads", adapter.num_heads)
+    full_w, full_h = routed_totals(adapter)
+    group = adapter.layer_axes["heads"].group  # query heads per KV head
     problems = []
     if config["num_layers"] != adapter.num_layers:
         problems.append(f"{config['num_layers']} layers, the model has {adapter.num_layers}")
-    bad_w = [w for w in config["widths"] if not 1 <= w <= adapter.intermediate]
+    bad_w = [w for w in config["widths"] if not 1 <= w <= full_w]
     if bad_w:
-        problems.append(f"widths {bad_w} outside the model's 1..{adapter.intermediate}")
-    bad_h = [h for h in config["heads"] if not (1 <= h <= adapter.num_heads and h % group == 0)]
+        problems.append(f"widths {bad_w} outside the model's 1..{full_w}")
+    bad_h = [h for h in config["heads"] if not (1 <= h <= full_h and h % group == 0)]
     if bad_h:
-        problems.append(f"heads {bad_h} not multiples of {group} up to {adapter.num_heads}")
+        problems.append(f"heads {bad_h} not multiples of {group} up to {full_h}")
     embed = adapter.model.get_input_embeddings().weight.shape[1]
     if config["embed_size"] != embed:
         problems.append(f"embedding size {config['embed_size']}, the model's is {embed}")
@@ -98,7 +100,7 @@ def routing_for(nested, budget: float | None) -> TokenRouting | None:
     if entry.budget not in cache:
         embedding = nested.model.get_input_embeddings().weight.detach()
         routing = nested.token_router.to(embedding.device).routing(entry.budget, embedding)
-        stored = tuple(tuple(tuple(o) for o in p) for p in entry.plans)
+        stored = tuple(as_plan(p) for p in entry.plans)  # stored as (width, heads) per layer
         if routing.plans != stored:
             raise ManyinoneError(f"token router does not match the checkpoint's index: its plans for budget "
                                  f"{entry.budget} differ from the stored ones; write it again with `manyinone route`")
@@ -113,15 +115,16 @@ def attach_token_routing(model: nn.Module, adapter, routing: TokenRouting) -> nn
     inside the adapter's prefix masks of each input token's plan and of the budget's heads. Works with
     `generate` (each call's input_ids are the new tokens); inputs_embeds are refused (no token ids)."""
     plain = model.forward
-    heads = torch.tensor([[h for _, h in routing.plans[0]]])  # [1, layers]
-    head_masks = (torch.arange(adapter.num_heads) < heads[..., None]).float()  # [1, layers, heads]
+    full_w, full_h = routed_totals(adapter)
+    heads = torch.tensor([[o["heads"] for o in routing.plans[0]]])  # [1, layers]
+    head_masks = (torch.arange(full_h) < heads[..., None]).float()  # [1, layers, heads]
 
     def forward(*args, input_ids=None, **kwargs):
         if input_ids is None:
             raise ManyinoneError("a token-routed model needs input_ids (its router reads the tokens), not inputs_embeds")
         index = routing.table.to(input_ids.device)[input_ids]  # [batch, seq]
-        masks = routing.neuron_masks(index, adapter.intermediate)  # [batch, seq, layers, intermediate]
-        with adapter.masked(masks, head_masks.to(input_ids.device)):
+        masks = routing.neuron_masks(index, full_w)  # [batch, seq, layers, intermediate]
+        with adapter.masked({"width": masks, "heads": head_masks.to(input_ids.device)}):
             return plain(*args, input_ids=input_ids, **kwargs)
 
     model.forward = forward  # an instance attribute: nn.Module.__call__ dispatches to it

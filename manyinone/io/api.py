@@ -128,7 +128,7 @@ def load(path: str | os.PathLike, budget: float | None = None, dtype: torch.dtyp
     plan = routed_plan(nested.index, budget)  # a router's per-layer plan, if the index holds any
     if plan is not None:
         sub = nested.adapter.extract_plan(plan)
-        sub.manyinone_plan = plan  # per-layer (width, heads); the spec records only the depth
+        sub.manyinone_plan = plan  # per layer, a SubnetSpec of its sizes; the spec records only the depth
         sub.manyinone_spec = SubnetSpec(depth=len(plan))
         return sub.eval()
     spec = nested.spec_for(budget)

@@ -181,8 +181,9 @@ def resolve(index: BudgetIndex | dict[str, Any], budget: float | None) -> Subnet
     return _typed(index).resolve(budget)
 
 
-def routed_plan(index: BudgetIndex | dict[str, Any], budget: float | None) -> tuple[tuple[int, int], ...] | None:
-    """The stored per-layer plan of the largest relative cost within `budget` (BudgetIndex.routed_plan)."""
+def routed_plan(index: BudgetIndex | dict[str, Any], budget: float | None):
+    """The stored per-layer plan (one SubnetSpec per layer) of the largest relative cost within `budget`
+    (BudgetIndex.routed_plan)."""
     return _typed(index).routed_plan(budget)
 
 

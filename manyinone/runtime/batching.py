@@ -9,7 +9,7 @@ request joining when the batch stands at slot S has its prompt at slots [S - len
 padding of S - len, prefilled alone in a one-row scratch cache (the very call a request served alone
 makes) and copied into its row. A prompt longer than S waits until S reaches it; once the counter
 cannot fit a waiting request's answer, no one joins until the batch drains and the counter restarts.
-Rows of a (width, heads) plan batch only with rows of the same plan (the weights they run differ).
+Rows of a per-layer plan (width, heads, ...) batch only with rows of the same plan (the weights they run differ).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Batcher:
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=runtime.device)  # [rows, 1] each row's next input
         self.waiting: collections.deque[BatchRequest] = collections.deque()
         self.slot = 0  # the batch's next slot: every active row's next token goes there
-        self.plan = None  # the (width, heads) plan of the active rows (None: full width)
+        self.plan = None  # the per-layer plan of the active rows (None: full size)
         self.lock = lock or threading.Lock()  # held while stepping (shared with serial work on the runtime)
         self.wake = threading.Condition()
         self.steps = 0

@@ -1,7 +1,8 @@
 """Generation from one loaded model at any budget per call: static KV cache, CUDA graphs, batching.
 
-A budget picks a sub-network from the checkpoint's index: a depth, and with width/heads axes a
-(width, heads) plan per layer that runs as views of the one copy of the weights (`LayerStack.sliced`).
+A budget picks a sub-network from the checkpoint's index: a depth, and with per-layer axes (width,
+heads) a plan (a SubnetSpec of sizes per layer) that runs as views of the one copy of the weights
+(`LayerStack.sliced`).
 `fused=True` compiles each whole decode step (`stack.compile_step`) before recording its CUDA graph.
 
 Example:
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from manyinone.io.checkpoint import resolve, routed_plan
+from manyinone.core.adapter import PlanAdapter
+from manyinone.core.axes import PAIR_AXES, LayerPlan, axis_order
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.cache import left_pad  # noqa: F401  (re-exported: part of this module's API)
@@ -96,7 +99,7 @@ class Runtime:
         if any(a != "depth" for a in axes) and self.stack.parts.sliced is None:
             raise ManyinoneError(f"this checkpoint nests {axes}, but the {self.stack.adapter.name!r} adapter's "
                                  "decoder stack serves depth only; open it with an adapter that slices "
-                                 "(width, heads) plans, or export a budget and serve that plain model")
+                                 "per-layer plans, or export a budget and serve that plain model")
         self.device = self.stack.device
         self.graphs = (self.device.type == "cuda") if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
@@ -165,10 +168,10 @@ class Runtime:
 
         return routing_for(self, budget)
 
-    def target(self, budget: float | None = None, spec=None) -> tuple[int, tuple[tuple[int, int], ...] | None]:
+    def target(self, budget: float | None = None, spec=None) -> tuple[int, LayerPlan | None]:
         """(depth, plan) of the sub-network to run: `spec` (a SubnetSpec or mapping, e.g. {"depth": 16,
         "width": 5504}) if given, else the budget's spec in the index (or its stored routed plan). plan:
-        (width, heads) per layer, bottom first, or None when every layer runs at full width."""
+        one SubnetSpec of per-layer sizes per layer, bottom first, or None when every layer runs at full size."""
         if spec is None:
             if self.index is None:
                 if budget not in (None, 1, 1.0):
@@ -183,26 +186,31 @@ class Runtime:
                 return len(routed), self._plan(routed)
             spec = resolve(self.index, budget)
         spec = dict(spec)
-        unknown = sorted(set(spec) - {"depth", "width", "heads"})
+        adapter = self.stack.adapter
+        layer_axes = adapter.layer_axes if isinstance(adapter, PlanAdapter) else {}
+        # The built-in axis names are always known here, so a spec slicing width on a depth-only
+        # adapter gets the "serves depth only" line below rather than "unknown axis".
+        known = {"depth", *PAIR_AXES, *layer_axes}
+        unknown = sorted(set(spec) - known)
         if unknown:
-            raise ManyinoneError(f"spec axes {unknown} unknown to the runtime; allowed depth, width, heads")
+            allowed = ", ".join(("depth", *axis_order(known - {"depth"})))
+            raise ManyinoneError(f"spec axes {unknown} unknown to the runtime; allowed {allowed}")
         depth = int(spec.get("depth", self.num_layers))
         if not 1 <= depth <= self.num_layers:
             raise ManyinoneError(f"depth={depth} out of range; allowed 1..{self.num_layers}")
-        if "width" not in spec and "heads" not in spec:
+        if not set(spec) - {"depth"}:
             return depth, None
-        plan_of = getattr(self.stack.adapter, "plan", None)
-        if self.stack.parts.sliced is None or plan_of is None:
-            raise ManyinoneError(f"spec {spec} slices width/heads, but the {self.stack.adapter.name!r} adapter "
-                                 "serves depth only; use an adapter with (width, heads) plans")
-        return depth, self._plan(plan_of({**spec, "depth": depth}))
+        if self.stack.parts.sliced is None or not layer_axes:
+            raise ManyinoneError(f"spec {spec} slices {'/'.join(sorted(set(spec) - {'depth'}))}, but the {adapter.name!r} "
+                                 "adapter serves depth only; use an adapter with per-layer plans (e.g. llama-flextron)")
+        return depth, self._plan(adapter.plan({**spec, "depth": depth}))
 
-    def _plan(self, plan) -> tuple[tuple[int, int], ...] | None:
-        """A checked plan, or None when it is the full width everywhere (the plain, unsliced path)."""
+    def _plan(self, plan) -> LayerPlan | None:
+        """A checked plan, or None when every layer is at full size (the plain, unsliced path)."""
         adapter = self.stack.adapter
         plan = adapter.check_plan(plan)
-        full = (adapter.intermediate, adapter.num_heads)
-        return None if all(tuple(o) == full for o in plan) else plan
+        full = SubnetSpec({name: axis.total for name, axis in adapter.layer_axes.items()})
+        return None if all(o == full for o in plan) else plan
 
     # --- text helpers -----------------------------------------------------------------------
     def encode(self, text: str, template: str = "raw") -> list[int]:

@@ -1,5 +1,5 @@
 """Input-adaptive routing at generation time (Flextron): each prompt and the budget pick a per-layer
-(width, heads) plan; the plan's sub-model generates.
+plan (every layer's size on each axis); the plan's sub-model generates.
 
 The router sees the prompt's mean input embedding, so a whole generation keeps one plan (the KV
 cache of a layer never changes size mid-sequence). Prompts that route to the same plan are decoded
@@ -22,15 +22,16 @@ from torch import nn
 
 from manyinone.io.api import NestedModel, open_checkpoint
 from manyinone.core.adapter import require_plans
+from manyinone.core.axes import LayerPlan
 from manyinone.core.cost import check_budget
 from manyinone.core.errors import ManyinoneError
-from manyinone.elastic.router import Option, Router, load_router
+from manyinone.elastic.router import Router, load_router
 
 
 @dataclass
 class RoutedGeneration:
     tokens: list[list[int]]  # new tokens per prompt (stop token excluded)
-    plans: list[tuple[Option, ...]]  # the per-layer plan each prompt ran
+    plans: list[LayerPlan]  # the per-layer plan each prompt ran
 
 
 class RoutedRuntime:
@@ -41,21 +42,21 @@ class RoutedRuntime:
         self.nested, self.adapter, self.tokenizer = nested, nested.adapter, nested.tokenizer
         self.router = router.to(next(nested.model.parameters()).device).eval()
         self.keep_plans = keep_plans
-        self._models: OrderedDict[tuple[Option, ...], nn.Module] = OrderedDict()
+        self._models: OrderedDict[LayerPlan, nn.Module] = OrderedDict()
 
     @classmethod
     def open(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "RoutedRuntime":
         return cls(open_checkpoint(path, dtype=dtype, device=device), load_router(path))
 
     @torch.no_grad()
-    def plan_for(self, prompt: list[int], budget: float) -> tuple[Option, ...]:
+    def plan_for(self, prompt: list[int], budget: float) -> LayerPlan:
         check_budget(budget)
         device = next(self.nested.model.parameters()).device
         ids = torch.tensor([prompt], device=device)  # [1, seq]
         context = self.adapter.sequence_context(ids, torch.ones_like(ids)) if self.router.adaptive else None
         return self.router.plan(budget, context)
 
-    def model_for(self, plan: tuple[Option, ...]) -> nn.Module:
+    def model_for(self, plan: LayerPlan) -> nn.Module:
         if plan not in self._models:
             if len(self._models) >= self.keep_plans:
                 self._models.popitem(last=False)  # the least recently used plan's copies go

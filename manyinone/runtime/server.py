@@ -196,7 +196,7 @@ class Engine:
                      if getattr(req, f) is not None]
             raise ManyinoneError(f"{', '.join(named)}: draft settings need \"speculative\": true")
         if req.speculative and plan is not None:
-            raise ManyinoneError(f"budget {req.budget} runs a (width, heads) plan; speculative decoding serves depth "
+            raise ManyinoneError(f"budget {req.budget} runs a per-layer (width, heads) plan; speculative decoding serves depth "
                                  "budgets only: set speculative false")
         if req.speculative:
             draft = {**self.draft, **asked}

@@ -113,12 +113,12 @@ class LayerStack:
         return StaticKVCache(self.num_layers, batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
 
     def sliced(self, plan) -> contextlib.AbstractContextManager[None]:
-        """Within the block the layers compute `plan` ((width, heads) per layer, bottom first) as views
-        of the one copy of the weights; None: the full width."""
+        """Within the block the layers compute `plan` (a SubnetSpec of sizes per layer, bottom first) as views
+        of the one copy of the weights; None: full size."""
         if plan is None:
             return contextlib.nullcontext()
         if self.parts.sliced is None:
-            raise ManyinoneError(f"the {self.adapter.name!r} adapter serves depth only; a (width, heads) plan "
+            raise ManyinoneError(f"the {self.adapter.name!r} adapter serves depth only; a per-layer plan "
                                  "needs an adapter whose decoder stack slices plans (e.g. llama-flextron)")
         return self.parts.sliced(plan)
 
@@ -218,7 +218,7 @@ class SegmentRunner:
                  plan=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decode-shaped call (small q); see `LayerStack.run`. `slots_end`: one past the last query slot
         (of the furthest row, for per-row slots), when the caller knows it (attention then reads only the live bucket; default the whole cache).
-        `plan`: the (width, heads) per layer of a width/heads sub-network (None: full width).
+        `plan`: the per-layer sizes (SubnetSpecs) of a sliced sub-network (None: full size).
         Prefill goes through `prefill`."""
         live = self.live_for(slots_end)
         if not self.graphs:

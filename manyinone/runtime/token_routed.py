@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from manyinone.elastic.token_router import TokenRouting
+from manyinone.elastic.token_router import TokenRouting, routed_totals
 from manyinone.runtime.cache import left_pad
 from manyinone.runtime.sampling import Sampling, choose, step_output
 from manyinone.runtime.stack import CapturedCall, SegmentRunner
@@ -32,16 +32,15 @@ def mixed_step(rt, runner: SegmentRunner, routing: TokenRouting, rows: list[int]
     """One decode step for rows on different plans (rows: plan index per row). Returns logits [batch, 1, vocab]."""
     stack, adapter = runner.stack, rt.stack.adapter
     present = sorted(set(rows))
-    union = tuple((max(routing.plans[k][i][0] for k in present), routing.plans[0][i][1])
-                  for i in range(len(routing.plans[0])))
+    union = routing.union_of(present)
     index = torch.tensor(rows, device=token.device)[:, None]  # [batch, 1]
-    masks = routing.neuron_masks(index, adapter.intermediate)  # [batch, 1, layers, intermediate]
+    masks = routing.neuron_masks(index, routed_totals(adapter)[0])  # [batch, 1, layers, intermediate]
     slots = rt._slots[slot: slot + 1]
     live = runner.live_for(slot + 1)
     inputs = token[:, None]  # [batch, 1]
 
     def step(x, s, p, m):
-        with adapter.masked(m, None):
+        with adapter.masked({"width": m}):
             return stack.run(runner.cache, 0, stack.num_layers, x, s, p, head=True, live=live)[1]
 
     if not runner.graphs:
@@ -72,7 +71,7 @@ def token_routed_stream(rt, prompts: list[list[int]], routing: TokenRouting, max
     with torch.no_grad():
         ids, pad = left_pad(prompts, pad_id, rt.device)
         prompt_plans = routing.table.to(rt.device)[ids]  # [batch, prompt]
-        with adapter.masked(routing.neuron_masks(prompt_plans, adapter.intermediate), None):
+        with adapter.masked({"width": routing.neuron_masks(prompt_plans, routed_totals(adapter)[0])}):
             logits = runner.prefill(depth, ids, pad, rt._plan(routing.union))  # [batch, 1, vocab]
         token = choose(logits[:, -1], sampling, generator)  # [batch]
         slot, live = ids.shape[1], [True] * len(prompts)
