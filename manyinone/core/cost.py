@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
-from manyinone.core.registry import COST_METRICS
+from manyinone.core.kinds import COST_METRICS
 
 
 @dataclass(frozen=True)

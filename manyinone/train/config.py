@@ -16,12 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from manyinone.core.errors import ManyinoneError, unreadable
-from manyinone.core.registry import COST_METRICS, EXIT_HEAD_KINDS, SAMPLERS
+from manyinone.core.kinds import COST_METRICS, EXIT_HEAD_KINDS, SAMPLERS
 
-# Allowed values come from the registries: registering a sampler, exit-head kind or cost metric is all it takes.
-SamplerName = Literal[SAMPLERS.names()]
-ExitHeadsName = Literal[("none", *EXIT_HEAD_KINDS.names())]
-CostMetricName = Literal[COST_METRICS.names()]
+# Fields whose allowed values are what the registries hold when the config is validated: registering
+# a sampler, exit-head kind or cost metric is all it takes (the help text lists the built-in ones).
+REGISTERED = {"sampler": (SAMPLERS, ()), "exit_heads": (EXIT_HEAD_KINDS, ("none",)), "cost_metric": (COST_METRICS, ())}
 
 
 class LoraSettings(BaseModel):
@@ -93,14 +92,14 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
 
-    sampler: SamplerName = Field("all", description=f"which specs get a loss each step: {SAMPLERS.summaries()}")
+    sampler: str = Field("all", description=f"which specs get a loss each step: {SAMPLERS.summaries()}")
     random_k: int = Field(2, gt=0, description="random-k: specs drawn per step (the full spec is added to them)")
     sandwich_random: int = Field(2, ge=0, description="sandwich: specs drawn per step between the smallest and "
                                                       "the full one")
     exit_weights: list[float] | None = Field(None, description="one loss weight per exit; default all 1")
     distill_weight: float = Field(0.0, ge=0, description="weight of KL(full || exit) self-distillation")
     distill_temperature: float = Field(1.0, gt=0)
-    exit_heads: ExitHeadsName = Field(
+    exit_heads: str = Field(
         "none", description=f"per-exit modules: none (the model's own norm and head), {EXIT_HEAD_KINDS.summaries()}")
     exit_heads_lr_scale: float = Field(1.0, gt=0, description="learning rate of the exit modules, as a multiple of lr")
     freeze_base: bool = Field(False, description="train only the exit modules (SFT+heads: run on an SFT checkpoint)")
@@ -136,7 +135,7 @@ class TrainConfig(BaseModel):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         [], description="trackers that also get each step's metrics (metrics.jsonl is always written)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-    cost_metric: CostMetricName = Field("flops", description=f"what a budget counts: {COST_METRICS.summaries()}")
+    cost_metric: str = Field("flops", description=f"what a budget counts: {COST_METRICS.summaries()}")
     gradient_checkpointing: bool = False
     compile_layers: bool = Field(False, description="torch.compile each decoder layer's forward (regional "
                                                     "compilation; the exit hooks stay eager)")
@@ -172,6 +171,15 @@ class TrainConfig(BaseModel):
               f"{', '.join(f'{f}={value}' for f in options) or f'nothing (sampler {sampler!r} takes no option)'}; "
               "rename it", file=sys.stderr)
         return data
+
+    @field_validator(*REGISTERED)
+    @classmethod
+    def _registered(cls, value: str, info) -> str:
+        registry, built_in = REGISTERED[info.field_name]
+        allowed = [*built_in, *registry.names()]
+        if value not in allowed:
+            raise ValueError(f"{info.field_name} {value!r} is not registered; allowed {allowed}")
+        return value
 
     @field_validator("exits", "widths", "heads")
     @classmethod

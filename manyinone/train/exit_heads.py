@@ -27,7 +27,7 @@ from torch import nn
 
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError, resource_error
-from manyinone.core.registry import EXIT_HEAD_KINDS
+from manyinone.core.kinds import EXIT_HEAD_KINDS
 from manyinone.train.lean_loss import LinearHead
 
 FILE = "exit_heads.safetensors"

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError
-from manyinone.core.registry import SAMPLERS
+from manyinone.core.kinds import SAMPLERS
 
 
 class Sampler(Protocol):
