@@ -46,7 +46,7 @@ ROUTER_BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 def settings(args) -> dict:
     """Per-variant TrainConfig fields; the smoke run shrinks the same recipes onto a 4-layer model."""
     exits = [2, 3, 4] if args.smoke else [6, 12, 15, 18, 24, 30]
-    elastic = {"sampler": "sandwich", "sampler_k": 2, "distill_weight": args.distill}
+    elastic = {"sampler": "sandwich", "sandwich_random": 2, "distill_weight": args.distill}
     if args.widths:
         elastic["widths"] = [int(w) for w in args.widths.split(",")]
     return {

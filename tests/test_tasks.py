@@ -101,3 +101,71 @@ def test_qa_scores_match_greedy_answers_of_each_exit(trained_run, tmp_path):
         answered.append({"question": q["question"], "golden_answers": [text or "__empty__"]})
     expected = sum(a["golden_answers"][0] != "__empty__" for a in answered) / 3
     assert qa_scores(nested, space, answered, batch_size=2, max_new_tokens=4)["depth=2"]["qa_em"] == pytest.approx(expected)
+
+
+def _hf_greedy_answers(nested, spec, prompts, batch_size, max_new_tokens, stop_ids):
+    """The path QA took before the runtime: the exit's extracted HF model, left-padded batches, HF greedy."""
+    tokenizer, model = nested.tokenizer, nested.sub_model(spec).eval()
+    pad = tokenizer.pad_token_id
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        longest = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in chunk])  # [batch, longest]
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=sorted(stop_ids))
+        answers += tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+    return answers
+
+
+@pytest.fixture(scope="module")
+def width_heads_run(tiny_llama, tmp_path_factory):
+    from manyinone.train.config import TrainConfig
+    from manyinone.train.loop import train
+
+    cfg = TrainConfig(model=str(tiny_llama), axes=["depth", "width", "heads"], exits=[2, 4], widths=[32, 64], heads=[2],
+                      data="demo", max_steps=1, batch_size=4, sampler="sandwich", calibration_batches=1,
+                      output=str(tmp_path_factory.mktemp("runs") / "width"))
+    return train(cfg, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def translator_run(tiny_llama, tmp_path_factory):
+    from manyinone.train.config import TrainConfig
+    from manyinone.train.loop import train
+
+    cfg = TrainConfig(model=str(tiny_llama), exits=[2, 4], data="demo", max_steps=2, batch_size=4, lr=1e-3,
+                      exit_heads="translator", output=str(tmp_path_factory.mktemp("runs") / "translator"))
+    return train(cfg, show_progress=False)
+
+
+@pytest.mark.parametrize("run", ["trained_run", "width_heads_run", "translator_run"])
+def test_qa_answers_through_the_runtime_equal_hf_greedy_at_every_exit(run, request):
+    """QA's answers (the decode runtime, batched, left-padded) equal the old path's (HF greedy on each exit's
+    extracted model) at every spec, in float32: depth exits, (width, heads) specs and per-exit translators."""
+    from manyinone.eval.tasks import qa_answers, qa_prompt, qa_runtime
+    from manyinone.train.data import encode_prompt
+
+    nested = manyinone.open_checkpoint(request.getfixturevalue(run))
+    questions = [{"question": q, "golden_answers": ["x"]} for q in ("a?", "what is bb?", "c", "dddd dd d?", "e e?")]
+    prompts = [encode_prompt(qa_prompt(q), nested.tokenizer, "alpaca") for q in questions]
+    assert len(set(map(len, prompts))) > 1  # rows of different lengths: left padding is exercised
+    stop = qa_runtime(nested, prompts, 2, 6).default_stop_ids()
+    answers = qa_answers(nested, nested.space, questions, batch_size=2, max_new_tokens=6)
+    assert set(answers) == {s.label for s in nested.space.specs()}
+    for spec in nested.space.specs():
+        assert answers[spec.label] == _hf_greedy_answers(nested, spec, prompts, 2, 6, stop), spec.label
+    assert any(a.strip() for labelled in answers.values() for a in labelled)  # not all empty: a real comparison
+
+
+def test_qa_prompts_are_the_training_prompt_encoding(trained_run):
+    """QA encodes its prompts with the one prompt encoder: a chat template brings its own BOS (no second one)."""
+    from manyinone.eval.tasks import qa_prompt
+    from manyinone.train.data import encode_prompt, prompt_and_response
+
+    nested = manyinone.open_checkpoint(trained_run)
+    record = qa_prompt({"question": "a?"})
+    text = prompt_and_response(record, nested.tokenizer, "alpaca")[0]
+    assert encode_prompt(record, nested.tokenizer, "alpaca") == nested.tokenizer(text)["input_ids"]

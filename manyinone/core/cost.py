@@ -10,8 +10,7 @@ from dataclasses import asdict, dataclass
 
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
-
-METRICS = ("flops", "params")
+from manyinone.core.kinds import COST_METRICS
 
 
 @dataclass(frozen=True)
@@ -27,10 +26,27 @@ class Cost:
     flops_per_token: float
 
     def relative_to(self, full: "Cost") -> dict[str, float]:
-        return {"params": self.params / full.params, "flops": self.flops_per_token / full.flops_per_token}
+        """metric -> this cost as a fraction of `full`'s, for every registered metric."""
+        return {name: amount(self) / amount(full) for name, amount in COST_METRICS.items()}
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+# A metric is the amount of a Cost it counts; a budget is a fraction of the full model's amount.
+@COST_METRICS.register("flops")
+def _flops(cost: Cost) -> float:
+    """forward FLOPs per token"""
+    return cost.flops_per_token
+
+
+@COST_METRICS.register("params")
+def _params(cost: Cost) -> float:
+    """non-embedding parameters"""
+    return cost.params
+
+
+METRICS = COST_METRICS.names()  # the registered metrics, for index validation (core.index) and callers
 
 
 def check_budget(budget: float) -> float:

@@ -26,6 +26,8 @@ from manyinone.core.cost import METRICS, check_budget, resolve_budget
 from manyinone.core.errors import ManyinoneError
 from manyinone.core.space import SubnetSpec
 
+Metric = Literal[METRICS]  # the cost metrics registered in core.cost (one registration adds one)
+
 FORMAT = "manyinone/1"
 MIGRATIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}  # older format -> upgrade to the next
 EPS = 1e-9  # float slack for "relative cost <= 1" and monotone costs
@@ -55,8 +57,8 @@ class SpecRecord(_Strict):
     spec: dict[str, StrictInt]
     params: StrictInt = Field(ge=0)
     flops_per_token: StrictFloat = Field(ge=0)
-    relative: dict[Literal["params", "flops"], StrictFloat]
-    relative_to_source: Optional[dict[Literal["params", "flops"], StrictFloat]] = None  # exports only
+    relative: dict[Metric, StrictFloat]
+    relative_to_source: Optional[dict[Metric, StrictFloat]] = None  # exports only
 
     @model_validator(mode="after")
     def _costs_in_range(self) -> "SpecRecord":
@@ -98,7 +100,7 @@ class RouterRecord(_Strict):
 
     options: list[list[StrictInt]] = Field(min_length=1)
     context_size: Optional[StrictInt] = None
-    metric: Literal["flops", "params"] = "flops"
+    metric: Metric = "flops"
     axes: Optional[list[StrictStr]] = Field(None, min_length=1)
 
     @property
@@ -132,7 +134,7 @@ class TokenRouterRecord(_Strict):
     embed_size: StrictInt = Field(ge=1)
     num_plans: StrictInt = Field(ge=1)
     hidden: StrictInt = Field(ge=1)
-    metric: Literal["flops", "params"] = "flops"
+    metric: Metric = "flops"
 
 
 class ExportRecord(_Strict):
@@ -162,7 +164,7 @@ class BudgetIndex(_Strict):
     adapter: StrictStr
     model_type: StrictStr
     space: dict[str, AxisRecord] = Field(min_length=1)
-    metric: Literal["flops", "params"]
+    metric: Metric
     context: StrictInt = Field(512, ge=1)
     specs: list[SpecRecord] = Field(min_length=1)
     train: Optional[TrainRecord] = None

@@ -1,4 +1,9 @@
-"""Adapters by HF `model_type`, registered explicitly or discovered through entry points.
+"""The registries: adapters by HF `model_type`, and the named kinds a training config picks from
+(samplers, exit-head kinds, cost metrics).
+
+Each named kind (`core.kinds`, re-exported here) is registered once, where it is defined
+(`@SAMPLERS.register("sandwich")` on its class); the config's allowed values, the CLI's help and
+the loop's lookup all read the registry, so adding one is that one registration.
 
 Built-in adapters use the same `manyinone.adapters` entry-point group as third-party ones, so
 `pip install my-adapter` is all a user needs to teach manyinone a new architecture.
@@ -17,6 +22,13 @@ from torch import nn
 
 from manyinone.core.adapter import ModelAdapter
 from manyinone.core.errors import ManyinoneError
+# The named kinds live in core.kinds (it imports nothing of the model side, so core.cost can register
+# its metrics there); they are looked up here like everything else that is registered.
+from manyinone.core.kinds import COST_METRICS, EXIT_HEAD_KINDS, SAMPLERS, Registry
+
+__all__ = ["COST_METRICS", "ENTRY_POINT_GROUP", "EXIT_HEAD_KINDS", "SAMPLERS", "Registry", "adapter_class",
+           "adapter_for", "register_adapter", "registered_model_types"]
+
 
 ENTRY_POINT_GROUP = "manyinone.adapters"
 # model_type -> its adapters, fewest axes first (tuples: a copy of the dict is a full snapshot).

@@ -2,8 +2,9 @@
 
 - Raw text (e.g. WikiText-2 test): the text is tokenized once and cut into non-overlapping blocks;
   every token is scored, so `evaluate_exits` on these blocks gives each exit's perplexity.
-- QA (e.g. TriviaQA, records `{"question": ..., "golden_answers": [...]}`): each exit's sub-model
-  answers greedily from the training template; exact match after SQuAD-style normalisation against
+- QA (e.g. TriviaQA, records `{"question": ..., "golden_answers": [...]}`): each exit answers
+  greedily from the training template (prompts from `train.data.encode_prompt`, answers from the
+  decode runtime: the one generation path); exact match after SQuAD-style normalisation against
   any alias. `contains` (an alias appears anywhere in the answer) is reported beside it, labelled.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from manyinone.train.data import Example, adds_special_tokens, prompt_and_response
+from manyinone.train.data import Example, encode_prompt
 from manyinone.core.space import NestedSpace
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.progress import TrainProgress
@@ -87,36 +88,59 @@ def first_line(text: str) -> str:
     return text.strip().split("\n")[0].strip()
 
 
-@torch.no_grad()
-def qa_scores(nested, space: NestedSpace, records: list[dict[str, Any]], template: str = "alpaca",
-              batch_size: int = 32, max_new_tokens: int = 24, device: str | torch.device = "cpu",
-              show_progress: bool = False) -> dict[str, dict[str, float]]:
-    """spec label -> {"qa_em", "qa_contains"}: greedy answers of each exit's sub-model."""
-    tokenizer = nested.tokenizer
-    prompts = [prompt_and_response({"instruction": QA_INSTRUCTION.format(question=r["question"]), "input": "",
-                                    "output": ""}, tokenizer, template)[0] for r in records]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation appends on the right
-    device = torch.device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    scores: dict[str, dict[str, float]] = {}
+def qa_prompt(record: dict[str, Any]) -> dict[str, str]:
+    """The alpaca-style row whose prompt asks the record's question."""
+    return {"instruction": QA_INSTRUCTION.format(question=record["question"]), "input": "", "output": ""}
+
+
+def qa_runtime(nested, prompts: list[list[int]], batch_size: int, max_new_tokens: int):
+    """A decode runtime over `nested` sized for these prompts: a context of the longest prompt plus the
+    answer, and KV cache for a whole batch (an evaluation job, not a server, so no smaller cap)."""
+    from manyinone.runtime import Runtime
+
+    max_len = max(map(len, prompts)) + max_new_tokens
+    runtime = Runtime.from_nested(nested, max_len=max_len)
+    need = runtime.cache_bytes(min(batch_size, len(prompts)))
+    if need > runtime.max_cache_bytes:
+        runtime = Runtime.from_nested(nested, max_len=max_len, max_cache_mib=need / 2**20)
+    return runtime
+
+
+def qa_answers(nested, space: NestedSpace, records: list[dict[str, Any]], template: str = "alpaca",
+               batch_size: int = 32, max_new_tokens: int = 24, show_progress: bool = False) -> dict[str, list[str]]:
+    """spec label -> each record's greedy answer at that exit, through the decode runtime (on the
+    checkpoint's device and dtype), batched `batch_size` prompts at a time."""
+    from manyinone.runtime import Sampling
+
+    if not records:
+        raise ManyinoneError("no QA records to answer")
+    if nested.exit_heads is not None and any(set(s) != {"depth"} for s in nested.exit_heads.specs):
+        raise ManyinoneError("this checkpoint has exit heads on (width, heads) specs, which the decode runtime "
+                             "does not serve yet; evaluate QA on a depth-only checkpoint")
+    prompts = [encode_prompt(qa_prompt(r), nested.tokenizer, template) for r in records]
+    runtime = qa_runtime(nested, prompts, batch_size, max_new_tokens)
     batches = range(0, len(prompts), batch_size)
-    try:
-        with TrainProgress(len(batches) * len(space.specs()), [], enabled=show_progress, description="qa") as progress:
-            for s_index, spec in enumerate(space.specs()):
-                model = nested.sub_model(spec).eval()
-                em = contains = 0
-                for b_index, start in enumerate(batches):
-                    enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                                    add_special_tokens=adds_special_tokens(template)).to(device)
-                    with autocast:
-                        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                             pad_token_id=tokenizer.pad_token_id)
-                    answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                    for answer, record in zip(answers, records[start:start + batch_size]):
-                        em += exact_match(first_line(answer), record["golden_answers"])
-                        contains += alias_contained(first_line(answer), record["golden_answers"])
-                    progress.update(s_index * len(batches) + b_index + 1, {})
-                scores[spec.label] = {"qa_em": em / len(records), "qa_contains": contains / len(records)}
-    finally:
-        tokenizer.padding_side = side
+    answers: dict[str, list[str]] = {}
+    with TrainProgress(len(batches) * len(space.specs()), [], enabled=show_progress, description="qa") as progress:
+        for s_index, spec in enumerate(space.specs()):
+            answers[spec.label] = []
+            for b_index, start in enumerate(batches):
+                out = runtime.generate(prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                                       sampling=Sampling(), spec=spec)  # Sampling(): greedy
+                answers[spec.label] += [runtime.decode(tokens) for tokens in out.tokens]
+                progress.update(s_index * len(batches) + b_index + 1, {})
+    return answers
+
+
+def qa_scores(nested, space: NestedSpace, records: list[dict[str, Any]], template: str = "alpaca",
+              batch_size: int = 32, max_new_tokens: int = 24, device: str | torch.device | None = None,
+              show_progress: bool = False) -> dict[str, dict[str, float]]:
+    """spec label -> {"qa_em", "qa_contains"}: greedy answers of each exit (`qa_answers`), first line
+    scored. `device` is accepted for older callers; answers run where the checkpoint was opened."""
+    scores: dict[str, dict[str, float]] = {}
+    for label, answers in qa_answers(nested, space, records, template, batch_size, max_new_tokens,
+                                     show_progress).items():
+        em = sum(exact_match(first_line(a), r["golden_answers"]) for a, r in zip(answers, records))
+        contains = sum(alias_contained(first_line(a), r["golden_answers"]) for a, r in zip(answers, records))
+        scores[label] = {"qa_em": em / len(records), "qa_contains": contains / len(records)}
     return scores

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from manyinone.core.errors import ManyinoneError, unreadable
+from manyinone.core.kinds import COST_METRICS, EXIT_HEAD_KINDS, SAMPLERS
+
+# Fields whose allowed values are what the registries hold when the config is validated: registering
+# a sampler, exit-head kind or cost metric is all it takes (the help text lists the built-in ones).
+REGISTERED = {"sampler": (SAMPLERS, ()), "exit_heads": (EXIT_HEAD_KINDS, ("none",)), "cost_metric": (COST_METRICS, ())}
 
 
 class LoraSettings(BaseModel):
@@ -86,14 +92,15 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
 
-    sampler: Literal["all", "random-k", "sandwich"] = "all"
-    sampler_k: int = Field(2, gt=0, description="random-k: specs per step; sandwich: random middle specs")
+    sampler: str = Field("all", description=f"which specs get a loss each step: {SAMPLERS.summaries()}")
+    random_k: int = Field(2, gt=0, description="random-k: specs drawn per step (the full spec is added to them)")
+    sandwich_random: int = Field(2, ge=0, description="sandwich: specs drawn per step between the smallest and "
+                                                      "the full one")
     exit_weights: list[float] | None = Field(None, description="one loss weight per exit; default all 1")
     distill_weight: float = Field(0.0, ge=0, description="weight of KL(full || exit) self-distillation")
     distill_temperature: float = Field(1.0, gt=0)
-    exit_heads: Literal["none", "translator", "head"] = Field(
-        "none", description="per-exit modules: translator = own norm + identity-initialised HxH map before the "
-                            "shared LM head (folds into exports); head = own norm + LM head (the SFT+heads baseline)")
+    exit_heads: str = Field(
+        "none", description=f"per-exit modules: none (the model's own norm and head), {EXIT_HEAD_KINDS.summaries()}")
     exit_heads_lr_scale: float = Field(1.0, gt=0, description="learning rate of the exit modules, as a multiple of lr")
     freeze_base: bool = Field(False, description="train only the exit modules (SFT+heads: run on an SFT checkpoint)")
     segment_lr_scales: list[float] | None = Field(
@@ -128,7 +135,7 @@ class TrainConfig(BaseModel):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         [], description="trackers that also get each step's metrics (metrics.jsonl is always written)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-    cost_metric: Literal["flops", "params"] = "flops"
+    cost_metric: str = Field("flops", description=f"what a budget counts: {COST_METRICS.summaries()}")
     gradient_checkpointing: bool = False
     compile_layers: bool = Field(False, description="torch.compile each decoder layer's forward (regional "
                                                     "compilation; the exit hooks stay eager)")
@@ -141,6 +148,38 @@ class TrainConfig(BaseModel):
     lora: LoraSettings | None = Field(None, description="LoRA-nested tuning through peft, e.g. lora.r=16 lora.alpha=32")
     loss_impl: Literal["lean", "plain"] = Field(
         "lean", description="exit losses: lean = fused chunked head + CE, no logits kept (same numbers); plain = logits per exit")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampler_k_renamed(cls, data: Any) -> Any:
+        """sampler_k, the old single option, still reads: as the option of the sampler it configured
+        (random-k's random_k, sandwich's sandwich_random; `all` has none and ignores it)."""
+        if not isinstance(data, dict) or "sampler_k" not in data:
+            return data
+        data = dict(data)
+        value = data.pop("sampler_k")
+        sampler = data.get("sampler", cls.model_fields["sampler"].default)
+        options = list(SAMPLERS.get(sampler).config_options.values()) if sampler in SAMPLERS.names() else []
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"sampler_k {value!r} must be a positive whole number (it is deprecated: set "
+                             f"random_k or sandwich_random instead)")
+        for field in options:
+            if field in data:
+                raise ValueError(f"sampler_k and {field} are both set; keep {field} (sampler_k is its deprecated name)")
+            data[field] = value
+        print(f"warning: config key sampler_k is deprecated; read as "
+              f"{', '.join(f'{f}={value}' for f in options) or f'nothing (sampler {sampler!r} takes no option)'}; "
+              "rename it", file=sys.stderr)
+        return data
+
+    @field_validator(*REGISTERED)
+    @classmethod
+    def _registered(cls, value: str, info) -> str:
+        registry, built_in = REGISTERED[info.field_name]
+        allowed = [*built_in, *registry.names()]
+        if value not in allowed:
+            raise ValueError(f"{info.field_name} {value!r} is not registered; allowed {allowed}")
+        return value
 
     @field_validator("exits", "widths", "heads")
     @classmethod

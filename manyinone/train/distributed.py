@@ -43,6 +43,23 @@ def world_size_from_env() -> int:
         raise ManyinoneError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a whole number") from None
 
 
+def refuse_unsupported(rt: "Runtime", cfg) -> None:
+    """Under torchrun, the settings a sharded run does not support fail before any weights load."""
+    if not rt.distributed:
+        return
+    if cfg.lora is not None:
+        raise ManyinoneError("lora runs on one device only (it fits a 13B model on one GPU); drop torchrun, or "
+                             "use lora=null for a sharded full fine-tune")
+    if {"width", "heads"} & set(cfg.axes):
+        raise ManyinoneError(f"axes {cfg.axes} train on one device only (width/heads slice unsharded weights); "
+                             "use axes=[depth] under torchrun")
+    if cfg.exit_heads != "none":
+        raise ManyinoneError(f"exit_heads={cfg.exit_heads!r} runs on one device only; use exit_heads=none under torchrun")
+    if cfg.on_policy_ratio > 0:
+        raise ManyinoneError("on_policy_ratio > 0 samples with the unsharded runtime; run on one device "
+                             "(or set on_policy_ratio=0 under torchrun)")
+
+
 def micro_batch_start(step_in_epoch: int, micro: int, grad_accum: int, batch_size: int, world: int, rank: int) -> int:
     """Index into the epoch's example order of this rank's micro-batch (pure; 1 GPU: world=1, rank=0)."""
     return ((step_in_epoch * grad_accum + micro) * world + rank) * batch_size

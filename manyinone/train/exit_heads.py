@@ -1,6 +1,8 @@
 """Per-exit modules between an exit's hidden state and the vocabulary.
 
-Two kinds, both optional (plain SoFT shares the model's own final norm and LM head at every exit):
+Two kinds, both optional (plain SoFT shares the model's own final norm and LM head at every exit),
+each registered in `core.registry.EXIT_HEAD_KINDS` (a new kind is one more registered class with
+the same three methods):
 
 - "translator" (manyinone's recipe, after the tuned lens of Belrose et al. 2023): each exit gets
   its own copy of the final norm and an H x H linear map, initialised to the identity, between
@@ -19,19 +21,52 @@ import copy
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
-
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError, resource_error
+from manyinone.core.kinds import EXIT_HEAD_KINDS
 from manyinone.train.lean_loss import LinearHead
 
-KINDS = ("translator", "head")
 FILE = "exit_heads.safetensors"
-ExitKind = Literal["translator", "head"]
+
+
+@EXIT_HEAD_KINDS.register("translator")
+class Translator:
+    """own norm + identity-initialised HxH map before the shared LM head, folded into exports"""
+
+    @staticmethod
+    def initial_map(head_weight: torch.Tensor) -> torch.Tensor:
+        hidden = head_weight.shape[1]
+        return torch.eye(hidden, dtype=head_weight.dtype, device=head_weight.device)  # [hidden, hidden]
+
+    @staticmethod
+    def linear_head(norm: nn.Module, weight: torch.Tensor, shared: torch.Tensor) -> LinearHead:
+        # T_k · norm_k(h): F.linear(x, T) computes x @ T.T, i.e. T applied to each row.
+        return LinearHead(norm=lambda h: nn.functional.linear(norm(h), weight.to(h.dtype)), weight=shared)
+
+    @staticmethod
+    def folded_weight(weight: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        return (shared.double() @ weight.double()).to(weight.dtype).detach()  # [vocab, hidden]
+
+
+@EXIT_HEAD_KINDS.register("head")
+class OwnHead:
+    """own norm + own LM head, the SFT+heads baseline"""
+
+    @staticmethod
+    def initial_map(head_weight: torch.Tensor) -> torch.Tensor:
+        return head_weight.detach().clone()  # [vocab, hidden]
+
+    @staticmethod
+    def linear_head(norm: nn.Module, weight: torch.Tensor, shared: torch.Tensor) -> LinearHead:
+        return LinearHead(norm=norm, weight=weight)
+
+    @staticmethod
+    def folded_weight(weight: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        return weight.detach().clone()
 
 
 def _key(spec: SubnetSpec) -> str:
@@ -46,20 +81,14 @@ class ExitHeads(nn.Module):
     to turn an extracted sub-model into one that computes the same logits with plain HF modules.
     """
 
-    def __init__(self, kind: ExitKind, specs: Iterable[SubnetSpec], norm: nn.Module, head_weight: torch.Tensor) -> None:
+    def __init__(self, kind: str, specs: Iterable[SubnetSpec], norm: nn.Module, head_weight: torch.Tensor) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise ManyinoneError(f"exit_heads {kind!r} unknown; allowed {list(KINDS)} (or none)")
-        self.kind = kind
+        if kind not in EXIT_HEAD_KINDS.names():
+            raise ManyinoneError(f"exit_heads {kind!r} unknown; allowed {list(EXIT_HEAD_KINDS.names())} (or none)")
+        self.kind, self._rule = kind, EXIT_HEAD_KINDS.get(kind)
         self.specs = list(specs)
         self.norms = nn.ModuleDict({_key(s): copy.deepcopy(norm) for s in self.specs})
-        hidden = head_weight.shape[1]
-        if kind == "translator":
-            self.maps = nn.ParameterDict({_key(s): nn.Parameter(torch.eye(hidden, dtype=head_weight.dtype,
-                                                                          device=head_weight.device))
-                                          for s in self.specs})
-        else:
-            self.maps = nn.ParameterDict({_key(s): nn.Parameter(head_weight.detach().clone()) for s in self.specs})
+        self.maps = nn.ParameterDict({_key(s): nn.Parameter(self._rule.initial_map(head_weight)) for s in self.specs})
         self._shared = [head_weight]  # a list, so the shared head is not registered as our parameter
 
     def __contains__(self, spec: SubnetSpec) -> bool:
@@ -71,18 +100,11 @@ class ExitHeads(nn.Module):
 
     def linear_head(self, spec: SubnetSpec) -> LinearHead:
         """The exit's norm (+ translator) and head weight: logits = LinearHead(...)(hidden)."""
-        norm, weight = self.norms[_key(spec)], self.maps[_key(spec)]
-        if self.kind == "head":
-            return LinearHead(norm=norm, weight=weight)
-        # T_k · norm_k(h): F.linear(x, T) computes x @ T.T, i.e. T applied to each row.
-        return LinearHead(norm=lambda h: nn.functional.linear(norm(h), weight.to(h.dtype)), weight=self._shared[0])
+        return self._rule.linear_head(self.norms[_key(spec)], self.maps[_key(spec)], self._shared[0])
 
     def folded_head_weight(self, spec: SubnetSpec) -> torch.Tensor:
         """[vocab, hidden]: one matrix giving the same logits from norm_k(h) as the exit's head."""
-        weight = self.maps[_key(spec)]
-        if self.kind == "head":
-            return weight.detach().clone()
-        return (self._shared[0].double() @ weight.double()).to(weight.dtype).detach()  # [vocab, hidden]
+        return self._rule.folded_weight(self.maps[_key(spec)], self._shared[0])
 
     def fold(self, sub: nn.Module, spec: SubnetSpec, norm_path: str) -> nn.Module:
         """Give extracted sub-model `sub` this exit's norm (at `norm_path`) and an untied LM head."""
@@ -123,7 +145,7 @@ class ExitHeads(nn.Module):
         return heads
 
 
-def for_adapter(adapter, kind: ExitKind, space) -> ExitHeads:
+def for_adapter(adapter, kind: str, space) -> ExitHeads:
     """ExitHeads for every non-full spec of `space`, initialised from the adapter's own norm and head."""
     head = adapter.linear_head()
     if head is None or not isinstance(head.norm, nn.Module):

@@ -2,15 +2,20 @@
 
 Every sampler is a pure function of (seed, step): a resumed run and every distributed rank draw
 the same specs without sharing any state.
+
+A sampler is registered by name (`@SAMPLERS.register`), and its `config_options` map each of its
+keyword arguments to the TrainConfig field that sets it: `sampler_for(cfg, space)` builds it from a
+config, and the config takes its allowed `sampler` values from the registry.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError
+from manyinone.core.kinds import SAMPLERS
 
 
 class Sampler(Protocol):
@@ -24,8 +29,11 @@ def _rng(seed: int, step: int) -> random.Random:
     return random.Random(seed * 1_000_003 + step)
 
 
+@SAMPLERS.register("all")
 class AllSpecs:
     """Every spec every step: the SoFT paper's recipe."""
+
+    config_options: ClassVar[dict[str, str]] = {}  # keyword argument -> the TrainConfig field that sets it
 
     def __init__(self, space: NestedSpace, seed: int = 0) -> None:
         self.specs = space.specs()
@@ -34,8 +42,12 @@ class AllSpecs:
         return list(self.specs)
 
 
+@SAMPLERS.register("random-k")
 class RandomK:
-    """`k` specs drawn uniformly each step; the full spec is always added when `include_full`."""
+    """Each step a uniform draw of random_k specs, plus the full one."""
+
+    config_options: ClassVar[dict[str, str]] = {"k": "random_k"}
+    # `include_full=False` (for direct use) leaves the full spec to the draw.
 
     def __init__(self, space: NestedSpace, seed: int = 0, k: int = 2, include_full: bool = True) -> None:
         self.specs, self.full, self.seed, self.include_full = space.specs(), space.full(), seed, include_full
@@ -52,8 +64,11 @@ class RandomK:
         return [s for s in self.specs if s in chosen]
 
 
+@SAMPLERS.register("sandwich")
 class Sandwich:
-    """Full + smallest + `n_random` others (the sandwich rule of slimmable networks / Flextron)."""
+    """Full + smallest + sandwich_random others each step: the sandwich rule of slimmable networks and Flextron."""
+
+    config_options: ClassVar[dict[str, str]] = {"n_random": "sandwich_random"}
 
     def __init__(self, space: NestedSpace, seed: int = 0, n_random: int = 1) -> None:
         self.specs, self.seed, self.n_random = space.specs(), seed, n_random
@@ -68,10 +83,12 @@ class Sandwich:
         return [s for s in self.specs if s in chosen]
 
 
-SAMPLERS = {"all": AllSpecs, "random-k": RandomK, "sandwich": Sandwich}
-
-
 def make_sampler(name: str, space: NestedSpace, seed: int, **options: int) -> Sampler:
-    if name not in SAMPLERS:
-        raise ManyinoneError(f"unknown sampler {name!r}; allowed {sorted(SAMPLERS)}")
-    return SAMPLERS[name](space, seed=seed, **options)
+    """The registered sampler `name` over `space` (unknown names list the registered ones)."""
+    return SAMPLERS.get(name)(space, seed=seed, **options)
+
+
+def sampler_for(cfg: Any, space: NestedSpace) -> Sampler:
+    """The sampler a TrainConfig names, each of its options read from the config field it declares."""
+    cls = SAMPLERS.get(cfg.sampler)
+    return cls(space, seed=cfg.seed, **{arg: getattr(cfg, field) for arg, field in cls.config_options.items()})

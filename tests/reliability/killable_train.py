@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import manyinone.io.checkpoint as checkpoint
-import manyinone.train.loop as train_module
+import manyinone.train.state as state_module
 from manyinone.cli import app
 
 torch.set_num_threads(1)  # the same reduction order as the in-process reference run (tests/conftest.py)
@@ -40,7 +40,7 @@ def pausing(real):
 
 
 if PAUSE_AT:
-    train_module.save_model = pausing(train_module.save_model)  # resumable state: weights
+    state_module.save_model = pausing(state_module.save_model)  # resumable state: weights
     checkpoint.save_model = pausing(checkpoint.save_model)  # the final checkpoint's weights
     torch.save = pausing(torch.save)  # resumable state: optimizer (this process only)
 

@@ -291,7 +291,9 @@ def test_out_of_memory_is_not_reported_as_corruption(where, error, trained_run, 
         monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", error)
         args = [*TRAIN, "--model", tiny_llama, "--output", tmp_path / "run"]
     else:
-        monkeypatch.setattr(train_module, "load_model", error)
+        import manyinone.train.state as state_module  # the resumable state's reader
+
+        monkeypatch.setattr(state_module, "load_model", error)
         # the conftest run's own settings, one step further: it resumes from its last state
         args = ["train", "--model", tiny_llama, "--output", ckpt, "--exits", "2,4", "--data", "demo", "--max-steps", "5",
                 "--batch-size", "4", "--lr", "1e-3", "--quiet"]
