@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import greedy_without_cache
 from transformers import AutoModelForCausalLM
 
 from manyinone.io.api import open_checkpoint
@@ -33,6 +34,16 @@ def test_greedy_equals_hf_generate(any_tiny_model):
         got = rt.generate([prompt], max_new_tokens=24, stop_ids=set())
         assert got.tokens[0] == hf_greedy(model, prompt, 24)
         assert got.finish == ["length"] and got.depth == 4
+
+
+def test_greedy_equals_full_forwards_past_the_window(any_tiny_model):
+    """Prompts longer than the sliding window (8) too: the runtime's cached decoding equals greedy full
+    forwards with no cache. (HF generate is no oracle here: on the tiny Qwen2 its cached decoding parts
+    from its own full forward on these prompts; see helpers.greedy_without_cache.)"""
+    model = AutoModelForCausalLM.from_pretrained(any_tiny_model, dtype=torch.float32).eval()
+    rt = Runtime(model, max_len=128)
+    for prompt in random_prompts(3, seed=0, low=3, high=30):
+        assert rt.generate([prompt], max_new_tokens=32, stop_ids=set()).tokens[0] == greedy_without_cache(model, prompt, 32)
 
 
 def test_batched_left_padded_rows_equal_single_rows(tiny_qwen2):

@@ -1,5 +1,5 @@
 """CUDA: the fused decode step (whole step compiled by torch.compile, recorded as a CUDA graph) equals the
-eager step: logits within a stated tolerance, greedy tokens equal to eager and HF generate in float32, a
+eager step: logits within a stated tolerance, greedy tokens equal to eager and to greedy full forwards of the HF model (no cache) in float32, a
 width plan equal to its exported model, and 128 greedy steps equal on the real model (SmolLM2 at
 /root/smollm2-hf, skipped when absent). Skipped without CUDA."""
 
@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from helpers import greedy_without_cache
 from transformers import AutoModelForCausalLM
 
 from manyinone.core.space import SubnetSpec
@@ -35,14 +36,12 @@ def test_fused_equals_eager_and_hf(kind, request):
     fused = Runtime(model, adapter=adapter, max_len=128, fused=True)
     assert fused.graphs and fused.fused
     for p in prompts():
-        hf = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                            pad_token_id=3)[0, len(p):].tolist()
+        hf = greedy_without_cache(model, p, 32)
         assert fused.generate([p], max_new_tokens=32, stop_ids=set()).tokens[0] == hf
     spec = SubnetSpec(depth=3, width=64, heads=2)
     sub = adapter.extract(spec).eval()
     for p in prompts(2):
-        hf = sub.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                          pad_token_id=3)[0, len(p):].tolist()
+        hf = greedy_without_cache(sub, p, 16)
         assert fused.generate([p], spec=spec, max_new_tokens=16, stop_ids=set()).tokens[0] == hf
     # One decode step's logits, fused (graph replay) vs eager, at the same cache state.
     p = prompts(1)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import greedy_without_cache
 from transformers import AutoModelForCausalLM
 
 from manyinone.runtime import Runtime, Sampling
@@ -23,8 +24,7 @@ def test_graphs_equal_eager_and_hf(kind, request):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
     graphed, eager = Runtime(model, max_len=128, graphs=True), Runtime(model, max_len=128, graphs=False)
     for p in prompts():
-        hf = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                            pad_token_id=3)[0, len(p):].tolist()
+        hf = greedy_without_cache(model, p, 32)
         a = graphed.generate([p], max_new_tokens=32, stop_ids=set()).tokens[0]
         assert a == eager.generate([p], max_new_tokens=32, stop_ids=set()).tokens[0] == hf
         for n, k in ((1, 3), (2, 4), (3, 2)):
