@@ -295,12 +295,22 @@ def main() -> None:
     results: dict[str, dict] = {}
     if args.resume and (out / "results.json").is_file():
         results = json.loads((out / "results.json").read_text())
-    data_done = {n: d["seconds"] for n, d in results.get("_data", {}).items()}  # data step -> seconds, with its teacher
+    # data step -> its own seconds (without the teacher it needs; older results only kept the total)
+    data_done = {n: d.get("own_seconds", d["seconds"]) for n, d in results.get("_data", {}).items()}
     lock = threading.Lock()
     gen = ["--gen-prompts", str(args.gen_prompts), "--gen-tokens", "128"] if args.gen_prompts else []
 
     def cost_of(names: list[str]) -> float:
-        return sum(results.get(n, {}).get("cost", {}).get("total_s", data_done.get(n, 0.0)) for n in names)
+        """GPU seconds of `names` and everything they build on, each step counted once (a recipe whose
+        teacher also wrote its data pays for that teacher once)."""
+        seen: set[str] = set()
+        stack = list(names)
+        while stack:
+            name = stack.pop()
+            if name not in seen:
+                seen.add(name)
+                stack += needs(recipes.get(name, []))
+        return sum(results.get(n, {}).get("cost", {}).get("train_s", data_done.get(n, 0.0)) for n in seen)
 
     def train_and_eval(recipe: str) -> None:
         run_dir = out / recipe
@@ -325,8 +335,9 @@ def main() -> None:
                            "--template", args.template, *flags], log)
             with lock:
                 # A file an earlier call finished without recording its cost has none we can honestly give.
-                data_done[recipe] = time.perf_counter() - started + cost_of(deps) if made_here else float("nan")
-                results.setdefault("_data", {})[recipe] = {"seconds": data_done[recipe],
+                data_done[recipe] = time.perf_counter() - started if made_here else float("nan")
+                results.setdefault("_data", {})[recipe] = {"seconds": data_done[recipe] + cost_of(deps),
+                                                           "own_seconds": data_done[recipe],
                                                            "records": sum(1 for _ in target.open())}
                 (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # kept if the call is cut short
             return
