@@ -88,17 +88,3 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = N
         diff = diff[mask.bool()]
     return float(diff.max())
 
-
-@torch.no_grad()
-def greedy_without_cache(model, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy continuation by full forwards with no cache: the oracle for the runtime's decoding.
-
-    Not HF `generate`: with a sliding-window model (the tiny Qwen2) generate's cached decoding
-    disagrees with the model's own full forward once a sequence outgrows the window (transformers
-    5.17 and 5.24), while the runtime agrees with the full forward."""
-    device = next(model.parameters()).device
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        logits = model(torch.tensor([ids], device=device), use_cache=False).logits  # [1, seq, vocab]
-        ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import greedy_without_cache
 from transformers import AutoModelForCausalLM
 
 from manyinone.io.api import open_checkpoint
@@ -12,6 +11,7 @@ from manyinone.core.errors import ManyinoneError
 from manyinone.runtime import Runtime, Sampling
 from manyinone.runtime.cache import attention_masks
 from manyinone.runtime.sampling import probabilities
+from manyinone.testing import greedy_without_cache
 
 
 def random_prompts(count: int, seed: int = 0, low: int = 3, high: int = 20) -> list[list[int]]:
@@ -39,7 +39,7 @@ def test_greedy_equals_hf_generate(any_tiny_model):
 def test_greedy_equals_full_forwards_past_the_window(any_tiny_model):
     """Prompts longer than the sliding window (8) too: the runtime's cached decoding equals greedy full
     forwards with no cache. (HF generate is no oracle here: on the tiny Qwen2 its cached decoding parts
-    from its own full forward on these prompts; see helpers.greedy_without_cache.)"""
+    from its own full forward on these prompts; see manyinone.testing.greedy_without_cache.)"""
     model = AutoModelForCausalLM.from_pretrained(any_tiny_model, dtype=torch.float32).eval()
     rt = Runtime(model, max_len=128)
     for prompt in random_prompts(3, seed=0, low=3, high=30):

@@ -9,12 +9,12 @@ import os
 
 import pytest
 import torch
-from helpers import greedy_without_cache
 from transformers import AutoModelForCausalLM
 
 from manyinone.core.space import SubnetSpec
 from manyinone.runtime import Runtime
 from manyinone_flextron import LlamaFlextronAdapter
+from manyinone.testing import greedy_without_cache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 REAL_MODEL = os.environ.get("MANYINONE_REAL_MODEL", "/root/smollm2-hf")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import greedy_without_cache
 from transformers import AutoModelForCausalLM
 
 from manyinone.runtime import Runtime, Sampling
+from manyinone.testing import greedy_without_cache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
