@@ -26,6 +26,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -184,7 +185,8 @@ class Driver:
                         f"{needs_gib:.1f} GiB (free space or pass --workdir on a larger disk)", False)
         return verdict == "ok"
 
-    def run(self, step: str, cmd: list[str], timeout: float, shown: str | None = None) -> tuple[bool, float, float | None, str]:
+    def run(self, step: str, cmd: list[str], timeout: float,
+            shown: str | None = None) -> tuple[bool, float, float | None, str]:
         """One foreground command; its output goes to logs/<step>.log (tail printed on failure)."""
         shown = shown or self.display(cmd)
         self.commands.append(shown)
@@ -200,16 +202,19 @@ class Driver:
                     proc.kill()
                     proc.wait()
                     rc = None
+                except BaseException:  # stopped ourselves (SIGTERM, Ctrl-C): stop the command we started too
+                    proc.kill()
+                    proc.wait()
+                    raise
         wall = time.perf_counter() - started
         text = log.read_text(errors="replace")
         tail = "\n".join(line for line in text.splitlines()[-12:])
+        why = "" if rc == 0 else (f"timed out after {timeout:.0f} s" if rc is None else f"exit {rc}")
         if rc != 0:
-            print(f"FAILED ({'timed out after %.0f s' % timeout if rc is None else f'exit {rc}'}); last lines of {log}:\n{tail}",
-                  flush=True)
+            print(f"FAILED ({why}); last lines of {log}:\n{tail}", flush=True)
         else:
             print(tail if step == "build" else "\n".join(text.splitlines()[-3:]), flush=True)
-        why = "" if rc == 0 else (f"timed out after {timeout:.0f} s" if rc is None else f"exit {rc}")
-        return rc == 0, wall, peak.peak_gib, why or text
+        return rc == 0, wall, peak.peak_gib, why
 
     def env(self) -> dict:
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
@@ -218,6 +223,19 @@ class Driver:
 
     # ------------------------------------------------------------ the steps
     def main(self) -> int:
+        """The steps in order; a SIGTERM (an outer `timeout`) still ends with the table of what ran."""
+        def stop(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            return self.steps()
+        except KeyboardInterrupt as e:
+            print(f"\nstopped ({e or 'Ctrl-C'}) after {len(self.rows)} step(s)", flush=True)
+            self.table()
+            return 130
+
+    def steps(self) -> int:
         a = self.args
         from importlib.util import find_spec
 
@@ -241,7 +259,8 @@ class Driver:
         n = param_count(shape, vocab)
         bf16_gib = 2 * n / GIB
         print(f"model: {'tiny LLaMA' if a.tiny else 'LLaMA-2-13B shape'}, {n / 1e9:.3f}B parameters, "
-              f"vocab_size {vocab} (the tokenizer's; LLaMA-2's own is 32000); bf16 weights {bf16_gib:.2f} GiB", flush=True)
+              f"vocab_size {vocab} (the tokenizer's; LLaMA-2's own is 32000); bf16 weights {bf16_gib:.2f} GiB",
+              flush=True)
 
         # 1. the base folder
         ok = self.disk_ok("build", bf16_gib)
@@ -334,8 +353,8 @@ class Driver:
             stop_server(proc)
         wall = time.perf_counter() - started
         if not ok:
-            print(f"serve FAILED: {why}; last lines of {log}:\n" + "\n".join(log.read_text(errors='replace').splitlines()[-12:]),
-                  flush=True)
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
+            print(f"serve FAILED: {why}; last lines of {log}:\n{tail}", flush=True)
         result = (f"ready in {ready_s:.1f} s; 1 completion in {request_s:.1f} s, "
                   f"{reply['usage']['completion_tokens']} tokens, text {reply['choices'][0]['text'][:40]!r}; stopped"
                   if ok else f"failed: {why}")
@@ -432,7 +451,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 6; --tiny 3)")
     p.add_argument("--batch-size", type=int, default=None, help="default 8; --tiny 2")
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-shard-size", default=None, help="of the base folder (default 5GB; --tiny 4MB, so it is sharded too)")
+    p.add_argument("--max-shard-size", default=None,
+                   help="of the base folder (default 5GB; --tiny 4MB, so that it is sharded too)")
     p.add_argument("--prompt", default="Give three tips for staying healthy.")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--keep-base", action="store_true", help="keep the base folder when training fails")
