@@ -105,7 +105,7 @@ class Axis:
         def hook(_module, inputs):
             act = inputs[0].float() * keep  # [batch, seq, total * unit_size]
             energy = act.pow(2).sum(dim=(0, 1))  # [total * unit_size]
-            record(energy.view(self.total // self.group, -1).sum(-1))  # [groups]
+            record(energy.view(self.groups, -1).sum(-1))  # [groups]
         return hook
 
     def row_index(self, s: Slice, order: torch.Tensor) -> torch.Tensor:
@@ -113,9 +113,18 @@ class Axis:
         rows = self.group // s.shared * s.per_unit  # rows of `s` per unit group
         return (order.long().cpu()[:, None] * rows + torch.arange(rows)).flatten()
 
+    @property
+    def groups(self) -> int:
+        """Unit groups per layer: the length of this axis's score vector and permutation."""
+        return self.total // self.group
+
     @torch.no_grad()
     def permute(self, layer: nn.Module, order: torch.Tensor) -> None:
         """Reorder this axis's unit groups in `layer` in place: new group k = old group order[k]."""
+        order = torch.as_tensor(order)
+        if order.shape != (self.groups,) or not torch.equal(order.long().sort().values.cpu(), torch.arange(self.groups)):
+            raise ManyinoneError(f"axis {self.name!r}: order {order.tolist()} is not a permutation of its "
+                                 f"{self.groups} unit groups (0..{self.groups - 1}, each once)")
         for s in self.slices:
             owner, _, leaf = s.tensor.rpartition(".")
             param = getattr(layer.get_submodule(owner), leaf, None)
@@ -141,6 +150,53 @@ class Axis:
 def hooked(layers: Sequence[nn.Module], axis: Axis, make_hook: Callable[[int], Callable]) -> list:
     """Register `make_hook(i)` as a forward pre-hook on `axis.entry` of every layer i; returns the handles."""
     return [layer.get_submodule(axis.entry).register_forward_pre_hook(make_hook(i)) for i, layer in enumerate(layers)]
+
+
+# --- importance: one score vector per axis, keyed by axis name --------------------------------------
+AxisScores = dict[str, torch.Tensor]  # one layer: axis name -> one score (or order) per unit group [axis.groups]
+
+
+@torch.no_grad()
+def unit_scores(layers: Sequence[nn.Module], axes: Mapping[str, Axis], attention_mask: torch.Tensor,
+                run: Callable[[], object]) -> list[AxisScores]:
+    """Per layer, every axis's unit-group energies ([axis.groups]) from one forward pass `run()` over a
+    batch whose real tokens `attention_mask` ([batch, seq]) marks: each axis's `score_hook` on its
+    `entry` in every layer, so an adapter scores whatever axes it declares without naming them."""
+    keep = attention_mask.unsqueeze(-1).to(torch.float32)  # [batch, seq, 1]
+    scores: list[AxisScores] = [{} for _ in layers]
+
+    def make_hook(axis: Axis) -> Callable[[int], Callable]:
+        return lambda i: axis.score_hook(lambda energy: scores[i].__setitem__(axis.name, energy), keep)
+
+    handles = []
+    try:
+        for axis in axes.values():
+            handles += hooked(layers, axis, make_hook(axis))
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    for i, layer_scores in enumerate(scores):
+        missing = [name for name in axes if name not in layer_scores]
+        if missing:
+            raise ManyinoneError(f"layer {i}: the forward pass never reached the entry of axes {missing}, "
+                                 f"so they have no importance scores (entries {[axes[n].entry for n in missing]})")
+    return scores
+
+
+@torch.no_grad()
+def permute_units(layers: Sequence[nn.Module], axes: Mapping[str, Axis], orders: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Reorder every layer's units in place, axis by axis (new group k = old group order[k]); an axis a
+    layer's orders leave out keeps its order, one the adapter does not declare is refused."""
+    if len(orders) != len(layers):
+        raise ManyinoneError(f"permute: {len(orders)} layer orders for {len(layers)} layers")
+    for i, (layer, layer_orders) in enumerate(zip(layers, orders)):
+        unknown = sorted(set(layer_orders) - set(axes))
+        if unknown:
+            raise ManyinoneError(f"permute: layer {i} orders axes {unknown}; allowed {list(axes)}")
+        for name, axis in axes.items():
+            if name in layer_orders:
+                axis.permute(layer, layer_orders[name])
 
 
 # --- plans: axis-keyed in memory, sizes in an explicit axis order on disk -------------------------
@@ -192,5 +248,6 @@ def widest(plans: Sequence[LayerPlan]) -> LayerPlan:
     return tuple(SubnetSpec({a: max(p[i][a] for p in plans) for a in plans[0][i]}) for i in range(len(plans[0])))
 
 
-__all__ = ["Axis", "LayerPlan", "LayerSizes", "PAIR_AXES", "Slice", "as_plan", "axis_order", "encode_plan",
-           "encode_sizes", "hooked", "layer_sizes", "plan_axes", "widest"]
+__all__ = ["Axis", "AxisScores", "LayerPlan", "LayerSizes", "PAIR_AXES", "Slice", "as_plan", "axis_order", "encode_plan",
+           "encode_sizes", "hooked", "layer_sizes", "permute_units", "plan_axes",
+           "unit_scores", "widest"]
