@@ -49,15 +49,17 @@ def _energies(model, calibration):
 
 
 def _expected_weights(model, calibration):
-    """Every elastic tensor of every layer as the old reordering leaves it ({name: tensor})."""
+    """Every elastic tensor of every layer as the old reordering leaves it ({name: tensor}), and the
+    per-layer orders ({"width": neuron order, "heads": KV-group order})."""
     cfg = model.config
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     q_rows = heads // kv * head_dim  # q_proj rows (= o_proj columns) of one KV group
-    expected = {}
+    expected, orders = {}, []
     for i, (layer, (neurons, groups)) in enumerate(zip(model.model.layers, _energies(model, calibration))):
         n_order = torch.sort(neurons, descending=True, stable=True).indices
         g_order = torch.sort(groups, descending=True, stable=True).indices
+        orders.append({"width": n_order, "heads": g_order})
         q_index = (g_order[:, None] * q_rows + torch.arange(q_rows)).flatten()
         kv_index = (g_order[:, None] * head_dim + torch.arange(head_dim)).flatten()
         for name, module, dim, index in (("mlp.gate_proj", layer.mlp.gate_proj, 0, n_order),
@@ -72,15 +74,19 @@ def _expected_weights(model, calibration):
                 expected[f"{i}.{name}.bias"] = module.bias.detach().index_select(0, index)
             elif module.bias is not None:
                 expected[f"{i}.{name}.bias"] = module.bias.detach().clone()  # an output bias does not move
-    return expected
+    return expected, orders
 
 
 @torch.no_grad()
 def test_axis_keyed_reordering_moves_every_weight_as_the_pair_based_code_did(any_tiny_model):
     model = AutoModelForCausalLM.from_pretrained(any_tiny_model, dtype=torch.float32).eval()
     calibration = [sample_batch(seed=s) for s in range(3)]
-    expected = _expected_weights(model, calibration)
-    reorder_by_importance(LlamaFlextronAdapter(model), calibration)
+    expected, expected_orders = _expected_weights(model, calibration)
+    orders = reorder_by_importance(LlamaFlextronAdapter(model), calibration)
+    assert len(orders) == len(expected_orders)
+    for got_layer, want_layer in zip(orders, expected_orders):  # one order per axis, keyed by its name
+        assert got_layer.keys() == {"width", "heads"}
+        assert all(torch.equal(got_layer[a], want_layer[a]) for a in want_layer)
     layers = model.model.layers
     got = {f"{i}.{name}": p for i, layer in enumerate(layers) for name, p in layer.named_parameters()
            if f"{i}.{name}" in expected}
@@ -90,3 +96,22 @@ def test_axis_keyed_reordering_moves_every_weight_as_the_pair_based_code_did(any
     original = AutoModelForCausalLM.from_pretrained(any_tiny_model, dtype=torch.float32).model.layers
     moved = sum(not torch.equal(got[n], dict(original.named_parameters())[n]) for n in expected)
     assert moved > 0  # the calibration really moved units (the oracle is not the identity)
+
+
+def test_bad_orders_and_scores_are_refused_in_one_line(tiny_llama):
+    from manyinone.core.errors import ManyinoneError
+    from manyinone.elastic.reorder import check_scores
+
+    adapter = LlamaFlextronAdapter(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    identity = [{name: torch.arange(axis.groups) for name, axis in adapter.layer_axes.items()}] * adapter.num_layers
+    with pytest.raises(ManyinoneError, match=r"permute: 3 layer orders for 4 layers"):
+        adapter.permute(identity[:3])
+    with pytest.raises(ManyinoneError, match=r"layer 0 orders axes \['experts'\]; allowed \['width', 'heads'\]"):
+        adapter.permute([{"experts": torch.arange(2)}] + identity[1:])
+    before = {n: p.clone() for n, p in adapter.model.named_parameters()}
+    swap = {"width": torch.arange(128).flip(0), "heads": torch.tensor([1, 0])}  # valid, but the last layer's is not
+    with pytest.raises(ManyinoneError, match=r"axis 'heads': order \[1, 1\] is not a permutation of its 2 unit groups"):
+        adapter.permute([swap] * 3 + [{"heads": torch.tensor([1, 1])}])
+    assert all(torch.equal(p, before[n]) for n, p in adapter.model.named_parameters())  # nothing moved
+    with pytest.raises(ManyinoneError, match=r"layer 0, axis 'width': shape \(64,\), expected \(128,\)"):
+        check_scores([{"width": torch.ones(64)}], adapter.layer_axes)
