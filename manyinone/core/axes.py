@@ -118,13 +118,17 @@ class Axis:
         """Unit groups per layer: the length of this axis's score vector and permutation."""
         return self.total // self.group
 
-    @torch.no_grad()
-    def permute(self, layer: nn.Module, order: torch.Tensor) -> None:
-        """Reorder this axis's unit groups in `layer` in place: new group k = old group order[k]."""
+    def check_order(self, order: torch.Tensor) -> None:
+        """`order` must be a permutation of this axis's unit groups, or one line saying it is not."""
         order = torch.as_tensor(order)
         if order.shape != (self.groups,) or not torch.equal(order.long().sort().values.cpu(), torch.arange(self.groups)):
             raise ManyinoneError(f"axis {self.name!r}: order {order.tolist()} is not a permutation of its "
                                  f"{self.groups} unit groups (0..{self.groups - 1}, each once)")
+
+    @torch.no_grad()
+    def permute(self, layer: nn.Module, order: torch.Tensor) -> None:
+        """Reorder this axis's unit groups in `layer` in place: new group k = old group order[k]."""
+        self.check_order(order)
         for s in self.slices:
             owner, _, leaf = s.tensor.rpartition(".")
             param = getattr(layer.get_submodule(owner), leaf, None)
@@ -187,13 +191,17 @@ def unit_scores(layers: Sequence[nn.Module], axes: Mapping[str, Axis], attention
 @torch.no_grad()
 def permute_units(layers: Sequence[nn.Module], axes: Mapping[str, Axis], orders: Sequence[Mapping[str, torch.Tensor]]) -> None:
     """Reorder every layer's units in place, axis by axis (new group k = old group order[k]); an axis a
-    layer's orders leave out keeps its order, one the adapter does not declare is refused."""
+    layer's orders leave out keeps its order, one the adapter does not declare is refused. Every order
+    is checked before any weight moves, so a bad one leaves the model as it was."""
     if len(orders) != len(layers):
         raise ManyinoneError(f"permute: {len(orders)} layer orders for {len(layers)} layers")
-    for i, (layer, layer_orders) in enumerate(zip(layers, orders)):
+    for i, layer_orders in enumerate(orders):
         unknown = sorted(set(layer_orders) - set(axes))
         if unknown:
             raise ManyinoneError(f"permute: layer {i} orders axes {unknown}; allowed {list(axes)}")
+        for name, order in layer_orders.items():
+            axes[name].check_order(order)
+    for layer, layer_orders in zip(layers, orders):
         for name, axis in axes.items():
             if name in layer_orders:
                 axis.permute(layer, layer_orders[name])
