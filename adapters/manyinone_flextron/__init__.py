@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from manyinone.core.adapter import ModelAdapter
-from manyinone.core.axes import PAIR_AXES, Axis, LayerPlan, Slice, as_plan, hooked, layer_sizes, permute_units, unit_scores
+from manyinone.core.axes import (PAIR_AXES, Axis, LayerPlan, Slice, as_plan, hooked, layer_sizes, permute_units,
+                                 unit_scores)
 from manyinone.core.cost import Cost
 from manyinone.core.space import DepthDim, HeadsDim, NestedSpace, SubnetSpec, WidthDim, even_exits, even_sizes
 from manyinone.core.errors import ManyinoneError

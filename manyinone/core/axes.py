@@ -6,6 +6,8 @@ projection (importance is measured there, and the router's soft masks scale it t
 units group (grouped-query attention keeps whole query groups with their KV head). Adapters build
 one Axis per axis they support from their own module names; the machinery below is generic, so a
 new axis (elastic hidden size, MoE experts) is a new Axis value plus the adapter that offers it.
+Importance is axis-keyed too: `unit_scores` scores every axis of a layer stack in one forward pass
+({axis name: one energy per unit group}) and `permute_units` applies the sorted orders axis by axis.
 
 A per-layer plan (`LayerPlan`) is a tuple of `SubnetSpec`, one per kept layer, bottom first, keyed by
 axis name ({"width": w, "heads": h} for the Flextron adapter); each axis reads its own size from it, so
@@ -157,17 +159,14 @@ def hooked(layers: Sequence[nn.Module], axis: Axis, make_hook: Callable[[int], C
 
 
 # --- importance: one score vector per axis, keyed by axis name --------------------------------------
-AxisScores = dict[str, torch.Tensor]  # one layer: axis name -> one score (or order) per unit group [axis.groups]
-
-
 @torch.no_grad()
 def unit_scores(layers: Sequence[nn.Module], axes: Mapping[str, Axis], attention_mask: torch.Tensor,
-                run: Callable[[], object]) -> list[AxisScores]:
+                run: Callable[[], object]) -> list[dict[str, torch.Tensor]]:
     """Per layer, every axis's unit-group energies ([axis.groups]) from one forward pass `run()` over a
     batch whose real tokens `attention_mask` ([batch, seq]) marks: each axis's `score_hook` on its
     `entry` in every layer, so an adapter scores whatever axes it declares without naming them."""
     keep = attention_mask.unsqueeze(-1).to(torch.float32)  # [batch, seq, 1]
-    scores: list[AxisScores] = [{} for _ in layers]
+    scores: list[dict[str, torch.Tensor]] = [{} for _ in layers]  # per layer: axis name -> [axis.groups]
 
     def make_hook(axis: Axis) -> Callable[[int], Callable]:
         return lambda i: axis.score_hook(lambda energy: scores[i].__setitem__(axis.name, energy), keep)
@@ -189,7 +188,8 @@ def unit_scores(layers: Sequence[nn.Module], axes: Mapping[str, Axis], attention
 
 
 @torch.no_grad()
-def permute_units(layers: Sequence[nn.Module], axes: Mapping[str, Axis], orders: Sequence[Mapping[str, torch.Tensor]]) -> None:
+def permute_units(layers: Sequence[nn.Module], axes: Mapping[str, Axis],
+                  orders: Sequence[Mapping[str, torch.Tensor]]) -> None:
     """Reorder every layer's units in place, axis by axis (new group k = old group order[k]); an axis a
     layer's orders leave out keeps its order, one the adapter does not declare is refused. Every order
     is checked before any weight moves, so a bad one leaves the model as it was."""
@@ -256,6 +256,6 @@ def widest(plans: Sequence[LayerPlan]) -> LayerPlan:
     return tuple(SubnetSpec({a: max(p[i][a] for p in plans) for a in plans[0][i]}) for i in range(len(plans[0])))
 
 
-__all__ = ["Axis", "AxisScores", "LayerPlan", "LayerSizes", "PAIR_AXES", "Slice", "as_plan", "axis_order", "encode_plan",
+__all__ = ["Axis", "LayerPlan", "LayerSizes", "PAIR_AXES", "Slice", "as_plan", "axis_order", "encode_plan",
            "encode_sizes", "hooked", "layer_sizes", "permute_units", "plan_axes",
            "unit_scores", "widest"]
