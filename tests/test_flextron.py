@@ -141,8 +141,8 @@ def test_cost_by_hand_and_full_spec_matches_the_depth_adapter(tiny_llama):
 
 # --- importance reordering ----------------------------------------------------------------------------
 def test_importance_orders_sort_descending_with_stable_ties():
-    orders = importance_orders([(torch.tensor([1.0, 3.0, 3.0, 0.5]), torch.tensor([0.0, 2.0]))])
-    assert orders[0][0].tolist() == [1, 2, 0, 3] and orders[0][1].tolist() == [1, 0]
+    orders = importance_orders([{"width": torch.tensor([1.0, 3.0, 3.0, 0.5]), "heads": torch.tensor([0.0, 2.0])}])
+    assert orders[0]["width"].tolist() == [1, 2, 0, 3] and orders[0]["heads"].tolist() == [1, 0]
 
 
 @torch.no_grad()
@@ -152,12 +152,12 @@ def test_reordering_keeps_the_full_model_and_puts_important_units_first(model):
     adapter = LlamaFlextronAdapter(model)
     calibration = [sample_batch(seed=s) for s in range(3)]
     orders = reorder_by_importance(adapter, calibration)
-    assert any(not torch.equal(n, torch.arange(128)) for n, _ in orders)  # something actually moved
+    assert any(not torch.equal(o["width"], torch.arange(128)) for o in orders)  # something actually moved
     after = model(input_ids=ids, attention_mask=mask).logits
     assert max_abs_diff(before, after) <= 1e-5
     # Now the scores come out sorted: every prefix holds the most important units.
     total = [adapter.unit_importance(*b) for b in calibration]
     for layer in range(4):
-        neurons = sum(t[layer][0] for t in total)
-        groups = sum(t[layer][1] for t in total)
+        neurons = sum(t[layer]["width"] for t in total)
+        groups = sum(t[layer]["heads"] for t in total)
         assert torch.all(neurons[:-1] >= neurons[1:] - 1e-4) and torch.all(groups[:-1] >= groups[1:] - 1e-4)

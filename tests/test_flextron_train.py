@@ -66,7 +66,7 @@ def test_training_started_from_importance_reordered_weights(tiny_llama, width_ru
 def _energy(model, calibration) -> torch.Tensor:
     """Layer 0's neuron scores summed over the calibration batches."""
     adapter = LlamaFlextronAdapter(model.eval())
-    return sum(adapter.unit_importance(c["input_ids"], c["attention_mask"])[0][0] for c in calibration)
+    return sum(adapter.unit_importance(c["input_ids"], c["attention_mask"])[0]["width"] for c in calibration)
 
 
 @torch.no_grad()

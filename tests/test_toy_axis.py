@@ -2,7 +2,8 @@
 
 Everything axis-specific lives in this file: a dimension ("inner": MLP neurons of a toy residual
 LM), its `Axis` (slicing table, importance score, mask hook), and a small adapter. The library's
-own space, sampler, loss and optimizer step then train it; its per-layer plans (PlanAdapter) go
+own space, sampler, loss and optimizer step then train it; `elastic.reorder` scores and reorders it
+by importance (Reorderable, through the axis's entry and slicing table); its per-layer plans (PlanAdapter) go
 through the library's router (training, hard masks, save/load), latency table (measure, price, file
 round trip, ms budgets) and budget index (stored routed plans) unchanged: nothing in manyinone/
 names the axis.
@@ -21,7 +22,7 @@ from torch import nn
 from contextlib import contextmanager
 
 from manyinone.core.adapter import ModelAdapter, PlanAdapter, require_plans
-from manyinone.core.axes import Axis, Slice, encode_plan, hooked
+from manyinone.core.axes import Axis, Slice, encode_plan, hooked, permute_units, unit_scores
 from manyinone.core.cost import Cost
 from manyinone.core.errors import ManyinoneError
 from manyinone.core.space import DepthDim, NestedDimension, NestedSpace, SubnetSpec, register_dimension
@@ -146,6 +147,14 @@ class ToyAdapter(ModelAdapter):
         row = [self.cost(SubnetSpec(depth=1, inner=o["inner"])).params / full for o in options]
         return torch.tensor([row] * LAYERS, dtype=torch.float64), 0.0  # [layers, options]; no cost outside the layers
 
+    # --- importance reordering (Reorderable): the library's axis-keyed scoring and permutation -----
+    def unit_importance(self, input_ids, attention_mask):
+        return unit_scores(self.model.layers, self.layer_axes, attention_mask,
+                           lambda: self.forward_plan(input_ids, attention_mask, self.plan({})))
+
+    def permute(self, orders):
+        permute_units(self.model.layers, self.layer_axes, orders)
+
     def extract_plan(self, plan):
         import copy
 
@@ -216,6 +225,44 @@ def test_the_axis_masks_and_importance_agree_with_its_slicing():
         INNER_AXIS.permute(layer, order)
         torch.testing.assert_close(layer(x), full)  # the same function, units reordered
         assert (torch.relu(x @ layer.up.weight.T + layer.up.bias)).pow(2).sum((0, 1)).diff().le(1e-5).all()
+
+
+@torch.no_grad()
+def test_the_toy_axis_is_scored_and_reordered_by_the_library():
+    """elastic.reorder scores the new axis at its entry and moves its units, with no edit outside this file:
+    the orders and weights equal the toy oracle's (neuron energy = relu(up(x))^2 over real tokens)."""
+    from manyinone.core.adapter import Reorderable
+    from manyinone.elastic.reorder import reorder_by_importance
+
+    torch.manual_seed(2)
+    adapter = ToyAdapter(ToyLM())
+    assert isinstance(adapter, Reorderable)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, VOCAB, (2, 6), generator=g), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])) for _ in range(2)]
+    # The oracle, by hand: each layer's input from the full forward, each neuron's energy on real tokens.
+    energy = [torch.zeros(INNER) for _ in range(LAYERS)]
+    for ids, mask in batches:
+        hidden = adapter.model.embed(ids)
+        for i, layer in enumerate(adapter.model.layers):
+            energy[i] += (torch.relu(layer.up(hidden)) * mask[..., None]).pow(2).sum((0, 1))
+            hidden = layer(hidden)
+    want = [torch.sort(e, descending=True, stable=True).indices for e in energy]
+    before = [{n: p.clone() for n, p in layer.named_parameters()} for layer in adapter.model.layers]
+    full = _plan_logits(adapter, adapter.plan({}), batches[0][0])
+
+    orders = reorder_by_importance(adapter, batches)
+
+    assert [set(o) for o in orders] == [{"inner"}] * LAYERS
+    assert all(torch.equal(o["inner"], w) for o, w in zip(orders, want))
+    assert any(not torch.equal(w, torch.arange(INNER)) for w in want)  # the calibration really moves units
+    for layer, old, w in zip(adapter.model.layers, before, want):
+        assert torch.equal(layer.up.weight, old["up.weight"][w]) and torch.equal(layer.up.bias, old["up.bias"][w])
+        assert torch.equal(layer.down.weight, old["down.weight"][:, w])
+    torch.testing.assert_close(_plan_logits(adapter, adapter.plan({}), batches[0][0]), full)  # same function
+    again = [adapter.unit_importance(*b) for b in batches]  # now every prefix holds the most energetic neurons
+    for i in range(LAYERS):
+        scores = sum(a[i]["inner"] for a in again)
+        assert torch.all(scores[:-1] >= scores[1:] - 1e-5)
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from manyinone.core.adapter import ModelAdapter
-from manyinone.core.axes import PAIR_AXES, Axis, LayerPlan, Slice, as_plan, hooked, layer_sizes
+from manyinone.core.axes import (PAIR_AXES, Axis, LayerPlan, Slice, as_plan, hooked, layer_sizes, permute_units,
+                                 unit_scores)
 from manyinone.core.cost import Cost
 from manyinone.core.space import DepthDim, HeadsDim, NestedSpace, SubnetSpec, WidthDim, even_exits, even_sizes
 from manyinone.core.errors import ManyinoneError
@@ -31,7 +32,7 @@ from manyinone_llama import LlamaDepthAdapter
 
 __all__ = ["LayerPlan", "LlamaFlextronAdapter", "PLAN_AXES", "llama_axes"]
 
-PLAN_AXES = PAIR_AXES  # this adapter's per-layer axes, in the order its importance scores list them
+PLAN_AXES = PAIR_AXES  # this adapter's per-layer axes, in the order stored plans list them
 
 
 def llama_axes(intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, Axis]:
@@ -259,41 +260,24 @@ class LlamaFlextronAdapter(ModelAdapter):
 
     # --- importance reordering ----------------------------------------------------------------
     @torch.no_grad()
-    def unit_importance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer: (MLP neuron scores [intermediate], KV-group scores [kv_heads]) for one batch.
+    def unit_importance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Per layer, {axis name: energy of each unit group} for one batch, for every `layer_axes` entry:
+        width, one score per MLP neuron [intermediate]; heads, one per KV group [kv_heads].
 
-        A neuron's score is the energy (sum of squares over real tokens) of its activation entering
-        down_proj; a query group's is the energy of its heads' outputs entering o_proj.
+        A unit's score is the energy (sum of squares over real tokens) of its activation entering the
+        axis's entry (down_proj for a neuron, o_proj for a query group's heads).
         """
-        scores: list[list[torch.Tensor]] = [[None, None] for _ in self.base.layers]  # type: ignore[list-item]
-        keep = attention_mask.unsqueeze(-1).to(torch.float32)  # [batch, seq, 1]
-
-        def record(i: int, slot: int, axis):
-            return axis.score_hook(lambda energy: scores[i].__setitem__(slot, energy), keep)
-
-        handles = []
-        for slot, name in enumerate(PLAN_AXES):  # width: one score per neuron; heads: per KV group
-            axis = self.layer_axes[name]
-            handles += hooked(self.base.layers, axis, lambda i, slot=slot, axis=axis: record(i, slot, axis))
-        try:
-            self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        return [(n, g) for n, g in scores]
+        return unit_scores(self.base.layers, self.layer_axes, attention_mask,
+                           lambda: self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
 
     @torch.no_grad()
-    def permute(self, orders: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Reorder each layer's neurons and KV groups in place: new unit k = old unit order[k].
+    def permute(self, orders: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Reorder each layer's units in place, per named axis: new unit group k = old group order[k].
 
         The full model computes the same function afterwards; only which prefix a slice keeps changes.
-        orders: per layer, (neuron order [intermediate], group order [kv_heads]), both permutations.
+        orders: per layer, {axis name: permutation [axis.groups]} (width [intermediate], heads [kv_heads]).
         """
-        if len(orders) != self.num_layers:
-            raise ManyinoneError(f"permute: {len(orders)} layer orders for {self.num_layers} layers")
-        for layer, layer_orders in zip(self.base.layers, orders):
-            for name, order in zip(PLAN_AXES, layer_orders):
-                self.layer_axes[name].permute(layer, order)
+        permute_units(self.base.layers, self.layer_axes, orders)
 
     # --- export ---------------------------------------------------------------------------------
     def extract(self, spec: SubnetSpec) -> nn.Module:

@@ -155,18 +155,24 @@ class PlanAdapter(Protocol):
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
-LayerScores = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: (neuron scores, group scores)
+# Per layer, axis name -> one score per unit group of that axis ([axis.groups], e.g. {"width":
+# [intermediate], "heads": [kv_heads]}); the sorted orders have the same shape (core.axes.unit_scores).
+LayerScores = Sequence[Mapping[str, torch.Tensor]]
 
 
 @runtime_checkable
 class Reorderable(Protocol):
-    """What an adapter offers for importance reordering (see adapters/manyinone_flextron)."""
+    """What an adapter offers for importance reordering: one score vector per `layer_axes` entry, and
+    the permutation applied through each Axis (core.axes.unit_scores / permute_units do both)."""
 
     name: str
+    layer_axes: Mapping[str, Axis]
 
-    def unit_importance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LayerScores: ...
+    def unit_importance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LayerScores:
+        """Per layer, {axis name: energy of each unit group [axis.groups]} over one batch's real tokens."""
 
-    def permute(self, orders: LayerScores) -> None: ...
+    def permute(self, orders: LayerScores) -> None:
+        """Per layer, reorder each named axis's unit groups in place (new group k = old order[k])."""
 
 
 def require_plans(adapter, what: str) -> PlanAdapter:

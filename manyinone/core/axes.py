@@ -6,6 +6,8 @@ projection (importance is measured there, and the router's soft masks scale it t
 units group (grouped-query attention keeps whole query groups with their KV head). Adapters build
 one Axis per axis they support from their own module names; the machinery below is generic, so a
 new axis (elastic hidden size, MoE experts) is a new Axis value plus the adapter that offers it.
+Importance is axis-keyed too: `unit_scores` scores every axis of a layer stack in one forward pass
+({axis name: one energy per unit group}) and `permute_units` applies the sorted orders axis by axis.
 
 A per-layer plan (`LayerPlan`) is a tuple of `SubnetSpec`, one per kept layer, bottom first, keyed by
 axis name ({"width": w, "heads": h} for the Flextron adapter); each axis reads its own size from it, so
@@ -105,7 +107,7 @@ class Axis:
         def hook(_module, inputs):
             act = inputs[0].float() * keep  # [batch, seq, total * unit_size]
             energy = act.pow(2).sum(dim=(0, 1))  # [total * unit_size]
-            record(energy.view(self.total // self.group, -1).sum(-1))  # [groups]
+            record(energy.view(self.groups, -1).sum(-1))  # [groups]
         return hook
 
     def row_index(self, s: Slice, order: torch.Tensor) -> torch.Tensor:
@@ -113,9 +115,22 @@ class Axis:
         rows = self.group // s.shared * s.per_unit  # rows of `s` per unit group
         return (order.long().cpu()[:, None] * rows + torch.arange(rows)).flatten()
 
+    @property
+    def groups(self) -> int:
+        """Unit groups per layer: the length of this axis's score vector and permutation."""
+        return self.total // self.group
+
+    def check_order(self, order: torch.Tensor) -> None:
+        """`order` must be a permutation of this axis's unit groups, or one line saying it is not."""
+        order = torch.as_tensor(order)
+        if order.shape != (self.groups,) or not torch.equal(order.long().sort().values.cpu(), torch.arange(self.groups)):
+            raise ManyinoneError(f"axis {self.name!r}: order {order.tolist()} is not a permutation of its "
+                                 f"{self.groups} unit groups (0..{self.groups - 1}, each once)")
+
     @torch.no_grad()
     def permute(self, layer: nn.Module, order: torch.Tensor) -> None:
         """Reorder this axis's unit groups in `layer` in place: new group k = old group order[k]."""
+        self.check_order(order)
         for s in self.slices:
             owner, _, leaf = s.tensor.rpartition(".")
             param = getattr(layer.get_submodule(owner), leaf, None)
@@ -141,6 +156,55 @@ class Axis:
 def hooked(layers: Sequence[nn.Module], axis: Axis, make_hook: Callable[[int], Callable]) -> list:
     """Register `make_hook(i)` as a forward pre-hook on `axis.entry` of every layer i; returns the handles."""
     return [layer.get_submodule(axis.entry).register_forward_pre_hook(make_hook(i)) for i, layer in enumerate(layers)]
+
+
+# --- importance: one score vector per axis, keyed by axis name --------------------------------------
+@torch.no_grad()
+def unit_scores(layers: Sequence[nn.Module], axes: Mapping[str, Axis], attention_mask: torch.Tensor,
+                run: Callable[[], object]) -> list[dict[str, torch.Tensor]]:
+    """Per layer, every axis's unit-group energies ([axis.groups]) from one forward pass `run()` over a
+    batch whose real tokens `attention_mask` ([batch, seq]) marks: each axis's `score_hook` on its
+    `entry` in every layer, so an adapter scores whatever axes it declares without naming them."""
+    keep = attention_mask.unsqueeze(-1).to(torch.float32)  # [batch, seq, 1]
+    scores: list[dict[str, torch.Tensor]] = [{} for _ in layers]  # per layer: axis name -> [axis.groups]
+
+    def make_hook(axis: Axis) -> Callable[[int], Callable]:
+        return lambda i: axis.score_hook(lambda energy: scores[i].__setitem__(axis.name, energy), keep)
+
+    handles = []
+    try:
+        for axis in axes.values():
+            handles += hooked(layers, axis, make_hook(axis))
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    for i, layer_scores in enumerate(scores):
+        missing = [name for name in axes if name not in layer_scores]
+        if missing:
+            raise ManyinoneError(f"layer {i}: the forward pass never reached the entry of axes {missing}, "
+                                 f"so they have no importance scores (entries {[axes[n].entry for n in missing]})")
+    return scores
+
+
+@torch.no_grad()
+def permute_units(layers: Sequence[nn.Module], axes: Mapping[str, Axis],
+                  orders: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Reorder every layer's units in place, axis by axis (new group k = old group order[k]); an axis a
+    layer's orders leave out keeps its order, one the adapter does not declare is refused. Every order
+    is checked before any weight moves, so a bad one leaves the model as it was."""
+    if len(orders) != len(layers):
+        raise ManyinoneError(f"permute: {len(orders)} layer orders for {len(layers)} layers")
+    for i, layer_orders in enumerate(orders):
+        unknown = sorted(set(layer_orders) - set(axes))
+        if unknown:
+            raise ManyinoneError(f"permute: layer {i} orders axes {unknown}; allowed {list(axes)}")
+        for name, order in layer_orders.items():
+            axes[name].check_order(order)
+    for layer, layer_orders in zip(layers, orders):
+        for name, axis in axes.items():
+            if name in layer_orders:
+                axis.permute(layer, layer_orders[name])
 
 
 # --- plans: axis-keyed in memory, sizes in an explicit axis order on disk -------------------------
@@ -193,4 +257,5 @@ def widest(plans: Sequence[LayerPlan]) -> LayerPlan:
 
 
 __all__ = ["Axis", "LayerPlan", "LayerSizes", "PAIR_AXES", "Slice", "as_plan", "axis_order", "encode_plan",
-           "encode_sizes", "hooked", "layer_sizes", "plan_axes", "widest"]
+           "encode_sizes", "hooked", "layer_sizes", "permute_units", "plan_axes",
+           "unit_scores", "widest"]

@@ -170,9 +170,9 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     batches = MicroBatches(data, cfg, rt, tokenizer.pad_token_id, tokenizer.eos_token_id, device)
     if start:
         print(f"resuming from step {start} ({output / CHECKPOINTS})", file=sys.stderr, flush=True)
-    elif cfg.reorder and {"width", "heads"} & set(cfg.axes):
-        # Prefixes must hold the most important units before any width is trained (a resumed run
-        # restores the already permuted weights instead).
+    elif cfg.reorder and set(cfg.axes) - {"depth"}:
+        # Prefixes must hold the most important units before any per-layer axis is trained (a resumed
+        # run restores the already permuted weights instead); depth has no units to sort.
         reorder_by_importance(adapter, batches.calibration(cfg.calibration_batches), show_progress=show_progress)
     state.write_config(output, cfg)
 
