@@ -359,3 +359,16 @@ def _fake_ms(fn, adapter):
         del adapter.forward_plan
     plan = seen[0]
     return 2.0 + sum(o["inner"] for o in plan) / 32
+
+
+def test_a_new_axis_takes_its_trained_sizes_from_the_config_without_a_field_of_its_own(inner_registered):
+    from manyinone.train.config import TrainConfig
+
+    cfg = TrainConfig(model="m", axes=["depth", "inner"], exits=[2, 3], sizes={"inner": [8, 32]})
+    assert cfg.axis_choices() == {"depth": [2, 3], "inner": [8, 32]}
+    space = ToyAdapter(ToyLM()).space(cfg.axis_choices())
+    assert {s["inner"] for s in make_sampler("all", space, seed=0).sample(0)} == {8, 32}
+    for sizes, said in (({"inner": [32, 8]}, "strictly increasing"), ({"width": [8]}, "use widths"),
+                        ({"experts": [2]}, "does not train")):
+        with pytest.raises(ValueError, match=said):
+            TrainConfig(model="m", axes=["depth", "inner"], sizes=sizes)

@@ -64,6 +64,9 @@ class TrainConfig(BaseModel):
     exits: list[int] | None = Field(None, description="depth exits, ascending; default: 5 evenly spaced")
     widths: list[int] | None = Field(None, description="MLP widths (neurons) for the width axis; default: 8 evenly spaced")
     heads: list[int] | None = Field(None, description="query heads for the heads axis (whole GQA groups); default: every group count")
+    sizes: dict[str, list[int]] = Field(
+        default_factory=dict, description="trained sizes of any axis by name, e.g. sizes.experts=[2,4,8] "
+        "(an axis without a field of its own; exits/widths/heads name the built-in ones)")
     reorder: bool = Field(True, description="width/heads: sort neurons and heads by importance before training")
     calibration_batches: int = Field(8, gt=0, description="micro-batches of training data that score importance")
     data: str = Field("demo", description=".json/.jsonl/.parquet/.csv file, HF dataset name, or 'demo'; rows are "
@@ -188,6 +191,18 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{info.field_name} {value} must be non-empty and strictly increasing, e.g. {sorted(set(value))}")
         return value
 
+    @model_validator(mode="after")
+    def _sizes_of_other_axes(self) -> "TrainConfig":
+        own = {"depth": "exits", "width": "widths", "heads": "heads"}
+        for axis, values in self.sizes.items():
+            if axis in own:
+                raise ValueError(f"sizes.{axis} is set by {own[axis]}; use {own[axis]}={values}")
+            if axis not in self.axes:
+                raise ValueError(f"sizes.{axis} names an axis this run does not train; axes are {self.axes}")
+            if not values or values != sorted(set(values)) or values[0] < 1:
+                raise ValueError(f"sizes.{axis}={values} must be positive and strictly increasing")
+        return self
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _trackers_listed(cls, value):
@@ -243,7 +258,7 @@ class TrainConfig(BaseModel):
 
     def axis_choices(self) -> dict[str, list[int] | None]:
         """Trained sizes per requested axis (None: the adapter's default), for `adapter.space`."""
-        sizes = {"depth": self.exits, "width": self.widths, "heads": self.heads}
+        sizes = {**self.sizes, "depth": self.exits, "width": self.widths, "heads": self.heads}
         return {axis: sizes.get(axis) for axis in self.axes}
 
 
