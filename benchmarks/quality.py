@@ -85,6 +85,10 @@ RECIPES: dict[str, list[str]] = {
     "agree-init": ["--model", "@sft", *AGREE_BIG, *FULL_BY_TEACHER],
     "agree-init-lr3": ["--model", "@sft", *AGREE_BIG, *LR3, *FULL_BY_TEACHER],
     "agree-init-lr3-labels": ["--model", "@sft", *AGREE_BIG, *LR3],  # the full depth on labels x3, as in agree-big-lr3
+    # Round 4 candidates (not run yet): levers aimed at agreement itself, on agree-big-lr3 (`--recipe agree`).
+    "agree-lr3-reverse": [*AGREE_BIG, *LR3, "--set", "teacher_kl=reverse"],  # mode-seeking: round 1's best agreement
+    "agree-lr3-selfkd3": [*AGREE_BIG, *LR3, "--set", "distill_weight=3"],  # the exits lean on the model's own full depth
+    "agree-lr3-pos": [*AGREE_BIG, *LR3, "--set", "exit_positions=0.5"],  # exits on half the positions: cost lever
     # LoRA-nested SoFT (issue 15): plain SoFT's recipe on a frozen base with adapters on every linear
     # layer, shared by all exits, at 10x the learning rate (the usual LoRA rule); compare each with
     # "soft" per exit, and the ranks with one another for the rank that closes the gap.
