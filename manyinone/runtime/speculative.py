@@ -12,6 +12,11 @@ Batches: every row keeps its own position in the one KV cache (per-row slots [ba
 accepts 4 tokens does not wait for one that accepted 1. Rows draft and verify together; a row that
 finished stays where it is (its slots are rewritten, never read). The exit and the length of each round
 come from `draft_policy` (fixed, tuned, or adaptive), and a confidence threshold can end a draft early.
+
+Fused (compiled) steps: every call has a static shape per (segment, q, batch, live bucket), so a verify
+pass always runs the policy's longest draft (or `Runtime.verify_width`) positions, the ones past the
+draft padded; a shortened draft (a threshold, the end of the request) or an adaptive length never
+traces a new graph.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import torch
 
+from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.cache import left_pad
 from manyinone.runtime.draft_policy import (DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, AcceptanceTracker, DraftPlan,
                                             check_draft, plan_for)
@@ -67,6 +73,18 @@ def _cut(new: list[int], b: int, live: list[bool], done: list[int], stop: set[in
     return new
 
 
+def verify_width(runtime, plan: DraftPlan) -> int | None:
+    """Positions each verify pass runs: `runtime.verify_width` if set (at least the longest draft), else the
+    longest draft when the runtime's steps are compiled (a static shape per exit), else None (just the
+    drafted tokens: eager and graph-only steps pay nothing for a new shape)."""
+    width = getattr(runtime, "verify_width", None)
+    if width is not None:
+        if not 1 <= width <= MAX_DRAFT_TOKENS:
+            raise ManyinoneError(f"verify width {width} out of range; allowed 1..{MAX_DRAFT_TOKENS}")
+        return max(width, plan.max_tokens)
+    return plan.max_tokens if getattr(runtime, "fused", False) else None
+
+
 def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | None, max_new_tokens: int,
                              sampling: Sampling, stop_ids: set[int] | None, draft_depth: int | None = None,
                              draft_tokens: int | None = None, stats: dict[str, Any] | None = None,
@@ -77,14 +95,15 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
     depth = runtime.depth_for(budget)
     plan: DraftPlan = plan_for(runtime, depth, draft_depth, draft_tokens, threshold, adaptive)
     tracker = AcceptanceTracker(plan)
-    runtime.check_request(prompts, max_new_tokens, extra=plan.max_tokens)
+    width = verify_width(runtime, plan)
+    runtime.check_request(prompts, max_new_tokens, extra=max(plan.max_tokens, width or 0))
     stop = runtime.default_stop_ids() if stop_ids is None else stop_ids
     rows, device = len(prompts), runtime.device
     run = runtime.runner(rows)
     generator = torch.Generator(device).manual_seed(sampling.seed)
     hidden_size = runtime.model.config.hidden_size
     pad_id = int(getattr(runtime.model.config, "pad_token_id", None) or 0)
-    offsets = torch.arange(MAX_DRAFT_TOKENS, device=device)  # [K]
+    offsets = torch.arange(max(MAX_DRAFT_TOKENS, width or 0), device=device)  # [K]
     drafted = accepted = rounds = plain_steps = rejections = 0
     per_exit: dict[int, list[int]] = {}  # exit -> [rounds, drafted, accepted]
     with torch.no_grad():
@@ -116,7 +135,11 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
                 yield out
                 continue
             k = min(k, max(max_new_tokens - d for d, ok in zip(done, live) if ok))  # never draft past the end
-            hidden = torch.empty(rows, k, hidden_size, dtype=runtime.stack.dtype, device=device)  # [rows, k, hidden]
+            # Padded verify positions get zero hidden states: finite keys/values at slots past the draft, which
+            # masked attention multiplies by exactly 0 until they are rewritten (garbage could be NaN: 0 * NaN).
+            hidden = (torch.empty(rows, k, hidden_size, dtype=runtime.stack.dtype, device=device) if width is None
+                      else torch.zeros(rows, width, hidden_size, dtype=runtime.stack.dtype,
+                                       device=device))  # [rows, k or width, hidden]
             drafts = torch.empty(rows, k, dtype=torch.long, device=device)  # [rows, k]
             draft_probs = None if sampling.greedy else torch.empty(rows, k, runtime.model.config.vocab_size,
                                                                   device=device)  # [rows, k, vocab]
@@ -140,8 +163,12 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
                         break
             # verify: layers n..depth-1 on the drafted positions of every row, from the draft's hidden states.
             # Every drafted token is verified, also a row's tokens after its own first doubt: free and lossless.
-            _, logits = run(n, depth, hidden[:, :d], pos[:, None] + offsets[:d], pad,
-                            slots_end=furthest + d)  # [rows, d, vocab]
+            # Compiled steps verify `width` positions whatever d is (one static shape per exit: nothing
+            # recompiles when a threshold or the end of the request shortens a draft); only the first d count.
+            q = d if width is None else width
+            _, logits = run(n, depth, hidden[:, :q], pos[:, None] + offsets[:q], pad,
+                            slots_end=furthest + q)  # [rows, q, vocab]
+            logits = logits[:, :d]  # [rows, d, vocab]
             if sampling.greedy:
                 target = logits.argmax(-1)  # [rows, d]
                 matched = (drafts[:, :d] == target).long().cumprod(1).sum(1)  # [rows]
