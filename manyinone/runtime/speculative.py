@@ -119,10 +119,16 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
         # only the first live_length(furthest) slots, which must cover the furthest row's query slots
         # (finished rows included: they still write at their standing slots).
         pos_host = [ids.shape[1]] * rows
+
+        def at(slots: torch.Tensor) -> torch.Tensor:
+            """Per-row slots [rows, q]; one row's as [q], the shape plain decoding's steps take, so that a
+            batch-1 plain step reuses the plain step's compiled graph and drafts use its one-row cache write."""
+            return slots[0] if rows == 1 else slots
+
         while any(live):
             n, k = tracker.choose()
             if k == 0:  # the adaptive policy expects no gain from drafting now: one plain step at the serving depth
-                _, logits = run(0, depth, token[:, None], pos[:, None], pad,
+                _, logits = run(0, depth, token[:, None], at(pos[:, None]), pad,
                                 slots_end=max(pos_host) + 1)  # [rows, 1, vocab]
                 live_dev = torch.tensor(live, device=device)  # [rows]
                 token = torch.where(live_dev, choose(logits[:, -1], sampling, generator), token)  # [rows]
@@ -148,7 +154,7 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
             sure = live_dev.clone()  # [rows] live rows whose draft is still confident
             current, d, furthest = token, k, max(pos_host)
             for i in range(k):  # draft: layers 0..n-1, one position per row, keys/values land in the cache
-                h, logits = run(0, n, current[:, None], pos[:, None] + i, pad,
+                h, logits = run(0, n, current[:, None], at(pos[:, None] + i), pad,
                                 slots_end=furthest + i + 1)  # [rows, 1, hidden], [rows, 1, vocab]
                 hidden[:, i] = h[:, 0]
                 probs = None if sampling.greedy else probabilities(logits[:, -1], sampling)  # [rows, vocab]
@@ -166,7 +172,7 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
             # Compiled steps verify `width` positions whatever d is (one static shape per exit: nothing
             # recompiles when a threshold or the end of the request shortens a draft); only the first d count.
             q = d if width is None else width
-            _, logits = run(n, depth, hidden[:, :q], pos[:, None] + offsets[:q], pad,
+            _, logits = run(n, depth, hidden[:, :q], at(pos[:, None] + offsets[:q]), pad,
                             slots_end=furthest + q)  # [rows, q, vocab]
             logits = logits[:, :d]  # [rows, d, vocab]
             if sampling.greedy:

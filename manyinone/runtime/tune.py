@@ -55,11 +55,10 @@ def measure_step_costs(runtime: Runtime, depth: int, exits: list[int], steps: in
     run = runtime.runner(1)
     device = runtime.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    shared = runtime._slots[:1]  # [1]: plain decoding's slots (one for every row)
-    per_row = runtime._slots[:1][None]  # [1, 1]: a draft step's (each row its own)
+    slots = runtime._slots[:1]  # [1]: what batch-1 plain and draft steps both take
     pad = torch.zeros(1, dtype=torch.long, device=device)
 
-    def seconds(end: int, slots: torch.Tensor) -> float:
+    def seconds(end: int) -> float:
         with torch.no_grad():
             run(0, end, token, slots, pad, slots_end=1)  # records the graph / compiles
             synchronize(device)
@@ -69,9 +68,9 @@ def measure_step_costs(runtime: Runtime, depth: int, exits: list[int], steps: in
             synchronize(device)
         return (time.perf_counter() - start) / steps
 
-    # Each the call decoding really makes, so a fused runtime times (and compiles) the very steps it runs.
-    full = seconds(depth, shared)
-    return {n: min(seconds(n, per_row) / full, 1.0) for n in exits}
+    # The calls batch-1 decoding makes: a fused runtime times (and compiles) the very steps it then runs.
+    full = seconds(depth)
+    return {n: min(seconds(n) / full, 1.0) for n in exits}
 
 
 @contextmanager
@@ -126,8 +125,9 @@ def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 6
     over the longest draft tried (`Runtime.verify_width`, unless set): one compiled verify graph per exit
     serves every length. The returned "exits" list (measured step cost and per-token acceptance per exit)
     is what an adaptive policy starts from at serving time; a trial's "acceptance" is accepted / drafted
-    tokens (the figure the issue reports). `deadline` (time.perf_counter()): trials not started by then are
-    skipped (listed under "skipped"; the exits they would have measured are left out).
+    tokens (the figure the issue reports). `deadline` (time.perf_counter()): no further draft exit is
+    started after it (its first trial compiles its steps; listed under "skipped"); the first exit always
+    runs, and the threshold and adaptive trials over the exits timed reuse their compiled steps.
     """
     depth = runtime.depth_for(budget)
     depths = draft_depths or [e for e in runtime.exits() if e < depth]
@@ -154,24 +154,18 @@ def _sweep(runtime, prompts, max_new_tokens, budget, depth, depths, draft_length
            deadline) -> dict[str, Any]:
     skipped: list[dict[str, Any]] = []
 
-    def late() -> bool:
-        return deadline is not None and time.perf_counter() > deadline
-
-    def trial(settings: dict[str, Any]) -> dict[str, Any] | None:
-        if late():
-            skipped.append(settings)
-            return None
+    def trial(settings: dict[str, Any]) -> dict[str, Any]:
         return _trial(runtime, prompts, max_new_tokens, budget, settings)
 
     baseline, _, baseline_warm = warmed_rate(runtime, prompts, max_new_tokens, budget)
     costs: dict[int, float] = {}
     trials = []
-    for n in depths:  # cheapest exits first; an exit's step cost is measured only when it gets timed
-        if not late():
-            costs.update(measure_step_costs(runtime, depth, [n]))
-        trials += [t for t in (trial({"draft_depth": n, "draft_tokens": k}) for k in draft_lengths) if t]
-    if not trials:
-        raise ManyinoneError("the deadline passed before any speculative setting was timed; allow more time")
+    for n in depths:  # shallowest (cheapest) exits first
+        if costs and deadline is not None and time.perf_counter() > deadline:  # the first exit always runs
+            skipped += [{"draft_depth": n, "draft_tokens": k} for k in draft_lengths]
+            continue
+        costs.update(measure_step_costs(runtime, depth, [n]))
+        trials += [trial({"draft_depth": n, "draft_tokens": k}) for k in draft_lengths]
     exits = []
     for n in depths:
         # Per-token acceptance (the draft policy's alpha): kept / (kept + first rejections). Tokens drafted
@@ -184,14 +178,10 @@ def _sweep(runtime, prompts, max_new_tokens, budget, depth, depths, draft_length
         exits.append({"exit": n, "cost": round(costs[n], 4), "acceptance": round(alpha, 4)})
     best_fixed = max(trials, key=lambda t: t["tokens_per_s"])
     for t in thresholds:  # a longer draft that stops at the first doubt
-        done = trial({"draft_depth": best_fixed["draft_depth"], "draft_tokens": longest, "draft_threshold": t})
-        trials += [done] if done else []
+        trials.append(trial({"draft_depth": best_fixed["draft_depth"], "draft_tokens": longest, "draft_threshold": t}))
     if adaptive and len(exits) > 1 and runtime.index is not None:  # a plain model has no index to tune
         for t in (None, *thresholds):
             policy = {"depth": depth, "adaptive": True, "exits": exits, "draft_tokens": longest, "threshold": t}
-            if late():
-                skipped.append(policy)
-                continue
             with _policy(runtime, policy):
                 done = _trial(runtime, prompts, max_new_tokens, budget, {})
             trials.append({**done, "adaptive": True, "draft_tokens": longest, "draft_threshold": t})
