@@ -119,3 +119,22 @@ def test_tuned_step_costs_apply_to_the_runtime_kind_they_were_measured_on(traine
     assert plan_for(fused, 4).costs == {1: 0.9, 2: 0.9, 3: 0.9}
     on_eager = plan_for(eager, 4)
     assert on_eager.costs == index_costs(eager.index, [1, 2, 3], 4) and on_eager.prior[2] == 0.7
+
+
+def test_autotune_on_a_fused_runtime_times_fused_steps_warmed_and_keeps_to_its_deadline(trained_run_tied):
+    """The tuner's choice comes from fused timings: every trial is warmed by an identical run (nothing
+    compiles while timed), every verify pass has one width, and past the deadline no new exit starts."""
+    import time
+
+    from manyinone.runtime.tune import autotune
+
+    _, fused = runtimes(trained_run_tied)
+    prompts = random_prompts(1, seed=71)
+    choice = autotune(fused, prompts, max_new_tokens=10, draft_lengths=(1, 2), thresholds=(0.5,),
+                      deadline=time.perf_counter())  # already past: only the first exit is timed
+    assert choice["fused"] and choice["verify_width"] == 4 and fused.verify_width is None  # restored
+    assert {t["draft_depth"] for t in choice["trials"]} == {1}
+    assert [(s["draft_depth"], s["draft_tokens"]) for s in choice["skipped"]] == [(2, 1), (2, 2), (3, 1), (3, 2)]
+    assert all(t["timed_compiles"] == 0 for t in choice["trials"]) and choice["baseline_warmup"]["timed_compiles"] == 0
+    assert choice["compiles"] > 0 and choice["trials"][0]["compile_s"] > 0
+    assert verify_shapes(fused, 1, 4) == {1: {(1, 4, fused.model.config.hidden_size)}}
