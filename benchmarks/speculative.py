@@ -293,14 +293,37 @@ def main() -> None:
         if want_f32 and "float32 equality" not in results and "float32 equality" not in errors:
             guarded("float32 equality", float32_equality, results, errors)
 
+    def steps_needed(settings: dict | None) -> int:
+        """Compiled steps a section at a new batch size needs: plain 1, a fixed draft 2 (draft, verify),
+        the adaptive policy a draft and a verify step per exit plus a plain one."""
+        if settings is None:
+            return 1
+        return 2 * len(choice["exits"]) + 1 if settings.get("adaptive_draft") else 2
+
+    def too_long(name: str, settings: dict | None) -> bool:
+        """Whether a larger batch's section would compile past --time-budget, at the mean compile time so
+        far (a section started in time may still take minutes of compiling; better to skip it)."""
+        log = rt.compile_log
+        if not args.fused or not log.compiles:
+            return False
+        estimate = steps_needed(settings) * log.seconds / log.compiles
+        if time.perf_counter() + estimate <= DEADLINE[0]:
+            return False
+        errors[name] = f"skipped: about {estimate:.0f} s of compiling would end past --time-budget"
+        return True
+
     for b in batches:
         if b > 1 and args.float32_kind == "unfused":
             check_float32()
         rows = prompts[:b]
+        if b > 1 and too_long(f"plain b{b}", None):
+            continue
         # Batch 1 reuses the sweep's compiled steps (seconds of decoding): it runs even past the budget.
         plain = guarded(f"plain b{b}", lambda: batch_rate(rt, rows, args.new_tokens), results, errors, b == 1)
         for name, settings in policies.items():
             if b > 1 and name == "adaptive":  # its own compiles at every batch size: batch 1 shows it
+                continue
+            if b > 1 and too_long(f"{name} b{b}", settings):
                 continue
             spec = guarded(f"{name} b{b}", lambda s=settings: batch_rate(rt, rows, args.new_tokens, speculative=True,
                                                                         **s), results, errors, b == 1)
