@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -135,15 +136,26 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
 DEADLINE = [float("inf")]  # perf_counter() after which the remaining sections are skipped (--time-budget)
 
 
+class Interrupted(BaseException):
+    """SIGTERM (e.g. from `timeout`): the section running is given up, the rest skipped, the tables print.
+    A BaseException, as KeyboardInterrupt is, so that no library's `except Exception` swallows it."""
+
+
+def interrupt(signum, frame):
+    DEADLINE[0] = float("-inf")
+    raise Interrupted(f"interrupted by signal {signum}")
+
+
 def guarded(name: str, fn, results: dict, errors: dict, always: bool = False):
     """Run one measurement; a failure is recorded and reported instead of ending the benchmark, and past
     the time budget a section is skipped (unless `always`), so the tables always print."""
-    if not always and time.perf_counter() > DEADLINE[0]:
-        errors[name] = "skipped: over --time-budget"
+    stopped = DEADLINE[0] == float("-inf")  # interrupted: nothing more runs
+    if (stopped or not always) and time.perf_counter() > DEADLINE[0]:
+        errors[name] = "skipped: interrupted" if stopped else "skipped: over --time-budget"
         return None
     try:
         results[name] = fn()
-    except Exception as exc:  # report and go on: one broken section must not hide the others
+    except (Exception, Interrupted) as exc:  # report and go on: one broken section must not hide the others
         errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         traceback.print_exc(limit=4)
     return results.get(name)
@@ -214,6 +226,7 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=200.0,
                         help="seconds after loading; sections not started by then are skipped (tables still print)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, interrupt)
 
     if args.tiny:
         torch.set_num_threads(1)
@@ -253,9 +266,12 @@ def main() -> None:
     started = time.perf_counter()
     DEADLINE[0] = started + args.time_budget
     sweep_deadline = started + args.sweep_share * args.time_budget
+    progress: list[dict] = []  # what the sweep timed so far: printed if it is interrupted
     choice = guarded("sweep", lambda: autotune(rt, prompts[: args.tune_prompts], args.new_tokens,
                                                draft_lengths=lengths, thresholds=thresholds,
-                                               deadline=sweep_deadline), results, errors)
+                                               deadline=sweep_deadline, progress=progress), results, errors)
+    if choice is None and progress:
+        results["sweep (partial)"] = progress
     print(f"sweep done in {time.perf_counter() - started:.0f} s ({rt.compile_log.compiles} compiled steps, "
           f"{rt.compile_log.seconds:.0f} s compiling)", flush=True)
     if choice and args.store and checkpoint:
@@ -293,20 +309,25 @@ def main() -> None:
         if want_f32 and "float32 equality" not in results and "float32 equality" not in errors:
             guarded("float32 equality", float32_equality, results, errors)
 
-    def steps_needed(settings: dict | None) -> int:
-        """Compiled steps a section at a new batch size needs: plain 1, a fixed draft 2 (draft, verify),
-        the adaptive policy a draft and a verify step per exit plus a plain one."""
+    ready: dict[int, set] = {}  # batch -> draft exits whose steps that batch has compiled
+
+    def steps_needed(b: int, settings: dict | None) -> int:
+        """Compiled steps a section at a new batch size needs: plain 1, a fixed draft 2 (draft, verify; 0
+        if an earlier section compiled its exit), the adaptive policy a draft and a verify step per exit
+        not compiled yet, plus a plain one."""
         if settings is None:
             return 1
-        return 2 * len(choice["exits"]) + 1 if settings.get("adaptive_draft") else 2
+        if settings.get("adaptive_draft"):
+            return 2 * len({e["exit"] for e in choice["exits"]} - ready.get(b, set())) + 1
+        return 0 if settings["draft_depth"] in ready.get(b, set()) else 2
 
-    def too_long(name: str, settings: dict | None) -> bool:
+    def too_long(b: int, name: str, settings: dict | None) -> bool:
         """Whether a larger batch's section would compile past --time-budget, at the mean compile time so
         far (a section started in time may still take minutes of compiling; better to skip it)."""
         log = rt.compile_log
         if not args.fused or not log.compiles:
             return False
-        estimate = steps_needed(settings) * log.seconds / log.compiles
+        estimate = steps_needed(b, settings) * log.seconds / log.compiles
         if time.perf_counter() + estimate <= DEADLINE[0]:
             return False
         errors[name] = f"skipped: about {estimate:.0f} s of compiling would end past --time-budget"
@@ -316,15 +337,17 @@ def main() -> None:
         if b > 1 and args.float32_kind == "unfused":
             check_float32()
         rows = prompts[:b]
-        if b > 1 and too_long(f"plain b{b}", None):
+        if b > 1 and too_long(b, f"plain b{b}", None):
             continue
         # Batch 1 reuses the sweep's compiled steps (seconds of decoding): it runs even past the budget.
         plain = guarded(f"plain b{b}", lambda: batch_rate(rt, rows, args.new_tokens), results, errors, b == 1)
         for name, settings in policies.items():
             if b > 1 and name == "adaptive":  # its own compiles at every batch size: batch 1 shows it
                 continue
-            if b > 1 and too_long(f"{name} b{b}", settings):
+            if b > 1 and too_long(b, f"{name} b{b}", settings):
                 continue
+            ready.setdefault(b, set()).update({e["exit"] for e in choice["exits"]} if settings.get("adaptive_draft")
+                                              else {settings["draft_depth"]})
             spec = guarded(f"{name} b{b}", lambda s=settings: batch_rate(rt, rows, args.new_tokens, speculative=True,
                                                                         **s), results, errors, b == 1)
             if spec and plain:
@@ -466,6 +489,14 @@ def print_tables(results: dict, errors: dict, policies: dict, batches: list[int]
         for name, value in results.items():
             if name.startswith("HF assistant_early_exit") and value:
                 print(f"| {name} | {value:.1f} | {value / hf:.2f}x |")
+    partial = results.get("sweep (partial)")
+    if partial:
+        print("\nThe sweep did not finish; what it timed (batch 1):\n\n| setting | tok/s | accepted / drafted | "
+              "warm-up s (compiling) |\n| --- | --- | --- | --- |")
+        for t in partial:
+            name = "plain" if t.get("plain") else label_of_trial(t)
+            print(f"| {name} | {t['tokens_per_s']:.1f} | {t.get('acceptance', 0):.3f} | {t.get('warmup_s', 0):.1f} "
+                  f"({t.get('compile_s', 0):.1f}) |")
     for name, err in errors.items():
         print(f"| {name} | {'SKIPPED' if err.startswith('skipped') else 'FAILED'} | {err} |")
     print(f"\nwrote {args.out}.json and {args.out}.png")

@@ -115,7 +115,7 @@ def _trial(runtime, prompts, max_new_tokens, budget, settings: dict[str, Any]) -
 def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 64, budget: float | None = None,
              draft_depths: list[int] | None = None, draft_lengths: tuple[int, ...] = DRAFT_LENGTHS,
              thresholds: tuple[float, ...] = THRESHOLDS, adaptive: bool = True,
-             deadline: float | None = None) -> dict[str, Any]:
+             deadline: float | None = None, progress: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Time plain greedy decoding, every fixed (draft exit, draft length) pair, then the adaptive policy
     and confidence thresholds; return the fastest policy with the per-exit statistics it runs on.
 
@@ -128,6 +128,8 @@ def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 6
     tokens (the figure the issue reports). `deadline` (time.perf_counter()): no further draft exit is
     started after it (its first trial compiles its steps; listed under "skipped"); the first exit always
     runs, and the threshold and adaptive trials over the exits timed reuse their compiled steps.
+    `progress`: a list each timing is appended to as it finishes (the plain baseline first), for a caller
+    that may be interrupted before the choice returns.
     """
     depth = runtime.depth_for(budget)
     depths = draft_depths or [e for e in runtime.exits() if e < depth]
@@ -145,19 +147,21 @@ def autotune(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int = 6
         runtime.verify_width = longest
     try:
         return _sweep(runtime, prompts, max_new_tokens, budget, depth, depths, draft_lengths, thresholds, adaptive,
-                      longest, deadline)
+                      longest, deadline, [] if progress is None else progress)
     finally:
         runtime.verify_width = saved_width
 
 
 def _sweep(runtime, prompts, max_new_tokens, budget, depth, depths, draft_lengths, thresholds, adaptive, longest,
-           deadline) -> dict[str, Any]:
+           deadline, progress) -> dict[str, Any]:
     skipped: list[dict[str, Any]] = []
 
     def trial(settings: dict[str, Any]) -> dict[str, Any]:
-        return _trial(runtime, prompts, max_new_tokens, budget, settings)
+        progress.append(_trial(runtime, prompts, max_new_tokens, budget, settings))
+        return progress[-1]
 
     baseline, _, baseline_warm = warmed_rate(runtime, prompts, max_new_tokens, budget)
+    progress.append({"plain": True, "tokens_per_s": baseline, **baseline_warm})
     costs: dict[int, float] = {}
     trials = []
     for n in depths:  # shallowest (cheapest) exits first
@@ -185,6 +189,7 @@ def _sweep(runtime, prompts, max_new_tokens, budget, depth, depths, draft_length
             with _policy(runtime, policy):
                 done = _trial(runtime, prompts, max_new_tokens, budget, {})
             trials.append({**done, "adaptive": True, "draft_tokens": longest, "draft_threshold": t})
+            progress.append(trials[-1])
     best = max(trials, key=lambda t: t["tokens_per_s"])
     return {"depth": depth, "draft_depth": best.get("draft_depth", best_fixed["draft_depth"]),
             "draft_tokens": best["draft_tokens"], "threshold": best.get("draft_threshold"),
