@@ -123,6 +123,8 @@ def tune_speculative(
     max_new_tokens: int = typer.Option(64),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     device: str = typer.Option("auto"),
+    fused: bool = typer.Option(False, "--fused/--eager", help="time compiled decode steps, as `serve --fused` "
+                                                              "runs them (the policy is chosen on those timings)"),
 ) -> None:
     """Time self-speculative decoding per (draft exit, draft length) and store the fastest in the checkpoint."""
     from manyinone.runtime import Runtime
@@ -132,7 +134,7 @@ def tune_speculative(
     torch_dtype = dtype_named(dtype)
     _at_least(prompts, 1, "--prompts")
     _at_least(max_new_tokens, 2, "--max-new-tokens")
-    runtime = Runtime.open(ckpt, dtype=torch_dtype, device=device)
+    runtime = Runtime.open(ckpt, dtype=torch_dtype, device=device, fused=fused)
     choice = autotune(runtime, instruction_prompts(runtime, data, rows, prompts), max_new_tokens)
     table = Table(title=f"self-speculation on {ckpt} (plain greedy: {choice['baseline_tokens_per_s']:.1f} tok/s)")
     for col in ("draft exit", "draft length", "threshold", "tokens/s", "acceptance", "tokens/round"):

@@ -58,7 +58,8 @@ class Batcher:
                                  f"{runtime.max_cache_bytes / 2**20:g} MiB (max_cache_mib); lower the batch rows")
         self.rt, self.size = runtime, rows
         stack = runtime.stack
-        self.runner = SegmentRunner(stack, stack.new_cache(rows, runtime._cache_len()), runtime.graphs, runtime.compile_fn)
+        self.runner = SegmentRunner(stack, stack.new_cache(rows, runtime._cache_len()), runtime.graphs,
+                                    runtime.compile_fn, runtime.compile_log)
         self.rows: list[BatchRequest | None] = [None] * rows
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=runtime.device)  # [rows, 1] each row's next input
         self.waiting: collections.deque[BatchRequest] = collections.deque()

@@ -128,6 +128,12 @@ def index_exits(index: dict[str, Any]) -> list[int]:
     return sorted({int(e["spec"]["depth"]) for e in index["specs"] if "depth" in e["spec"]})
 
 
+def same_kind(tuned: dict[str, Any], runtime) -> bool:
+    """Whether a tuned policy was timed on the kind of runtime serving it (fused or not); a policy stored
+    before the kind was recorded counts as the same kind."""
+    return "fused" not in tuned or bool(tuned["fused"]) == bool(getattr(runtime, "fused", False))
+
+
 def plan_for(runtime, depth: int, draft_depth: int | None = None, draft_tokens: int | None = None,
              threshold: float | None = None, adaptive: bool | None = None) -> DraftPlan:
     """The draft policy for verifying at `depth`: explicit settings win, then the checkpoint's tuned
@@ -156,9 +162,12 @@ def plan_for(runtime, depth: int, draft_depth: int | None = None, draft_tokens: 
     else:
         exits = [min(shallower, key=lambda e: (abs(e - depth / 3), e))]
     costs = index_costs(runtime.index, exits, depth)
-    for n in exits:  # measured step costs (tune) beat the index's FLOP-based ones
-        if n in stored and stored[n].get("cost"):
-            costs[n] = float(stored[n]["cost"])
+    # Measured step costs (tune) beat the index's FLOP-based ones, if measured on this kind of runtime: a
+    # fused step's cost ratios are not an eager one's (launches dominate small eager steps).
+    if same_kind(tuned, runtime):
+        for n in exits:
+            if n in stored and stored[n].get("cost"):
+                costs[n] = float(stored[n]["cost"])
     prior = {n: float(stored[n].get("acceptance", PRIOR_ACCEPTANCE)) if n in stored else PRIOR_ACCEPTANCE
              for n in exits}
     return DraftPlan(depth, sorted(exits), costs, prior, draft_tokens, threshold, bool(adaptive))

@@ -30,7 +30,7 @@ from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.cache import left_pad  # noqa: F401  (re-exported: part of this module's API)
 from manyinone.runtime.sampling import Sampling, choose, step_output
-from manyinone.runtime.stack import LayerStack, SegmentRunner, compile_step
+from manyinone.runtime.stack import CompileLog, LayerStack, SegmentRunner, compile_step
 
 DEFAULT_MAX_LEN = 2048
 DEFAULT_MAX_CACHE_MIB = 4096.0  # KV caches kept at once, all batch sizes together
@@ -109,6 +109,11 @@ class Runtime:
         self.max_len = int(max_len or min(limit, DEFAULT_MAX_LEN))
         self.compile_fn = compile_step if fused and compile_fn is None else compile_fn
         self.fused = self.compile_fn is not None
+        # Compiled steps: every (segment, input shapes, live bucket) is traced once; the log counts them.
+        self.compile_log = CompileLog()
+        # Tokens every speculative verify pass is padded to (None: the policy's longest draft when the steps
+        # are compiled, the drafted tokens when not): one compiled verify graph per exit for every length.
+        self.verify_width: int | None = None
         if max_batch is not None and max_batch < 1:
             raise ManyinoneError(f"max_batch {max_batch} out of range; allowed >= 1")
         if not max_cache_mib > 0:
@@ -252,7 +257,7 @@ class Runtime:
         while self._runners and sum(map(self.cache_bytes, self._runners)) + need > self.max_cache_bytes:
             self._runners.popitem(last=False)  # its cache and graphs are freed with it
         cache = self.stack.new_cache(batch, self._cache_len())
-        self._runners[batch] = SegmentRunner(self.stack, cache, self.graphs, self.compile_fn)
+        self._runners[batch] = SegmentRunner(self.stack, cache, self.graphs, self.compile_fn, self.compile_log)
         return self._runners[batch]
 
     def check_request(self, prompts: list[list[int]], max_new_tokens: int, extra: int = 0) -> None:

@@ -12,6 +12,11 @@ Batches: every row keeps its own position in the one KV cache (per-row slots [ba
 accepts 4 tokens does not wait for one that accepted 1. Rows draft and verify together; a row that
 finished stays where it is (its slots are rewritten, never read). The exit and the length of each round
 come from `draft_policy` (fixed, tuned, or adaptive), and a confidence threshold can end a draft early.
+
+Fused (compiled) steps: every call has a static shape per (segment, q, batch, live bucket), so a verify
+pass always runs the policy's longest draft (or `Runtime.verify_width`) positions, the ones past the
+draft padded; a shortened draft (a threshold, the end of the request) or an adaptive length never
+traces a new graph.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import torch
 
+from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.cache import left_pad
 from manyinone.runtime.draft_policy import (DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, AcceptanceTracker, DraftPlan,
                                             check_draft, plan_for)
@@ -67,6 +73,18 @@ def _cut(new: list[int], b: int, live: list[bool], done: list[int], stop: set[in
     return new
 
 
+def verify_width(runtime, plan: DraftPlan) -> int | None:
+    """Positions each verify pass runs: `runtime.verify_width` if set (at least the longest draft), else the
+    longest draft when the runtime's steps are compiled (a static shape per exit), else None (just the
+    drafted tokens: eager and graph-only steps pay nothing for a new shape)."""
+    width = getattr(runtime, "verify_width", None)
+    if width is not None:
+        if not 1 <= width <= MAX_DRAFT_TOKENS:
+            raise ManyinoneError(f"verify width {width} out of range; allowed 1..{MAX_DRAFT_TOKENS}")
+        return max(width, plan.max_tokens)
+    return plan.max_tokens if getattr(runtime, "fused", False) else None
+
+
 def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | None, max_new_tokens: int,
                              sampling: Sampling, stop_ids: set[int] | None, draft_depth: int | None = None,
                              draft_tokens: int | None = None, stats: dict[str, Any] | None = None,
@@ -77,14 +95,15 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
     depth = runtime.depth_for(budget)
     plan: DraftPlan = plan_for(runtime, depth, draft_depth, draft_tokens, threshold, adaptive)
     tracker = AcceptanceTracker(plan)
-    runtime.check_request(prompts, max_new_tokens, extra=plan.max_tokens)
+    width = verify_width(runtime, plan)
+    runtime.check_request(prompts, max_new_tokens, extra=max(plan.max_tokens, width or 0))
     stop = runtime.default_stop_ids() if stop_ids is None else stop_ids
     rows, device = len(prompts), runtime.device
     run = runtime.runner(rows)
     generator = torch.Generator(device).manual_seed(sampling.seed)
     hidden_size = runtime.model.config.hidden_size
     pad_id = int(getattr(runtime.model.config, "pad_token_id", None) or 0)
-    offsets = torch.arange(MAX_DRAFT_TOKENS, device=device)  # [K]
+    offsets = torch.arange(max(MAX_DRAFT_TOKENS, width or 0), device=device)  # [K]
     drafted = accepted = rounds = plain_steps = rejections = 0
     per_exit: dict[int, list[int]] = {}  # exit -> [rounds, drafted, accepted]
     with torch.no_grad():
@@ -100,10 +119,16 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
         # only the first live_length(furthest) slots, which must cover the furthest row's query slots
         # (finished rows included: they still write at their standing slots).
         pos_host = [ids.shape[1]] * rows
+
+        def at(slots: torch.Tensor) -> torch.Tensor:
+            """Per-row slots [rows, q]; one row's as [q], the shape plain decoding's steps take, so that a
+            batch-1 plain step reuses the plain step's compiled graph and drafts use its one-row cache write."""
+            return slots[0] if rows == 1 else slots
+
         while any(live):
             n, k = tracker.choose()
             if k == 0:  # the adaptive policy expects no gain from drafting now: one plain step at the serving depth
-                _, logits = run(0, depth, token[:, None], pos[:, None], pad,
+                _, logits = run(0, depth, token[:, None], at(pos[:, None]), pad,
                                 slots_end=max(pos_host) + 1)  # [rows, 1, vocab]
                 live_dev = torch.tensor(live, device=device)  # [rows]
                 token = torch.where(live_dev, choose(logits[:, -1], sampling, generator), token)  # [rows]
@@ -116,7 +141,11 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
                 yield out
                 continue
             k = min(k, max(max_new_tokens - d for d, ok in zip(done, live) if ok))  # never draft past the end
-            hidden = torch.empty(rows, k, hidden_size, dtype=runtime.stack.dtype, device=device)  # [rows, k, hidden]
+            # Padded verify positions get zero hidden states: finite keys/values at slots past the draft, which
+            # masked attention multiplies by exactly 0 until they are rewritten (garbage could be NaN: 0 * NaN).
+            hidden = (torch.empty(rows, k, hidden_size, dtype=runtime.stack.dtype, device=device) if width is None
+                      else torch.zeros(rows, width, hidden_size, dtype=runtime.stack.dtype,
+                                       device=device))  # [rows, k or width, hidden]
             drafts = torch.empty(rows, k, dtype=torch.long, device=device)  # [rows, k]
             draft_probs = None if sampling.greedy else torch.empty(rows, k, runtime.model.config.vocab_size,
                                                                   device=device)  # [rows, k, vocab]
@@ -125,7 +154,7 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
             sure = live_dev.clone()  # [rows] live rows whose draft is still confident
             current, d, furthest = token, k, max(pos_host)
             for i in range(k):  # draft: layers 0..n-1, one position per row, keys/values land in the cache
-                h, logits = run(0, n, current[:, None], pos[:, None] + i, pad,
+                h, logits = run(0, n, current[:, None], at(pos[:, None] + i), pad,
                                 slots_end=furthest + i + 1)  # [rows, 1, hidden], [rows, 1, vocab]
                 hidden[:, i] = h[:, 0]
                 probs = None if sampling.greedy else probabilities(logits[:, -1], sampling)  # [rows, vocab]
@@ -140,8 +169,12 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
                         break
             # verify: layers n..depth-1 on the drafted positions of every row, from the draft's hidden states.
             # Every drafted token is verified, also a row's tokens after its own first doubt: free and lossless.
-            _, logits = run(n, depth, hidden[:, :d], pos[:, None] + offsets[:d], pad,
-                            slots_end=furthest + d)  # [rows, d, vocab]
+            # Compiled steps verify `width` positions whatever d is (one static shape per exit: nothing
+            # recompiles when a threshold or the end of the request shortens a draft); only the first d count.
+            q = d if width is None else width
+            _, logits = run(n, depth, hidden[:, :q], at(pos[:, None] + offsets[:q]), pad,
+                            slots_end=furthest + q)  # [rows, q, vocab]
+            logits = logits[:, :d]  # [rows, d, vocab]
             if sampling.greedy:
                 target = logits.argmax(-1)  # [rows, d]
                 matched = (drafts[:, :d] == target).long().cumprod(1).sum(1)  # [rows]

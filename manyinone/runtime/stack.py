@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 import types
 from collections.abc import Callable
 
@@ -183,16 +184,48 @@ class CapturedCall:
         return self.outputs
 
 
+class CompileLog:
+    """Compiled step variants (one per segment, input shapes and live bucket) and the seconds their first
+    calls took (tracing, code generation and CUDA-graph capture): what a benchmark reports apart from
+    decode speed, and checks stays unchanged over its timed runs (nothing recompiles there)."""
+
+    def __init__(self) -> None:
+        self.compiles, self.seconds = 0, 0.0
+
+    def admit(self, seen: set[tuple], shapes: tuple, step: tuple) -> None:
+        """Record a new variant of one compiled step; refuse the one that would pass dynamo's recompile
+        limit (past it dynamo silently runs the step eagerly, which no benchmark should time as fused)."""
+        if len(seen) >= RECOMPILE_LIMIT:
+            raise ManyinoneError(f"compiled decode step (start, end, head, live)={step} would be traced for a "
+                                 f"{len(seen) + 1}th input shape {shapes[:2]}, over the recompile limit of "
+                                 f"{RECOMPILE_LIMIT}; use fewer batch sizes, draft lengths or plans per runtime")
+        seen.add(shapes)
+        self.compiles += 1
+
+    @staticmethod
+    def clock(device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def snapshot(self) -> tuple[int, float]:
+        return self.compiles, self.seconds
+
+
 class SegmentRunner:
     """Runs segments of one `LayerStack` on one cache; with `graphs`, each (start, end, head, q, live, plan)
     shape once captured and then replayed, so a decode step costs one launch whatever the depth. With
-    `compile_fn` (e.g. `compile_step`) each segment is compiled before it is recorded."""
+    `compile_fn` (e.g. `compile_step`) each segment is compiled before it is recorded; `log` counts the
+    compiled variants and the seconds their first calls took (shared by a runtime's runners)."""
 
-    def __init__(self, stack: LayerStack, cache: StaticKVCache, graphs: bool, compile_fn: Callable | None = None):
+    def __init__(self, stack: LayerStack, cache: StaticKVCache, graphs: bool, compile_fn: Callable | None = None,
+                 log: "CompileLog | None" = None):
         self.stack, self.cache, self.graphs = stack, cache, graphs
         self.captured: dict[tuple, CapturedCall] = {}
         self.compiled: dict[tuple, Callable] = {}
         self.compile_fn = compile_fn
+        self.log = log if log is not None else CompileLog()
+        self.shapes: dict[tuple, set[tuple]] = {}  # compiled step -> input shapes it has been traced for
 
     def step_fn(self, start: int, end: int, head: bool, live: int | None = None) -> Callable:
         """The (compiled, if compile_fn) function of (inputs, slots, pad) one segment call runs."""
@@ -221,18 +254,26 @@ class SegmentRunner:
         `plan`: the per-layer sizes (SubnetSpecs) of a sliced sub-network (None: full size).
         Prefill goes through `prefill`."""
         live = self.live_for(slots_end)
+        shapes = (tuple(inputs.shape), tuple(slots.shape), plan)  # [q] and per-row [batch, q] slots differ
+        fresh = self.compile_fn is not None and shapes not in self.shapes.get((start, end, head, live), ())
+        if fresh:  # a new compiled variant: count it and time it apart from decoding
+            self.log.admit(self.shapes.setdefault((start, end, head, live), set()), shapes, (start, end, head, live))
+            begin = self.log.clock(inputs.device)
         if not self.graphs:
             with self.stack.sliced(plan):
-                return self.step_fn(start, end, head, live)(inputs, slots, pad)
-        # [q] and per-row [batch, q] slots are different graphs
-        key = (start, end, head, tuple(inputs.shape), tuple(slots.shape), live, plan)
-        call = self.captured.get(key)
-        if call is None:
-            # The plan's views exist only inside `sliced`: the graph records their addresses (views of
-            # the one copy of the weights), so replays need no slicing.
-            with self.stack.sliced(plan):
-                call = self.captured[key] = CapturedCall(self.step_fn(start, end, head, live), [inputs, slots, pad])
-        return call(inputs, slots, pad)
+                out = self.step_fn(start, end, head, live)(inputs, slots, pad)
+        else:
+            key = (start, end, head, *shapes[:2], live, plan)
+            call = self.captured.get(key)
+            if call is None:
+                # The plan's views exist only inside `sliced`: the graph records their addresses (views of
+                # the one copy of the weights), so replays need no slicing.
+                with self.stack.sliced(plan):
+                    call = self.captured[key] = CapturedCall(self.step_fn(start, end, head, live), [inputs, slots, pad])
+            out = call(inputs, slots, pad)
+        if fresh:
+            self.log.seconds += self.log.clock(inputs.device) - begin
+        return out
 
     def prefill(self, end: int, ids: torch.Tensor, pad: torch.Tensor, plan=None) -> torch.Tensor:
         """Layers [0, end) on whole prompts ids [batch, prompt] at slots 0..prompt-1, eagerly (one call per

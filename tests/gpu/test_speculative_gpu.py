@@ -30,3 +30,20 @@ def test_batched_speculation_under_graphs_equals_per_row_plain(trained_run_tied,
     sampled = dict(max_new_tokens=16, stop_ids=set(), speculative=True, draft_depth=2, draft_tokens=3,
                    sampling=Sampling(0.8, 0.9, seed=3))
     assert rt.generate(batch, **sampled).tokens == rt.generate(batch, **sampled).tokens
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_speculation_on_fused_steps_equals_plain_and_never_recompiles(trained_run_tied, rows):
+    """Runtime(fused=True): Inductor-compiled steps recorded as CUDA graphs; float32 speculation (fixed,
+    threshold, adaptive) gives plain greedy's tokens, and a repeated request compiles nothing."""
+    nested = open_checkpoint(trained_run_tied, device="cuda")
+    rt = Runtime(nested.model, nested.tokenizer, nested.index, max_len=128, fused=True)
+    batch = prompts(rows)
+    # The same runtime's plain decoding, row by row (fused against eager: tests/gpu/test_fused_gpu.py).
+    plain = [rt.generate([p], max_new_tokens=24, stop_ids=set()).tokens[0] for p in batch]
+    for kwargs in (dict(draft_depth=1, draft_tokens=4), dict(draft_depth=2, draft_tokens=4, draft_threshold=0.02),
+                   dict(adaptive_draft=True, draft_tokens=4)):
+        assert rt.generate(batch, max_new_tokens=24, stop_ids=set(), speculative=True, **kwargs).tokens == plain, kwargs
+        before = rt.compile_log.compiles
+        assert rt.generate(batch, max_new_tokens=24, stop_ids=set(), speculative=True, **kwargs).tokens == plain
+        assert rt.compile_log.compiles == before, kwargs
