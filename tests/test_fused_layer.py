@@ -142,7 +142,7 @@ def test_fusing_keeps_values_and_parameters_and_shares_storage(tiny_qwen2):
 
 
 @torch.no_grad()
-def test_restore_gives_each_parameter_its_storage_back_and_a_moved_weight_is_refused(tiny_llama, tmp_path):
+def test_a_fused_model_saves_and_restore_gives_each_parameter_its_storage_back(tiny_llama, tmp_path):
     from safetensors.torch import save_file
 
     from manyinone.core.errors import ManyinoneError
@@ -153,6 +153,9 @@ def test_restore_gives_each_parameter_its_storage_back_and_a_moved_weight_is_ref
     q = model.model.layers[0].self_attn.q_proj.weight
     k = model.model.layers[0].self_attn.k_proj.weight
     assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    model.save_pretrained(tmp_path / "hf")  # transformers' own save takes the views as they are
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert all(torch.equal(p, before[n]) for n, p in again.named_parameters())
     rt.stack.fused.restore()
     assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
