@@ -128,9 +128,17 @@ class LlamaDepthAdapter(ModelAdapter):
             raise ManyinoneError(f"{type(self.model).__name__} lacks the LLaMA layout (embed_tokens, layers, norm, "
                                  "rotary_emb) that the runtime drives")
         attn = base.layers[0].self_attn
+
+        def fused_layers():
+            # q/k/v and gate/up re-homed into one buffer each (parameters become views): one GEMM each.
+            from manyinone_llama.fused import fuse_layers
+
+            return fuse_layers(base.layers)
+
         return DecoderStack(embed=lambda ids, _positions: base.embed_tokens(ids), layers=base.layers,
                             rotary=base.rotary_emb, head=self.exit_logits,
-                            kv_heads=attn.k_proj.out_features // attn.head_dim, head_dim=attn.head_dim)
+                            kv_heads=attn.k_proj.out_features // attn.head_dim, head_dim=attn.head_dim,
+                            fused_layers=fused_layers)
 
     # --- export ---------------------------------------------------------------------------
     def extract(self, spec: SubnetSpec) -> nn.Module:

@@ -45,6 +45,10 @@ class DecoderStack:
     sliced(plan): for adapters with per-layer plans, a context manager inside which the first
     len(plan) layers compute that plan's sizes (one SubnetSpec per layer) as views of the one copy of
     the weights (None: the runtime serves depth only).
+    fused_layers(): optional, an explicit opt-in the runtime performs only when its decode step is
+    compiled (`Runtime(fused=True)`): it may re-home the layers' weights (as views, same values, no
+    copy) and returns one decode forward per layer, called like the layers; None: the fused step
+    calls the layers themselves.
     """
 
     embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,6 +58,7 @@ class DecoderStack:
     kv_heads: int
     head_dim: int
     sliced: Callable[[LayerPlan], AbstractContextManager[None]] | None = None
+    fused_layers: Callable[[], Sequence[Callable[..., torch.Tensor]]] | None = None
 
 
 class ModelAdapter(ABC):

@@ -3,7 +3,10 @@
 A budget picks a sub-network from the checkpoint's index: a depth, and with per-layer axes (width,
 heads) a plan (a SubnetSpec of sizes per layer) that runs as views of the one copy of the weights
 (`LayerStack.sliced`).
-`fused=True` compiles each whole decode step (`stack.compile_step`) before recording its CUDA graph.
+`fused=True` compiles each whole decode step (`stack.compile_step`) before recording its CUDA graph;
+a fused runtime opts the model in to its adapter's fused decode forwards (`LayerStack.fuse`: for the
+LLaMA layout, q/k/v and gate/up each one GEMM over one buffer, the parameters made views of it, so
+the model keeps the same values and memory; `manyinone_llama.fused.FusedLayers.restore` undoes it).
 
 Example:
     >>> rt = Runtime.open("runs/x")
@@ -109,6 +112,8 @@ class Runtime:
         self.max_len = int(max_len or min(limit, DEFAULT_MAX_LEN))
         self.compile_fn = compile_step if fused and compile_fn is None else compile_fn
         self.fused = self.compile_fn is not None
+        if self.fused:  # the opt-in: q/k/v and gate/up re-homed as views of fused buffers (same values)
+            self.stack.fuse()
         # Compiled steps: every (segment, input shapes, live bucket) is traced once; the log counts them.
         self.compile_log = CompileLog()
         # Tokens every speculative verify pass is padded to (None: the policy's longest draft when the steps

@@ -8,7 +8,10 @@ names one architecture's attributes. A segment [start, end) is the unit that bot
 
 The fused decode step (`compile_step`, used by `Runtime(fused=True)`) is the same call compiled
 whole by torch.compile (norms, RoPE with the cache write, SwiGLU and residual adds fused by
-Inductor) and, on CUDA, recorded as one CUDA graph per (segment, batch, plan, live-length bucket).
+Inductor) and, on CUDA, recorded as one CUDA graph per (segment, batch, plan, live-length bucket). Where the adapter offers
+`DecoderStack.fused_layers` (the LLaMA layout does), the compiled step calls those decode forwards
+instead of the HF layers (one GEMM for q/k/v, one for gate/up, over buffers the parameters are views
+of); the eager path (prefill, CPU, unfused runtimes) keeps the model's own layers.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import contextlib
 import inspect
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -109,6 +112,23 @@ class LayerStack:
         self.head_dim, self.kv_heads = parts.head_dim, parts.kv_heads
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.fused: Sequence[Callable] | None = None  # the adapter's fused decode forwards, once `fuse` ran
+
+    def fuse(self) -> None:
+        """Opt in to the adapter's fused decode forwards (`DecoderStack.fused_layers`), which the compiled
+        step then runs; the adapter may re-home weights as views of fused buffers (same values, no copy)."""
+        if self.parts.fused_layers is not None:
+            self.fused = self.parts.fused_layers()
+            if len(self.fused) != self.num_layers:
+                raise ManyinoneError(f"the {self.adapter.name!r} adapter gave {len(self.fused)} fused layers for "
+                                     f"{self.num_layers} decoder layers")
+
+    def check_fused(self) -> None:
+        """Refuse to compile over fused buffers the parameters no longer view (moved or reloaded weights)."""
+        shares = getattr(self.fused, "shares_storage", None)
+        if shares is not None and not shares():
+            raise ManyinoneError("the model's q/k/v or gate/up weights were moved or reloaded after the runtime fused "
+                                 "them (e.g. model.to(), load_state_dict(assign=True)); build a new Runtime")
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         return StaticKVCache(self.num_layers, batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
@@ -125,15 +145,18 @@ class LayerStack:
 
     def run(self, cache: StaticKVCache, start: int, end: int, inputs: torch.Tensor, slots: torch.Tensor,
             pad: torch.Tensor, head: bool, last_only: bool = False,
-            live: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            live: int | None = None, layers: Sequence[Callable] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layers [start, end) on `inputs` (token ids [batch, q] if start == 0, else hidden [batch, q, hidden]).
 
         Writes keys/values of those layers at `slots` ([q], or [batch, q] for per-row slots); attention
         reads the first `live` cache slots (default all; every query slot of every row must be below it).
         Returns (hidden after layer end-1 [batch, q, hidden], float32 logits [batch, q or 1, vocab]
-        through the final norm and head, or None).
+        through the final norm and head, or None). `layers`: forwards called instead of the decoder layers
+        (the fused ones, `self.fused`), same signature; default the model's own.
         """
         parts = self.parts
+        layers = parts.layers if layers is None else layers
         cache.slots = slots
         cache.live = cache.max_len if live is None else live
         positions = position_ids(slots, pad)  # [batch, q]
@@ -142,7 +165,7 @@ class LayerStack:
         full, sliding = attention_masks(slots, pad, cache.live, hidden.dtype, self.window)  # [batch, 1, q, live]
         for i in range(start, end):
             kwargs = {self.cache_arg: cache}
-            out = parts.layers[i](hidden, attention_mask=sliding if self.sliding[i] else full,
+            out = layers[i](hidden, attention_mask=sliding if self.sliding[i] else full,
                                  position_ids=positions, use_cache=True, position_embeddings=rotary, **kwargs)
             # transformers >= 5 returns a tensor from a decoder layer, older versions a tuple.
             hidden = out[0] if isinstance(out, tuple) else out
@@ -229,11 +252,16 @@ class SegmentRunner:
 
     def step_fn(self, start: int, end: int, head: bool, live: int | None = None) -> Callable:
         """The (compiled, if compile_fn) function of (inputs, slots, pad) one segment call runs."""
-        def segment(inputs, slots, pad):
-            return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live)
-
         if self.compile_fn is None:
+            def segment(inputs, slots, pad):
+                return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live)
+
             return segment
+        fused = self.stack.fused  # compiled steps run the fused forwards where the adapter has them
+
+        def segment(inputs, slots, pad):
+            return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live, layers=fused)
+
         key = (start, end, head, live)
         if key not in self.compiled:
             self.compiled[key] = self.compile_fn(segment)
@@ -258,6 +286,7 @@ class SegmentRunner:
         fresh = self.compile_fn is not None and shapes not in self.shapes.get((start, end, head, live), ())
         if fresh:  # a new compiled variant: count it and time it apart from decoding
             self.log.admit(self.shapes.setdefault((start, end, head, live), set()), shapes, (start, end, head, live))
+            self.stack.check_fused()
             begin = self.log.clock(inputs.device)
         if not self.graphs:
             with self.stack.sliced(plan):
