@@ -15,6 +15,6 @@ if [ "$mode" = suite ] || [ "$mode" = all ]; then
   tail -45 "$OUT/decode_suite.log"
 fi
 if [ "$mode" = tests ] || [ "$mode" = all ]; then
-  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x tests/gpu/test_fused_gpu.py tests/gpu/test_runtime_gpu.py 2>&1 \
+  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x tests/gpu/test_fused_gpu.py tests/gpu/test_fused_layer_gpu.py tests/gpu/test_runtime_gpu.py 2>&1 \
     | tail -12 | tee "$OUT/gpu_tests.log"
 fi
