@@ -19,15 +19,6 @@ def width_cli_run(tiny_llama, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def depth_cli_run(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli_route") / "depth"
-    result = invoke("train", "--model", tiny_llama, "--axes", "depth", "--exits", "2,4", "--data", "demo",
-                    "--output", out, "--max-steps", "1", "--quiet")
-    assert result.exit_code == 0, (result.output, result.exception)
-    return out
-
-
 def test_route_token_writes_a_checkpoint_that_export_refuses(width_cli_run, tmp_path):
     out = tmp_path / "token"
     result = invoke("route", width_cli_run, "--mode", "token", "--budgets", "1.0", "--steps", "2", "--plans", "3",
@@ -51,8 +42,8 @@ def test_route_static_stores_plans_within_their_budgets(width_cli_run, tmp_path)
     assert all(r["relative"] <= r["budget"] + 1e-3 for r in read_index(out)["routed"])
 
 
-def test_route_bad_inputs(width_cli_run, depth_cli_run, tmp_path):
-    line = error_line(invoke("route", depth_cli_run, "--mode", "token", "--budgets", "0.5", "-o", tmp_path / "a"))
+def test_route_bad_inputs(width_cli_run, trained_run, tmp_path):
+    line = error_line(invoke("route", trained_run, "--mode", "token", "--budgets", "0.5", "-o", tmp_path / "a"))
     assert "token routing needs a checkpoint trained with elastic width" in line
     line = error_line(invoke("route", width_cli_run, "--budgets", "0.5,abc", "-o", tmp_path / "b"))
     assert "budgets '0.5,abc' malformed" in line
@@ -65,11 +56,11 @@ def test_route_bad_inputs(width_cli_run, depth_cli_run, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_latency_writes_the_table_export_reads(width_cli_run, depth_cli_run, tmp_path):
+def test_latency_writes_the_table_export_reads(width_cli_run, trained_run, tmp_path):
     table = tmp_path / "latency.json"
     result = invoke("latency", width_cli_run, "--seq", "8", "--repeats", "1", "--device", "cpu", "-o", table)
     assert result.exit_code == 0, (result.output, result.exception)
     data = json.loads(table.read_text())
     assert set(data["layer_ms"]) == {f"{w},{h}" for w in (32, 64, 128) for h in (2, 4)}
-    line = error_line(invoke("latency", depth_cli_run, "--device", "cpu", "-o", tmp_path / "t.json"))
+    line = error_line(invoke("latency", trained_run, "--device", "cpu", "-o", tmp_path / "t.json"))
     assert "a latency table times (width, heads) options" in line
