@@ -89,6 +89,12 @@ RECIPES: dict[str, list[str]] = {
     "agree-lr3-reverse": [*AGREE_BIG, *LR3, "--set", "teacher_kl=reverse"],  # mode-seeking: round 1's best agreement
     "agree-lr3-selfkd3": [*AGREE_BIG, *LR3, "--set", "distill_weight=3"],  # the exits lean on the model's own full depth
     "agree-lr3-pos": [*AGREE_BIG, *LR3, "--set", "exit_positions=0.5"],  # exits on half the positions: cost lever
+    # Round 4 (session 2026-12-02 b): one lever each on round 3's best (agree-init-lr3).
+    "agree-sharp": ["--model", "@sft", *AGREE_BIG, *LR3, *FULL_BY_TEACHER, "--set", "teacher_temperature=0.5"],
+    "agree-init-reverse": ["--model", "@sft", *AGREE_BIG, *LR3, *FULL_BY_TEACHER, "--set", "teacher_kl=reverse"],
+    # 16 samples per prompt, 90% of each epoch generated: one epoch is 1,125 steps (1.25x) over 2.7x the records.
+    "agree-xl": ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16", "--set", "mix_ratio=0.9",
+                 *LR3, *FULL_BY_TEACHER],
     # LoRA-nested SoFT (issue 15): plain SoFT's recipe on a frozen base with adapters on every linear
     # layer, shared by all exits, at 10x the learning rate (the usual LoRA rule); compare each with
     # "soft" per exit, and the ranks with one another for the rank that closes the gap.
