@@ -48,6 +48,7 @@ AGREE = [*MANYINONE_GENTLE[:2], "--epochs", "2", *MANYINONE_GENTLE[4:], "--set",
          "--set", "mix_data=@gen", "--set", "mix_ratio=0.5"]
 LR3 = ["--lr", "3e-4", "--set", "warmup_steps=20", "--set", "exit_heads_lr_scale=10"]
 AGREE_BIG = [*AGREE[:-4], "--set", "mix_data=@gen6", "--set", "mix_ratio=0.75"]
+G16_AS_GEN6 = ["--set", "mix_data=@gen16", "--set", "mix_rows=0:10800", "--set", "mix_ratio=0.75"]
 # The full depth leans on the teacher (KL x3) instead of labels x3.
 FULL_BY_TEACHER = ["--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"]
 RECIPES: dict[str, list[str]] = {
@@ -95,6 +96,15 @@ RECIPES: dict[str, list[str]] = {
     # 16 samples per prompt, 90% of each epoch generated: one epoch is 1,125 steps (1.25x) over 2.7x the records.
     "agree-xl": ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16", "--set", "mix_ratio=0.9",
                  *LR3, *FULL_BY_TEACHER],
+    # Round 5 candidates (not run yet), all on gen16 so that one data step feeds every row: its first
+    # 10,800 records are 6 samples of each prompt (distill-data writes sample-major), i.e. gen6's draw.
+    "agree-g16": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER],  # the reference
+    # Own norm + LM head per exit (kind "head"), trained with the body: 28M more parameters per exit
+    # on SmolLM2 where a translator has 0.3M, the capacity lever the objective-side levers lacked.
+    "agree-heads": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
+                    "--set", "exit_heads=head", "--set", "exit_heads_lr_scale=1"],
+    "agree-pos": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
+                  "--set", "exit_positions=0.5"],  # exits on half the positions: the LM heads are ~60% of a step
     # LoRA-nested SoFT (issue 15): plain SoFT's recipe on a frozen base with adapters on every linear
     # layer, shared by all exits, at 10x the learning rate (the usual LoRA rule); compare each with
     # "soft" per exit, and the ranks with one another for the rank that closes the gap.
