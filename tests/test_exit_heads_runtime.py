@@ -73,9 +73,8 @@ def test_exit_logits_through_heads_equal_the_checkpoints_eager_and_fused(trained
         torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
     # Greedy decoding served at an exit: the fused runtime gives the eager runtime's tokens.
     prompts = random_prompts(2, seed=4)
-    for depth in (1, 2, 3):
-        plain = eager.generate(prompts, max_new_tokens=12, stop_ids=set(), spec={"depth": depth}).tokens
-        assert fused.generate(prompts, max_new_tokens=12, stop_ids=set(), spec={"depth": depth}).tokens == plain
+    plain = eager.generate(prompts, max_new_tokens=12, stop_ids=set(), spec={"depth": 2}).tokens
+    assert fused.generate(prompts, max_new_tokens=12, stop_ids=set(), spec={"depth": 2}).tokens == plain
 
 
 @torch.no_grad()
@@ -85,17 +84,18 @@ def test_fused_speculation_drafting_through_heads_equals_plain_greedy(trained_ru
     eager, fused = runtimes(nested)
     # Resolved once, when the runtimes were built: no step (traced or eager) builds a LinearHead again.
     monkeypatch.setattr(ExitHeads, "linear_head", lambda self, spec: pytest.fail("a head was built while decoding"))
-    prompts = random_prompts(3, seed=9)
+    prompts = random_prompts(2, seed=9)
     plain = [eager.generate([p], max_new_tokens=16, stop_ids=set()).tokens[0] for p in prompts]
-    for settings in ({"draft_depth": 2, "draft_tokens": 3}, {"draft_depth": 1, "draft_tokens": 4, "draft_threshold": 0.5},
-                     {"adaptive_draft": True, "draft_tokens": 4}):
-        for rt in (eager, fused):
-            out = rt.generate(prompts, max_new_tokens=16, stop_ids=set(), speculative=True, **settings)
-            assert out.tokens == plain, (kind, settings, rt is fused)
-            assert out.stats["rounds"] > 0
-    # The call gpu_speculative.sh's sweep failed in: each draft step timed as compiled, heads included.
-    costs = measure_step_costs(fused, 4, [1, 2, 3], steps=2)
-    assert set(costs) == {1, 2, 3} and all(0 < c <= 1 for c in costs.values())
+    fixed = {"draft_depth": 2, "draft_tokens": 3}
+    assert eager.generate(prompts, max_new_tokens=16, stop_ids=set(), speculative=True, **fixed).tokens == plain
+    # Fused (policies at large: tests/test_speculative_fused.py): a fixed draft and an adaptive one, whose
+    # exits all draft through their heads.
+    for settings in (fixed, {"adaptive_draft": True, "draft_tokens": 3}):
+        out = fused.generate(prompts, max_new_tokens=16, stop_ids=set(), speculative=True, **settings)
+        assert out.tokens == plain and out.stats["rounds"] > 0, (kind, settings)
+    # The call gpu_speculative.sh's sweep failed in: a draft step timed as compiled, its head included.
+    costs = measure_step_costs(fused, 4, [1], steps=2)
+    assert set(costs) == {1} and 0 < costs[1] <= 1
 
 
 def test_trained_translator_checkpoint_drafts_through_its_heads_on_fused_steps(tiny_llama_tied, tmp_path):
