@@ -28,15 +28,15 @@ def whole_step(fn):
     return compile_step(fn, "aot_eager", fullgraph=True)  # what fused=True compiles, traced only, no graph breaks
 
 
-def with_heads(folder, kind: str):
+def with_heads(folder, kind: str, device: str = "cpu"):
     """The float32 checkpoint (exits 1, 2, 3 of 4 layers) with fresh `kind` exit heads moved well away from
     their initialisation (the shared norm and head), so an exit that ignored them would give other logits."""
-    nested = open_checkpoint(folder)
+    nested = open_checkpoint(folder, device=device)
     heads = for_adapter(nested.adapter, kind, nested.space)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in heads.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.1)
     nested.exit_heads = heads.eval()
     return nested
 
@@ -48,10 +48,11 @@ def runtimes(nested) -> tuple[Runtime, Runtime]:
 def step_logits(rt: Runtime, prompt: list[int], depth: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden, float32 logits [1, 1, vocab]) of one decode step ending at `depth` after a full-depth prefill."""
     run = rt.runner(1)
-    ids, pad = torch.tensor([prompt]), torch.zeros(1, dtype=torch.long)
+    ids, pad = torch.tensor([prompt], device=rt.device), torch.zeros(1, dtype=torch.long, device=rt.device)
     run.prefill(rt.num_layers, ids, pad)
     n = len(prompt)
-    return run(0, depth, torch.tensor([[prompt[-1]]]), rt._slots[n:n + 1], pad, slots_end=n + 1)
+    hidden, logits = run(0, depth, ids[:, -1:], rt._slots[n:n + 1], pad, slots_end=n + 1)
+    return hidden.clone(), logits.clone()  # a recorded CUDA graph's outputs are overwritten by its next replay
 
 
 @torch.no_grad()
