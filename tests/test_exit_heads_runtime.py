@@ -114,3 +114,12 @@ def test_trained_translator_checkpoint_drafts_through_its_heads_on_fused_steps(t
         plain = [eager.generate([p], max_new_tokens=16, stop_ids=set()).tokens[0] for p in prompts]
         spec = fused.generate(prompts, max_new_tokens=16, stop_ids=set(), speculative=True, draft_depth=2, draft_tokens=3)
     assert spec.tokens == plain and spec.stats["exits"].keys() == {2}
+
+
+def test_a_head_whose_norm_is_not_a_module_is_refused_when_the_runtime_is_built():
+    from manyinone.core.errors import ManyinoneError
+    from manyinone.runtime.exit_logits import ExitLogits
+    from manyinone.train.lean_loss import LinearHead
+
+    with pytest.raises(ManyinoneError, match="exit head at depth 2 has a function norm; the runtime needs an nn.Module"):
+        ExitLogits({2: LinearHead(norm=lambda h: h, weight=torch.ones(8, 4))}, shared=lambda h: h)

@@ -43,7 +43,7 @@ class ExitLogits(nn.Module):
     def __init__(self, heads: Mapping[int, LinearHead], shared: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.heads = nn.ModuleDict({str(d): HeadModule(h, d) for d, h in sorted(heads.items())})
-        self.depths = frozenset(heads)  # plain ints: the step's depth is a constant, so the branch costs nothing traced
+        self.depths = tuple(sorted(heads))  # plain ints: a step's depth is a constant, so the branch is resolved when traced
         self.shared = shared
 
     def forward(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
