@@ -41,8 +41,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def smoke_checkpoint(folder: Path, hidden: int = 64, intermediate: int = 128) -> Path:
-    """A tiny random 8-layer LLaMA saved as a manyinone checkpoint with exits 2,4,6,8 (no training)."""
+def smoke_checkpoint(folder: Path, hidden: int = 64, intermediate: int = 128, exit_heads: str | None = None) -> Path:
+    """A tiny random 8-layer LLaMA saved as a manyinone checkpoint with exits 2,4,6,8 (no training); with
+    `exit_heads` (a registered kind, e.g. "translator"), per-exit heads of that kind, nudged off their
+    initialisation so that exits drafting through them differ from the shared head."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from manyinone.io.checkpoint import build_index, save_checkpoint
@@ -57,8 +59,17 @@ def smoke_checkpoint(folder: Path, hidden: int = 64, intermediate: int = 128) ->
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
     model = LlamaForCausalLM(config).eval()
     adapter = adapter_for(model)
-    index = build_index(adapter, adapter.space({"depth": [2, 4, 6, 8]}), train={"template": "alpaca"})
-    return save_checkpoint(model, make_char_tokenizer(), index, folder)
+    space = adapter.space({"depth": [2, 4, 6, 8]})
+    index = build_index(adapter, space, train={"template": "alpaca"})
+    heads = None
+    if exit_heads is not None:
+        from manyinone.train.exit_heads import for_adapter
+
+        heads = for_adapter(adapter, exit_heads, space)
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return save_checkpoint(model, make_char_tokenizer(), index, folder, exit_heads=heads)
 
 
 def runtime_rows(rt: Runtime, prompts, new: int, repeats: int, **kwargs) -> dict:

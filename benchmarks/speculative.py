@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from manyinone.core.kinds import EXIT_HEAD_KINDS
 from manyinone.io.checkpoint import build_index, is_checkpoint
 from manyinone.runtime import Runtime
 from manyinone.runtime.draft_policy import best_length
@@ -222,6 +223,8 @@ def main() -> None:
     parser.add_argument("--store", action="store_true", help="write the tuned policy into the checkpoint's index")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model on CPU, few tokens: checks the script")
+    parser.add_argument("--tiny-exit-heads", default=None, choices=list(EXIT_HEAD_KINDS.names()),
+                        help="with --tiny: the tiny checkpoint gets per-exit heads of this kind (drafts exit through them)")
     parser.add_argument("--out", default="speculative_sweep", help="prefix of the .json and .png written")
     parser.add_argument("--time-budget", type=float, default=200.0,
                         help="seconds after loading; sections not started by then are skipped (tables still print)")
@@ -230,7 +233,7 @@ def main() -> None:
 
     if args.tiny:
         torch.set_num_threads(1)
-        args.ckpt = str(smoke_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
+        args.ckpt = str(smoke_checkpoint(Path(tempfile.mkdtemp()) / "tiny", exit_heads=args.tiny_exit_heads))
         args.prompts, args.rows, args.new_tokens, args.hf_tokens = "demo", None, 16, 8
         args.lengths, args.thresholds, args.batches, args.dtype = "1,2,4", "0.05", "1,4", "float32"
     if not args.ckpt or not args.prompts:

@@ -32,6 +32,7 @@ from manyinone.core.axes import PAIR_AXES, LayerPlan, axis_order
 from manyinone.core.space import SubnetSpec
 from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.cache import left_pad  # noqa: F401  (re-exported: part of this module's API)
+from manyinone.runtime.exit_logits import ExitLogits
 from manyinone.runtime.sampling import Sampling, choose, step_output
 from manyinone.runtime.stack import CompileLog, LayerStack, SegmentRunner, compile_step
 
@@ -143,14 +144,9 @@ class Runtime:
     @classmethod
     def from_nested(cls, nested, **kwargs: Any) -> "Runtime":
         """A runtime over an opened checkpoint (`manyinone.io.api.NestedModel`), its per-exit heads included."""
-        exit_logits = None
-        if nested.exit_heads is not None:  # per-exit modules: each depth exits through its own
-            param = next(nested.model.parameters())
-            nested.exit_heads.to(device=param.device, dtype=param.dtype)
-
-            def exit_logits(depth: int, hidden: torch.Tensor) -> torch.Tensor:
-                return nested.exit_logits(SubnetSpec({"depth": depth}), hidden)
-
+        # Per-exit modules: each depth exits through its own, resolved now into modules (never built
+        # inside a compiled step's trace).
+        exit_logits = ExitLogits.of(nested) if nested.exit_heads is not None else None
         return cls(nested.model, nested.tokenizer, nested.index, exit_logits=exit_logits, adapter=nested.adapter,
                    token_router=nested.token_router, **kwargs)
 

@@ -40,7 +40,7 @@ def cache_argument(layer: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool = True) -> Callable:
+def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool = True, fullgraph: bool = False) -> Callable:
     """torch.compile for one whole decode step (static shapes: each bucket is its own graph, recorded
     once as a CUDA graph); raises dynamo's recompile limit so many (depth, batch, plan, bucket)
     variants never fall back to eager silently. `backend="aot_eager"` traces without code generation
@@ -48,7 +48,8 @@ def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool =
 
     math_attention: trace attention as its plain math (matmuls and a softmax) so that Inductor fuses the
     mask, softmax and GQA expansion into its own kernels, as gpt-fast does for decode; False keeps
-    SDPA's fused kernels (benchmarks/decode_suite.py measures both).
+    SDPA's fused kernels (benchmarks/decode_suite.py measures both). fullgraph: refuse any graph break
+    (tests use it to prove a step traces whole, exit heads included).
     """
     import torch._dynamo
 
@@ -66,7 +67,7 @@ def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool =
     # not guard on the attention backend, so steps compiled with other settings must never share one.
     traced = types.FunctionType(traced.__code__.replace(co_name=f"decode_step_{_STEPS}"), traced.__globals__,
                                 f"decode_step_{_STEPS}", None, traced.__closure__)
-    compiled = torch.compile(traced, backend=backend, dynamic=False, fullgraph=False)
+    compiled = torch.compile(traced, backend=backend, dynamic=False, fullgraph=fullgraph)
     if not math_attention:
         return compiled
     from torch.nn.attention import SDPBackend, sdpa_kernel

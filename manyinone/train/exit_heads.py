@@ -2,7 +2,8 @@
 
 Two kinds, both optional (plain SoFT shares the model's own final norm and LM head at every exit),
 each registered in `core.registry.EXIT_HEAD_KINDS` (a new kind is one more registered class with
-the same three methods):
+the same three methods; its `linear_head` gives a LinearHead whose norm is an nn.Module, which the
+decode runtime holds in its compiled steps):
 
 - "translator" (manyinone's recipe, after the tuned lens of Belrose et al. 2023): each exit gets
   its own copy of the final norm and an H x H linear map, initialised to the identity, between
@@ -33,6 +34,22 @@ from manyinone.train.lean_loss import LinearHead
 FILE = "exit_heads.safetensors"
 
 
+class TranslatedNorm(nn.Module):
+    """T_k · norm_k(h), [..., hidden] -> [..., hidden]: a translator exit's features before the shared LM head.
+
+    A module rather than a closure, so that a decode runtime can hold every exit's head as modules and
+    tensors that torch.compile traces like any other layer (manyinone.runtime.exit_logits)."""
+
+    def __init__(self, norm: nn.Module, translator: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = norm
+        self.translator = translator  # [hidden, hidden]: ExitHeads' own parameter, referenced, not copied
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # F.linear(x, T) computes x @ T.T, i.e. T applied to each row.
+        return nn.functional.linear(self.norm(hidden), self.translator.to(hidden.dtype))
+
+
 @EXIT_HEAD_KINDS.register("translator")
 class Translator:
     """own norm + identity-initialised HxH map before the shared LM head, folded into exports"""
@@ -44,8 +61,7 @@ class Translator:
 
     @staticmethod
     def linear_head(norm: nn.Module, weight: torch.Tensor, shared: torch.Tensor) -> LinearHead:
-        # T_k · norm_k(h): F.linear(x, T) computes x @ T.T, i.e. T applied to each row.
-        return LinearHead(norm=lambda h: nn.functional.linear(norm(h), weight.to(h.dtype)), weight=shared)
+        return LinearHead(norm=TranslatedNorm(norm, weight), weight=shared)
 
     @staticmethod
     def folded_weight(weight: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:

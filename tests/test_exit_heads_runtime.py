@@ -1,0 +1,125 @@
+"""A checkpoint's exit heads (every registered kind) in the decode runtime, eager and fused (compiled):
+the same logits as the checkpoint's own exits, the same greedy tokens, and speculation whose drafts exit
+through the heads giving plain greedy's tokens in float32.
+
+The heads are resolved into modules once, when the runtime is built (`runtime.exit_logits`): a compiled
+step that built a `LinearHead` inside its trace failed under torch 2.11's dynamo ("'LinearHead' object has
+no attribute 'norm'"). On CPU `compile_step(fn, "aot_eager", fullgraph=True)` traces each step as
+`Runtime(fused=True)` does, refusing any graph break."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from manyinone.core.kinds import EXIT_HEAD_KINDS
+from manyinone.core.space import SubnetSpec
+from manyinone.io.api import open_checkpoint
+from manyinone.runtime import Runtime
+from manyinone.runtime.stack import compile_step
+from manyinone.runtime.tune import measure_step_costs
+from manyinone.train.exit_heads import ExitHeads, for_adapter
+from test_runtime import random_prompts
+
+KINDS = list(EXIT_HEAD_KINDS.names())
+
+
+def whole_step(fn):
+    return compile_step(fn, "aot_eager", fullgraph=True)  # what fused=True compiles, traced only, no graph breaks
+
+
+def with_heads(folder, kind: str, device: str = "cpu"):
+    """The float32 checkpoint (exits 1, 2, 3 of 4 layers) with fresh `kind` exit heads moved well away from
+    their initialisation (the shared norm and head), so an exit that ignored them would give other logits."""
+    nested = open_checkpoint(folder, device=device)
+    heads = for_adapter(nested.adapter, kind, nested.space)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.1)
+    nested.exit_heads = heads.eval()
+    return nested
+
+
+def runtimes(nested) -> tuple[Runtime, Runtime]:
+    return Runtime.from_nested(nested, max_len=96), Runtime.from_nested(nested, max_len=96, compile_fn=whole_step)
+
+
+def step_logits(rt: Runtime, prompt: list[int], depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, float32 logits [1, 1, vocab]) of one decode step ending at `depth` after a full-depth prefill."""
+    run = rt.runner(1)
+    ids, pad = torch.tensor([prompt], device=rt.device), torch.zeros(1, dtype=torch.long, device=rt.device)
+    run.prefill(rt.num_layers, ids, pad)
+    n = len(prompt)
+    hidden, logits = run(0, depth, ids[:, -1:], rt._slots[n:n + 1], pad, slots_end=n + 1)
+    return hidden.clone(), logits.clone()  # a recorded CUDA graph's outputs are overwritten by its next replay
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", KINDS)
+def test_exit_logits_through_heads_equal_the_checkpoints_eager_and_fused(trained_run_tied, kind):
+    nested = with_heads(trained_run_tied, kind)
+    eager, fused = runtimes(nested)
+    prompt = random_prompts(1, seed=3)[0]
+    for depth in (1, 2, 3, 4):
+        hidden, logits = step_logits(eager, prompt, depth)
+        spec = SubnetSpec(depth=depth)
+        # The runtime's head is the checkpoint's own exit (bit for bit), and at exits the heads matter.
+        assert torch.equal(logits, nested.exit_logits(spec, hidden).float())
+        if depth < 4:
+            assert spec in nested.exit_heads
+            assert not torch.allclose(logits, nested.adapter.exit_logits(hidden).float(), atol=1e-3)
+        fused_hidden, fused_logits = step_logits(fused, prompt, depth)
+        torch.testing.assert_close(fused_hidden, hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
+    # Greedy decoding served at an exit: the fused runtime gives the eager runtime's tokens.
+    prompts = random_prompts(2, seed=4)
+    plain = eager.generate(prompts, max_new_tokens=12, stop_ids=set(), spec={"depth": 2}).tokens
+    assert fused.generate(prompts, max_new_tokens=12, stop_ids=set(), spec={"depth": 2}).tokens == plain
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_speculation_drafting_through_heads_equals_plain_greedy(trained_run_tied, kind, monkeypatch):
+    nested = with_heads(trained_run_tied, kind)
+    eager, fused = runtimes(nested)
+    # Resolved once, when the runtimes were built: no step (traced or eager) builds a LinearHead again.
+    monkeypatch.setattr(ExitHeads, "linear_head", lambda self, spec: pytest.fail("a head was built while decoding"))
+    prompts = random_prompts(2, seed=9)
+    plain = [eager.generate([p], max_new_tokens=16, stop_ids=set()).tokens[0] for p in prompts]
+    fixed = {"draft_depth": 2, "draft_tokens": 3}
+    assert eager.generate(prompts, max_new_tokens=16, stop_ids=set(), speculative=True, **fixed).tokens == plain
+    # Fused (policies at large: tests/test_speculative_fused.py): a fixed draft and an adaptive one, whose
+    # exits all draft through their heads.
+    for settings in (fixed, {"adaptive_draft": True, "draft_tokens": 3}):
+        out = fused.generate(prompts, max_new_tokens=16, stop_ids=set(), speculative=True, **settings)
+        assert out.tokens == plain and out.stats["rounds"] > 0, (kind, settings)
+    # The call gpu_speculative.sh's sweep failed in: a draft step timed as compiled, its head included.
+    costs = measure_step_costs(fused, 4, [1], steps=2)
+    assert set(costs) == {1} and 0 < costs[1] <= 1
+
+
+def test_trained_translator_checkpoint_drafts_through_its_heads_on_fused_steps(tiny_llama_tied, tmp_path):
+    """The failing case end to end: a checkpoint trained with exit_heads=translator, opened by path."""
+    from manyinone.train.config import TrainConfig
+    from manyinone.train.loop import train
+
+    cfg = TrainConfig(model=str(tiny_llama_tied), exits=[2, 4], data="demo", max_steps=2, batch_size=4, lr=1e-2,
+                      exit_heads="translator", output=str(tmp_path / "translator"))
+    run = train(cfg, show_progress=False)
+    eager = Runtime.open(run, device="cpu", max_len=96)
+    fused = Runtime.open(run, device="cpu", max_len=96, compile_fn=whole_step)
+    prompts = random_prompts(2, seed=12)
+    with torch.no_grad():
+        plain = [eager.generate([p], max_new_tokens=16, stop_ids=set()).tokens[0] for p in prompts]
+        spec = fused.generate(prompts, max_new_tokens=16, stop_ids=set(), speculative=True, draft_depth=2, draft_tokens=3)
+    assert spec.tokens == plain and spec.stats["exits"].keys() == {2}
+
+
+def test_a_head_whose_norm_is_not_a_module_is_refused_when_the_runtime_is_built():
+    from manyinone.core.errors import ManyinoneError
+    from manyinone.runtime.exit_logits import ExitLogits
+    from manyinone.train.lean_loss import LinearHead
+
+    with pytest.raises(ManyinoneError, match="exit head at depth 2 has a function norm; the runtime needs an nn.Module"):
+        ExitLogits({2: LinearHead(norm=lambda h: h, weight=torch.ones(8, 4))}, shared=lambda h: h)
