@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--variant-set", action="append", default=[], metavar="NAME:KEY=VALUE",
                         help="a TrainConfig field for one variant, e.g. depth:exit_heads=translator")
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at once (one GPU holds several)")
-    parser.add_argument("--smoke", action="store_true", help="tiny random model + demo data on CPU")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model (or --model) + demo data on CPU")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -217,7 +217,7 @@ def main() -> None:
         from helpers import build_tiny_model  # a 4-layer LLaMA and a character tokenizer
 
         torch.set_num_threads(1)
-        args.model = str(build_tiny_model(out / "tiny-model"))
+        args.model = args.model or str(build_tiny_model(out / "tiny-model"))  # --model: e.g. a tiny SFT run
         args.data, args.train_rows, args.eval_rows, args.holdout_rows = "demo", "0:300", "300:320", "320:340"
         args.batch_size = args.batch_size or 4
         args.max_length, args.router_steps, args.widths = args.max_length or 256, 5, ""
