@@ -57,9 +57,9 @@ ROUTER_BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 # This script's values of the TrainConfig fields its flags set, when the flag is not given: a `--set`
 # of the field wins over them, as over a recipe's in `manyinone train`.
 FLAG_DEFAULTS = {"epochs": 1.0, "batch_size": 16, "max_length": 512, "lr": 1e-4}
-OWNED = ("axes", "output")
+OWNED = ("axes", "output")  # what makes a variant itself: chosen by --variants, never by an override
 SIGNAL = ("model", "epochs", "lr", "warmup_steps", "teacher", "teacher_weight", "teacher_full_weight", "mix_data",
-          "mix_ratio", "distill_weight", "exit_heads", "sampler")  # shown per variant in results.md  # what makes a variant itself: chosen by --variants, never by an override
+          "mix_ratio", "distill_weight", "exit_heads", "sampler")  # shown per variant in results.md
 
 
 def settings(args) -> dict:
@@ -116,9 +116,7 @@ def train_variants(configs: dict[str, TrainConfig], jobs: int) -> dict[str, tupl
         if jobs == 1:
             return train(cfg, show_progress=False), time.perf_counter() - started
         output = Path(cfg.output)
-        output.mkdir(parents=True, exist_ok=True)
-        config = output.parent / f"{output.name}.yaml"
-        config.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        config = config_file(cfg)
         with (output.parent / f"{output.name}.log").open("w") as log:
             done = subprocess.run([sys.executable, "-m", "manyinone", "train", "--config", str(config), "--quiet"],
                                   stdout=log, stderr=subprocess.STDOUT)
@@ -132,6 +130,15 @@ def train_variants(configs: dict[str, TrainConfig], jobs: int) -> dict[str, tupl
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {name: pool.submit(one, cfg) for name, cfg in configs.items()}
         return {name: f.result() for name, f in futures.items()}
+
+
+def config_file(cfg: TrainConfig) -> Path:
+    """`cfg` as the YAML file `manyinone train --config` reads, beside its run folder (<output>.yaml)."""
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = output.parent / f"{output.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    return path
 
 
 def steps_seconds(run_dir: Path) -> tuple[int, float]:
@@ -174,7 +181,28 @@ def decode_rate(model, prompt_ids, batch: int, new_tokens: int, device, repeats:
     return max(rates)
 
 
-def main() -> None:
+def variant_configs(args, given: dict, variants: list[str], out: Path) -> dict[str, TrainConfig]:
+    """The TrainConfig of every variant that trains (the width run too when a router variant needs it),
+    all checked before any training; `given` holds the TrainConfig flags given on the command line."""
+    recipes = settings(args)
+    own = variant_overrides(args.variant_set, list(recipes))
+    # Eval tokenizes with the alpaca template, so training does too (a run's "auto" may pick a chat template).
+    defaults = dict(FLAG_DEFAULTS, cost_metric="flops", template="alpaca", **({"max_steps": 3} if args.smoke else {}))
+    flags = dict(model=args.model, data=args.data, rows=args.train_rows, **given)
+    routers = {"routed", "adaptive", "token", "token-joint"} & set(variants)
+    names = list(dict.fromkeys([v for v in variants if v in recipes] + (["width"] if routers else [])))
+    return {name: variant_config({**defaults, **recipes[name]}, args.set, own.get(name, []),
+                                 {**flags, **({"distill_weight": args.distill}
+                                              if args.distill is not None and name != "depth" else {})},
+                                 str(out / name)) for name in names}
+
+
+def flags_given(args) -> dict:
+    """The TrainConfig fields set by this script's flags that were given (they win over --set)."""
+    return {k: getattr(args, k) for k in FLAG_DEFAULTS if getattr(args, k) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
     parser.add_argument("--data")
@@ -208,6 +236,11 @@ def main() -> None:
                         help="a TrainConfig field for one variant, e.g. depth:exit_heads=translator")
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at once (one GPU holds several)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model (or --model) + demo data on CPU")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -228,27 +261,17 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    recipes = settings(args)
-    own = variant_overrides(args.variant_set, list(recipes))
     # Flags given here win over --set (as in `manyinone train`); the ones not given are defaults it replaces.
-    given = {k: getattr(args, k) for k in FLAG_DEFAULTS if getattr(args, k) is not None}
-    for key, value in FLAG_DEFAULTS.items():
+    given = flags_given(args)
+    configs = variant_configs(args, given, variants, out)
+    for key, value in FLAG_DEFAULTS.items():  # what evaluation and the routers use
         setattr(args, key, given.get(key, value))
-    # Eval tokenizes with the alpaca template, so training does too (a run's "auto" may pick a chat template).
-    defaults = dict(FLAG_DEFAULTS, cost_metric="flops", template="alpaca", **({"max_steps": 3} if args.smoke else {}))
-    flags = dict(model=args.model, data=args.data, rows=args.train_rows, **given)
 
     results: dict[str, dict] = {}
     latency = None
     eval_sets = None
-    routers = {"routed", "adaptive", "token", "token-joint"} & set(variants)
-    names = list(dict.fromkeys([v for v in variants if v in recipes] + (["width"] if routers else [])))
-    configs = {name: variant_config({**defaults, **recipes[name]}, args.set, own.get(name, []),
-                                    {**flags, **({"distill_weight": args.distill}
-                                                 if args.distill is not None and name != "depth" else {})},
-                                    str(out / name)) for name in names}  # every config checked before any training
     trained = train_variants(configs, args.jobs)
-    for name in names:
+    for name in configs:
         run_dir, train_s = trained[name]
         nested = open_checkpoint(run_dir, device=str(device))
         adapter, index = nested.adapter, nested.index
@@ -457,7 +480,10 @@ def write_markdown(out: Path, results, summary, speed, latency) -> None:
                  "under --jobs overlap); routed variants: their router's training on the width run.")
     for name, res in results.items():  # the signal each variant trained with, so a reader can check it is one
         if "config" in res:
-            lines.append(f"- {name}: " + ", ".join(f"{k}={res['config'][k]}" for k in SIGNAL if k in res["config"]))
+            cfg = res["config"]
+            unused = ({"teacher_weight", "teacher_full_weight"} if not cfg.get("teacher") else set()) \
+                | ({"mix_ratio"} if not cfg.get("mix_data") else set())  # settings of what this run lacks
+            lines.append(f"- {name}: " + ", ".join(f"{k}={cfg.get(k)}" for k in SIGNAL if k not in unused))
     lines += equal_cost_lines(results)
     for key, what in (("flops", "FLOP"), ("ms_rel", "measured millisecond")):
         ranked = sorted((s[key]["loss"], n) for n, s in summary.items() if s[key] is not None)
