@@ -37,6 +37,9 @@ case "$mode" in
     exit 0
     ;;
   start)
+    if [ -f /root/bg/pareto.log ] && [ ! -f /root/bg/pareto.rc ]; then
+      echo "pareto is still running (see: bash benchmarks/gpu_pareto.sh wait SECONDS)"; exit 0
+    fi
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python3 benchmarks/pareto.py --help > /dev/null || { echo "pareto.py does not start"; exit 1; }
     bash benchmarks/gpu_background.sh start pareto bash benchmarks/gpu_pareto.sh run "$@"
