@@ -1,5 +1,6 @@
-"""benchmarks/pareto.py (issue 19, item 6): one training signal reaches every variant's TrainConfig,
-`--set` means what it means for `manyinone train`, and the half-cost summary chooses on dev only."""
+"""benchmarks/pareto.py and pareto_variants.py (issue 19, item 6): one training signal reaches every
+variant's TrainConfig, `--set` means what it means for `manyinone train`, and the half-cost summary
+chooses on dev only."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def pareto():
 
 
 def configs(pareto, tmp_path, argv, variants=("depth", "width", "depth+width", "routed")):
+    """What pareto.py's main trains for this command line (its own parser, its own config builder)."""
     args = pareto.build_parser().parse_args(["--model", "m", "--data", "demo", *argv])
     return pareto.variant_configs(args, pareto.flags_given(args), list(variants), tmp_path)
 
@@ -85,8 +87,10 @@ def test_bad_overrides_are_refused_before_training(pareto, tmp_path, argv, messa
 
 def test_config_file_reads_back_as_the_same_config(pareto, tmp_path):
     """--jobs > 1 trains from `manyinone train --config <variant>.yaml`: it must be the same run."""
+    import pareto_variants  # beside pareto.py, on the path the fixture set
+
     for cfg in configs(pareto, tmp_path, [*SIGNAL, "--variant-set", "depth:exit_heads=translator"]).values():
-        assert load_config(pareto.config_file(cfg)) == cfg
+        assert load_config(pareto_variants.config_file(cfg)) == cfg
 
 
 def point(spec, dev, holdout, params, ms_rel):
