@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # router_points, pareto_variants beside this file
 from manyinone.io.api import open_checkpoint
+from manyinone.io.durable import write_text_durably
 from manyinone.train.data import collate, load_records, tokenize_records
 from manyinone.core.space import SubnetSpec
 from manyinone.eval.evaluate import evaluate_exits
@@ -189,6 +190,7 @@ def main() -> None:
                          "config": {k: v for k, v in configs[name].model_dump().items() if v is not None}}
         print(f"{name}: trained in {train_s:.0f} s ({steps} steps, {step_s:.0f} s of steps), "
               f"{len(points)} sub-networks evaluated", flush=True)
+        write_outputs(out, results, latency, {})
 
     if "routed" in variants:
         started = time.perf_counter()
@@ -222,6 +224,7 @@ def main() -> None:
                            "plan": stored(plan)})
         results["routed"] = {"points": points, "train_s": time.perf_counter() - started, "run": results["width"]["run"]}
         print(f"routed: router trained and {len(points)} budgets evaluated", flush=True)
+        write_outputs(out, results, latency, {})
 
     if {"adaptive", "token", "token-joint"} & set(variants):
         from router_points import adaptive_points, token_joint_points, token_points
@@ -241,25 +244,34 @@ def main() -> None:
                 for p in points:  # in the log at once: a run stopped later still reports these
                     print(json.dumps({k: v for k, v in p.items() if k not in ("plans", "plan")}), flush=True)
 
-    # Measured-ms axis: every plan priced with the latency table (same device, same shapes).
-    if latency is not None:
-        full_layers = int(latency["num_layers"])
-        full = max((tuple(map(int, k.split(","))) for k in latency["layer_ms"]), key=lambda o: (o[0], o[1]))
-        full_ms = plan_ms(latency, [full] * full_layers)
-        for res in results.values():
-            for p in res["points"]:
-                if "ms" not in p:  # routed-per-prompt/token points carry their measured average already
-                    p["ms"] = plan_ms(latency, [tuple(o) for o in p["plan"]])
-                p["ms_rel"] = p["ms"] / full_ms
-
     decode = not args.no_decode and ("width" in results and device.type == "cuda" or args.smoke)
     speed = measure_decoding(results, out, args, device) if decode else {}
+    write_outputs(out, results, latency, speed)
+    print((out / "results.md").read_text())
+
+
+def price_in_ms(results, latency) -> None:
+    """Measured-ms axis: every plan priced with the latency table (same device, same shapes)."""
+    full_layers = int(latency["num_layers"])
+    full = max((tuple(map(int, k.split(","))) for k in latency["layer_ms"]), key=lambda o: (o[0], o[1]))
+    full_ms = plan_ms(latency, [full] * full_layers)
+    for res in results.values():
+        for p in res["points"]:
+            if "ms" not in p:  # routed-per-prompt/token points carry their measured average already
+                p["ms"] = plan_ms(latency, [tuple(o) for o in p["plan"]])
+            p["ms_rel"] = p["ms"] / full_ms
+
+
+def write_outputs(out: Path, results, latency, speed) -> None:
+    """results.json, results.md and the plot of what is finished so far (rewritten as each variant
+    ends, so a run cut short still leaves the variants it finished)."""
+    if latency is not None:
+        price_in_ms(results, latency)
     summary = summarise(results)
-    (out / "results.json").write_text(json.dumps({"variants": results, "summary": summary, "latency": latency,
-                                                  "decode": speed}, indent=2) + "\n")
+    write_text_durably(out / "results.json", json.dumps({"variants": results, "summary": summary, "latency": latency,
+                                                         "decode": speed}, indent=2) + "\n")
     write_markdown(out, results, summary, speed, latency)
     plot(out / "pareto.png", results)
-    print((out / "results.md").read_text())
 
 
 def stored(plan) -> list[list[int]]:
@@ -385,7 +397,7 @@ def write_markdown(out: Path, results, summary, speed, latency) -> None:
                      f"{speed['speedup/batch16']:.2f}x at batch 16"
                      + "".join(f"; {k} {v:.2f}x" for k, v in speed.items() if k.startswith("speedup") and k.endswith("runtime"))
                      + "".join(f"; {k}: {v}" for k, v in speed.items() if k.endswith("error")) + ".")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_durably(out / "results.md", "\n".join(lines) + "\n")
 
 
 def summary_cell(b) -> str:
