@@ -42,6 +42,7 @@ case "$mode" in
     fi
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python3 benchmarks/pareto.py --help > /dev/null || { echo "pareto.py does not start"; exit 1; }
+    mkdir -p /root/bg && rm -f /root/bg/pareto.rc && : > /root/bg/pareto.log  # "running" from now on
     bash benchmarks/gpu_background.sh start pareto bash benchmarks/gpu_pareto.sh run "$@"
     exit 0
     ;;
