@@ -1,14 +1,23 @@
-"""Depth vs width vs both vs routed: one Pareto plot of held-out loss against FLOPs and measured ms.
+"""Depth vs width vs both vs routed: one Pareto plot of dev loss against FLOPs and measured ms.
 
 Trains each variant from the same pretrained model (in-process, `manyinone.train.loop`), evaluates every
-sub-network on held-out records, measures a per-layer latency table on the device, trains a static
-router on the width run, and times decoding of the exported half-width model against the full one.
+sub-network on two slices of records (dev, which the summary chooses on, and held-out, which is only
+reported beside it), measures a per-layer latency table on the device, trains a static router on the
+width run, and times decoding of the exported half-width model against the full one.
+
+One training signal for every variant (issue 19): `--set KEY=VALUE` reaches each variant's TrainConfig
+and means what it means for `manyinone train` (it wins over this script's per-variant settings, the
+flags given here win over it); `--variant-set NAME:KEY=VALUE` sets a field for one variant only:
+    python benchmarks/pareto.py --model runs/sft --data alpaca_2000.json --epochs 2 --lr 3e-4 \
+        --set teacher=runs/sft --set mix_data=runs/gen6/data.jsonl --set mix_ratio=0.75 \
+        --set teacher_full_weight=3 --variant-set depth:exit_heads=translator
 
 GPU (SmolLM2 + Alpaca, ~6 min on an H100):
     python benchmarks/pareto.py --model /root/smollm2-hf --data /root/alpaca_2000.json --out /root/pareto
 CPU smoke test (tiny random model, demo data, ~1 min):
     python benchmarks/pareto.py --smoke --out runs/pareto-smoke
 Writes <out>/results.json, <out>/results.md, <out>/pareto.png and <out>/latency.json.
+(`--jobs N` trains N variants at once, each as its own `manyinone train --config` process.)
 
 Router variants (all on the width run's model, frozen): `routed` (one plan per budget), `adaptive`
 (one plan per prompt, from its mean embedding) and `token` (one of K plans per token,
@@ -26,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # router_points beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # router_points, pareto_variants beside this file
 from manyinone.io.api import open_checkpoint
-from manyinone.train.config import load_config
+from manyinone.io.durable import write_text_durably
 from manyinone.train.data import collate, load_records, tokenize_records
 from manyinone.core.space import SubnetSpec
 from manyinone.eval.evaluate import evaluate_exits
@@ -37,27 +46,15 @@ from manyinone.elastic.latency import measure_latency, option_table, plan_ms, sa
 from manyinone.train.losses import supervised_positions
 from manyinone.elastic.router import Router, RouterTraining, plan_relative_cost, train_router
 from manyinone.core.device import pick_device
-from manyinone.train.loop import train
+from pareto_variants import FLAG_DEFAULTS, flags_given, steps_seconds, train_variants, variant_configs
 
 VARIANTS = ("depth", "width", "depth+width", "routed", "adaptive", "token", "token-joint")
 ROUTER_BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+SIGNAL = ("model", "epochs", "lr", "warmup_steps", "teacher", "teacher_weight", "teacher_full_weight", "mix_data",
+          "mix_ratio", "distill_weight", "exit_heads", "sampler")  # shown per variant in results.md
 
 
-def settings(args) -> dict:
-    """Per-variant TrainConfig fields; the smoke run shrinks the same recipes onto a 4-layer model."""
-    exits = [2, 3, 4] if args.smoke else [6, 12, 15, 18, 24, 30]
-    elastic = {"sampler": "sandwich", "sandwich_random": 2, "distill_weight": args.distill}
-    if args.widths:
-        elastic["widths"] = [int(w) for w in args.widths.split(",")]
-    return {
-        "depth": {"axes": ["depth"], "exits": exits},  # SoFT: every exit every step
-        "width": {"axes": ["width", "heads"], **elastic},
-        "depth+width": {"axes": ["depth", "width", "heads"], "exits": [2, 4] if args.smoke else [15, 20, 25, 30],
-                        **elastic},
-    }
-
-
-def held_out_loss_of_plan(adapter, plan, examples, pad_id, device, batch_size) -> float:
+def loss_of_plan(adapter, plan, examples, pad_id, device, batch_size) -> float:
     """Mean response-token NLL of one per-layer plan (the router's static choice)."""
     total, count = 0.0, 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -91,19 +88,21 @@ def decode_rate(model, prompt_ids, batch: int, new_tokens: int, device, repeats:
     return max(rates)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
     parser.add_argument("--data")
     parser.add_argument("--train-rows", default="0:1800")
-    parser.add_argument("--eval-rows", default="1800:2000")
+    parser.add_argument("--eval-rows", default="1800:1900", help="dev slice: the summary chooses on it")
+    parser.add_argument("--holdout-rows", default="1900:2000", help="held-out slice: reported beside dev, never "
+                                                                    "used to choose ('' = none)")
     parser.add_argument("--out", default="runs/pareto")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--distill", type=float, default=0.5, help="self-distillation weight for width variants")
+    parser.add_argument("--epochs", type=float, help=f"default {FLAG_DEFAULTS['epochs']}")
+    parser.add_argument("--batch-size", type=int, help=f"default {FLAG_DEFAULTS['batch_size']}")
+    parser.add_argument("--max-length", type=int, help=f"default {FLAG_DEFAULTS['max_length']}")
+    parser.add_argument("--lr", type=float, help=f"default {FLAG_DEFAULTS['lr']}")
+    parser.add_argument("--distill", type=float, help="self-distillation weight of the width variants (default 0.5)")
     parser.add_argument("--router-steps", type=int, default=150)
     parser.add_argument("--router-cost-weight", type=float, default=30.0, help="weight of the budget penalty")
     parser.add_argument("--router-metric", choices=["flops", "ms"], default="flops",
@@ -117,9 +116,17 @@ def main() -> None:
     parser.add_argument("--no-decode", action="store_true", help="skip the exported half-width decode timing")
     parser.add_argument("--token-steps", type=int, default=None, help="token router steps (default --router-steps)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a TrainConfig field for every variant, e.g. teacher=runs/sft (the agreement recipe's "
-                             "teacher and data: issue 19's width/heads rerun)")
-    parser.add_argument("--smoke", action="store_true", help="tiny random model + demo data on CPU")
+                        help="a TrainConfig field for every variant, as `manyinone train --set` reads it, e.g. "
+                             "teacher=runs/sft (the agreement recipe's teacher and data: issue 19's rerun)")
+    parser.add_argument("--variant-set", action="append", default=[], metavar="NAME:KEY=VALUE",
+                        help="a TrainConfig field for one variant, e.g. depth:exit_heads=translator")
+    parser.add_argument("--jobs", type=int, default=1, help="variants trained at once (one GPU holds several)")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model (or --model) + demo data on CPU")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -129,36 +136,39 @@ def main() -> None:
         from helpers import build_tiny_model  # a 4-layer LLaMA and a character tokenizer
 
         torch.set_num_threads(1)
-        args.model = str(build_tiny_model(out / "tiny-model"))
-        args.data, args.train_rows, args.eval_rows = "demo", "0:300", "300:340"
-        args.batch_size, args.max_length, args.router_steps, args.widths = 4, 256, 5, ""
+        args.model = args.model or str(build_tiny_model(out / "tiny-model"))  # --model: e.g. a tiny SFT run
+        args.data, args.train_rows, args.eval_rows, args.holdout_rows = "demo", "0:300", "300:320", "320:340"
+        args.batch_size = args.batch_size or 4
+        args.max_length, args.router_steps, args.widths = args.max_length or 256, 5, ""
     elif not (args.model and args.data):
         parser.error("--model and --data are required (or --smoke)")
     device = pick_device("auto")
     variants = args.variants.split(",")
-    recipes = settings(args)
-    common = dict(model=args.model, data=args.data, rows=args.train_rows, epochs=args.epochs,
-                  batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, cost_metric="flops",
-                  **({"max_steps": 3} if args.smoke else {}))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    # Flags given here win over --set (as in `manyinone train`); the ones not given are defaults it replaces.
+    given = flags_given(args)
+    configs = variant_configs(args, given, variants, out)
+    for key, value in FLAG_DEFAULTS.items():  # what evaluation and the routers use
+        setattr(args, key, given.get(key, value))
 
     results: dict[str, dict] = {}
     latency = None
-    eval_examples = None
-    routers = {"routed", "adaptive", "token", "token-joint"} & set(variants)
-    for name in [v for v in variants if v in recipes] + (["width"] if routers and "width" not in variants else []):
-        if name in results:
-            continue
-        started = time.perf_counter()
-        run_dir = train(load_config(None, args.set, **common, **recipes[name], output=str(out / name)),
-                        show_progress=False)
-        train_s = time.perf_counter() - started
+    eval_sets = None
+    trained = train_variants(configs, args.jobs)
+    for name in configs:
+        run_dir, train_s = trained[name]
         nested = open_checkpoint(run_dir, device=str(device))
         adapter, index = nested.adapter, nested.index
-        if eval_examples is None:
-            eval_examples = tokenize_records(load_records(args.data, args.eval_rows), nested.tokenizer,
-                                             args.max_length, "alpaca")
-        rows = evaluate_exits(adapter, nested.space, eval_examples, nested.tokenizer.pad_token_id, args.batch_size,
-                              device)
+        if eval_sets is None:
+            eval_sets = {part: tokenize_records(load_records(args.data, rows), nested.tokenizer, args.max_length,
+                                                "alpaca")
+                         for part, rows in (("dev", args.eval_rows), ("holdout", args.holdout_rows)) if rows}
+        # Per-exit modules (translators) score their own exits, as `manyinone eval` does.
+        rows = {part: evaluate_exits(adapter, nested.space, examples, nested.tokenizer.pad_token_id, args.batch_size,
+                                     device, logits_for=nested.exit_logits) for part, examples in eval_sets.items()}
+        holdout = {r["spec"]: r["loss"] for r in rows.get("holdout", [])}
         by_label = {",".join(f"{k}={v}" for k, v in sorted(e["spec"].items())): e for e in index["specs"]}
         points = []
         if latency is None and name != "depth":
@@ -170,12 +180,17 @@ def main() -> None:
             latency = measure_latency(adapter, options, batch=args.batch_size, seq=min(args.max_length, 512),
                                       repeats=2 if args.smoke else args.latency_repeats)
             save_table(latency, out / "latency.json")
-        for r in rows:
+        for r in rows["dev"]:
             entry = by_label[r["spec"]]
-            points.append({"spec": r["spec"], "loss": r["loss"], "params": entry["relative"]["params"],
-                           "flops": entry["relative"]["flops"], "plan": stored(adapter_plan(adapter, entry["spec"]))})
-        results[name] = {"points": points, "train_s": train_s, "run": str(run_dir)}
-        print(f"{name}: trained in {train_s:.0f} s, {len(points)} sub-networks evaluated", flush=True)
+            points.append({"spec": r["spec"], "loss": r["loss"], "holdout_loss": holdout.get(r["spec"]),
+                           "params": entry["relative"]["params"], "flops": entry["relative"]["flops"],
+                           "plan": stored(adapter_plan(adapter, entry["spec"]))})
+        steps, step_s = steps_seconds(run_dir)
+        results[name] = {"points": points, "train_s": train_s, "steps": steps, "step_s": step_s, "run": str(run_dir),
+                         "config": {k: v for k, v in configs[name].model_dump().items() if v is not None}}
+        print(f"{name}: trained in {train_s:.0f} s ({steps} steps, {step_s:.0f} s of steps), "
+              f"{len(points)} sub-networks evaluated", flush=True)
+        write_outputs(out, results, latency, {})
 
     if "routed" in variants:
         started = time.perf_counter()
@@ -201,12 +216,15 @@ def main() -> None:
         points = []
         for b in budgets:
             plan = router.plan(b)
-            loss = held_out_loss_of_plan(adapter, plan, eval_examples, nested.tokenizer.pad_token_id, device, args.batch_size)
-            points.append({"spec": f"router@{b}", "loss": loss, "flops": plan_relative_cost(plan, flops_table, options, flops_rest),
+            loss = {part: loss_of_plan(adapter, plan, examples, nested.tokenizer.pad_token_id, device, args.batch_size)
+                    for part, examples in eval_sets.items()}
+            points.append({"spec": f"router@{b}", "loss": loss["dev"], "holdout_loss": loss.get("holdout"),
+                           "flops": plan_relative_cost(plan, flops_table, options, flops_rest),
                            "params": plan_relative_cost(plan, params_table, options, params_rest),
                            "plan": stored(plan)})
         results["routed"] = {"points": points, "train_s": time.perf_counter() - started, "run": results["width"]["run"]}
         print(f"routed: router trained and {len(points)} budgets evaluated", flush=True)
+        write_outputs(out, results, latency, {})
 
     if {"adaptive", "token", "token-joint"} & set(variants):
         from router_points import adaptive_points, token_joint_points, token_points
@@ -220,31 +238,40 @@ def main() -> None:
         for name, fn in (("adaptive", adaptive_points), ("token", token_points), ("token-joint", token_joint_points)):
             if name in variants:
                 started = time.perf_counter()
-                points = fn(nested, batches, eval_examples, ROUTER_BUDGETS, args, device, latency)
+                points = fn(nested, batches, eval_sets["dev"], ROUTER_BUDGETS, args, device, latency)  # dev only
                 results[name] = {"points": points, "train_s": time.perf_counter() - started, "run": results["width"]["run"]}
                 print(f"{name}: router trained and {len(points)} budgets evaluated", flush=True)
                 for p in points:  # in the log at once: a run stopped later still reports these
                     print(json.dumps({k: v for k, v in p.items() if k not in ("plans", "plan")}), flush=True)
 
-    # Measured-ms axis: every plan priced with the latency table (same device, same shapes).
-    if latency is not None:
-        full_layers = int(latency["num_layers"])
-        full = max((tuple(map(int, k.split(","))) for k in latency["layer_ms"]), key=lambda o: (o[0], o[1]))
-        full_ms = plan_ms(latency, [full] * full_layers)
-        for res in results.values():
-            for p in res["points"]:
-                if "ms" not in p:  # routed-per-prompt/token points carry their measured average already
-                    p["ms"] = plan_ms(latency, [tuple(o) for o in p["plan"]])
-                p["ms_rel"] = p["ms"] / full_ms
-
     decode = not args.no_decode and ("width" in results and device.type == "cuda" or args.smoke)
     speed = measure_decoding(results, out, args, device) if decode else {}
+    write_outputs(out, results, latency, speed)
+    print((out / "results.md").read_text())
+
+
+def price_in_ms(results, latency) -> None:
+    """Measured-ms axis: every plan priced with the latency table (same device, same shapes)."""
+    full_layers = int(latency["num_layers"])
+    full = max((tuple(map(int, k.split(","))) for k in latency["layer_ms"]), key=lambda o: (o[0], o[1]))
+    full_ms = plan_ms(latency, [full] * full_layers)
+    for res in results.values():
+        for p in res["points"]:
+            if "ms" not in p:  # routed-per-prompt/token points carry their measured average already
+                p["ms"] = plan_ms(latency, [tuple(o) for o in p["plan"]])
+            p["ms_rel"] = p["ms"] / full_ms
+
+
+def write_outputs(out: Path, results, latency, speed) -> None:
+    """results.json, results.md and the plot of what is finished so far (rewritten as each variant
+    ends, so a run cut short still leaves the variants it finished)."""
+    if latency is not None:
+        price_in_ms(results, latency)
     summary = summarise(results)
-    (out / "results.json").write_text(json.dumps({"variants": results, "summary": summary, "latency": latency,
-                                                  "decode": speed}, indent=2) + "\n")
+    write_text_durably(out / "results.json", json.dumps({"variants": results, "summary": summary, "latency": latency,
+                                                         "decode": speed}, indent=2) + "\n")
     write_markdown(out, results, summary, speed, latency)
     plot(out / "pareto.png", results)
-    print((out / "results.md").read_text())
 
 
 def stored(plan) -> list[list[int]]:
@@ -261,15 +288,21 @@ def adapter_plan(adapter, spec: dict) -> tuple:
 
 
 def best_within(points, key: str, limit: float):
+    """The point of lowest dev loss (`loss`) whose cost `key` is within `limit`; None if none fits.
+    The held-out loss never takes part in the choice."""
     # Costs compare at 3 decimals, as budgets do: depth 15 of 30 (0.5 + the final norm) is "half".
     fitting = [p for p in points if round(p.get(key, 2.0), 3) <= limit + 1e-9]
     return min(fitting, key=lambda p: p["loss"]) if fitting else None
 
 
 def summarise(results) -> dict:
-    """Per variant: the best held-out loss within half the params, half the FLOPs, half the measured ms."""
-    return {name: {key: (lambda b: None if b is None else {"spec": b["spec"], "loss": b["loss"], key: b[key]})(
-        best_within(res["points"], key, 0.5)) for key in ("params", "flops", "ms_rel")} for name, res in results.items()}
+    """Per variant: the best dev loss within half the params, half the FLOPs, half the measured ms,
+    with that same sub-network's held-out loss beside it."""
+    def chosen(b, key):
+        return None if b is None else {"spec": b["spec"], "loss": b["loss"], "holdout_loss": b.get("holdout_loss"),
+                                       key: b[key]}
+    return {name: {key: chosen(best_within(res["points"], key, 0.5), key) for key in ("params", "flops", "ms_rel")}
+            for name, res in results.items()}
 
 
 def measure_decoding(results, out: Path, args, device) -> dict:
@@ -283,7 +316,7 @@ def measure_decoding(results, out: Path, args, device) -> dict:
     if half is None:
         return {}
     spec = dict(kv.split("=") for kv in half["spec"].split(","))
-    sub = nested.adapter.extract(SubnetSpec({k: int(v) for k, v in spec.items()}))
+    sub = nested.sub_model(SubnetSpec({k: int(v) for k, v in spec.items()}))  # exit modules folded in
     sub.save_pretrained(out / "half-width")
     nested.tokenizer.save_pretrained(out / "half-width")
     models = {"full": AutoModelForCausalLM.from_pretrained(results["width"]["run"], dtype=dtype),
@@ -293,7 +326,7 @@ def measure_decoding(results, out: Path, args, device) -> dict:
         if depth_half is not None:
             dn = open_checkpoint(results["depth"]["run"])
             d = int(depth_half["spec"].split("=")[1])
-            dn.adapter.extract(dn.space.validate({"depth": d})).save_pretrained(out / "half-depth")
+            dn.sub_model(dn.space.validate({"depth": d})).save_pretrained(out / "half-depth")
             models["half-depth"] = AutoModelForCausalLM.from_pretrained(out / "half-depth", dtype=dtype)
     prompt = nested.tokenizer("Give three tips for staying healthy.", return_tensors="pt")["input_ids"]
     new_tokens, repeats = (4, 1) if args.smoke else (128, 2)
@@ -332,17 +365,27 @@ def runtime_rate(model, prompt_ids, batch: int, new_tokens: int, repeats: int) -
 
 
 def write_markdown(out: Path, results, summary, speed, latency) -> None:
-    lines = ["| variant | best loss ≤ 0.5 params (spec) | best loss ≤ 0.5 FLOPs | best loss ≤ 0.5 measured ms | train s |",
-             "| --- | --- | --- | --- | --- |"]
-    cell = lambda b: "—" if b is None else f"{b['loss']:.3f} ({b['spec']})"  # noqa: E731
+    lines = ["Best **dev** loss within half the full model's cost (chosen on dev); the same sub-network's "
+             "**held-out** loss after the slash (never used to choose).", "",
+             "| variant | ≤ 0.5 params: dev / held-out (spec) | ≤ 0.5 FLOPs | ≤ 0.5 measured ms | train s | steps |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, res in results.items():
         s = summary[name]
-        lines.append(f"| {name} | {cell(s['params'])} | {cell(s['flops'])} | {cell(s['ms_rel'])} | {res['train_s']:.0f} |")
+        lines.append(f"| {name} | {summary_cell(s['params'])} | {summary_cell(s['flops'])} | "
+                     f"{summary_cell(s['ms_rel'])} | {res['train_s']:.0f} | {res.get('steps', '—')} |")
+    lines.append("\ntrain s: wall clock of each training, loading and saving included (trainings side by side "
+                 "under --jobs overlap); routed variants: their router's training on the width run.")
+    for name, res in results.items():  # the signal each variant trained with, so a reader can check it is one
+        if "config" in res:
+            cfg = res["config"]
+            unused = ({"teacher_weight", "teacher_full_weight"} if not cfg.get("teacher") else set()) \
+                | ({"mix_ratio"} if not cfg.get("mix_data") else set())  # settings of what this run lacks
+            lines.append(f"- {name}: " + ", ".join(f"{k}={cfg.get(k)}" for k in SIGNAL if k not in unused))
     lines += equal_cost_lines(results)
     for key, what in (("flops", "FLOP"), ("ms_rel", "measured millisecond")):
         ranked = sorted((s[key]["loss"], n) for n, s in summary.items() if s[key] is not None)
         if ranked:
-            lines.append(f"\nAt half the {what}s, the best quality comes from **{ranked[0][1]}** (loss {ranked[0][0]:.3f}).")
+            lines.append(f"\nAt half the {what}s, the best quality comes from **{ranked[0][1]}** (dev loss {ranked[0][0]:.3f}).")
     if latency:
         lines.append(f"\nLatency table: {latency['device']}, forward of [{latency['batch']}, {latency['seq']}] tokens, "
                      f"{latency['dtype']}; layer ms per (width, heads) and {latency['rest_ms']:.2f} ms outside the layers.")
@@ -354,7 +397,15 @@ def write_markdown(out: Path, results, summary, speed, latency) -> None:
                      f"{speed['speedup/batch16']:.2f}x at batch 16"
                      + "".join(f"; {k} {v:.2f}x" for k, v in speed.items() if k.startswith("speedup") and k.endswith("runtime"))
                      + "".join(f"; {k}: {v}" for k, v in speed.items() if k.endswith("error")) + ".")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_durably(out / "results.md", "\n".join(lines) + "\n")
+
+
+def summary_cell(b) -> str:
+    """`dev / held-out (spec)` of one chosen point, `—` where none fits."""
+    if b is None:
+        return "—"
+    held = "—" if b.get("holdout_loss") is None else f"{b['holdout_loss']:.3f}"
+    return f"{b['loss']:.3f} / {held} ({b['spec']})"
 
 
 def equal_cost_lines(results) -> list[str]:
@@ -398,7 +449,7 @@ def plot(path: Path, results) -> None:
             line = ax.plot([p[key] for p in frontier], [p["loss"] for p in frontier], marker="o", label=name)[0]
             ax.scatter([p[key] for p in pts], [p["loss"] for p in pts], s=8, alpha=0.3, color=line.get_color())
         ax.set_xlabel(label)
-        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_ylabel("dev loss (nats/token)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
