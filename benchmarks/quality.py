@@ -103,8 +103,9 @@ RECIPES: dict[str, list[str]] = {
     # on SmolLM2 where a translator has 0.3M, the capacity lever the objective-side levers lacked.
     "agree-heads": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                     "--set", "exit_heads=head", "--set", "exit_heads_lr_scale=1"],
+    # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
     "agree-pos": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
-                  "--set", "exit_positions=0.5"],  # exits on half the positions: the exit LM heads are about half of a step's FLOPs
+                  "--set", "exit_positions=0.5"],
     # LoRA-nested SoFT (issue 15): plain SoFT's recipe on a frozen base with adapters on every linear
     # layer, shared by all exits, at 10x the learning rate (the usual LoRA rule); compare each with
     # "soft" per exit, and the ranks with one another for the rank that closes the gap.
