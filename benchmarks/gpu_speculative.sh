@@ -13,4 +13,4 @@ grep -q "^Batch-1 sweep" "$OUT/speculative.log" && sed -n '/^Batch-1 sweep/,$p' 
 timeout 150 python3 benchmarks/bf16_faithfulness.py --ckpt "$ckpt" $exits --prompts /root/data/alpaca_2000.json \
   2>&1 | grep -v "Loading weights" > "$OUT/bf16.log"
 grep -q "drafted tokens," "$OUT/bf16.log" && sed -n '/drafted tokens,/,$p' "$OUT/bf16.log" || tail -30 "$OUT/bf16.log"
-timeout 120 python3 -m pytest -q tests/gpu/test_speculative_gpu.py 2>&1 | tail -3
+timeout 180 python3 -m pytest -q tests/gpu/test_speculative_gpu.py tests/gpu/test_exit_heads_gpu.py 2>&1 | tail -3
