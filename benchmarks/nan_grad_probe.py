@@ -169,7 +169,7 @@ def one_step(variant: str, model, adapter, space, cfg, batch, device) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--data", required=True)
@@ -181,6 +181,15 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants {unknown} unknown; allowed {', '.join(VARIANTS)}")
+    return args
+
+
+def run_variants(argv=None) -> list[dict]:
+    """Build the model and step-1 batch once, then run each variant; one result dict per variant."""
+    args = parse_args(argv)
     from transformers import AutoTokenizer
 
     device = torch.device(args.device)
@@ -204,22 +213,26 @@ def main(argv=None) -> int:
           f"(seq % 128 = {batch['input_ids'].shape[1] % 128}), template {cfg.template}", flush=True)
     results = []
     for variant in args.variants.split(","):
-        if variant not in VARIANTS:
-            print(f"error: variant {variant!r} unknown; allowed {', '.join(VARIANTS)}", flush=True)
-            return 2
         r = one_step(variant, model, adapter, space, cfg, batch, device)
         results.append(r)
         print(f"{variant}: {json.dumps(r)}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "lengths": lengths, "results": results}, indent=2))
-    print("\n| variant | loss | grad_norm | params with non-finite grad | deepest bad param | first op making NaN | s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    return results
+
+
+def main(argv=None) -> int:
+    results = run_variants(argv)
+    print("\nsame loss and grad_norm to the last bit as another row = the same SDPA kernel ran (e.g. cli = sdpa-cudnn)")
+    print("\n| variant | loss | grad_norm | params with non-finite grad | deepest bad param | first op making NaN "
+          "| loss grads finite | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if not r["ok"]:
-            print(f"| {r['variant']} | - | - | - | - | could not run: {r['error']} | {r['seconds']} |")
+            print(f"| {r['variant']} | - | - | - | - | could not run: {r['error']} | - | {r['seconds']} |")
             continue
-        print(f"| {r['variant']} | {r['loss']:.3f} | {r['grad_norm']:.4g} | {r['bad_params']} of {r['of_params']} | "
-              f"{r['deepest_bad']} | {r['first_bad_op']} | {r['seconds']} |")
+        print(f"| {r['variant']} | {r['loss']:.6f} | {r['grad_norm']:.7g} | {r['bad_params']} of {r['of_params']} | "
+              f"{r['deepest_bad']} | {r['first_bad_op']} | {r['loss_grads_finite']} | {r['seconds']} |")
     return 0
 
 
