@@ -326,7 +326,7 @@ class _Run:
         sums, tokens = self.rt.mean(sums), self.rt.total(tokens)
         if sums.pop("_stop") > 0 and not stop:
             stop.signum = signal.SIGTERM  # another rank was signalled (torchrun forwards SIGTERM)
-        sums["grad_norm"] = distributed.scalar(grad_norm)  # a device sync: the update waits on it anyway
+        sums["grad_norm"] = distributed.scalar(grad_norm)  # a sync, as the losses' .item() just before it
         bad = nonfinite.nonfinite_metrics(sums)
         failure = None
         if bad:  # no NaN or inf is ever written into the weights or the optimizer's moments
