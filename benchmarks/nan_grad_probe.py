@@ -10,6 +10,7 @@ output gradient was finite but whose input gradient was not: the op that made th
 
 Variants (each changes one thing from `cli`, the CLI's own step):
     sdpa-math / sdpa-efficient / sdpa-cudnn / sdpa-flash   SDPA forced to one backend
+    no-cudnn       SDPA may pick any backend but cuDNN's (reported NaN in its backward on H100/H200 since torch 2.11)
     no-mask        attention_mask dropped (right padding + causal: the supervised positions see the same keys;
                    transformers then calls SDPA with is_causal=True and no mask tensor)
     eager          attn_implementation="eager" (no SDPA at all)
@@ -50,7 +51,7 @@ SHAPE_13B = dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=
                  max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
 SHAPE_TINY = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=4,
                   max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False)
-VARIANTS = ("cli", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash", "no-mask", "eager", "plain-loss",
+VARIANTS = ("cli", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash", "no-cudnn", "no-mask", "eager", "plain-loss",
             "full-exit", "bf16-adapters", "no-autocast")
 
 
@@ -112,13 +113,24 @@ class Blame:
             h.remove()
 
 
+def set_attention(model, name: str) -> None:
+    """Switch the attention implementation in place (transformers 5's own call where it has one)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
 def one_step(variant: str, model, adapter, space, cfg, batch, device) -> dict:
     """Step 1's forward and backward under `variant`; the gradients it left, summarised."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = {"sdpa-math": SDPBackend.MATH, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
-    kernel = sdpa_kernel([backends[variant]]) if variant in backends else contextlib.nullcontext()
+    if variant == "no-cudnn":
+        kernel = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    else:
+        kernel = sdpa_kernel([backends[variant]]) if variant in backends else contextlib.nullcontext()
     # bf16 autocast as the loop has it on CUDA; on CPU too, so that a CPU run mirrors the CUDA step.
     use_autocast = variant != "no-autocast"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
@@ -132,7 +144,7 @@ def one_step(variant: str, model, adapter, space, cfg, batch, device) -> dict:
         for p in lora_params:
             p.data = p.data.to(torch.bfloat16)
     if variant == "eager":
-        model.config._attn_implementation = "eager"
+        set_attention(model, "eager")
     layers = adapter.decoder_stack().layers
     blame = Blame({**{f"layers.{i}.self_attn": l.self_attn for i, l in enumerate(layers)},
                    **{f"layers.{i}.mlp": l.mlp for i, l in enumerate(layers)},
@@ -157,14 +169,17 @@ def one_step(variant: str, model, adapter, space, cfg, batch, device) -> dict:
                   "first_bad_op": blame.culprit(),
                   "loss_grads_finite": all(feature_grads.values()) if feature_grads else None,
                   "max_abs_grad": max((float(g.abs().max()) for g in grads if torch.isfinite(g).all()), default=0.0)}
-    except (RuntimeError, ValueError) as exc:  # e.g. a backend that cannot run these inputs
+    except (RuntimeError, ValueError) as exc:  # a backend that cannot run these inputs; out of memory
         result = {"variant": variant, "ok": False, "error": str(exc).strip().splitlines()[0][:160]}
     finally:
         blame.close()
-        model.config._attn_implementation = "sdpa"
+        if variant == "eager":
+            set_attention(model, "sdpa")
         for p, data in zip(lora_params, saved):
             p.data = data
         model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next variant starts from the same memory
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
 
