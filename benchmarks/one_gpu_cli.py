@@ -10,8 +10,10 @@ SmolLM2 tokenizer (vocab_size set to the tokenizer's), then runs, as subprocesse
 
 It checks free disk before every step (the base folder is deleted once training is done: base,
 merged run and export together would not fit 64 GiB), times each step, records its peak memory
-(GPU: nvidia-smi polled, plus the training allocator's peak from metrics.jsonl; CPU: the process's
-resident memory) and prints a markdown table last. Every command line it runs is printed as run.
+(GPU: the training allocator's own peak from metrics.jsonl, nvidia-smi's reading for the step's
+process and for the whole device, polled; CPU: the process's resident memory), prints each training
+step's loss and grad_norm (and the first non-finite metric of a failed run), and a markdown table
+last. Every command line it runs is printed as run.
 
     python benchmarks/one_gpu_cli.py --tokenizer /root/smollm2-hf --data /root/data/alpaca_2000.json \\
         --workdir /root/one_gpu_cli --json $OUT/one_gpu_cli.json            # one H200, ~6 minutes
@@ -99,12 +101,17 @@ def free_gib(path: Path) -> float:
 
 
 class PeakMemory:
-    """Polls, in a thread, the GPU's used memory (nvidia-smi, whole device) or on CPU the resident
-    memory of one process; `peak_gib` is the largest reading (None when nothing could be read)."""
+    """Polls, in a thread, the GPU memory (nvidia-smi) or on CPU the resident memory of process `pid`.
+
+    `peak_gib`: the largest reading of the whole GPU (every process on it, ours or not) or of the CPU
+    process; `process_peak_gib`: on a GPU, the largest of what nvidia-smi lists for `pid` itself (its
+    CUDA context and the allocator's reserve: above torch's own allocated peak), None when nvidia-smi
+    does not list that pid (another PID namespace) or nothing could be read."""
 
     def __init__(self, device: str, pid: int | None = None, every_s: float = 0.25):
         self.device, self.pid, self.every_s = device, pid, every_s
         self.peak_gib: float | None = None
+        self.process_peak_gib: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -116,32 +123,80 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
 
-    def _read(self) -> float | None:
+    def _smi(self, *query: str) -> str | None:
+        try:
+            out = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True,
+                                 text=True, timeout=10)
+            return out.stdout if out.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    def _read(self) -> tuple[float | None, float | None]:
         if self.device.startswith("cuda"):
             index = self.device.split(":")[1] if ":" in self.device else "0"
+            whole = self._smi("--query-gpu=memory.used", "-i", index)
+            apps = self._smi("--query-compute-apps=pid,used_memory", "-i", index) if self.pid else None
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                      "-i", index], capture_output=True, text=True, timeout=10)
-                return float(out.stdout.strip().splitlines()[0]) / 1024 if out.returncode == 0 else None
-            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-                return None
+                device_gib = float(whole.strip().splitlines()[0]) / 1024 if whole else None
+            except (ValueError, IndexError):
+                device_gib = None
+            return device_gib, process_gib(apps, self.pid) if apps else None
         if self.pid is None:
-            return None
+            return None, None
         try:
             for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024 / GIB
+                    return int(line.split()[1]) * 1024 / GIB, None
         except (OSError, ValueError):
-            return None
-        return None
+            return None, None
+        return None, None
 
     def _poll(self) -> None:
         while True:
-            value = self._read()
+            value, own = self._read()
             if value is not None:
                 self.peak_gib = value if self.peak_gib is None else max(self.peak_gib, value)
+            if own is not None:
+                self.process_peak_gib = own if self.process_peak_gib is None else max(self.process_peak_gib, own)
             if self._stop.wait(self.every_s):
                 return
+
+
+def process_gib(csv_text: str, pid: int) -> float | None:
+    """GiB that `nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits` lists
+    for `pid` (MiB per line), None when the pid is not listed."""
+    total = None
+    for line in csv_text.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid):
+            try:
+                total = (total or 0.0) + float(parts[1]) / 1024
+            except ValueError:
+                continue
+    return total
+
+
+def step_lines(metrics: list[dict]) -> list[str]:
+    """One line per training step from metrics.jsonl: loss, grad_norm, each exit's ce, the torch peak."""
+    lines = []
+    for m in metrics:
+        ces = " ".join(f"{k.split('/', 1)[1]}:{m[k]:.3f}" for k in m if k.startswith("ce/"))
+        peak = f", torch peak {m['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in m else ""
+        lines.append(f"STEP {m.get('step')}: loss {m.get('loss', float('nan')):.4f}, "
+                     f"grad_norm {m.get('grad_norm', float('nan')):.4g}; ce {ces}{peak}"
+                     + (" (SKIPPED: non-finite)" if "nonfinite" in m else ""))
+    return lines
+
+
+def first_nonfinite(metrics: list[dict]) -> str | None:
+    """The first step's first NaN/inf metric (with the trainer's own account of it when it wrote one)."""
+    import math
+
+    for m in metrics:
+        bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            return m.get("nonfinite") or f"step {m.get('step')}: non-finite {', '.join(f'{k}={m[k]}' for k in bad)}"
+    return None
 
 
 def gib(value: float | None) -> str:
@@ -166,10 +221,15 @@ class Driver:
         shown = ["manyinone"] + cmd[len(self.cli):] if cmd[:len(self.cli)] == self.cli else cmd
         return shlex.join(shown)
 
-    def record(self, step: str, command: str, wall: float | None, peak: str, result: str, ok: bool, **extra) -> None:
-        row = {"step": step, "command": command, "wall_s": wall, "peak": peak, "result": result, "ok": ok, **extra}
+    def record(self, step: str, command: str, wall: float | None, peak: PeakMemory | None, result: str, ok: bool,
+               torch_peak_gib: float | None = None, **extra) -> None:
+        """One table row. Memory: the step's own torch allocator peak (train: from its metrics), what
+        nvidia-smi lists for its process, and the whole device (other processes on the GPU included)."""
+        row = {"step": step, "command": command, "wall_s": wall, "result": result, "ok": ok,
+               "torch_peak_gib": torch_peak_gib, "process_peak_gib": peak.process_peak_gib if peak else None,
+               "device_peak_gib": peak.peak_gib if peak else None, **extra}
         self.rows.append(row)
-        print(f"ROW | {step} | {'-' if wall is None else f'{wall:.1f}'} s | peak {peak} GiB | {result}", flush=True)
+        print(f"ROW | {step} | {'-' if wall is None else f'{wall:.1f}'} s | {self.memory(row)} | {result}", flush=True)
         if self.args.json:  # written after every step: a run cut short still leaves what it measured
             Path(self.args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(self.args.json).write_text(json.dumps({"args": vars(self.args), "commands": self.commands,
@@ -181,12 +241,12 @@ class Driver:
         print(f"disk before {step}: {free:.1f} GiB free at {self.workdir}; this step writes about "
               f"{needs_gib:.1f} GiB: {verdict}", flush=True)
         if verdict != "ok":
-            self.record(step, "-", None, "-", f"not run: {free:.1f} GiB free at {self.workdir}, needs about "
+            self.record(step, "-", None, None, f"not run: {free:.1f} GiB free at {self.workdir}, needs about "
                         f"{needs_gib:.1f} GiB (free space or pass --workdir on a larger disk)", False)
         return verdict == "ok"
 
     def run(self, step: str, cmd: list[str], timeout: float,
-            shown: str | None = None) -> tuple[bool, float, float | None, str]:
+            shown: str | None = None) -> tuple[bool, float, PeakMemory, str]:
         """One foreground command; its output goes to logs/<step>.log (tail printed on failure)."""
         shown = shown or self.display(cmd)
         self.commands.append(shown)
@@ -214,7 +274,7 @@ class Driver:
             print(f"FAILED ({why}); last lines of {log}:\n{tail}", flush=True)
         else:
             print(tail if step == "build" else "\n".join(text.splitlines()[-3:]), flush=True)
-        return rc == 0, wall, peak.peak_gib, why
+        return rc == 0, wall, peak, why
 
     def env(self) -> dict:
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
@@ -270,7 +330,7 @@ class Driver:
             ok, wall, peak, why = self.run("build", cmd, a.timeout_build, shown=shlex.join(
                 ["python", "benchmarks/one_gpu_cli.py"] + cmd[2:]))
             shards = len(list(base.glob("*.safetensors")))
-            self.record("build", self.commands[-1], wall, gib(peak), f"{shards} shard(s), {size(base)}"
+            self.record("build", self.commands[-1], wall, peak, f"{shards} shard(s), {size(base)}"
                         if ok else f"failed: {why}", ok)
 
         # 2. train (LoRA, depth exits), then drop the base
@@ -285,16 +345,23 @@ class Driver:
             cmd += ["--set", f"device={a.device}"] if a.device != "cuda" else []  # the CLI picks cuda itself
             ok, wall, peak, why = self.run("train", cmd, a.timeout_train)
             metrics = self.metrics(run)
+            for line in step_lines(metrics):  # per step, so that a bad step shows where it went wrong
+                print(line, flush=True)
+            bad = first_nonfinite(metrics)
+            if bad:
+                print(f"FIRST NON-FINITE: {bad}", flush=True)
             torch_peak = max((m.get("peak_mem_gib", 0.0) for m in metrics), default=None) if metrics else None
             full = max((k for k in (metrics[0] if metrics else {}) if k.startswith("ce/depth=")),
                        key=lambda k: int(k.split("=")[1]), default="loss")
             losses = [m.get(full) for m in metrics]
-            result = (f"{len(metrics)} steps, {full} {losses[0]:.3f} -> {losses[-1]:.3f}, run {size(run)}"
-                      + (f"; torch allocator peak {torch_peak:.1f} GiB" if torch_peak else "")
-                      if ok and metrics and None not in losses else f"failed: {why if not ok else 'no metrics.jsonl'}")
-            ok = ok and bool(metrics)
-            self.record("train", self.commands[-1], wall, gib(peak), result, ok, torch_peak_gib=torch_peak,
-                        steps=metrics)
+            if bad:
+                result = f"failed: {bad}"[:400]
+            elif ok and metrics and None not in losses:
+                result = f"{len(metrics)} steps, {full} {losses[0]:.3f} -> {losses[-1]:.3f}, run {size(run)}"
+            else:
+                result = f"failed: {why if not ok else 'no metrics.jsonl'}"
+            ok = ok and bool(metrics) and not bad
+            self.record("train", self.commands[-1], wall, peak, result, ok, torch_peak_gib=torch_peak, steps=metrics)
         if base.exists() and (ok or not a.keep_base):
             freed = folder_gib(base)
             shutil.rmtree(base)  # the merged run holds every weight now; the base is not needed again
@@ -308,12 +375,12 @@ class Driver:
             cmd = self.cli + ["export", str(run), "--budget", "0.5", "--dtype", "bfloat16", "-o", str(export)]
             ok, wall, peak, why = self.run("export", cmd, a.timeout_export)
             spec = self.exported_spec(export)
-            self.record("export", self.commands[-1], wall, gib(peak), f"{spec}, {size(export)}"
+            self.record("export", self.commands[-1], wall, peak, f"{spec}, {size(export)}"
                         if ok else f"failed: {why}", ok)
 
         # 4. serve it and ask once
         if ok and {"fastapi", "uvicorn"} & set(missing):
-            self.record("serve", "-", None, "-", f"not run: {', '.join(sorted(set(missing) - {'peft'}))} missing "
+            self.record("serve", "-", None, None, f"not run: {', '.join(sorted(set(missing) - {'peft'}))} missing "
                         "(pip install 'manyinone[serve]')", False)
             ok = False
         if ok:
@@ -358,7 +425,7 @@ class Driver:
         result = (f"ready in {ready_s:.1f} s; 1 completion in {request_s:.1f} s, "
                   f"{reply['usage']['completion_tokens']} tokens, text {reply['choices'][0]['text'][:40]!r}; stopped"
                   if ok else f"failed: {why}")
-        self.record("serve", shown + " &  (+ POST /v1/completions)", wall, gib(peak.peak_gib), result, ok,
+        self.record("serve", shown + " &  (+ POST /v1/completions)", wall, peak, result, ok,
                     ready_s=ready_s, request_s=request_s, reply=reply)
         return ok
 
@@ -385,13 +452,22 @@ class Driver:
         for c in self.commands:
             print(f"  {c}")
         title = "tiny LLaMA, CPU" if self.args.tiny else "LLaMA-2-13B shape, random bf16 weights, one GPU"
-        peak_what = "GPU memory used (nvidia-smi)" if self.args.device.startswith("cuda") else "resident memory"
-        print(f"\n### issue 15 commands: {title}; peak = {peak_what}\n")
-        print("| step | command | wall s | peak GiB | result |")
+        gpu = self.args.device.startswith("cuda")
+        print(f"\n### issue 15 commands: {title}\n")
+        if gpu:
+            print("memory GiB: torch = the step's own allocator peak (train: max_memory_allocated, from its metrics); "
+                  "proc = what nvidia-smi lists for the step's process (context and allocator reserve included); "
+                  "GPU = the whole device, other processes on it included\n")
+        print(f"| step | command | wall s | {'torch / proc / GPU GiB' if gpu else 'resident GiB'} | result |")
         print("| --- | --- | --- | --- | --- |")
         for r in self.rows:
             wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.1f}"
-            print(f"| {r['step']} | `{r['command']}` | {wall} | {r['peak']} | {r['result']} |")
+            print(f"| {r['step']} | `{r['command']}` | {wall} | {self.memory(r)} | {r['result']} |")
+
+    def memory(self, row: dict) -> str:
+        if not self.args.device.startswith("cuda"):
+            return gib(row.get("device_peak_gib"))
+        return " / ".join(gib(row.get(k)) for k in ("torch_peak_gib", "process_peak_gib", "device_peak_gib"))
 
 
 def free_port() -> int:

@@ -28,3 +28,33 @@ def test_not_enough_disk_is_a_failed_row(tmp_path, capsys):
     assert not driver.disk_ok("export", needs_gib=1e9)
     assert driver.rows[-1]["ok"] is False and "not run" in driver.rows[-1]["result"]
     assert "NOT ENOUGH" in capsys.readouterr().out
+
+
+def test_process_memory_is_read_for_our_pid_only():
+    listing = "4242, 46000\n999, 70000\n4242, 1024\n"  # MiB; pid 999 is another process on the GPU
+    assert one_gpu_cli.process_gib(listing, 4242) == (46000 + 1024) / 1024
+    assert one_gpu_cli.process_gib(listing, 7) is None  # not listed (another PID namespace): no figure
+
+
+def test_a_nan_step_is_printed_and_fails_the_train_row():
+    nan = float("nan")
+    metrics = [{"step": 1, "loss": 58.99, "ce/depth=8": 11.8, "grad_norm": nan, "peak_mem_gib": 46.7,
+                "nonfinite": "step 1: non-finite grad_norm=nan with finite losses; ..."},
+               {"step": 2, "loss": nan, "ce/depth=8": nan, "grad_norm": nan}]
+    lines = one_gpu_cli.step_lines(metrics)
+    assert lines[0].startswith("STEP 1: loss 58.9900, grad_norm nan; ce depth=8:11.800, torch peak 46.7 GiB")
+    assert "SKIPPED" in lines[0] and "SKIPPED" not in lines[1]
+    assert one_gpu_cli.first_nonfinite(metrics).startswith("step 1: non-finite grad_norm=nan with finite losses")
+    assert one_gpu_cli.first_nonfinite(metrics[1:]) == "step 2: non-finite loss=nan, ce/depth=8=nan, grad_norm=nan"
+    assert one_gpu_cli.first_nonfinite([{"step": 1, "loss": 2.0, "grad_norm": 1.0}]) is None
+
+
+def test_the_table_shows_the_torch_peak_beside_nvidia_smi(tmp_path, capsys):
+    args = one_gpu_cli.parse_args(["--device", "cuda", "--workdir", str(tmp_path)])
+    driver = one_gpu_cli.Driver(args)
+    peak = one_gpu_cli.PeakMemory("cuda", pid=1)
+    peak.peak_gib, peak.process_peak_gib = 115.6, 66.0
+    driver.record("train", "manyinone train ...", 100.0, peak, "6 steps", True, torch_peak_gib=64.3)
+    driver.table()
+    out = capsys.readouterr().out
+    assert "| torch / proc / GPU GiB |" in out and "| 64.3 / 66.0 / 115.6 |" in out

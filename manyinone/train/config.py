@@ -94,6 +94,8 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    nonfinite_skips: int = Field(0, ge=0, description="steps with a NaN/inf loss or gradient skipped without an "
+                                                      "update before the run stops; 0 = stop at the first one")
 
     sampler: str = Field("all", description=f"which specs get a loss each step: {SAMPLERS.summaries()}")
     random_k: int = Field(2, gt=0, description="random-k: specs drawn per step (the full spec is added to them)")

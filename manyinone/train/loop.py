@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from manyinone.train import distributed, state
-from manyinone.train import exit_heads, lora
-from manyinone.io.checkpoint import CHECKPOINTS, build_index, save_checkpoint
+from manyinone.train import exit_heads, lora, nonfinite
+from manyinone.io.checkpoint import CHECKPOINTS, build_index, complete_resume_dirs, save_checkpoint
 from manyinone.io.durable import write_failure
 from manyinone.train.batches import MicroBatches, load_run_data
 from manyinone.train.config import TrainConfig
@@ -188,12 +188,15 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     # SIGTERM/Ctrl-C: save, then exit
     with progress, metrics_file, closing(reporter), deferred_stop_signals() as stop:
         progress.advance_to(start)
+        skipped = 0  # non-finite steps skipped by this process (nonfinite_skips)
         for step in range(start, data.total_steps):
             record = run.step(step, stop)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             reporter.log(record)
             progress.update(step + 1, record)
+            if "nonfinite" in record:  # the step was not applied: stop, or skip within the allowance
+                skipped = _nonfinite_step(cfg, output, record["nonfinite"], skipped)
             periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
             if (periodic or stop) and step + 1 < data.total_steps:
                 saved = save(output, step + 1, model, optimizer, cfg.keep_checkpoints)
@@ -203,6 +206,16 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     _save_final(run, tokenizer, tuned, save, dtype)
     rt.close()
     return output
+
+
+def _nonfinite_step(cfg: TrainConfig, output: Path, summary: str, skipped: int) -> int:
+    """After a step that was not applied (non-finite loss or gradient): raise the run's one-line
+    error, or, within `nonfinite_skips`, warn and return the new count of skipped steps."""
+    if skipped >= cfg.nonfinite_skips:
+        raise nonfinite.stop_error(summary, output, complete_resume_dirs(output), skipped, cfg.nonfinite_skips)
+    print(f"warning: {summary}; step skipped (no update), {skipped + 1} of nonfinite_skips={cfg.nonfinite_skips}",
+          file=sys.stderr, flush=True)
+    return skipped + 1
 
 
 def _load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
@@ -303,16 +316,29 @@ class _Run:
             (out.total / cfg.grad_accum).backward()
             tokens += batch_tokens(batch)
             step_parts.add_to_sums(sums, out, cfg.grad_accum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
+        # clip_grad_norm_ in its two halves: a non-finite norm would scale every gradient by NaN and
+        # hide which parameter went bad first; it is clipped only once known to be finite.
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         sums["_stop"] = float(bool(stop))  # every rank must agree to stop at the same step
-        sums, tokens = self.rt.mean(sums), self.rt.total(tokens)  # over ranks
+        # Over ranks before the update: a NaN on any rank reaches every rank's mean, so all of them
+        # agree on skipping the update below (FSDP2's grad norm is already the global one).
+        sums, tokens = self.rt.mean(sums), self.rt.total(tokens)
         if sums.pop("_stop") > 0 and not stop:
             stop.signum = signal.SIGTERM  # another rank was signalled (torchrun forwards SIGTERM)
+        sums["grad_norm"] = distributed.scalar(grad_norm)  # a sync, as the losses' .item() just before it
+        bad = nonfinite.nonfinite_metrics(sums)
+        failure = None
+        if bad:  # no NaN or inf is ever written into the weights or the optimizer's moments
+            grads = nonfinite.nonfinite_grads(self.model.named_parameters()) if "grad_norm" in bad else []
+            failure = nonfinite.describe(step + 1, sums, bad, grads)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
         record = {"step": step + 1, "epoch": (step + 1) / self.steps_per_epoch, "lr": lr, **sums,
-                  "grad_norm": distributed.scalar(grad_norm), "tokens": tokens, "step_time_s": elapsed,
+                  **({"nonfinite": failure} if failure else {}), "tokens": tokens, "step_time_s": elapsed,
                   "tokens_per_s": tokens / elapsed, **({"teacher_s": teacher_s} if self.teacher is not None else {}),
                   **({"on_policy_s": on_policy_s} if self.batches.on_policy is not None else {})}
         if device.type == "cuda":

@@ -26,7 +26,8 @@ from manyinone.train.config import TrainConfig
 
 TRAINABLE_FILE = "trainable.safetensors"
 # Settings a resumed run may change: where and how long it runs, not what it trains.
-RESUMABLE_CHANGES = ("output", "max_steps", "save_every", "keep_checkpoints", "device", "compile_layers", "report_to")
+RESUMABLE_CHANGES = ("output", "max_steps", "save_every", "keep_checkpoints", "device", "compile_layers", "report_to",
+                     "nonfinite_skips")
 
 
 def save_state(output: Path, step: int, model, optimizer, keep: int, trainable_only: bool = False) -> Path:

@@ -1,0 +1,255 @@
+"""Where does step 1's NaN gradient come from? One forward/backward of `manyinone train --lora 16 --axes depth`
+step 1, on a LLaMA-2-13B-width random bf16 model, under variants that each remove one suspect.
+
+Measured on the H200 (issue 15): step 1 had every exit's loss finite (ce ~ 11.8) and grad_norm NaN. This
+rebuilds that step through the training loop's own pieces (the run's first micro-batch from
+`train.batches.MicroBatches`, peft adapters from `train.lora`, the adapter's nested forward and
+`train.step_parts.exit_losses`, bf16 autocast on CUDA) and, per variant, prints whether every gradient is
+finite, the deepest parameter whose gradient is not, and the first module (in backward order) whose
+output gradient was finite but whose input gradient was not: the op that made the NaN.
+
+Variants (each changes one thing from `cli`, the CLI's own step):
+    sdpa-math / sdpa-efficient / sdpa-cudnn / sdpa-flash   SDPA forced to one backend
+    no-cudnn       SDPA may pick any backend but cuDNN's (reported NaN in its backward on H100/H200 since torch 2.11)
+    no-mask        attention_mask dropped (right padding + causal: the supervised positions see the same keys;
+                   transformers then calls SDPA with is_causal=True and no mask tensor)
+    eager          attn_implementation="eager" (no SDPA at all)
+    plain-loss     loss_impl=plain instead of the lean fused loss
+    full-exit      only the deepest exit's loss (no exits at 8..32)
+    bf16-adapters  LoRA weights cast to bf16 (peft keeps them float32 by default)
+    no-autocast    bf16 weights without autocast (what the loop does on CPU; every other row, on CPU too, runs
+                   under bf16 autocast as the loop does on CUDA)
+
+    python benchmarks/nan_grad_probe.py --tokenizer /root/smollm2-hf --data /root/data/alpaca_2000.json   # H200
+    python benchmarks/nan_grad_probe.py --device cpu --layers 2 --batch-size 2 --max-length 128 \\
+        --tokenizer TOKENIZER_FOLDER --data ../shared/assets/data/alpaca_2000.json                          # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "adapters")]
+
+from manyinone.core.registry import adapter_for  # noqa: E402
+from manyinone.train import distributed, lora, step_parts  # noqa: E402
+from manyinone.train.batches import MicroBatches, load_run_data  # noqa: E402
+from manyinone.train.config import LoraSettings, TrainConfig  # noqa: E402
+from manyinone.train.data import resolve_template  # noqa: E402
+from manyinone.train.losses import exit_weights  # noqa: E402
+from manyinone.train.nonfinite import nonfinite_grads  # noqa: E402
+
+SHAPE_13B = dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+SHAPE_TINY = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=4,
+                  max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False)
+VARIANTS = ("cli", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash", "no-cudnn", "no-mask", "eager", "plain-loss",
+            "full-exit", "bf16-adapters", "no-autocast")
+
+
+def build(args, tokenizer):
+    """The driver's random model (benchmarks/one_gpu_cli.py build_base: seed 0, bf16, where it lives) with `layers` layers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    shape = SHAPE_TINY if args.tiny else SHAPE_13B
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         num_hidden_layers=args.layers, **shape)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model
+
+
+class Blame:
+    """Finds the first module, in backward order, whose output gradient is finite but whose input
+    gradient is not: tensor hooks on each watched module's first input and its output."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.events: list[tuple[str, str, bool]] = []  # (module, "out"/"in", finite), in backward order
+        self.handles = []
+        for name, module in modules.items():
+            self.handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._post(name)))
+
+    def _note(self, name, side):
+        def hook(grad):
+            self.events.append((name, side, bool(torch.isfinite(grad).all())))
+        return hook
+
+    def _pre(self, name):
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                x.register_hook(self._note(name, "in"))
+        return hook
+
+    def _post(self, name):
+        def hook(_module, _args, output):
+            y = output[0] if isinstance(output, tuple) else output
+            if isinstance(y, torch.Tensor) and y.requires_grad:
+                y.register_hook(self._note(name, "out"))
+        return hook
+
+    def culprit(self) -> str:
+        finite_out = {}
+        for name, side, finite in self.events:
+            if side == "out":
+                finite_out[name] = finite
+            elif not finite:
+                return f"{name} (its output grad {'finite' if finite_out.get(name) else 'already non-finite'})"
+        return "-"
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def set_attention(model, name: str) -> None:
+    """Switch the attention implementation in place (transformers 5's own call where it has one)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+def one_step(variant: str, model, adapter, space, cfg, batch, device) -> dict:
+    """Step 1's forward and backward under `variant`; the gradients it left, summarised."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"sdpa-math": SDPBackend.MATH, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
+    if variant == "no-cudnn":
+        kernel = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    else:
+        kernel = sdpa_kernel([backends[variant]]) if variant in backends else contextlib.nullcontext()
+    # bf16 autocast as the loop has it on CUDA; on CPU too, so that a CPU run mirrors the CUDA step.
+    use_autocast = variant != "no-autocast"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+    run_cfg = cfg.model_copy(update={"loss_impl": "plain"}) if variant == "plain-loss" else cfg
+    specs = [space.full()] if variant == "full-exit" else list(space.specs())
+    weights = exit_weights(space.specs(), None)
+    mask = None if variant == "no-mask" else batch.get("attention_mask")
+    lora_params = [p for n, p in model.named_parameters() if p.requires_grad]
+    saved = [p.data for p in lora_params]
+    if variant == "bf16-adapters":
+        for p in lora_params:
+            p.data = p.data.to(torch.bfloat16)
+    if variant == "eager":
+        set_attention(model, "eager")
+    layers = adapter.decoder_stack().layers
+    blame = Blame({**{f"layers.{i}.self_attn": l.self_attn for i, l in enumerate(layers)},
+                   **{f"layers.{i}.mlp": l.mlp for i, l in enumerate(layers)},
+                   **{f"layers.{i}": l for i, l in enumerate(layers)}})
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(cfg.seed * 1_000_003)  # the loop's seed for step 0
+    started = time.perf_counter()
+    try:
+        with kernel, autocast:
+            hidden = adapter.forward_nested(batch["input_ids"], mask, specs)
+            out = step_parts.exit_losses(run_cfg, adapter, space, None, weights, hidden, batch["labels"], None, 0, 0)
+        feature_grads = {}
+        for spec, h in hidden.items():
+            h.register_hook(lambda g, s=spec: feature_grads.__setitem__(s.label, bool(torch.isfinite(g).all())))
+        out.total.backward()
+        grads = [p.grad for p in lora_params if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        bad = nonfinite_grads(model.named_parameters())
+        result = {"variant": variant, "ok": True, "loss": float(out.total.detach()),
+                  "ce": {s.label: round(float(v), 3) for s, v in out.ce.items()}, "grad_norm": norm,
+                  "bad_params": len(bad), "of_params": len(grads), "deepest_bad": bad[-1] if bad else "-",
+                  "first_bad_op": blame.culprit(),
+                  "loss_grads_finite": all(feature_grads.values()) if feature_grads else None,
+                  "max_abs_grad": max((float(g.abs().max()) for g in grads if torch.isfinite(g).all()), default=0.0)}
+    except (RuntimeError, ValueError) as exc:  # a backend that cannot run these inputs; out of memory
+        result = {"variant": variant, "ok": False, "error": str(exc).strip().splitlines()[0][:160]}
+    finally:
+        blame.close()
+        if variant == "eager":
+            set_attention(model, "sdpa")
+        for p, data in zip(lora_params, saved):
+            p.data = data
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next variant starts from the same memory
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--layers", type=int, default=40, help="decoder layers (LLaMA-2-13B: 40)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--tiny", action="store_true", help="a 256-wide model instead of the 13B width")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants {unknown} unknown; allowed {', '.join(VARIANTS)}")
+    return args
+
+
+def run_variants(argv=None) -> list[dict]:
+    """Build the model and step-1 batch once, then run each variant; one result dict per variant."""
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    device = torch.device(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+          + (f", cudnn {torch.backends.cudnn.version()}" if device.type == "cuda" else ""), flush=True)
+    model = build(args, tokenizer)
+    cfg = TrainConfig(model="probe", data=args.data, lora=LoraSettings(r=16), batch_size=args.batch_size,
+                      max_length=args.max_length, output="/nonexistent")
+    cfg = cfg.model_copy(update={"template": resolve_template(cfg.template, tokenizer)})
+    lora.apply_lora(model, cfg.lora)
+    model.train()
+    adapter = adapter_for(model, cfg.axes)
+    space = adapter.space(cfg.axis_choices())
+    rt = distributed.Runtime.from_env()
+    data = load_run_data(cfg, tokenizer, rt.world)
+    batch = MicroBatches(data, cfg, rt, tokenizer.pad_token_id, tokenizer.eos_token_id, device)(0, 0)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    print(f"model: {args.layers} layers, {'tiny' if args.tiny else '13B'} width, exits "
+          f"{[s.label for s in space.specs()]}; step-1 batch {tuple(batch['input_ids'].shape)}, row lengths {lengths} "
+          f"(seq % 128 = {batch['input_ids'].shape[1] % 128}), template {cfg.template}", flush=True)
+    results = []
+    for variant in args.variants.split(","):
+        r = one_step(variant, model, adapter, space, cfg, batch, device)
+        results.append(r)
+        print(f"{variant}: {json.dumps(r)}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "lengths": lengths, "results": results}, indent=2))
+    return results
+
+
+def main(argv=None) -> int:
+    results = run_variants(argv)
+    print("\nsame loss and grad_norm to the last bit as another row = the same SDPA kernel ran (e.g. cli = sdpa-cudnn)")
+    print("\n| variant | loss | grad_norm | params with non-finite grad | deepest bad param | first op making NaN "
+          "| loss grads finite | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        if not r["ok"]:
+            print(f"| {r['variant']} | - | - | - | - | could not run: {r['error']} | - | {r['seconds']} |")
+            continue
+        print(f"| {r['variant']} | {r['loss']:.6f} | {r['grad_norm']:.7g} | {r['bad_params']} of {r['of_params']} | "
+              f"{r['deepest_bad']} | {r['first_bad_op']} | {r['loss_grads_finite']} | {r['seconds']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

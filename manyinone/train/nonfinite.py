@@ -1,0 +1,67 @@
+"""A step whose loss or gradient is not finite: found before the optimizer step, never written into the weights.
+
+bf16 training has no loss scale to back off (fp16's GradScaler skips a step whose scaled gradients
+overflowed and lowers the scale; with bf16's float32 range there is no overflow of that kind to
+expect), so a NaN or inf here means something is broken: the data, the learning rate, a kernel,
+or the model. The default is therefore to stop at the first such step with one line that says
+which metric and which parameter went bad; the weights, the optimizer state and the last
+complete checkpoint stay as they were. `nonfinite_skips=N` lets up to N such steps pass as
+skipped steps (no update, like a GradScaler skip) for runs that meet a rare bad batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from manyinone.core.errors import ManyinoneError
+
+# What the error suggests, cheapest check first.
+_TRY = ("try: --dtype float32 (tells a bf16 problem from a data or model one), a lower --lr, "
+        "--set loss_impl=plain, or --set nonfinite_skips=N to skip up to N such steps")
+
+
+def nonfinite_metrics(metrics: Mapping[str, float]) -> list[str]:
+    """Names of the losses (ce/…, kl/…, teacher_kl/…, loss) and grad_norm in `metrics` that are NaN or inf."""
+    return [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+def nonfinite_grads(named_params: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the parameters (in the model's order) whose gradient holds a NaN or inf. Under
+    FSDP2 each rank checks its own shard. Only read on the failure path: one sync per tensor."""
+    bad = []
+    for name, p in named_params:
+        grad = p.grad
+        if grad is None:
+            continue
+        local = grad.to_local() if hasattr(grad, "to_local") else grad  # a DTensor's shard
+        if not bool(torch.isfinite(local).all()):
+            bad.append(name)
+    return bad
+
+
+def describe(step: int, metrics: Mapping[str, float], bad_metrics: list[str], bad_grads: list[str],
+             shown: int = 3) -> str:
+    """The one-line account of a non-finite step: which values, and which parameters' gradients.
+
+    Backward runs from the loss down, and a NaN born in one layer spreads to every layer below it,
+    so the deepest parameters with a bad gradient (the model's order reversed) point at its origin."""
+    values = ", ".join(f"{k}={metrics[k]}" for k in bad_metrics)
+    if not bad_grads:
+        return f"step {step}: non-finite {values}"
+    losses_finite = all(k == "grad_norm" for k in bad_metrics)
+    deepest = ", ".join(reversed(bad_grads[-shown:]))
+    return (f"step {step}: non-finite {values}{' with finite losses' if losses_finite else ''}; "
+            f"{len(bad_grads)} parameter(s) got a non-finite gradient, the deepest (where backward met it first): "
+            f"{deepest}")
+
+
+def stop_error(summary: str, output: Path, checkpoints: list[Path], skipped: int, allowed: int) -> ManyinoneError:
+    """The error that ends the run at a non-finite step: what happened, what was kept, what to try."""
+    kept = (f"the weights were not updated; last complete checkpoint {str(checkpoints[-1])!r} is intact"
+            if checkpoints else "the weights were not updated and no checkpoint was written")
+    skips = f" ({skipped} such step(s) skipped before, nonfinite_skips={allowed})" if allowed else ""
+    return ManyinoneError(f"{summary}{skips}; training stopped in {str(output)!r}: {kept}; {_TRY}")
