@@ -319,7 +319,7 @@ class _Run:
         # clip_grad_norm_ in its two halves: a non-finite norm would scale every gradient by NaN and
         # hide which parameter went bad first; it is clipped only once known to be finite.
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = nonfinite.grad_norm(params)
         sums["_stop"] = float(bool(stop))  # every rank must agree to stop at the same step
         # Over ranks before the update: a NaN on any rank reaches every rank's mean, so all of them
         # agree on skipping the update below (FSDP2's grad norm is already the global one).
@@ -333,7 +333,7 @@ class _Run:
             grads = nonfinite.nonfinite_grads(self.model.named_parameters()) if "grad_norm" in bad else []
             failure = nonfinite.describe(step + 1, sums, bad, grads)
         else:
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
+            nonfinite.clip_to(params, cfg.max_grad_norm, grad_norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started

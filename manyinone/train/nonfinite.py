@@ -24,6 +24,22 @@ _TRY = ("try: --dtype float32 (tells a bf16 problem from a data or model one), a
         "--set loss_impl=plain, or --set nonfinite_skips=N to skip up to N such steps")
 
 
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The total L2 norm of `params`' gradients, without clipping them (clip_grad_norm_ would scale
+    every gradient by a NaN norm and hide which one went bad first)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+    return torch.nn.utils.clip_grad_norm_(params, float("inf"))  # older torch: max_norm inf only measures
+
+
+def clip_to(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """clip_grad_norm_'s second half: scale the gradients to at most `max_norm`, given their finite `norm`."""
+    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
 def nonfinite_metrics(metrics: Mapping[str, float]) -> list[str]:
     """Names of the losses (ce/…, kl/…, teacher_kl/…, loss) and grad_norm in `metrics` that are NaN or inf."""
     return [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
