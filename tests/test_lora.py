@@ -104,6 +104,14 @@ def lora_run(tiny_llama, tmp_path_factory):
     return train(config(tiny_llama, out, max_steps=4, save_every=2, exit_heads="translator"), show_progress=False)
 
 
+def test_merging_non_finite_adapters_is_a_one_line_error(tiny_llama):
+    model, _, tuned = lora_model(tiny_llama)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n)[0, 0] = float("nan")
+    with pytest.raises(ManyinoneError, match="non-finite weights .*not written"):
+        lora.merge(tuned)
+
+
 def test_adapters_train_and_the_base_stays_bit_identical(tiny_llama, lora_run):
     """The merged checkpoint is the untouched base plus scale * B @ A on every adapted weight, and the
     exact base everywhere else; the resumable state holds only adapters and exit modules."""

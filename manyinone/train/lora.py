@@ -65,7 +65,11 @@ def is_lora(model: nn.Module) -> bool:
 def merge(tuned) -> nn.Module:
     """Fold the adapters into the base weights (W + scale * B @ A) and drop them: the plain HF model
     that peft wrapped, with the merged weights (same object, no copy of the base)."""
-    return tuned.merge_and_unload(progressbar=False, safe_merge=True)  # safe_merge: refuses NaN/inf results
+    try:
+        return tuned.merge_and_unload(progressbar=False, safe_merge=True)  # safe_merge: refuses NaN/inf results
+    except ValueError as exc:  # peft: "NaNs detected in the merged weights. The adapter ... seems to be broken"
+        raise ManyinoneError(f"merging the LoRA adapters into the base gave non-finite weights ({first_line(exc)}); "
+                             "the merged checkpoint was not written") from None
 
 
 def trainable_state(model: nn.Module) -> dict:
