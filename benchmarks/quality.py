@@ -103,6 +103,11 @@ RECIPES: dict[str, list[str]] = {
     # on SmolLM2 where a translator has 0.3M, the capacity lever the objective-side levers lacked.
     "agree-heads": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                     "--set", "exit_heads=head", "--set", "exit_heads_lr_scale=1"],
+    # Own feed-forward block per exit (h + mlp(norm(h)) before the translator, copied from the next
+    # layer, zero output at the start; 2.7M parameters per exit on SmolLM2): capacity that, unlike
+    # own heads, also works on the exit's features and exports as one more plain decoder layer.
+    "agree-block": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
+                    "--set", "exit_heads=block"],
     # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
     "agree-pos": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                   "--set", "exit_positions=0.5"],

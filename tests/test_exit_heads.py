@@ -27,7 +27,7 @@ def _model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("kind", ["translator", "head"])
+@pytest.mark.parametrize("kind", ["translator", "head", "block"])
 def test_fresh_exit_heads_equal_the_shared_head(tiny_llama, kind):
     """Initialised from the model's own norm and head, every exit's logits start unchanged."""
     adapter = adapter_for(_model(tiny_llama))

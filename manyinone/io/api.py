@@ -20,7 +20,7 @@ from manyinone.core.adapter import ModelAdapter
 from manyinone.io.checkpoint import load_index, recover_interrupted, resolve, routed_plan, verify_checkpoint
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError, first_line, resource_error
-from manyinone.train.exit_heads import ExitHeads, module_path
+from manyinone.train.exit_heads import ExitHeads, decoder_layers, module_path
 from manyinone.io.loading import refuse_remote_code
 from manyinone.core.registry import adapter_for
 
@@ -98,7 +98,8 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     heads = None
     if "exit_heads" in index:
         shared = adapter.linear_head()
-        heads = ExitHeads.load(path, index["exit_heads"], shared.norm, shared.weight).eval()
+        layers = decoder_layers(adapter, index["exit_heads"]["kind"])
+        heads = ExitHeads.load(path, index["exit_heads"], shared.norm, shared.weight, layers).eval()
     token_router = None
     if "token_router" in index:
         from manyinone.elastic.token_router_io import load_token_router

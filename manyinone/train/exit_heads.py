@@ -12,6 +12,11 @@ decode runtime holds in its compiled steps):
   untied LM head (head · T_k) when a sub-model is exported, so exports stay plain HF models.
 - "head" (the SFT + early-exit heads baseline, the Sorted-LLaMA paper's SFT+ICT): each exit gets
   its own copy of the final norm and of the whole LM head, trained on a frozen model.
+- "block" (a capacity lever for agreement, after Kangaroo's exit adapter, position-wise): a
+  translator with the feed-forward half of one decoder layer before it, h + mlp(norm(h)), copied
+  from the first layer the exit skips with its down projection zeroed, so it starts as the plain
+  translator. It exports as one more decoder layer whose attention output projection is zero, so
+  exports stay plain HF models; being position-wise, it needs no KV cache in the runtime.
 
 The full depth never gets exit modules: it stays the model's own forward.
 """
@@ -19,7 +24,7 @@ The full depth never gets exit modules: it stays the model's own forward.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 import torch
@@ -68,6 +73,39 @@ class Translator:
         return (shared.double() @ weight.double()).to(weight.dtype).detach()  # [vocab, hidden]
 
 
+class ResidualMLP(nn.Module):
+    """h + mlp(norm(h)), [..., hidden] -> [..., hidden]: a decoder layer's feed-forward half, an exit's own."""
+
+    def __init__(self, norm: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.mlp = norm, mlp
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, where: str) -> ResidualMLP:
+        """A copy of `layer`'s post-attention norm and MLP, the MLP's output zeroed (starts as the identity)."""
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if not hasattr(layer, "post_attention_layernorm") or not isinstance(down, nn.Linear) \
+                or not isinstance(getattr(getattr(layer, "self_attn", None), "o_proj", None), nn.Linear):
+            raise ManyinoneError(f"exit_heads='block' needs LLaMA-style decoder layers (post_attention_layernorm, "
+                                 f"mlp.down_proj, self_attn.o_proj); {where} is a {type(layer).__name__}")
+        block = cls(copy.deepcopy(layer.post_attention_layernorm), copy.deepcopy(layer.mlp))
+        with torch.no_grad():
+            block.mlp.down_proj.weight.zero_()
+            if block.mlp.down_proj.bias is not None:
+                block.mlp.down_proj.bias.zero_()
+        return block.requires_grad_(True)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.mlp(self.norm(hidden))
+
+
+@EXIT_HEAD_KINDS.register("block")
+class Block(Translator):
+    """own feed-forward block (h + mlp(norm(h)), from the next layer, zero-initialised output) + translator; exports as one more layer"""
+
+    needs_block = True
+
+
 @EXIT_HEAD_KINDS.register("head")
 class OwnHead:
     """own norm + own LM head, the SFT+heads baseline"""
@@ -97,7 +135,8 @@ class ExitHeads(nn.Module):
     to turn an extracted sub-model into one that computes the same logits with plain HF modules.
     """
 
-    def __init__(self, kind: str, specs: Iterable[SubnetSpec], norm: nn.Module, head_weight: torch.Tensor) -> None:
+    def __init__(self, kind: str, specs: Iterable[SubnetSpec], norm: nn.Module, head_weight: torch.Tensor,
+                 layers: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         if kind not in EXIT_HEAD_KINDS.names():
             raise ManyinoneError(f"exit_heads {kind!r} unknown; allowed {list(EXIT_HEAD_KINDS.names())} (or none)")
@@ -105,7 +144,20 @@ class ExitHeads(nn.Module):
         self.specs = list(specs)
         self.norms = nn.ModuleDict({_key(s): copy.deepcopy(norm) for s in self.specs})
         self.maps = nn.ParameterDict({_key(s): nn.Parameter(self._rule.initial_map(head_weight)) for s in self.specs})
+        self.blocks = nn.ModuleDict(self._blocks(layers) if getattr(self._rule, "needs_block", False) else {})
         self._shared = [head_weight]  # a list, so the shared head is not registered as our parameter
+
+    def _blocks(self, layers: Sequence[nn.Module] | None) -> dict[str, ResidualMLP]:
+        """Per exit, a copy of the feed-forward half of the first layer it skips (layers[depth])."""
+        if layers is None:
+            raise ManyinoneError(f"exit_heads={self.kind!r} needs the model's decoder layers")
+        blocks = {}
+        for s in self.specs:
+            if set(s) != {"depth"} or not 0 < s["depth"] < len(layers):
+                raise ManyinoneError(f"exit_heads={self.kind!r} serves depth exits short of the full model only; "
+                                     f"got {s.label} with {len(layers)} layers")
+            blocks[_key(s)] = ResidualMLP.from_layer(layers[s["depth"]], f"layer {s['depth']}")
+        return blocks
 
     def __contains__(self, spec: SubnetSpec) -> bool:
         return _key(spec) in self.norms
@@ -116,7 +168,9 @@ class ExitHeads(nn.Module):
 
     def linear_head(self, spec: SubnetSpec) -> LinearHead:
         """The exit's norm (+ translator) and head weight: logits = LinearHead(...)(hidden)."""
-        return self._rule.linear_head(self.norms[_key(spec)], self.maps[_key(spec)], self._shared[0])
+        key = _key(spec)
+        norm = nn.Sequential(self.blocks[key], self.norms[key]) if key in self.blocks else self.norms[key]
+        return self._rule.linear_head(norm, self.maps[key], self._shared[0])
 
     def folded_head_weight(self, spec: SubnetSpec) -> torch.Tensor:
         """[vocab, hidden]: one matrix giving the same logits from norm_k(h) as the exit's head."""
@@ -128,6 +182,8 @@ class ExitHeads(nn.Module):
         # with the full model, so writing into the norm's weight would change the full model too.
         parent, _, leaf = norm_path.rpartition(".")
         setattr(sub.get_submodule(parent) if parent else sub, leaf, copy.deepcopy(self.norms[_key(spec)]))
+        if _key(spec) in self.blocks:
+            _append_block_layer(sub, self.blocks[_key(spec)], spec["depth"])
         head = sub.get_output_embeddings()
         head.weight = nn.Parameter(self.folded_head_weight(spec).to(head.weight.device), requires_grad=False)
         sub.config.tie_word_embeddings = False
@@ -143,14 +199,15 @@ class ExitHeads(nn.Module):
         return {"file": FILE, "kind": self.kind, "specs": [s.to_dict() for s in self.specs]}
 
     @classmethod
-    def load(cls, folder: str | Path, entry: dict, norm: nn.Module, head_weight: torch.Tensor) -> ExitHeads:
+    def load(cls, folder: str | Path, entry: dict, norm: nn.Module, head_weight: torch.Tensor,
+             layers: Sequence[nn.Module] | None = None) -> ExitHeads:
         name = entry.get("file", FILE)
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise ManyinoneError(f"checkpoint {str(folder)!r} names exit heads file {name!r}, which is not a file "
                                  "name inside the checkpoint")
         path = Path(folder) / name
         try:
-            heads = cls(entry["kind"], [SubnetSpec(s) for s in entry["specs"]], norm, head_weight)
+            heads = cls(entry["kind"], [SubnetSpec(s) for s in entry["specs"]], norm, head_weight, layers)
             state = load_file(str(path), device=str(head_weight.device))
             heads.load_state_dict({k: v.to(head_weight.dtype) for k, v in state.items()})
         except ManyinoneError:
@@ -161,12 +218,48 @@ class ExitHeads(nn.Module):
         return heads
 
 
+def decoder_layers(adapter, kind: str) -> Sequence[nn.Module] | None:
+    """The adapter's decoder layers when exit-head `kind` copies from them (None otherwise)."""
+    if not getattr(EXIT_HEAD_KINDS.get(kind), "needs_block", False):
+        return None
+    return adapter.decoder_stack().layers
+
+
 def for_adapter(adapter, kind: str, space) -> ExitHeads:
     """ExitHeads for every non-full spec of `space`, initialised from the adapter's own norm and head."""
     head = adapter.linear_head()
     if head is None or not isinstance(head.norm, nn.Module):
         raise ManyinoneError(f"exit_heads={kind!r} needs a norm + linear LM head; the {adapter.name!r} adapter has none")
-    return ExitHeads(kind, [s for s in space.specs() if s != space.full()], head.norm, head.weight)
+    return ExitHeads(kind, [s for s in space.specs() if s != space.full()], head.norm, head.weight,
+                     decoder_layers(adapter, kind))
+
+
+def _append_block_layer(sub: nn.Module, block: ResidualMLP, depth: int) -> None:
+    """Append to `sub` (an extracted `depth`-layer HF model) one decoder layer computing h + block(h):
+    a copy of its last layer with the block's norm and MLP and a zero attention output projection, so
+    the attention half adds exactly 0 and the export stays a plain HF model of depth + 1 layers."""
+    stacks = [m for m in sub.modules() if isinstance(m, nn.ModuleList) and len(m) == depth
+              and all(hasattr(layer, "self_attn") for layer in m)]
+    if len(stacks) != 1:
+        raise ManyinoneError(f"cannot find the {depth} decoder layers of {type(sub).__name__} to append an exit block to")
+    layers = stacks[0]
+    layer = copy.deepcopy(layers[-1])  # fresh tensors: the extracted layers share theirs with the full model
+    layer.post_attention_layernorm = copy.deepcopy(block.norm)
+    layer.mlp = copy.deepcopy(block.mlp)
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        if layer.self_attn.o_proj.bias is not None:
+            layer.self_attn.o_proj.bias.zero_()
+    for module in (layer, layer.self_attn):
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = depth  # its own KV-cache slot
+    layer.requires_grad_(False)
+    layers.append(layer)
+    configs = [sub.config] + ([sub.config.get_text_config()] if hasattr(sub.config, "get_text_config") else [])
+    for config in {id(c): c for c in configs}.values():
+        config.num_hidden_layers = depth + 1
+        if getattr(config, "layer_types", None):
+            config.layer_types = [*config.layer_types[:depth], config.layer_types[depth - 1]]
 
 
 ATTRIBUTE = "manyinone_exit_heads"

@@ -84,7 +84,12 @@ def _param_groups(model, heads, cfg: TrainConfig, layers=None) -> list[dict]:
         groups.insert(0, {"params": base, "lr_scale": 1.0})
     if heads is not None:
         # No weight decay: it would pull identity-initialised translators towards zero.
-        groups.append({"params": list(heads.parameters()), "lr_scale": cfg.exit_heads_lr_scale, "weight_decay": 0.0})
+        # Exit blocks are copies of body layers: they train at the body's rate, not the translators'.
+        blocks = {id(p) for p in heads.blocks.parameters()}
+        groups.append({"params": [p for p in heads.parameters() if id(p) not in blocks],
+                       "lr_scale": cfg.exit_heads_lr_scale, "weight_decay": 0.0})
+        if blocks:
+            groups.append({"params": list(heads.blocks.parameters()), "lr_scale": 1.0, "weight_decay": 0.0})
     return groups
 
 
