@@ -44,5 +44,5 @@ timeout "${QUALITY_TIMEOUT:-540}" "${cmd[@]}" 2>&1 | grep -v "Loading weights\|W
 echo "quality.py exit: ${PIPESTATUS[0]}"
 tail -45 "$OUT/quality.log"
 report
-test -f /root/quality/gen/data.jsonl && gzip -c /root/quality/gen/data.jsonl > "$OUT/gen.jsonl.gz"
+for d in /root/quality/gen*/; do test -f "$d/data.jsonl" && gzip -1 -c "$d/data.jsonl" > "$OUT/$(basename "$d").jsonl.gz"; done
 ls /root/quality

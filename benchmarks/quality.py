@@ -108,6 +108,12 @@ RECIPES: dict[str, list[str]] = {
     # own heads, also works on the exit's features and exports as one more plain decoder layer.
     "agree-block": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                     "--set", "exit_heads=block"],
+    # Round 6 candidates (not run yet): round 5's two gains together (all of gen16, exit blocks),
+    # and the same over two epochs of gen16 (2,250 steps: does more of the same data still pay?).
+    "agree-xl-block": ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16",
+                       "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER, "--set", "exit_heads=block"],
+    "agree-xl2-block": ["--model", "@sft", *AGREE[:-4], "--epochs", "2", "--set", "mix_data=@gen16",
+                        "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER, "--set", "exit_heads=block"],
     # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
     "agree-pos": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                   "--set", "exit_positions=0.5"],
