@@ -19,6 +19,13 @@ Variants (each changes one thing from `cli`, the CLI's own step):
     bf16-adapters  LoRA weights cast to bf16 (peft keeps them float32 by default)
     no-autocast    bf16 weights without autocast (what the loop does on CPU; every other row, on CPU too, runs
                    under bf16 autocast as the loop does on CUDA)
+    float32        the base weights cast to float32 for the step, no autocast: is it bf16's range or rounding?
+
+Then, when the `cli` row names a culprit layer, `cli` runs once more with every submodule of that layer
+traced (`Trace`): per submodule, in forward order, whether its output and its output's gradient are
+finite and their largest magnitudes, and how many non-finite elements sit at padded positions, so the
+one op between a finite and a non-finite gradient is named (H200, session 2026-12-02: every row above
+pointed at layers.23.self_attn, with eager and math attention alike).
 
     python benchmarks/nan_grad_probe.py --tokenizer /root/smollm2-hf --data /root/data/alpaca_2000.json   # H200
     python benchmarks/nan_grad_probe.py --device cpu --layers 2 --batch-size 2 --max-length 128 \\
@@ -52,7 +59,7 @@ SHAPE_13B = dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=
 SHAPE_TINY = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=4,
                   max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False)
 VARIANTS = ("cli", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash", "no-cudnn", "no-mask", "eager", "plain-loss",
-            "full-exit", "bf16-adapters", "no-autocast")
+            "full-exit", "bf16-adapters", "no-autocast", "float32")
 
 
 def build(args, tokenizer):
@@ -113,6 +120,50 @@ class Blame:
             h.remove()
 
 
+class Trace:
+    """Per submodule of one layer: its output and output gradient, finite or not, largest magnitude, and
+    how many non-finite elements are at padded positions (`pad`: [batch, seq] bool)."""
+
+    def __init__(self, layer: torch.nn.Module, prefix: str, pad: torch.Tensor | None):
+        self.rows: dict[str, dict] = {}
+        self.pad = pad
+        self.handles = [m.register_forward_hook(self._post(f"{prefix}.{n}" if n else prefix))
+                        for n, m in layer.named_modules()]
+
+    def _stats(self, t: torch.Tensor) -> dict:
+        bad = ~torch.isfinite(t)
+        finite = t.detach().float().masked_fill(bad, 0)
+        row = {"finite": not bool(bad.any()), "max_abs": float(finite.abs().max()) if t.numel() else 0.0}
+        if bad.any() and self.pad is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(self.pad.shape):
+            per_pos = bad.reshape(*t.shape[:2], -1).any(-1)
+            row["bad_positions"], row["at_pad"] = int(per_pos.sum()), int((per_pos & self.pad).sum())
+        return row
+
+    def _post(self, name):
+        def hook(_module, _args, output):
+            y = output[0] if isinstance(output, tuple) else output
+            if not isinstance(y, torch.Tensor):
+                return
+            self.rows[name] = {"out": self._stats(y)}
+            if y.requires_grad:
+                y.register_hook(lambda g: self.rows[name].__setitem__("grad", self._stats(g)))
+        return hook
+
+    def table(self) -> list[str]:
+        lines = ["| module | output finite | max abs output | output grad finite | max abs output grad | non-finite at pad |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for name, r in self.rows.items():
+            g = r.get("grad", {})
+            at_pad = [f"{x['at_pad']}/{x['bad_positions']}" for x in (r["out"], g) if "bad_positions" in x]
+            lines.append(f"| {name} | {r['out']['finite']} | {r['out']['max_abs']:.4g} | {g.get('finite', '-')} | "
+                         f"{g.get('max_abs', float('nan')):.4g} | {', '.join(at_pad) or '-'} |")
+        return lines
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
 def set_attention(model, name: str) -> None:
     """Switch the attention implementation in place (transformers 5's own call where it has one)."""
     if hasattr(model, "set_attn_implementation"):
@@ -121,8 +172,9 @@ def set_attention(model, name: str) -> None:
         model.config._attn_implementation = name
 
 
-def one_step(variant: str, model, adapter, space, cfg, batch, device) -> dict:
-    """Step 1's forward and backward under `variant`; the gradients it left, summarised."""
+def one_step(variant: str, model, adapter, space, cfg, batch, device, trace_layer: int | None = None) -> dict:
+    """Step 1's forward and backward under `variant`; the gradients it left, summarised (with
+    `trace_layer`, also that layer's Trace table under "trace")."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = {"sdpa-math": SDPBackend.MATH, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -132,7 +184,7 @@ def one_step(variant: str, model, adapter, space, cfg, batch, device) -> dict:
     else:
         kernel = sdpa_kernel([backends[variant]]) if variant in backends else contextlib.nullcontext()
     # bf16 autocast as the loop has it on CUDA; on CPU too, so that a CPU run mirrors the CUDA step.
-    use_autocast = variant != "no-autocast"
+    use_autocast = variant not in ("no-autocast", "float32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
     run_cfg = cfg.model_copy(update={"loss_impl": "plain"}) if variant == "plain-loss" else cfg
     specs = [space.full()] if variant == "full-exit" else list(space.specs())
@@ -145,7 +197,13 @@ def one_step(variant: str, model, adapter, space, cfg, batch, device) -> dict:
             p.data = p.data.to(torch.bfloat16)
     if variant == "eager":
         set_attention(model, "eager")
+    low = [p for p in model.parameters() if p.dtype == torch.bfloat16]
+    if variant == "float32":
+        for p in low:  # exact both ways: every value came from bf16
+            p.data = p.data.float()
     layers = adapter.decoder_stack().layers
+    pad = batch["attention_mask"] == 0 if batch.get("attention_mask") is not None else None
+    trace = Trace(layers[trace_layer], f"layers.{trace_layer}", pad) if trace_layer is not None else None
     blame = Blame({**{f"layers.{i}.self_attn": l.self_attn for i, l in enumerate(layers)},
                    **{f"layers.{i}.mlp": l.mlp for i, l in enumerate(layers)},
                    **{f"layers.{i}": l for i, l in enumerate(layers)}})
@@ -169,10 +227,17 @@ def one_step(variant: str, model, adapter, space, cfg, batch, device) -> dict:
                   "first_bad_op": blame.culprit(),
                   "loss_grads_finite": all(feature_grads.values()) if feature_grads else None,
                   "max_abs_grad": max((float(g.abs().max()) for g in grads if torch.isfinite(g).all()), default=0.0)}
+        if trace is not None:
+            result["trace"] = trace.table()
     except (RuntimeError, ValueError) as exc:  # a backend that cannot run these inputs; out of memory
         result = {"variant": variant, "ok": False, "error": str(exc).strip().splitlines()[0][:160]}
     finally:
         blame.close()
+        if trace is not None:
+            trace.close()
+        if variant == "float32":
+            for p in low:
+                p.data = p.data.to(torch.bfloat16)
         if variant == "eager":
             set_attention(model, "sdpa")
         for p, data in zip(lora_params, saved):
@@ -194,6 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--tiny", action="store_true", help="a 256-wide model instead of the 13B width")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--trace-layer", type=int, help="trace this layer after the variants (default: the cli row's culprit)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -233,6 +299,16 @@ def run_variants(argv=None) -> list[dict]:
         print(f"{variant}: {json.dumps(r)}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "lengths": lengths, "results": results}, indent=2))
+    culprit = next((r["first_bad_op"] for r in results if r["variant"] == "cli" and r.get("ok")), "-")
+    layer = args.trace_layer if args.trace_layer is not None else \
+        int(culprit.split(".")[1]) if culprit.startswith("layers.") else None
+    if layer is not None:
+        traced = one_step("cli", model, adapter, space, cfg, batch, device, trace_layer=layer)
+        print(f"\ncli again, layer {layer} traced (forward order):", *traced.get("trace", [traced.get("error")]),
+              sep="\n", flush=True)
+        results.append({**traced, "variant": f"cli-trace-layer-{layer}"})
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "lengths": lengths, "results": results}, indent=2))
     return results
 
 
@@ -243,6 +319,8 @@ def main(argv=None) -> int:
           "| loss grads finite | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
+        if r["variant"].startswith("cli-trace"):
+            continue
         if not r["ok"]:
             print(f"| {r['variant']} | - | - | - | - | could not run: {r['error']} | - | {r['seconds']} |")
             continue

@@ -54,3 +54,37 @@ def test_blame_finds_nothing_in_a_clean_backward(tiny_llama):
     ids, mask = sample_batch()
     model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
     assert blame.culprit() == "-" and blame.events  # hooks fired, none non-finite
+
+
+def test_trace_names_the_inner_op_whose_backward_made_the_nan(tiny_llama):
+    model, _ = load_pretrained(str(tiny_llama))
+    attn = model.model.layers[2].self_attn
+    attn.o_proj.register_forward_hook(lambda _m, _a, out: _NanBackward.apply(out))  # o_proj's backward is broken
+    trace = probe.Trace(model.model.layers[2], "layers.2", None)
+    ids, mask = sample_batch()
+    model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+    trace.close()
+    rows = trace.rows
+    assert rows["layers.2.self_attn.o_proj"]["grad"]["finite"]  # its own output gradient is fine...
+    assert not rows["layers.2.self_attn.v_proj"]["grad"]["finite"]  # ...what flows out of it below is not
+    assert not rows["layers.2.input_layernorm"]["grad"]["finite"]
+    assert rows["layers.2.mlp.down_proj"]["grad"]["finite"]  # above the broken op, in backward order
+    assert any("self_attn.o_proj | True" in line for line in trace.table())
+
+
+def test_trace_counts_non_finite_outputs_at_padded_positions(tiny_llama):
+    model, _ = load_pretrained(str(tiny_llama))
+    ids, mask = sample_batch()
+    pad = mask == 0
+
+    def poison_pad(_m, _a, out):
+        return out.masked_fill(pad[..., None], float("nan"))
+
+    model.model.layers[1].mlp.register_forward_hook(poison_pad)
+    trace = probe.Trace(model.model.layers[1], "layers.1", pad)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    trace.close()
+    out = trace.rows["layers.1.mlp"]["out"]
+    assert not out["finite"] and out["bad_positions"] == out["at_pad"] == int(pad.sum()) > 0
+    assert trace.rows["layers.1.mlp.down_proj"]["out"]["finite"]  # the NaN was planted after it
