@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import manyinone
 from helpers import max_abs_diff, sample_batch
+from manyinone.core.adapter import ModelAdapter
 from manyinone.core.errors import ManyinoneError
 from manyinone.core.registry import adapter_for
 from manyinone.core.space import SubnetSpec
@@ -93,9 +94,21 @@ def test_block_with_lora_is_refused():
         TrainConfig(model="x", exit_heads="block", lora=8)
 
 
-def test_block_without_llama_style_layers_is_a_clear_error():
+def test_block_needs_an_adapter_that_builds_blocks(tiny_llama):
     norm, weight = torch.nn.Identity(), torch.randn(7, 4)
-    with pytest.raises(ManyinoneError, match="LLaMA-style decoder layers.*Linear"):
-        ExitHeads("block", [SubnetSpec(depth=1)], norm, weight, layers=[torch.nn.Linear(4, 4)] * 2)
-    with pytest.raises(ManyinoneError, match="needs the model's decoder layers"):
+    with pytest.raises(ManyinoneError, match="needs the model's adapter to build its blocks"):
         ExitHeads("block", [SubnetSpec(depth=1)], norm, weight)
+    adapter = adapter_for(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    with pytest.raises(ManyinoneError, match="serves depth exits only"):
+        ExitHeads("block", [SubnetSpec(depth=1, width=8)], norm, weight, adapter.exit_block)
+    with pytest.raises(ManyinoneError, match=r"exit_heads='block' needs decoder layers.*'bare' adapter offers none"):
+        _BareAdapter.exit_block(_BareAdapter.__new__(_BareAdapter), 1)
+
+
+class _BareAdapter(ModelAdapter):
+    """An adapter that keeps ModelAdapter's defaults for exit blocks."""
+
+    name = "bare"
+    model_types = ()
+    axes = ("depth",)
+    space = forward_nested = exit_logits = cost = extract = None

@@ -23,6 +23,12 @@ from manyinone.train.lean_loss import LinearHead
 __all__ = ["LlamaDepthAdapter", "truncate_config"]
 
 
+def _zero(linear: nn.Linear) -> None:
+    linear.weight.zero_()
+    if linear.bias is not None:
+        linear.bias.zero_()
+
+
 def truncate_config(config, depth: int):
     """A copy of an HF config with only the first `depth` decoder layers."""
     config = copy.deepcopy(config)
@@ -120,6 +126,29 @@ class LlamaDepthAdapter(ModelAdapter):
         if not isinstance(head, nn.Linear) or head.bias is not None:
             return None
         return LinearHead(norm=self.base.norm, weight=head.weight)
+
+    # --- exit blocks (exit_heads="block") ----------------------------------------------------
+    def exit_block(self, index: int) -> tuple[nn.Module, nn.Module]:
+        layer = self.base.layers[index]
+        norm, mlp = copy.deepcopy(layer.post_attention_layernorm), copy.deepcopy(layer.mlp)
+        with torch.no_grad():
+            _zero(mlp.down_proj)
+        return norm, mlp
+
+    def append_exit_block(self, sub: nn.Module, norm: nn.Module, mlp: nn.Module) -> None:
+        # A copy of sub's last layer with the block's norm and MLP and a zero attention output
+        # projection: its attention half adds exactly 0, so the export stays a plain HF model.
+        layers = sub.model.layers
+        depth = len(layers)
+        layer = copy.deepcopy(layers[-1])  # fresh tensors: extracted layers share theirs with the full model
+        layer.post_attention_layernorm, layer.mlp = copy.deepcopy(norm), copy.deepcopy(mlp)
+        with torch.no_grad():
+            _zero(layer.self_attn.o_proj)
+        layer.self_attn.layer_idx = depth  # its own KV-cache slot
+        layers.append(layer.requires_grad_(False))
+        sub.config.num_hidden_layers = depth + 1
+        if getattr(sub.config, "layer_types", None):  # per-layer attention kinds (e.g. Qwen2's sliding window)
+            sub.config.layer_types = [*sub.config.layer_types[:depth], sub.config.layer_types[depth - 1]]
 
     # --- runtime ---------------------------------------------------------------------------
     def decoder_stack(self) -> DecoderStack:

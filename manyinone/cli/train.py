@@ -51,7 +51,7 @@ def train(
     config: Optional[Path] = typer.Option(None, help="YAML file with TrainConfig fields"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config field: key=value"),
     recipe: Optional[str] = typer.Option(None, help="a measured preset, applied first (flags and --set win): "
-                                         + "; ".join(f"{n}: {d}" for n, (d, _) in RECIPES.items())),
+                                         + "; ".join(f"{n}: {d}" for n, (d, *_) in RECIPES.items())),
     quiet: bool = typer.Option(False, help="no progress bar"),
     report_to: Optional[list[str]] = typer.Option(None, "--report-to", help="also log metrics to tensorboard "
                                                   "and/or wandb (repeat the flag; metrics.jsonl is always written)"),

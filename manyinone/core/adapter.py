@@ -120,6 +120,16 @@ class ModelAdapter(ABC):
     def extract(self, spec: SubnetSpec) -> nn.Module:
         """A plain HF model computing exactly `spec`, sharing tensors with the wrapped model."""
 
+    def exit_block(self, index: int) -> tuple[nn.Module, nn.Module]:
+        """(norm, mlp) for exit_heads="block": fresh copies of decoder layer `index`'s feed-forward half
+        whose output is zero, so the block h + mlp(norm(h)) starts as the identity."""
+        raise ManyinoneError(f"exit_heads='block' needs decoder layers with a feed-forward half; the {self.name!r} "
+                             "adapter offers none (use exit_heads=translator)")
+
+    def append_exit_block(self, sub: nn.Module, norm: nn.Module, mlp: nn.Module) -> None:
+        """Append to extracted sub-model `sub` one plain decoder layer computing h + mlp(norm(h))."""
+        raise ManyinoneError(f"the {self.name!r} adapter cannot export exit blocks as decoder layers")
+
     def decoder_stack(self) -> DecoderStack:
         """The pieces the runtime's KV-cached decoding drives (`DecoderStack`); adapters whose
         models the runtime cannot drive keep this default, and the runtime refuses them in one line."""

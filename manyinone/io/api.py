@@ -20,7 +20,7 @@ from manyinone.core.adapter import ModelAdapter
 from manyinone.io.checkpoint import load_index, recover_interrupted, resolve, routed_plan, verify_checkpoint
 from manyinone.core.space import NestedSpace, SubnetSpec
 from manyinone.core.errors import ManyinoneError, first_line, resource_error
-from manyinone.train.exit_heads import ExitHeads, decoder_layers, module_path
+from manyinone.train.exit_heads import ExitHeads, block_maker, module_path
 from manyinone.io.loading import refuse_remote_code
 from manyinone.core.registry import adapter_for
 
@@ -62,7 +62,7 @@ class NestedModel:
         sub = self.adapter.extract(spec)
         if self.exit_heads is not None and spec in self.exit_heads:
             norm = self.adapter.linear_head().norm
-            sub = self.exit_heads.fold(sub, spec, module_path(self.model, norm))
+            sub = self.exit_heads.fold(sub, spec, module_path(self.model, norm), self.adapter.append_exit_block)
         return sub
 
 
@@ -98,8 +98,8 @@ def open_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     heads = None
     if "exit_heads" in index:
         shared = adapter.linear_head()
-        layers = decoder_layers(adapter, index["exit_heads"]["kind"])
-        heads = ExitHeads.load(path, index["exit_heads"], shared.norm, shared.weight, layers).eval()
+        heads = ExitHeads.load(path, index["exit_heads"], shared.norm, shared.weight,
+                               block_maker(adapter, index["exit_heads"]["kind"])).eval()
     token_router = None
     if "token_router" in index:
         from manyinone.elastic.token_router_io import load_token_router

@@ -24,7 +24,7 @@ The full depth never gets exit modules: it stays the model's own forward.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 import torch
@@ -80,21 +80,6 @@ class ResidualMLP(nn.Module):
         super().__init__()
         self.norm, self.mlp = norm, mlp
 
-    @classmethod
-    def from_layer(cls, layer: nn.Module, where: str) -> ResidualMLP:
-        """A copy of `layer`'s post-attention norm and MLP, the MLP's output zeroed (starts as the identity)."""
-        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if not hasattr(layer, "post_attention_layernorm") or not isinstance(down, nn.Linear) \
-                or not isinstance(getattr(getattr(layer, "self_attn", None), "o_proj", None), nn.Linear):
-            raise ManyinoneError(f"exit_heads='block' needs LLaMA-style decoder layers (post_attention_layernorm, "
-                                 f"mlp.down_proj, self_attn.o_proj); {where} is a {type(layer).__name__}")
-        block = cls(copy.deepcopy(layer.post_attention_layernorm), copy.deepcopy(layer.mlp))
-        with torch.no_grad():
-            block.mlp.down_proj.weight.zero_()
-            if block.mlp.down_proj.bias is not None:
-                block.mlp.down_proj.bias.zero_()
-        return block.requires_grad_(True)
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden + self.mlp(self.norm(hidden))
 
@@ -136,7 +121,7 @@ class ExitHeads(nn.Module):
     """
 
     def __init__(self, kind: str, specs: Iterable[SubnetSpec], norm: nn.Module, head_weight: torch.Tensor,
-                 layers: Sequence[nn.Module] | None = None) -> None:
+                 make_block: Callable[[int], tuple[nn.Module, nn.Module]] | None = None) -> None:
         super().__init__()
         if kind not in EXIT_HEAD_KINDS.names():
             raise ManyinoneError(f"exit_heads {kind!r} unknown; allowed {list(EXIT_HEAD_KINDS.names())} (or none)")
@@ -144,19 +129,18 @@ class ExitHeads(nn.Module):
         self.specs = list(specs)
         self.norms = nn.ModuleDict({_key(s): copy.deepcopy(norm) for s in self.specs})
         self.maps = nn.ParameterDict({_key(s): nn.Parameter(self._rule.initial_map(head_weight)) for s in self.specs})
-        self.blocks = nn.ModuleDict(self._blocks(layers) if getattr(self._rule, "needs_block", False) else {})
+        self.blocks = nn.ModuleDict(self._blocks(make_block) if getattr(self._rule, "needs_block", False) else {})
         self._shared = [head_weight]  # a list, so the shared head is not registered as our parameter
 
-    def _blocks(self, layers: Sequence[nn.Module] | None) -> dict[str, ResidualMLP]:
-        """Per exit, a copy of the feed-forward half of the first layer it skips (layers[depth])."""
-        if layers is None:
-            raise ManyinoneError(f"exit_heads={self.kind!r} needs the model's decoder layers")
+    def _blocks(self, make_block: Callable[[int], tuple[nn.Module, nn.Module]] | None) -> dict[str, ResidualMLP]:
+        """Per exit, the adapter's block from the first layer it skips (`make_block(depth)`: (norm, mlp))."""
+        if make_block is None:
+            raise ManyinoneError(f"exit_heads={self.kind!r} needs the model's adapter to build its blocks")
         blocks = {}
         for s in self.specs:
-            if set(s) != {"depth"} or not 0 < s["depth"] < len(layers):
-                raise ManyinoneError(f"exit_heads={self.kind!r} serves depth exits short of the full model only; "
-                                     f"got {s.label} with {len(layers)} layers")
-            blocks[_key(s)] = ResidualMLP.from_layer(layers[s["depth"]], f"layer {s['depth']}")
+            if set(s) != {"depth"}:
+                raise ManyinoneError(f"exit_heads={self.kind!r} serves depth exits only; got {s.label}")
+            blocks[_key(s)] = ResidualMLP(*make_block(s["depth"])).requires_grad_(True)
         return blocks
 
     def __contains__(self, spec: SubnetSpec) -> bool:
@@ -176,14 +160,18 @@ class ExitHeads(nn.Module):
         """[vocab, hidden]: one matrix giving the same logits from norm_k(h) as the exit's head."""
         return self._rule.folded_weight(self.maps[_key(spec)], self._shared[0])
 
-    def fold(self, sub: nn.Module, spec: SubnetSpec, norm_path: str) -> nn.Module:
+    def fold(self, sub: nn.Module, spec: SubnetSpec, norm_path: str,
+             append_block: Callable[[nn.Module, nn.Module, nn.Module], None] | None = None) -> nn.Module:
         """Give extracted sub-model `sub` this exit's norm (at `norm_path`) and an untied LM head."""
         # A fresh module, never a copy into the old one: extracted sub-models share their tensors
         # with the full model, so writing into the norm's weight would change the full model too.
         parent, _, leaf = norm_path.rpartition(".")
         setattr(sub.get_submodule(parent) if parent else sub, leaf, copy.deepcopy(self.norms[_key(spec)]))
-        if _key(spec) in self.blocks:
-            _append_block_layer(sub, self.blocks[_key(spec)], spec["depth"])
+        if _key(spec) in self.blocks:  # before the norm: the block runs between the last layer and it
+            if append_block is None:
+                raise ManyinoneError(f"exit {spec.label} has an exit block; folding it needs the adapter's append_exit_block")
+            block = self.blocks[_key(spec)]
+            append_block(sub, block.norm, block.mlp)
         head = sub.get_output_embeddings()
         head.weight = nn.Parameter(self.folded_head_weight(spec).to(head.weight.device), requires_grad=False)
         sub.config.tie_word_embeddings = False
@@ -200,14 +188,14 @@ class ExitHeads(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, entry: dict, norm: nn.Module, head_weight: torch.Tensor,
-             layers: Sequence[nn.Module] | None = None) -> ExitHeads:
+             make_block: Callable[[int], tuple[nn.Module, nn.Module]] | None = None) -> ExitHeads:
         name = entry.get("file", FILE)
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise ManyinoneError(f"checkpoint {str(folder)!r} names exit heads file {name!r}, which is not a file "
                                  "name inside the checkpoint")
         path = Path(folder) / name
         try:
-            heads = cls(entry["kind"], [SubnetSpec(s) for s in entry["specs"]], norm, head_weight, layers)
+            heads = cls(entry["kind"], [SubnetSpec(s) for s in entry["specs"]], norm, head_weight, make_block)
             state = load_file(str(path), device=str(head_weight.device))
             heads.load_state_dict({k: v.to(head_weight.dtype) for k, v in state.items()})
         except ManyinoneError:
@@ -218,11 +206,9 @@ class ExitHeads(nn.Module):
         return heads
 
 
-def decoder_layers(adapter, kind: str) -> Sequence[nn.Module] | None:
-    """The adapter's decoder layers when exit-head `kind` copies from them (None otherwise)."""
-    if not getattr(EXIT_HEAD_KINDS.get(kind), "needs_block", False):
-        return None
-    return adapter.decoder_stack().layers
+def block_maker(adapter, kind: str) -> Callable[[int], tuple[nn.Module, nn.Module]] | None:
+    """The adapter's `exit_block` when exit-head `kind` has blocks (None otherwise)."""
+    return adapter.exit_block if getattr(EXIT_HEAD_KINDS.get(kind), "needs_block", False) else None
 
 
 def for_adapter(adapter, kind: str, space) -> ExitHeads:
@@ -231,35 +217,7 @@ def for_adapter(adapter, kind: str, space) -> ExitHeads:
     if head is None or not isinstance(head.norm, nn.Module):
         raise ManyinoneError(f"exit_heads={kind!r} needs a norm + linear LM head; the {adapter.name!r} adapter has none")
     return ExitHeads(kind, [s for s in space.specs() if s != space.full()], head.norm, head.weight,
-                     decoder_layers(adapter, kind))
-
-
-def _append_block_layer(sub: nn.Module, block: ResidualMLP, depth: int) -> None:
-    """Append to `sub` (an extracted `depth`-layer HF model) one decoder layer computing h + block(h):
-    a copy of its last layer with the block's norm and MLP and a zero attention output projection, so
-    the attention half adds exactly 0 and the export stays a plain HF model of depth + 1 layers."""
-    stacks = [m for m in sub.modules() if isinstance(m, nn.ModuleList) and len(m) == depth
-              and all(hasattr(layer, "self_attn") for layer in m)]
-    if len(stacks) != 1:
-        raise ManyinoneError(f"cannot find the {depth} decoder layers of {type(sub).__name__} to append an exit block to")
-    layers = stacks[0]
-    layer = copy.deepcopy(layers[-1])  # fresh tensors: the extracted layers share theirs with the full model
-    layer.post_attention_layernorm = copy.deepcopy(block.norm)
-    layer.mlp = copy.deepcopy(block.mlp)
-    with torch.no_grad():
-        layer.self_attn.o_proj.weight.zero_()
-        if layer.self_attn.o_proj.bias is not None:
-            layer.self_attn.o_proj.bias.zero_()
-    for module in (layer, layer.self_attn):
-        if hasattr(module, "layer_idx"):
-            module.layer_idx = depth  # its own KV-cache slot
-    layer.requires_grad_(False)
-    layers.append(layer)
-    configs = [sub.config] + ([sub.config.get_text_config()] if hasattr(sub.config, "get_text_config") else [])
-    for config in {id(c): c for c in configs}.values():
-        config.num_hidden_layers = depth + 1
-        if getattr(config, "layer_types", None):
-            config.layer_types = [*config.layer_types[:depth], config.layer_types[depth - 1]]
+                     block_maker(adapter, kind))
 
 
 ATTRIBUTE = "manyinone_exit_heads"
