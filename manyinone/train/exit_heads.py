@@ -84,13 +84,6 @@ class ResidualMLP(nn.Module):
         return hidden + self.mlp(self.norm(hidden))
 
 
-@EXIT_HEAD_KINDS.register("block")
-class Block(Translator):
-    """own feed-forward block (h + mlp(norm(h)), from the next layer, zero-initialised output) + translator; exports as one more layer"""
-
-    needs_block = True
-
-
 @EXIT_HEAD_KINDS.register("head")
 class OwnHead:
     """own norm + own LM head, the SFT+heads baseline"""
@@ -106,6 +99,13 @@ class OwnHead:
     @staticmethod
     def folded_weight(weight: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         return weight.detach().clone()
+
+
+@EXIT_HEAD_KINDS.register("block")
+class Block(Translator):
+    """own feed-forward block (h + mlp(norm(h)), from the next layer, zero-initialised output) + translator; exports as one more layer"""
+
+    needs_block = True
 
 
 def _key(spec: SubnetSpec) -> str:
