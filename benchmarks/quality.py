@@ -112,14 +112,14 @@ RECIPES: dict[str, list[str]] = {
     # and the same over two epochs of gen16 (2,250 steps: does more of the same data still pay?).
     "agree-xl-block": ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16",
                        "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER, "--set", "exit_heads=block"],
+    "agree-xl2-block": ["--model", "@sft", *AGREE[:-4], "--epochs", "2", "--set", "mix_data=@gen16",
+                        "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER, "--set", "exit_heads=block"],
     # GKD-style on-policy rows on agree-xl (issue 19 item 3, never measured on the GPU): a quarter of
     # each micro-batch is continuations the full depth being trained samples itself, scored against
     # the teacher: the tokens that agreement and speculative acceptance are measured on.
     "agree-xl-onpolicy": ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16",
                           "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER,
                           "--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=128"],
-    "agree-xl2-block": ["--model", "@sft", *AGREE[:-4], "--epochs", "2", "--set", "mix_data=@gen16",
-                        "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER, "--set", "exit_heads=block"],
     # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
     "agree-pos": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                   "--set", "exit_positions=0.5"],

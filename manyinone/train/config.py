@@ -106,7 +106,7 @@ class TrainConfig(BaseModel):
     distill_temperature: float = Field(1.0, gt=0)
     exit_heads: str = Field(
         "none", description=f"per-exit modules: none (the model's own norm and head), {EXIT_HEAD_KINDS.summaries()}")
-    exit_heads_lr_scale: float = Field(1.0, gt=0, description="learning rate of the exit modules, as a multiple of lr")
+    exit_heads_lr_scale: float = Field(1.0, gt=0, description="learning rate of the exit modules, as a multiple of lr (exit blocks train at lr itself)")
     freeze_base: bool = Field(False, description="train only the exit modules (SFT+heads: run on an SFT checkpoint)")
     segment_lr_scales: list[float] | None = Field(
         None, description="depth: one lr multiple per exit for the layers after the previous exit up to it "

@@ -1,6 +1,6 @@
 """Per-exit modules between an exit's hidden state and the vocabulary.
 
-Two kinds, both optional (plain SoFT shares the model's own final norm and LM head at every exit),
+Three kinds, all optional (plain SoFT shares the model's own final norm and LM head at every exit),
 each registered in `core.registry.EXIT_HEAD_KINDS` (a new kind is one more registered class with
 the same three methods; its `linear_head` gives a LinearHead whose norm is an nn.Module, which the
 decode runtime holds in its compiled steps):
