@@ -116,10 +116,11 @@ RECIPES: dict[str, list[str]] = {
                         "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER, "--set", "exit_heads=block"],
     # GKD-style on-policy rows on agree-xl (issue 19 item 3, never measured on the GPU): a quarter of
     # each micro-batch is continuations the full depth being trained samples itself, scored against
-    # the teacher: the tokens that agreement and speculative acceptance are measured on.
+    # the teacher: the tokens that agreement and speculative acceptance are measured on. Each step
+    # samples up to 64 tokens for those rows before its forward (its cost is on_policy_s in metrics).
     "agree-xl-onpolicy": ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16",
                           "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER,
-                          "--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=128"],
+                          "--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=64"],
     # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
     "agree-pos": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                   "--set", "exit_positions=0.5"],
