@@ -144,3 +144,16 @@ def test_width_nested_checkpoints_need_a_slicing_adapter(tiny_llama):
     index = {"space": {"depth": {"total": 4, "choices": [4]}, "width": {"total": 128, "choices": [64, 128]}}}
     with pytest.raises(ManyinoneError, match=r"nests \['depth', 'width'\].*'llama-depth'.*serves depth only"):
         Runtime(model, index=index, adapter=LlamaDepthAdapter(model))
+
+
+def test_fit_batch_sizes_the_cache_limit_to_a_job(tiny_llama):
+    """A job-sized runtime (QA, distill-data) raises its cache limit to hold its batch; never lowers it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    rt = Runtime(model, max_len=64, graphs=False)
+    rt.max_cache_bytes = rt.cache_bytes(2)  # a cap of two rows
+    with pytest.raises(ManyinoneError, match="send fewer prompts at once"):
+        rt.runner(8)
+    assert rt.fit_batch(8) is rt and rt.max_cache_bytes == rt.cache_bytes(8)
+    assert rt.runner(8) is not None
+    rt.fit_batch(1)
+    assert rt.max_cache_bytes == rt.cache_bytes(8)

@@ -99,11 +99,7 @@ def qa_runtime(nested, prompts: list[list[int]], batch_size: int, max_new_tokens
     from manyinone.runtime import Runtime
 
     max_len = max(map(len, prompts)) + max_new_tokens
-    runtime = Runtime.from_nested(nested, max_len=max_len)
-    need = runtime.cache_bytes(min(batch_size, len(prompts)))
-    if need > runtime.max_cache_bytes:
-        runtime = Runtime.from_nested(nested, max_len=max_len, max_cache_mib=need / 2**20)
-    return runtime
+    return Runtime.from_nested(nested, max_len=max_len).fit_batch(min(batch_size, len(prompts)))
 
 
 def qa_answers(nested, space: NestedSpace, records: list[dict[str, Any]], template: str = "alpaca",

@@ -242,6 +242,12 @@ class Runtime:
         st = self.stack
         return 2 * st.num_layers * batch * st.kv_heads * self._cache_len() * st.head_dim * st.dtype.itemsize
 
+    def fit_batch(self, batch: int) -> "Runtime":
+        """Raise the cache limit (max_cache_mib) to hold `batch` rows at this context, for a job sized to
+        its own work (an evaluation, a sampling run) rather than a server with a memory cap to keep."""
+        self.max_cache_bytes = max(self.max_cache_bytes, self.cache_bytes(batch))
+        return self
+
     def _cache_len(self) -> int:
         return -(-self.max_len // 16) * 16  # a multiple of 16: what fused attention kernels want for an explicit mask
 

@@ -182,13 +182,11 @@ def runtime_sampler(model, tokenizer, template: str, max_new_tokens: int, temper
         return encode_prompt(record, tokenizer, template)
 
     prompts_of = lambda recs: [prompt_ids(r) for r in recs]  # noqa: E731
-    sizing = {}
     if records and batch_size:
         longest = max(len(p) for p in prompts_of(records))
-        sizing["max_len"] = longest + max_new_tokens
-        probe = Runtime(model, tokenizer, max_len=sizing["max_len"], max_cache_mib=2.0**40)
-        sizing["max_cache_mib"] = probe.cache_bytes(batch_size) / 2**20 + 1
-    runtime = Runtime(model, tokenizer, **sizing)
+        runtime = Runtime(model, tokenizer, max_len=longest + max_new_tokens).fit_batch(batch_size)
+    else:
+        runtime = Runtime(model, tokenizer)
 
     def sample(recs: list[dict[str, str]], seed: int) -> list[str]:
         out = runtime.generate(prompts_of(recs), None, max_new_tokens, Sampling(temperature, top_p, seed))
