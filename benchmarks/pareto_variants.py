@@ -8,7 +8,6 @@ variant's own `--variant-set NAME:KEY=VALUE` items.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import yaml
 
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.config import TrainConfig, load_config
+from manyinone.train.state import read_metrics
 from manyinone.train.loop import train
 
 # pareto.py's values of the TrainConfig fields its flags set, when the flag is not given: a `--set`
@@ -108,7 +108,7 @@ def config_file(cfg: TrainConfig) -> Path:
 
 def steps_seconds(run_dir: Path) -> tuple[int, float]:
     """(optimizer steps, their summed step time in s) from the run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    rows = read_metrics(run_dir)
     return len(rows), sum(r["step_time_s"] for r in rows)
 
 

@@ -176,7 +176,9 @@ def run(cmd: list[str], log: Path | None = None) -> None:
 
 
 def train_metrics(run_dir: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from manyinone.train.state import read_metrics
+
+    rows = read_metrics(run_dir)
     steady = rows[5:] or rows  # the first steps include allocator and kernel warm-up
     out = {"step_time_s": statistics.median(r["step_time_s"] for r in steady),
            "train_s": sum(r["step_time_s"] for r in rows),  # every step, across resumes: the GPU time of training

@@ -127,6 +127,12 @@ def write_config(output: Path, cfg: TrainConfig) -> None:
         raise write_failure(output, exc) from None
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every step's metrics of a run folder (its metrics.jsonl), in order: what benchmarks read."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def metrics_from(path: Path, start: int):
     """Open metrics.jsonl for appending, dropping lines of steps after `start` (a crashed run's tail,
     including a line a kill cut in half)."""
