@@ -1,4 +1,4 @@
-"""Per-exit modules (translators, SFT+heads): init, loss routing, checkpoint round trip, export folding."""
+"""Per-exit modules (translators, SFT+heads, feed-forward blocks): init, loss routing, checkpoint round trip, export folding."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import manyinone
 from helpers import max_abs_diff, sample_batch
 from manyinone.train.config import TrainConfig, load_config
 from manyinone.core.space import SubnetSpec
+from manyinone.core.adapter import ModelAdapter
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.exit_heads import ExitHeads, for_adapter
 from manyinone.io.export import export_all, export_budget
 from manyinone.train.lean_loss import LinearHead
 from manyinone.train.losses import nested_loss
 from manyinone.core.registry import adapter_for
-from manyinone.train.loop import train
+from manyinone.train.loop import _param_groups, train
 
 TOL = 1e-5
 
@@ -73,12 +74,37 @@ def test_nested_loss_takes_one_head_per_spec():
         assert max_abs_diff(x, y) <= 1e-5
 
 
+def _exit_heads_run(model: Path, tmp_path_factory, kind: str) -> Path:
+    """3 steps at a high lr with `kind` exit heads at exit 2 of 4, so that they move."""
+    out = tmp_path_factory.mktemp("runs") / kind
+    cfg = TrainConfig(model=str(model), exits=[2, 4], data="demo", max_steps=3, batch_size=4, lr=1e-2,
+                      exit_heads=kind, exit_heads_lr_scale=2.0, output=str(out))
+    return train(cfg, show_progress=False)
+
+
 @pytest.fixture(scope="module")
 def translator_run(tiny_llama_tied, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "translator"
-    cfg = TrainConfig(model=str(tiny_llama_tied), exits=[2, 4], data="demo", max_steps=3, batch_size=4, lr=1e-2,
-                      exit_heads="translator", exit_heads_lr_scale=2.0, output=str(out))
-    return train(cfg, show_progress=False)
+    return _exit_heads_run(tiny_llama_tied, tmp_path_factory, "translator")
+
+
+@pytest.fixture(scope="module")
+def block_run(tiny_llama_tied, tmp_path_factory) -> Path:
+    return _exit_heads_run(tiny_llama_tied, tmp_path_factory, "block")
+
+
+def _export_exit_2(run: Path, out: Path):
+    """(exported model, ids, mask, its logits, the nested exit's, manyinone.load's) for exit 2 of `run`."""
+    nested = manyinone.open_checkpoint(run)
+    spec = SubnetSpec(depth=2)
+    ids, mask = sample_batch()
+    with torch.no_grad():
+        expected = nested.exit_logits(spec, nested.adapter.forward_nested(ids, mask, [spec])[spec])
+    budget = next(e["relative"]["flops"] for e in nested.index["specs"] if e["spec"] == {"depth": 2})
+    exported = _model(export_budget(run, budget, out))
+    with torch.no_grad():
+        got = exported(input_ids=ids, attention_mask=mask).logits
+        served = manyinone.load(run, budget=budget)(input_ids=ids, attention_mask=mask).logits
+    return exported, ids, mask, got, expected, served
 
 
 def test_translator_run_trains_the_maps_and_keeps_the_full_model_plain(translator_run):
@@ -91,22 +117,14 @@ def test_translator_run_trains_the_maps_and_keeps_the_full_model_plain(translato
     assert not plain[1]["unexpected_keys"] and not plain[1]["missing_keys"]
 
 
-def test_exported_exit_with_translator_equals_the_nested_exit(translator_run, tmp_path):
-    nested = manyinone.open_checkpoint(translator_run)
-    spec = SubnetSpec(depth=2)
-    ids, mask = sample_batch()
-    with torch.no_grad():
-        expected = nested.exit_logits(spec, nested.adapter.forward_nested(ids, mask, [spec])[spec])
-    budget = next(e["relative"]["flops"] for e in nested.index["specs"] if e["spec"] == {"depth": 2})
-    out = export_budget(translator_run, budget, tmp_path / "b")
-    exported = _model(out)
-    assert exported.config.tie_word_embeddings is False and exported.config.num_hidden_layers == 2
-    with torch.no_grad():
-        got = exported(input_ids=ids, attention_mask=mask).logits
-        served = manyinone.load(translator_run, budget=budget)(input_ids=ids, attention_mask=mask).logits
+@pytest.mark.parametrize("run, layers", [("translator_run", 2), ("block_run", 3)])  # a block is one more layer
+def test_exported_exit_with_heads_equals_the_nested_exit(run, layers, request, tmp_path):
+    folder = request.getfixturevalue(run)
+    exported, _, mask, got, expected, served = _export_exit_2(folder, tmp_path / "b")
+    assert exported.config.tie_word_embeddings is False and exported.config.num_hidden_layers == layers
     assert max_abs_diff(got, expected, mask) <= TOL
     assert max_abs_diff(served, expected, mask) <= TOL
-    assert "exit_heads" not in manyinone.io.checkpoint.read_index(out)  # folded: nothing left to load
+    assert "exit_heads" not in manyinone.io.checkpoint.read_index(tmp_path / "b")  # folded: nothing left to load
 
 
 def test_export_all_keeps_the_exit_heads(translator_run, tmp_path):
@@ -168,3 +186,76 @@ def test_building_an_exit_sub_model_leaves_the_full_model_alone(translator_run):
     sub = nested.sub_model(SubnetSpec(depth=2))
     assert torch.equal(nested.model.model.norm.weight, norm_before)
     assert torch.equal(sub.model.norm.weight, nested.exit_heads.norms["depth_2"].weight)
+
+
+# --- exit_heads="block": a per-exit feed-forward block (h + mlp(norm(h))) before the translator ---
+
+def test_block_is_copied_from_the_first_skipped_layer_with_a_zero_output(tiny_llama):
+    adapter = adapter_for(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    heads = for_adapter(adapter, "block", adapter.space({"depth": [1, 2, 4]}))
+    layers = adapter.decoder_stack().layers
+    for depth in (1, 2):
+        block = heads.blocks[f"depth_{depth}"]
+        assert torch.equal(block.mlp.gate_proj.weight, layers[depth].mlp.gate_proj.weight)
+        assert block.mlp.gate_proj.weight.data_ptr() != layers[depth].mlp.gate_proj.weight.data_ptr()  # a copy
+        assert not block.mlp.down_proj.weight.any()
+        assert layers[depth].mlp.down_proj.weight.any()  # the model's own layer is untouched
+
+
+def test_block_run_trains_the_blocks_and_saves_them(block_run):
+    nested = manyinone.open_checkpoint(block_run)
+    assert nested.index["exit_heads"]["kind"] == "block"
+    assert nested.exit_heads.blocks["depth_2"].mlp.down_proj.weight.abs().max() > 0  # trained away from zero
+    plain = AutoModelForCausalLM.from_pretrained(block_run, dtype=torch.float32, output_loading_info=True)
+    assert not plain[1]["unexpected_keys"] and not plain[1]["missing_keys"]  # the blocks live beside, not inside
+
+
+def test_exported_block_layer_adds_nothing_through_attention_and_caches_like_any_layer(block_run, tmp_path):
+    exported, ids, _, _, _, _ = _export_exit_2(block_run, tmp_path / "b")
+    assert not exported.model.layers[2].self_attn.o_proj.weight.any()
+    with torch.no_grad():
+        # the appended layer has its own KV-cache slot: cached greedy decoding equals the uncached forward
+        prompt = ids[:1, :6]
+        cached = exported.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        seq = prompt
+        for _ in range(6):
+            seq = torch.cat([seq, exported(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(cached, seq)
+    nested = manyinone.open_checkpoint(block_run)  # the full model was left alone by the export
+    assert nested.model.config.num_hidden_layers == 4 and len(nested.model.model.layers) == 4
+
+
+def test_blocks_train_at_the_body_rate_and_translators_at_theirs(tiny_llama):
+    adapter = adapter_for(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    heads = for_adapter(adapter, "block", adapter.space({"depth": [2, 4]}))
+    cfg = TrainConfig(model=str(tiny_llama), exits=[2, 4], exit_heads="block", exit_heads_lr_scale=10.0)
+    groups = _param_groups(adapter.model, heads, cfg)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale[id(heads.maps["depth_2"])] == 10.0
+    assert scale[id(heads.blocks["depth_2"].mlp.up_proj.weight)] == 1.0
+    assert len(scale) == sum(len(g["params"]) for g in groups)  # no parameter in two groups
+
+
+def test_block_with_lora_is_refused():
+    with pytest.raises(ValueError, match="exit_heads='block'.*LoRA"):
+        TrainConfig(model="x", exit_heads="block", lora=8)
+
+
+def test_block_needs_an_adapter_that_builds_blocks(tiny_llama):
+    norm, weight = torch.nn.Identity(), torch.randn(7, 4)
+    with pytest.raises(ManyinoneError, match="needs the model's adapter to build its blocks"):
+        ExitHeads("block", [SubnetSpec(depth=1)], norm, weight)
+    adapter = adapter_for(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    with pytest.raises(ManyinoneError, match="serves depth exits only"):
+        ExitHeads("block", [SubnetSpec(depth=1, width=8)], norm, weight, adapter.exit_block)
+    with pytest.raises(ManyinoneError, match=r"exit_heads='block' needs decoder layers.*'bare' adapter offers none"):
+        _BareAdapter.exit_block(_BareAdapter.__new__(_BareAdapter), 1)
+
+
+class _BareAdapter(ModelAdapter):
+    """An adapter that keeps ModelAdapter's defaults for exit blocks."""
+
+    name = "bare"
+    model_types = ()
+    axes = ("depth",)
+    space = forward_nested = exit_logits = cost = extract = None
