@@ -293,12 +293,16 @@ def run_variants(argv=None) -> list[dict]:
           f"{[s.label for s in space.specs()]}; step-1 batch {tuple(batch['input_ids'].shape)}, row lengths {lengths} "
           f"(seq % 128 = {batch['input_ids'].shape[1] % 128}), template {cfg.template}", flush=True)
     results = []
+
+    def save() -> None:  # after every row, so a probe cut short keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "lengths": lengths, "results": results}, indent=2))
+
     for variant in args.variants.split(","):
         r = one_step(variant, model, adapter, space, cfg, batch, device)
         results.append(r)
         print(f"{variant}: {json.dumps(r)}", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "lengths": lengths, "results": results}, indent=2))
+        save()
     culprit = next((r["first_bad_op"] for r in results if r["variant"] == "cli" and r.get("ok")), "-")
     layer = args.trace_layer if args.trace_layer is not None else \
         int(culprit.split(".")[1]) if culprit.startswith("layers.") else None
@@ -307,8 +311,7 @@ def run_variants(argv=None) -> list[dict]:
         print(f"\ncli again, layer {layer} traced (forward order):", *traced.get("trace", [traced.get("error")]),
               sep="\n", flush=True)
         results.append({**traced, "variant": f"cli-trace-layer-{layer}"})
-        if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "lengths": lengths, "results": results}, indent=2))
+        save()
     return results
 
 

@@ -129,7 +129,7 @@ class ExitHeads(nn.Module):
         self.specs = list(specs)
         self.norms = nn.ModuleDict({_key(s): copy.deepcopy(norm) for s in self.specs})
         self.maps = nn.ParameterDict({_key(s): nn.Parameter(self._rule.initial_map(head_weight)) for s in self.specs})
-        self.blocks = nn.ModuleDict(self._blocks(make_block) if getattr(self._rule, "needs_block", False) else {})
+        self.blocks = nn.ModuleDict(self._blocks(make_block) if has_blocks(kind) else {})
         self._shared = [head_weight]  # a list, so the shared head is not registered as our parameter
 
     def _blocks(self, make_block: Callable[[int], tuple[nn.Module, nn.Module]] | None) -> dict[str, ResidualMLP]:
@@ -206,9 +206,14 @@ class ExitHeads(nn.Module):
         return heads
 
 
+def has_blocks(kind: str) -> bool:
+    """Whether registered exit-head `kind` puts a feed-forward block before each exit's head."""
+    return getattr(EXIT_HEAD_KINDS.get(kind), "needs_block", False)
+
+
 def block_maker(adapter, kind: str) -> Callable[[int], tuple[nn.Module, nn.Module]] | None:
     """The adapter's `exit_block` when exit-head `kind` has blocks (None otherwise)."""
-    return adapter.exit_block if getattr(EXIT_HEAD_KINDS.get(kind), "needs_block", False) else None
+    return adapter.exit_block if has_blocks(kind) else None
 
 
 def for_adapter(adapter, kind: str, space) -> ExitHeads:
