@@ -19,7 +19,7 @@ report() {
   shopt -s nullglob
   for f in results.md results.json quality.png; do cp "/root/quality/$f" "$OUT/" 2>/dev/null; done
   for r in /root/quality/*/; do
-    echo "== $r $(wc -l < "$r/metrics.jsonl" 2>/dev/null) steps"; tail -c 1500 "$r/log.txt" 2>/dev/null
+    echo "== $r $(wc -l 2>/dev/null < "$r/metrics.jsonl") steps"; tail -c 1500 "$r/log.txt" 2>/dev/null
   done > "$OUT/logs.txt"
   grep -h "steps$" "$OUT/logs.txt"
 }

@@ -12,7 +12,9 @@ mkdir -p /root/bg
 case "$verb" in
   start)
     rm -f "/root/bg/$name.rc"
-    setsid bash -c '"$@" > "/root/bg/$0.log" 2>&1; echo $? > "/root/bg/$0.rc"' "$name" "$@" < /dev/null &
+    # Every stream of the detached shell is redirected too: a held stdout would keep a caller's pipe
+    # (`gpu_agree.sh start ... | tail`) open until CMD ends, so the call would block instead of returning.
+    setsid bash -c '"$@" > "/root/bg/$0.log" 2>&1; echo $? > "/root/bg/$0.rc"' "$name" "$@" < /dev/null > /dev/null 2>&1 &
     echo "started $name (pid $!)"
     ;;
   wait)
