@@ -144,9 +144,10 @@ class Trace:
             y = output[0] if isinstance(output, tuple) else output
             if not isinstance(y, torch.Tensor):
                 return
-            self.rows[name] = {"out": self._stats(y)}
-            if y.requires_grad:
-                y.register_hook(lambda g: self.rows[name].__setitem__("grad", self._stats(g)))
+            calls = sum(1 for key in self.rows if key.split(" (call ")[0] == name)
+            row = self.rows[name if not calls else f"{name} (call {calls + 1})"] = {"out": self._stats(y)}
+            if y.requires_grad:  # its own row: a module called twice must not mix the two calls' gradients
+                y.register_hook(lambda g: row.__setitem__("grad", self._stats(g)))
         return hook
 
     def table(self) -> list[str]:
@@ -157,6 +158,52 @@ class Trace:
             at_pad = [f"{x['at_pad']}/{x['bad_positions']}" for x in (r["out"], g) if "bad_positions" in x]
             lines.append(f"| {name} | {r['out']['finite']} | {r['out']['max_abs']:.4g} | {g.get('finite', '-')} | "
                          f"{g.get('max_abs', float('nan')):.4g} | {', '.join(at_pad) or '-'} |")
+        return lines
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+class GradProfile:
+    """Per decoder layer, the size of its output and of its output's gradient, and where that gradient
+    peaks. The NaN is born as an overflow: a gradient that is finite but near bf16/float32's 3.4e38 turns
+    into inf in the next op, so `Blame`'s first finite-to-non-finite op names the victim; the layer where
+    the largest gradient jumps by orders of magnitude names the cause. One row per call of a layer."""
+
+    def __init__(self, layers, pad: torch.Tensor | None):
+        self.rows: list[dict] = []
+        self.pad = pad
+        self.handles = [layer.register_forward_hook(self._post(f"layers.{i}")) for i, layer in enumerate(layers)]
+
+    def _post(self, name):
+        def hook(_module, _args, output):
+            y = output[0] if isinstance(output, tuple) else output
+            if not isinstance(y, torch.Tensor) or y.dim() != 3:
+                return
+            with torch.no_grad():
+                rms = y.float().pow(2).mean(-1).sqrt()  # [batch, seq]: a tiny row makes RMSNorm's backward big
+            row = {"name": name, "max_abs": float(y.detach().float().abs().max()), "min_rms": float(rms.min())}
+            self.rows.append(row)
+            if y.requires_grad:
+                y.register_hook(lambda g: row.update(self._grad_stats(g)))
+        return hook
+
+    def _grad_stats(self, g: torch.Tensor) -> dict:
+        bad = ~torch.isfinite(g)
+        per_pos = g.detach().float().masked_fill(bad, 0).abs().amax(-1)  # [batch, seq]
+        flat = int(per_pos.argmax())
+        b, t = divmod(flat, per_pos.shape[1])
+        at_pad = bool(self.pad[b, t]) if self.pad is not None and tuple(self.pad.shape) == tuple(per_pos.shape) else None
+        return {"grad_max": float(per_pos.max()), "grad_at": f"{b},{t}" + (" (pad)" if at_pad else ""),
+                "grad_nonfinite": int(bad.sum())}
+
+    def table(self) -> list[str]:
+        lines = ["| layer | max abs output | min row rms | max abs output grad | at (row, position) | non-finite grad |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for r in self.rows:
+            lines.append(f"| {r['name']} | {r['max_abs']:.4g} | {r['min_rms']:.3g} | {r.get('grad_max', float('nan')):.3g} | "
+                         f"{r.get('grad_at', '-')} | {r.get('grad_nonfinite', '-')} |")
         return lines
 
     def close(self):
@@ -204,6 +251,7 @@ def one_step(variant: str, model, adapter, space, cfg, batch, device, trace_laye
     layers = adapter.decoder_stack().layers
     pad = batch["attention_mask"] == 0 if batch.get("attention_mask") is not None else None
     trace = Trace(layers[trace_layer], f"layers.{trace_layer}", pad) if trace_layer is not None else None
+    profile = GradProfile(layers, pad) if trace_layer is not None else None
     blame = Blame({**{f"layers.{i}.self_attn": l.self_attn for i, l in enumerate(layers)},
                    **{f"layers.{i}.mlp": l.mlp for i, l in enumerate(layers)},
                    **{f"layers.{i}": l for i, l in enumerate(layers)}})
@@ -229,12 +277,16 @@ def one_step(variant: str, model, adapter, space, cfg, batch, device, trace_laye
                   "max_abs_grad": max((float(g.abs().max()) for g in grads if torch.isfinite(g).all()), default=0.0)}
         if trace is not None:
             result["trace"] = trace.table()
+        if profile is not None:
+            result["profile"] = profile.table()
     except (RuntimeError, ValueError) as exc:  # a backend that cannot run these inputs; out of memory
         result = {"variant": variant, "ok": False, "error": str(exc).strip().splitlines()[0][:160]}
     finally:
         blame.close()
         if trace is not None:
             trace.close()
+        if profile is not None:
+            profile.close()
         if variant == "float32":
             for p in low:
                 p.data = p.data.to(torch.bfloat16)
@@ -310,6 +362,8 @@ def run_variants(argv=None) -> list[dict]:
         traced = one_step("cli", model, adapter, space, cfg, batch, device, trace_layer=layer)
         print(f"\ncli again, layer {layer} traced (forward order):", *traced.get("trace", [traced.get("error")]),
               sep="\n", flush=True)
+        print("\nthe same run, every layer's output and output gradient (forward order):",
+              *traced.get("profile", [traced.get("error")]), sep="\n", flush=True)
         results.append({**traced, "variant": f"cli-trace-layer-{layer}"})
         save()
     return results

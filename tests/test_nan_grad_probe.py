@@ -88,3 +88,43 @@ def test_trace_counts_non_finite_outputs_at_padded_positions(tiny_llama):
     out = trace.rows["layers.1.mlp"]["out"]
     assert not out["finite"] and out["bad_positions"] == out["at_pad"] == int(pad.sum()) > 0
     assert trace.rows["layers.1.mlp.down_proj"]["out"]["finite"]  # the NaN was planted after it
+
+
+class _ScaleBackward(torch.autograd.Function):
+    """Identity forward; the gradient times 1e6 backward: a layer whose Jacobian explodes."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e6
+
+
+def test_grad_profile_shows_the_layer_where_the_gradient_jumps(tiny_llama):
+    model, _ = load_pretrained(str(tiny_llama))
+    layers = model.model.layers
+    # On layer 2's input: its own output gradient stays normal, layer 1's (below it) is 1e6 times larger.
+    layers[2].register_forward_pre_hook(lambda _m, args: (_ScaleBackward.apply(args[0]), *args[1:]))
+    ids, mask = sample_batch()
+    profile = probe.GradProfile(layers, mask == 0)
+    model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+    profile.close()
+    grad = {r["name"]: r["grad_max"] for r in profile.rows}
+    assert list(grad) == [f"layers.{i}" for i in range(len(layers))]  # one row per call, forward order
+    assert grad["layers.1"] > 1e4 * grad["layers.2"]
+    assert grad["layers.2"] < 1e3 * grad["layers.3"]  # no jump above the exploding layer
+    assert all(r["grad_nonfinite"] == 0 and r["min_rms"] > 0 for r in profile.rows)
+    assert len(profile.table()) == 2 + len(layers)
+
+
+def test_trace_keeps_a_row_per_call_of_a_module(tiny_llama):
+    model, _ = load_pretrained(str(tiny_llama))
+    layer = model.model.layers[1]
+    trace = probe.Trace(layer, "layers.1", None)
+    ids, mask = sample_batch()
+    model(input_ids=ids, attention_mask=mask)
+    model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()  # only the second call has a backward
+    trace.close()
+    assert "grad" not in trace.rows["layers.1.mlp"] and "grad" in trace.rows["layers.1.mlp (call 2)"]
