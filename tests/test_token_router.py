@@ -303,8 +303,21 @@ def test_a_compiled_step_routes_the_same_tokens(token_run, char_tokenizer_module
     nested = open_checkpoint(token_run)
     budget = nested.index["token_routed"][0]["average"]
     plain = Runtime.from_nested(nested)
-    compiled = Runtime.from_nested(nested, compile_fn=lambda fn: compile_step(fn, "aot_eager"))
-    prompt = char_tokenizer_module("What is 2 plus 2?")["input_ids"]
-    want = plain.generate([prompt], budget=budget, max_new_tokens=6, stop_ids=set())
-    got = compiled.generate([prompt], budget=budget, max_new_tokens=6, stop_ids=set())
-    assert got.tokens == want.tokens and got.stats["plan_counts"] == want.stats["plan_counts"]
+    calls = []
+
+    def counted(fn):  # compile_step, counting the calls that reach a compiled step
+        step = compile_step(fn, "aot_eager")
+        return lambda *args: (calls.append(1), step(*args))[1]
+
+    compiled = Runtime.from_nested(nested, compile_fn=counted)
+    prompts = [char_tokenizer_module(t)["input_ids"] for t in ("What is 2 plus 2?", "Hi there")]
+    mixed = []
+    for batch in ([prompts[0]], prompts):  # one plan per step; then rows on different plans (mixed steps)
+        want = plain.generate(batch, budget=budget, max_new_tokens=6, stop_ids=set())
+        calls.clear()
+        got = compiled.generate(batch, budget=budget, max_new_tokens=6, stop_ids=set())
+        assert got.tokens == want.tokens and got.stats["plan_counts"] == want.stats["plan_counts"]
+        assert got.stats["mixed_steps"] == want.stats["mixed_steps"]
+        assert len(calls) == got.stats["steps"] - 1  # every decode step after prefill ran compiled, mixed ones too
+        mixed.append(got.stats["mixed_steps"])
+    assert mixed[0] == 0 and mixed[1] > 0  # the pair really ran rows on different plans at once

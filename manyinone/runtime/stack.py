@@ -276,31 +276,44 @@ class SegmentRunner:
         return None if slots_end is None else live_length(slots_end, self.cache.max_len)
 
     def __call__(self, start: int, end: int, inputs: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor,
-                 head: bool = True, slots_end: int | None = None,
-                 plan=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 head: bool = True, slots_end: int | None = None, plan=None,
+                 masked: tuple[Callable[[torch.Tensor], contextlib.AbstractContextManager], torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decode-shaped call (small q); see `LayerStack.run`. `slots_end`: one past the last query slot
         (of the furthest row, for per-row slots), when the caller knows it (attention then reads only the live bucket; default the whole cache).
         `plan`: the per-layer sizes (SubnetSpecs) of a sliced sub-network (None: full size).
+        `masked`: (apply, masks): the segment runs inside `apply(masks)` (the token router's per-row unit
+        masks over a union plan, an adapter's `masked`), masks an input like the others, so a recorded
+        graph reads each call's masks; compiled, it runs the same fused step with the mask hooks traced in.
         Prefill goes through `prefill`."""
         live = self.live_for(slots_end)
-        shapes = (tuple(inputs.shape), tuple(slots.shape), plan)  # [q] and per-row [batch, q] slots differ
+        mask_shape = None if masked is None else tuple(masked[1].shape)
+        shapes = (tuple(inputs.shape), tuple(slots.shape), plan, mask_shape)  # [q] and per-row [batch, q] slots differ
         fresh = self.compile_fn is not None and shapes not in self.shapes.get((start, end, head, live), ())
         if fresh:  # a new compiled variant: count it and time it apart from decoding
             self.log.admit(self.shapes.setdefault((start, end, head, live), set()), shapes, (start, end, head, live))
             self.stack.check_fused()
             begin = self.log.clock(inputs.device)
+        fn, args = self.step_fn(start, end, head, live), [inputs, slots, pad]
+        if masked is not None:
+            apply, segment = masked[0], fn
+            args.append(masked[1])
+
+            def fn(inputs, slots, pad, masks):
+                with apply(masks):
+                    return segment(inputs, slots, pad)
         if not self.graphs:
             with self.stack.sliced(plan):
-                out = self.step_fn(start, end, head, live)(inputs, slots, pad)
+                out = fn(*args)
         else:
-            key = (start, end, head, *shapes[:2], live, plan)
+            key = (start, end, head, *shapes[:2], live, plan, mask_shape)
             call = self.captured.get(key)
             if call is None:
                 # The plan's views exist only inside `sliced`: the graph records their addresses (views of
                 # the one copy of the weights), so replays need no slicing.
                 with self.stack.sliced(plan):
-                    call = self.captured[key] = CapturedCall(self.step_fn(start, end, head, live), [inputs, slots, pad])
-            out = call(inputs, slots, pad)
+                    call = self.captured[key] = CapturedCall(fn, args)
+            out = call(*args)
         if fresh:
             self.log.seconds += self.log.clock(inputs.device) - begin
         return out
