@@ -15,6 +15,7 @@ from manyinone.core.axes import as_plan
 from manyinone.core.space import SubnetSpec
 from manyinone.io.checkpoint import build_index
 from manyinone.runtime import Runtime
+from manyinone.runtime.cache import left_pad
 from manyinone.runtime.stack import compile_step
 from manyinone.testing import greedy_without_cache
 from manyinone_flextron import LlamaFlextronAdapter
@@ -96,6 +97,35 @@ def test_one_fused_step_equals_the_eager_layers(tiny_qwen2, plan):
         logits.append(out)
     assert logits[0].shape == logits[1].shape
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("plan", [None, PLAN])
+def test_one_masked_fused_step_equals_the_hooked_eager_layers(tiny_qwen2, plan):
+    """Per-row MLP-neuron masks (the token router's mixed steps): the fused forwards take them as an
+    argument, the eager layers through the adapter's mask hooks; one batched step agrees row by row."""
+    model = load(tiny_qwen2)
+    adapter = LlamaFlextronAdapter(model)
+    eager, fused = Runtime(model, adapter=adapter, max_len=96), fused_runtime(model, adapter)
+    depth, layer_plan = fused.target(spec=plan)
+    prompts = long_prompts(2, seed=27)
+    total = model.config.intermediate_size
+    keep = torch.tensor([[48], [16]])  # row 0 keeps 48 neurons of every layer, row 1 keeps 16
+    masks = (torch.arange(total) < keep).float()[:, None, None, :].expand(2, 1, model.config.num_hidden_layers, total)
+    apply = lambda m: adapter.masked({"width": m})  # noqa: E731
+    logits = []
+    for rt in (eager, fused):
+        run = rt.runner(2)
+        ids, pad = left_pad(prompts, 0, torch.device("cpu"))
+        width = ids.shape[1]
+        first = run.prefill(depth, ids, pad, layer_plan).argmax(-1)  # [2, 1]
+        _, out = run(0, depth, first, rt._slots[width: width + 1], pad, slots_end=width + 1, plan=layer_plan,
+                     masked=(apply, masks))
+        logits.append(out)
+    assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
+    _, unmasked = fused.runner(2)(0, depth, first, fused._slots[width: width + 1], pad, slots_end=width + 1,
+                                  plan=layer_plan)
+    assert (unmasked - logits[1]).abs().max().item() > 1e-3  # the masks changed the step
 
 
 def storage_bytes(model) -> int:

@@ -126,21 +126,27 @@ class FusedDecoderLayer:
         out, _ = function(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)
         return attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor, unit_mask: torch.Tensor | None = None) -> torch.Tensor:
         mlp = self.mlp
         keep = mlp.gate_proj.weight.shape[0]
         if keep == self.ffn:
             gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         else:
             gate, up = self._sections(x, self.gate_up_weight, self.gate_up_bias, self.ffn, keep)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
+        inner = mlp.act_fn(gate) * up  # [batch, q, keep]
+        if unit_mask is not None:  # [batch, q or 1, ffn]: its prefix of the kept length, as the width axis's mask hook
+            inner = inner * unit_mask[..., :keep].to(inner.dtype)
+        return mlp.down_proj(inner)
 
     def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids=None,
-                 use_cache: bool = True, position_embeddings=None, cache=None, past_key_values=None) -> torch.Tensor:
+                 use_cache: bool = True, position_embeddings=None, cache=None, past_key_values=None,
+                 unit_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`unit_mask`: per row (or token), a 0/1 scale of each MLP neuron (the token router's width masks),
+        an argument rather than a module hook so that a compiled step takes it as an input."""
         layer = self.layer
         cache = cache if cache is not None else past_key_values
         hidden = hidden + self.attention(layer.input_layernorm(hidden), attention_mask, position_embeddings, cache)
-        return hidden + self.feed_forward(layer.post_attention_layernorm(hidden))
+        return hidden + self.feed_forward(layer.post_attention_layernorm(hidden), unit_mask)
 
 
 class FusedLayers(list):

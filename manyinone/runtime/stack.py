@@ -147,14 +147,15 @@ class LayerStack:
     def run(self, cache: StaticKVCache, start: int, end: int, inputs: torch.Tensor, slots: torch.Tensor,
             pad: torch.Tensor, head: bool, last_only: bool = False,
             live: int | None = None, layers: Sequence[Callable] | None = None,
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            unit_masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layers [start, end) on `inputs` (token ids [batch, q] if start == 0, else hidden [batch, q, hidden]).
 
         Writes keys/values of those layers at `slots` ([q], or [batch, q] for per-row slots); attention
         reads the first `live` cache slots (default all; every query slot of every row must be below it).
         Returns (hidden after layer end-1 [batch, q, hidden], float32 logits [batch, q or 1, vocab]
         through the final norm and head, or None). `layers`: forwards called instead of the decoder layers
-        (the fused ones, `self.fused`), same signature; default the model's own.
+        (the fused ones, `self.fused`), same signature; default the model's own. `unit_masks`: [batch, q or 1,
+        layers, intermediate], each layer's MLP neurons scaled per row (only the fused forwards take it).
         """
         parts = self.parts
         layers = parts.layers if layers is None else layers
@@ -166,6 +167,8 @@ class LayerStack:
         full, sliding = attention_masks(slots, pad, cache.live, hidden.dtype, self.window)  # [batch, 1, q, live]
         for i in range(start, end):
             kwargs = {self.cache_arg: cache}
+            if unit_masks is not None:
+                kwargs["unit_mask"] = unit_masks[:, :, i]  # [batch, q or 1, intermediate]
             out = layers[i](hidden, attention_mask=sliding if self.sliding[i] else full,
                                  position_ids=positions, use_cache=True, position_embeddings=rotary, **kwargs)
             # transformers >= 5 returns a tensor from a decoder layer, older versions a tuple.
@@ -268,6 +271,29 @@ class SegmentRunner:
             self.compiled[key] = self.compile_fn(segment)
         return self.compiled[key]
 
+    def masked_step_fn(self, start: int, end: int, head: bool, live: int | None,
+                       apply: Callable[[torch.Tensor], contextlib.AbstractContextManager]) -> Callable:
+        """The function of (inputs, slots, pad, unit_masks) a per-row masked segment call runs: compiled
+        over the fused forwards, which take the masks as an argument (a compiled function of its own:
+        dynamo does not guard on module hooks, so hooks must never come and go around a shared one);
+        otherwise the plain layers inside `apply(unit_masks)`, the adapter's mask hooks."""
+        fused = self.stack.fused
+        if self.compile_fn is None or fused is None:
+            def hooked(inputs, slots, pad, masks):
+                with apply(masks):
+                    return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live)
+
+            return hooked
+
+        def segment(inputs, slots, pad, masks):
+            return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live, layers=fused,
+                                  unit_masks=masks)
+
+        key = (start, end, head, live, "masked")
+        if key not in self.compiled:
+            self.compiled[key] = self.compile_fn(segment)
+        return self.compiled[key]
+
     def _fn(self, start: int, end: int, head: bool) -> Callable:  # the earlier name, kept for callers of it
         return self.step_fn(start, end, head)
 
@@ -282,9 +308,9 @@ class SegmentRunner:
         """One decode-shaped call (small q); see `LayerStack.run`. `slots_end`: one past the last query slot
         (of the furthest row, for per-row slots), when the caller knows it (attention then reads only the live bucket; default the whole cache).
         `plan`: the per-layer sizes (SubnetSpecs) of a sliced sub-network (None: full size).
-        `masked`: (apply, masks): the segment runs inside `apply(masks)` (the token router's per-row unit
-        masks over a union plan, an adapter's `masked`), masks an input like the others, so a recorded
-        graph reads each call's masks; compiled, it runs the same fused step with the mask hooks traced in.
+        `masked`: (apply, unit_masks): the token router's per-row MLP-neuron masks over a union plan
+        ([batch, 1, layers, intermediate]; `apply` the adapter's `masked` for the unfused path), an input
+        like the others, so a recorded graph reads each call's masks (`masked_step_fn`).
         Prefill goes through `prefill`."""
         live = self.live_for(slots_end)
         mask_shape = None if masked is None else tuple(masked[1].shape)
@@ -294,14 +320,10 @@ class SegmentRunner:
             self.log.admit(self.shapes.setdefault((start, end, head, live), set()), shapes, (start, end, head, live))
             self.stack.check_fused()
             begin = self.log.clock(inputs.device)
-        fn, args = self.step_fn(start, end, head, live), [inputs, slots, pad]
-        if masked is not None:
-            apply, segment = masked[0], fn
-            args.append(masked[1])
-
-            def fn(inputs, slots, pad, masks):
-                with apply(masks):
-                    return segment(inputs, slots, pad)
+        if masked is None:
+            fn, args = self.step_fn(start, end, head, live), [inputs, slots, pad]
+        else:
+            fn, args = self.masked_step_fn(start, end, head, live, masked[0]), [inputs, slots, pad, masked[1]]
         if not self.graphs:
             with self.stack.sliced(plan):
                 out = fn(*args)
