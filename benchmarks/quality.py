@@ -51,6 +51,10 @@ AGREE_BIG = [*AGREE[:-4], "--set", "mix_data=@gen6", "--set", "mix_ratio=0.75"]
 G16_AS_GEN6 = ["--set", "mix_data=@gen16", "--set", "mix_rows=0:10800", "--set", "mix_ratio=0.75"]
 # The full depth leans on the teacher (KL x3) instead of labels x3.
 FULL_BY_TEACHER = ["--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"]
+# Round 5's best (`--recipe agree`): from the SFT run, one epoch of which 90% is gen16's samples.
+AGREE_XL = ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16", "--set", "mix_ratio=0.9",
+            *LR3, *FULL_BY_TEACHER]
+ON_POLICY = ["--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=64"]
 RECIPES: dict[str, list[str]] = {
     "sft": ["--exits", "30"],
     # SFT + early-exit heads (the Sorted-LLaMA paper's SFT+ICT): own norm + LM head per exit,
@@ -94,8 +98,7 @@ RECIPES: dict[str, list[str]] = {
     "agree-sharp": ["--model", "@sft", *AGREE_BIG, *LR3, *FULL_BY_TEACHER, "--set", "teacher_temperature=0.5"],
     "agree-init-reverse": ["--model", "@sft", *AGREE_BIG, *LR3, *FULL_BY_TEACHER, "--set", "teacher_kl=reverse"],
     # 16 samples per prompt, 90% of each epoch generated: one epoch is 1,125 steps (1.25x) over 2.7x the records.
-    "agree-xl": ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16", "--set", "mix_ratio=0.9",
-                 *LR3, *FULL_BY_TEACHER],
+    "agree-xl": AGREE_XL,
     # Round 5 candidates (not run yet), all on gen16 so that one data step feeds every row: its first
     # 10,800 records are 6 samples of each prompt (distill-data writes sample-major), i.e. gen6's draw.
     "agree-g16": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER],  # the reference
@@ -110,17 +113,17 @@ RECIPES: dict[str, list[str]] = {
                     "--set", "exit_heads=block"],
     # Round 6 candidates (not run yet): round 5's two gains together (all of gen16, exit blocks),
     # and the same over two epochs of gen16 (2,250 steps: does more of the same data still pay?).
-    "agree-xl-block": ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16",
-                       "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER, "--set", "exit_heads=block"],
+    "agree-xl-block": [*AGREE_XL, "--set", "exit_heads=block"],
     "agree-xl2-block": ["--model", "@sft", *AGREE[:-4], "--epochs", "2", "--set", "mix_data=@gen16",
                         "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER, "--set", "exit_heads=block"],
     # GKD-style on-policy rows on agree-xl (issue 19 item 3, never measured on the GPU): a quarter of
     # each micro-batch is continuations the full depth being trained samples itself, scored against
     # the teacher: the tokens that agreement and speculative acceptance are measured on. Each step
     # samples up to 64 tokens for those rows before its forward (its cost is on_policy_s in metrics).
-    "agree-xl-onpolicy": ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16",
-                          "--set", "mix_ratio=0.9", *LR3, *FULL_BY_TEACHER,
-                          "--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=64"],
+    "agree-xl-onpolicy": [*AGREE_XL, *ON_POLICY],
+    # The same rows sampled cool: agreement is scored on the full depth's greedy continuations, and
+    # temperature 1 spends the on-policy rows on text that greedy decoding never reaches.
+    "agree-xl-onpolicy-cool": [*AGREE_XL, *ON_POLICY, "--set", "on_policy_temperature=0.3"],
     # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
     "agree-pos": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                   "--set", "exit_positions=0.5"],
