@@ -211,6 +211,12 @@ class GradProfile:
             h.remove()
 
 
+def grad_size(g: torch.Tensor) -> float | str:
+    """The largest magnitude of a gradient, or how many of its elements are not finite."""
+    bad = int((~torch.isfinite(g)).sum())
+    return f"{bad} non-finite" if bad else float(g.abs().max())
+
+
 def set_attention(model, name: str) -> None:
     """Switch the attention implementation in place (transformers 5's own call where it has one)."""
     if hasattr(model, "set_attn_implementation"):
@@ -264,7 +270,7 @@ def one_step(variant: str, model, adapter, space, cfg, batch, device, trace_laye
             out = step_parts.exit_losses(run_cfg, adapter, space, None, weights, hidden, batch["labels"], None, 0, 0)
         feature_grads = {}
         for spec, h in hidden.items():
-            h.register_hook(lambda g, s=spec: feature_grads.__setitem__(s.label, bool(torch.isfinite(g).all())))
+            h.register_hook(lambda g, s=spec: feature_grads.__setitem__(s.label, grad_size(g)))
         out.total.backward()
         grads = [p.grad for p in lora_params if p.grad is not None]
         norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
@@ -273,7 +279,8 @@ def one_step(variant: str, model, adapter, space, cfg, batch, device, trace_laye
                   "ce": {s.label: round(float(v), 3) for s, v in out.ce.items()}, "grad_norm": norm,
                   "bad_params": len(bad), "of_params": len(grads), "deepest_bad": bad[-1] if bad else "-",
                   "first_bad_op": blame.culprit(),
-                  "loss_grads_finite": all(feature_grads.values()) if feature_grads else None,
+                  "loss_grads_finite": all(isinstance(v, float) for v in feature_grads.values()) if feature_grads else None,
+                  "loss_grads": feature_grads,
                   "max_abs_grad": max((float(g.abs().max()) for g in grads if torch.isfinite(g).all()), default=0.0)}
         if trace is not None:
             result["trace"] = trace.table()
@@ -369,11 +376,15 @@ def run_variants(argv=None) -> list[dict]:
     return results
 
 
+def exit_grads(grads: dict) -> str:
+    return ", ".join(f"{label} {v:.3g}" if isinstance(v, float) else f"{label} {v}" for label, v in grads.items())
+
+
 def main(argv=None) -> int:
     results = run_variants(argv)
     print("\nsame loss and grad_norm to the last bit as another row = the same SDPA kernel ran (e.g. cli = sdpa-cudnn)")
     print("\n| variant | loss | grad_norm | params with non-finite grad | deepest bad param | first op making NaN "
-          "| loss grads finite | s |")
+          "| grad at each exit's features (max abs) | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if r["variant"].startswith("cli-trace"):
@@ -382,7 +393,7 @@ def main(argv=None) -> int:
             print(f"| {r['variant']} | - | - | - | - | could not run: {r['error']} | - | {r['seconds']} |")
             continue
         print(f"| {r['variant']} | {r['loss']:.6f} | {r['grad_norm']:.7g} | {r['bad_params']} of {r['of_params']} | "
-              f"{r['deepest_bad']} | {r['first_bad_op']} | {r['loss_grads_finite']} | {r['seconds']} |")
+              f"{r['deepest_bad']} | {r['first_bad_op']} | {exit_grads(r['loss_grads'])} | {r['seconds']} |")
     return 0
 
 
