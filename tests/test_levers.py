@@ -176,6 +176,20 @@ def test_on_policy_samples_follow_the_current_weights(tiny_llama):
     assert sample(prompt, 0) == after
 
 
+def test_on_policy_sampler_keeps_one_cache_sized_to_its_largest_batch(tiny_llama):
+    from manyinone.runtime.generate import DEFAULT_MAX_CACHE_MIB
+    from manyinone.train.on_policy import runtime_sampler
+
+    model, tokenizer = load_pretrained(str(tiny_llama))
+    sample = runtime_sampler(model, tokenizer, max_new_tokens=4, temperature=1.0, max_len=64)
+    rt = sample.runtime
+    assert rt.max_cache_bytes == DEFAULT_MAX_CACHE_MIB * 2**20  # a bounded limit, not "keep every cache"
+    rt.max_cache_bytes = 1  # as if the default were too small for these batches
+    assert len(sample([[5, 6, 7]] * 3, 0)) == 3 and len(sample([[5, 6, 7]], 0)) == 1
+    assert rt.max_cache_bytes == rt.cache_bytes(3)  # raised to the largest batch asked
+    assert list(rt._runners) == [1]  # the 1-row cache replaced the 3-row one: not one cache per batch size
+
+
 def test_on_policy_needs_a_teacher():
     from manyinone.train.config import load_config
 

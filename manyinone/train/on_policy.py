@@ -64,15 +64,19 @@ def runtime_sampler(model, tokenizer, max_new_tokens: int, temperature: float, m
     from manyinone.runtime.generate import Runtime
     from manyinone.runtime.sampling import Sampling
 
-    runtime = Runtime(model, tokenizer, max_len=max_len + max_new_tokens, max_cache_mib=2.0**20)
+    runtime = Runtime(model, tokenizer, max_len=max_len + max_new_tokens)
     model.train()  # Runtime() puts the model in eval mode
 
     def sample(prompts: list[list[int]], seed: int) -> list[list[int]]:
         was_training = model.training
         model.eval()
         try:
+            # Sized to the largest batch asked so far: a smaller last batch evicts rather than adds a cache
+            # (an unbounded limit kept one cache per batch size beside the training step's memory).
+            runtime.fit_batch(len(prompts))
             return runtime.generate(prompts, None, max_new_tokens, Sampling(temperature, 1.0, seed)).tokens
         finally:
             model.train(was_training)
 
+    sample.runtime = runtime  # the caches it keeps, for a caller (or test) to inspect
     return sample
