@@ -48,7 +48,9 @@ class DecoderStack:
     fused_layers(): optional, an explicit opt-in the runtime performs only when its decode step is
     compiled (`Runtime(fused=True)`): it may re-home the layers' weights (as views, same values, no
     copy) and returns one decode forward per layer, called like the layers; None: the fused step
-    calls the layers themselves.
+    calls the layers themselves. The token router's mixed steps also pass `unit_mask=` ([batch, q or 1,
+    intermediate], a 0/1 scale of each MLP neuron per row), which a fused forward must apply before
+    the down projection.
     """
 
     embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
