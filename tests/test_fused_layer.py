@@ -113,11 +113,11 @@ def test_one_masked_fused_step_equals_the_hooked_eager_layers(tiny_qwen2, plan):
     keep = torch.tensor([[48], [16]])  # row 0 keeps 48 neurons of every layer, row 1 keeps 16
     masks = (torch.arange(total) < keep).float()[:, None, None, :].expand(2, 1, model.config.num_hidden_layers, total)
     apply = lambda m: adapter.masked({"width": m})  # noqa: E731
+    ids, pad = left_pad(prompts, 0, torch.device("cpu"))
+    width = ids.shape[1]
     logits = []
     for rt in (eager, fused):
         run = rt.runner(2)
-        ids, pad = left_pad(prompts, 0, torch.device("cpu"))
-        width = ids.shape[1]
         first = run.prefill(depth, ids, pad, layer_plan).argmax(-1)  # [2, 1]
         _, out = run(0, depth, first, rt._slots[width: width + 1], pad, slots_end=width + 1, plan=layer_plan,
                      masked=(apply, masks))

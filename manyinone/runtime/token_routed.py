@@ -7,8 +7,9 @@ the token's plan is a lookup in the budget's table. Then:
   captured call a static plan of that cost runs (one graph per plan);
 - rows on different plans: one step over the union of their plans (per layer the widest width),
   each row's extra neurons masked to zero, recorded as a CUDA graph per (batch, union) with the
-  masks as its input (the hooks read the masks at replay); with a compiled runtime, the plans' own
-  fused step with those hooks traced in (it was eager, and batch 8 ran at 0.77x of the static plan).
+  masks as its input (`SegmentRunner(masked=)`): with a compiled runtime, a fused compiled step of
+  its own that takes the masks as an argument (it was eager, and batch 8 ran at 0.77x of the static
+  plan); uncompiled, the adapter's mask hooks, which a recorded graph reads at replay.
 Prefill routes every prompt token the same way, as prefix masks over the budget's union plan.
 
 What this costs against a static plan: the next step cannot be launched before the host has read
