@@ -225,6 +225,16 @@ def test_exported_block_layer_adds_nothing_through_attention_and_caches_like_any
     assert nested.model.config.num_hidden_layers == 4 and len(nested.model.model.layers) == 4
 
 
+@pytest.mark.parametrize("run, costed_as", [("translator_run", 2), ("block_run", 3)])
+def test_the_index_costs_a_block_exit_as_the_layer_its_export_appends(run, costed_as, request):
+    nested = manyinone.open_checkpoint(request.getfixturevalue(run))
+    entry = next(e for e in nested.index["specs"] if e["spec"] == {"depth": 2})
+    cost = nested.adapter.cost(SubnetSpec(depth=costed_as), nested.index["context"])
+    full = next(e for e in nested.index["specs"] if e["spec"] == {"depth": 4})
+    assert entry["flops_per_token"] == cost.flops_per_token and entry["params"] == cost.params
+    assert entry["relative"]["flops"] < full["relative"]["flops"] == 1.0  # still below the full model's
+
+
 def test_blocks_train_at_the_body_rate_and_translators_at_theirs(tiny_llama):
     adapter = adapter_for(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
     heads = for_adapter(adapter, "block", adapter.space({"depth": [2, 4]}))

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 from safetensors import safe_open
@@ -119,14 +120,17 @@ def verify_checkpoint(folder: str | os.PathLike, what: str = "checkpoint", full:
 
 
 def build_index(adapter: ModelAdapter, space: NestedSpace, metric: str = "flops", context: int = 512,
-                **extra: Any) -> dict[str, Any]:
-    """The budget index: every spec of `space` with its absolute and relative cost."""
+                one_more_layer: Collection[SubnetSpec] = (), **extra: Any) -> dict[str, Any]:
+    """The budget index: every spec of `space` with its absolute and relative cost. `one_more_layer`:
+    depth exits that run one decoder layer more than their depth (an exit block, which the export
+    appends as a whole layer): costed as that deeper depth, so a budget stays an upper bound."""
     if metric not in METRICS:
         raise ManyinoneError(f"cost metric {metric!r} unknown; allowed {list(METRICS)}")
     full = adapter.cost(space.full(), context)
     specs = []
     for spec in space.specs():
-        cost = adapter.cost(spec, context)
+        costed = SubnetSpec(depth=spec["depth"] + 1) if spec in one_more_layer else spec
+        cost = adapter.cost(costed, context)
         specs.append({"spec": spec.to_dict(), **cost.to_dict(), "relative": cost.relative_to(full)})
     return {"format": FORMAT, "adapter": adapter.name, "model_type": adapter.model.config.model_type,
             "space": space.to_dict(), "metric": metric, "context": context, "specs": specs, **extra}

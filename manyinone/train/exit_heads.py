@@ -143,6 +143,10 @@ class ExitHeads(nn.Module):
             blocks[_key(s)] = ResidualMLP(*make_block(s["depth"])).requires_grad_(True)
         return blocks
 
+    def with_blocks(self) -> list[SubnetSpec]:
+        """The exits that run a block: one decoder layer more than their depth once exported."""
+        return [s for s in self.specs if _key(s) in self.blocks]
+
     def __contains__(self, spec: SubnetSpec) -> bool:
         return _key(spec) in self.norms
 
