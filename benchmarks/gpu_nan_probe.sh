@@ -4,12 +4,13 @@
 # run's first batch of Alpaca rows) under variants that each remove one suspect, then the CUDA tests of
 # tests/gpu/test_lora_nan_gpu.py. Needs peft on the device, as a wheel here first:
 #   bash ../shared/tools/gpu-wheels.sh peft   (and carry .whl)
-# About 2 minutes on an H200; the traced layer, then the table, are the last lines before the pytest summary.
+# About 2 minutes on an H200; the traced layer, every layer's gradient profile, then the table, are the last
+# lines before the pytest summary (all of it is in $OUT/nan_grad_probe.log).
 set -uo pipefail
 source benchmarks/gpu_setup.sh
 python3 -c "import torch, peft; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'peft', peft.__version__)" 2>&1 | tail -1
 timeout -s TERM "${PROBE_TIMEOUT:-300}" python3 benchmarks/nan_grad_probe.py --tokenizer /root/smollm2-hf \
   --data /root/data/alpaca_2000.json --json "$OUT/nan_grad_probe.json" > "$OUT/nan_grad_probe.log" 2>&1
 echo "probe exit $?"
-grep -v "Failed to load\|Enum subclass\|warn" "$OUT/nan_grad_probe.log" | grep -v "^[a-z0-9-]*: {" | tail -75
+grep -v "Failed to load\|Enum subclass\|warn" "$OUT/nan_grad_probe.log" | grep -v "^[a-z0-9-]*: {" | tail -130
 timeout -s TERM 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_lora_nan_gpu.py 2>&1 | tail -15
