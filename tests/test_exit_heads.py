@@ -14,6 +14,7 @@ from manyinone.train.config import TrainConfig, load_config
 from manyinone.core.space import SubnetSpec
 from manyinone.core.adapter import ModelAdapter
 from manyinone.core.errors import ManyinoneError
+from manyinone.eval.session import load_for_eval
 from manyinone.train.exit_heads import ExitHeads, for_adapter
 from manyinone.io.export import export_all, export_budget
 from manyinone.train.lean_loss import LinearHead
@@ -233,6 +234,8 @@ def test_the_index_costs_a_block_exit_as_the_layer_its_export_appends(run, coste
     full = next(e for e in nested.index["specs"] if e["spec"] == {"depth": 4})
     assert entry["flops_per_token"] == cost.flops_per_token and entry["params"] == cost.params
     assert entry["relative"]["flops"] < full["relative"]["flops"] == 1.0  # still below the full model's
+    _, _, costs, _ = load_for_eval(str(request.getfixturevalue(run)), [2, 4], device="cpu")
+    assert costs["depth=2"] == entry["relative"]["flops"]  # `manyinone eval` reports the same cost
 
 
 def test_blocks_train_at_the_body_rate_and_translators_at_theirs(tiny_llama):

@@ -29,7 +29,9 @@ def load_for_eval(source: str, exits: list[int] | None, device: str = "auto"
         space = adapter.space({"depth": exits})
         nested = NestedModel(model, tokenizer, adapter, build_index(adapter, space))
     space = nested.adapter.space({"depth": exits}) if exits else nested.space
-    index = build_index(nested.adapter, space, metric=nested.index.get("metric", "flops"))
+    heads = nested.exit_heads
+    index = build_index(nested.adapter, space, metric=nested.index.get("metric", "flops"),
+                        one_more_layer=heads.with_blocks() if heads is not None else ())
     costs = {SubnetSpec(e["spec"]).label: e["relative"][index["metric"]] for e in index["specs"]}
     return nested, space, costs, dev
 
