@@ -321,3 +321,12 @@ def test_a_compiled_step_routes_the_same_tokens(token_run, char_tokenizer_module
         assert len(calls) == got.stats["steps"] - 1  # every decode step after prefill ran compiled, mixed ones too
         mixed.append(got.stats["mixed_steps"])
     assert mixed[0] == 0 and mixed[1] > 0  # the pair really ran rows on different plans at once
+    # Without fused forwards a mixed step runs eagerly through the mask hooks: same tokens, and it is
+    # not counted as a compiled variant.
+    unfused = Runtime.from_nested(nested, compile_fn=counted)
+    unfused.stack.fused = None
+    calls.clear()
+    assert unfused.generate(prompts, budget=budget, max_new_tokens=6, stop_ids=set()).tokens == want.tokens
+    assert len(calls) == got.stats["steps"] - 1 - got.stats["mixed_steps"]
+    admitted = [shape for shapes in unfused.runner(2).shapes.values() for shape in shapes]
+    assert admitted and all(mask is None for *_, mask in admitted)

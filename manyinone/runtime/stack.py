@@ -315,7 +315,9 @@ class SegmentRunner:
         live = self.live_for(slots_end)
         mask_shape = None if masked is None else tuple(masked[1].shape)
         shapes = (tuple(inputs.shape), tuple(slots.shape), plan, mask_shape)  # [q] and per-row [batch, q] slots differ
-        fresh = self.compile_fn is not None and shapes not in self.shapes.get((start, end, head, live), ())
+        # A masked step compiles only over fused forwards (masked_step_fn); otherwise it runs eagerly.
+        compiled = self.compile_fn is not None and (masked is None or self.stack.fused is not None)
+        fresh = compiled and shapes not in self.shapes.get((start, end, head, live), ())
         if fresh:  # a new compiled variant: count it and time it apart from decoding
             self.log.admit(self.shapes.setdefault((start, end, head, live), set()), shapes, (start, end, head, live))
             self.stack.check_fused()
