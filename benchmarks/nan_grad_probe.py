@@ -76,7 +76,17 @@ def build(args, tokenizer):
     return model
 
 
-class Blame:
+class Hooks:
+    """Module hooks that one probe registers (`handles`), all removed by `close()`."""
+
+    handles: list
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+class Blame(Hooks):
     """Finds the first module, in backward order, whose output gradient is finite but whose input
     gradient is not: tensor hooks on each watched module's first input and its output."""
 
@@ -115,12 +125,8 @@ class Blame:
                 return f"{name} (its output grad {'finite' if finite_out.get(name) else 'already non-finite'})"
         return "-"
 
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
-
-class Trace:
+class Trace(Hooks):
     """Per submodule of one layer: its output and output gradient, finite or not, largest magnitude, and
     how many non-finite elements are at padded positions (`pad`: [batch, seq] bool)."""
 
@@ -160,12 +166,8 @@ class Trace:
                          f"{g.get('max_abs', float('nan')):.4g} | {', '.join(at_pad) or '-'} |")
         return lines
 
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
-
-class GradProfile:
+class GradProfile(Hooks):
     """Per decoder layer, the size of its output and of its output's gradient, and where that gradient
     peaks. The NaN is born as an overflow: a gradient that is finite but near bf16/float32's 3.4e38 turns
     into inf in the next op, so `Blame`'s first finite-to-non-finite op names the victim; the layer where
@@ -205,10 +207,6 @@ class GradProfile:
             lines.append(f"| {r['name']} | {r['max_abs']:.4g} | {r['min_rms']:.3g} | {r.get('grad_max', float('nan')):.3g} | "
                          f"{r.get('grad_at', '-')} | {r.get('grad_nonfinite', '-')} |")
         return lines
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
 
 def grad_size(g: torch.Tensor) -> float | str:

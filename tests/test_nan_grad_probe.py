@@ -19,16 +19,27 @@ probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probe)
 
 
-class _NanBackward(torch.autograd.Function):
-    """Identity forward; a NaN gradient backward: an op whose backward is broken."""
+class _RewrittenBackward(torch.autograd.Function):
+    """Identity forward; backward passes on rewrite(grad): a planted fault in one op's backward."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, rewrite):
+        ctx.rewrite = rewrite
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return torch.full_like(grad, float("nan"))
+        return ctx.rewrite(grad), None
+
+
+def _nan_backward(x):
+    """An op whose backward is broken: its input gradient is all NaN."""
+    return _RewrittenBackward.apply(x, lambda g: torch.full_like(g, float("nan")))
+
+
+def _exploding_backward(x):
+    """A layer whose Jacobian explodes: its input gradient is 1e6 times its output gradient."""
+    return _RewrittenBackward.apply(x, lambda g: g * 1e6)
 
 
 @pytest.mark.parametrize("where", ["self_attn", "mlp"])
@@ -37,8 +48,8 @@ def test_blame_names_the_module_whose_backward_made_the_nan(tiny_llama, where):
     layers = model.model.layers
     target = getattr(layers[2], where)
     # Registered before the probe's hooks, so they see the poisoned op as part of the module.
-    target.register_forward_hook(lambda _m, _a, out: (_NanBackward.apply(out[0]), *out[1:])
-                                 if isinstance(out, tuple) else _NanBackward.apply(out))
+    target.register_forward_hook(lambda _m, _a, out: (_nan_backward(out[0]), *out[1:])
+                                 if isinstance(out, tuple) else _nan_backward(out))
     blame = probe.Blame({**{f"layers.{i}.self_attn": l.self_attn for i, l in enumerate(layers)},
                          **{f"layers.{i}.mlp": l.mlp for i, l in enumerate(layers)},
                          **{f"layers.{i}": l for i, l in enumerate(layers)}})
@@ -59,7 +70,7 @@ def test_blame_finds_nothing_in_a_clean_backward(tiny_llama):
 def test_trace_names_the_inner_op_whose_backward_made_the_nan(tiny_llama):
     model, _ = load_pretrained(str(tiny_llama))
     attn = model.model.layers[2].self_attn
-    attn.o_proj.register_forward_hook(lambda _m, _a, out: _NanBackward.apply(out))  # o_proj's backward is broken
+    attn.o_proj.register_forward_hook(lambda _m, _a, out: _nan_backward(out))  # o_proj's backward is broken
     trace = probe.Trace(model.model.layers[2], "layers.2", None)
     ids, mask = sample_batch()
     model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
@@ -90,23 +101,11 @@ def test_trace_counts_non_finite_outputs_at_padded_positions(tiny_llama):
     assert trace.rows["layers.1.mlp.down_proj"]["out"]["finite"]  # the NaN was planted after it
 
 
-class _ScaleBackward(torch.autograd.Function):
-    """Identity forward; the gradient times 1e6 backward: a layer whose Jacobian explodes."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * 1e6
-
-
 def test_grad_profile_shows_the_layer_where_the_gradient_jumps(tiny_llama):
     model, _ = load_pretrained(str(tiny_llama))
     layers = model.model.layers
     # On layer 2's input: its own output gradient stays normal, layer 1's (below it) is 1e6 times larger.
-    layers[2].register_forward_pre_hook(lambda _m, args: (_ScaleBackward.apply(args[0]), *args[1:]))
+    layers[2].register_forward_pre_hook(lambda _m, args: (_exploding_backward(args[0]), *args[1:]))
     ids, mask = sample_batch()
     profile = probe.GradProfile(layers, mask == 0)
     model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
