@@ -266,10 +266,7 @@ class SegmentRunner:
         def segment(inputs, slots, pad):
             return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live, layers=fused)
 
-        key = (start, end, head, live)
-        if key not in self.compiled:
-            self.compiled[key] = self.compile_fn(segment)
-        return self.compiled[key]
+        return self._compiled((start, end, head, live), segment)
 
     def masked_step_fn(self, start: int, end: int, head: bool, live: int | None,
                        apply: Callable[[torch.Tensor], contextlib.AbstractContextManager]) -> Callable:
@@ -289,7 +286,10 @@ class SegmentRunner:
             return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live, layers=fused,
                                   unit_masks=masks)
 
-        key = (start, end, head, live, "masked")
+        return self._compiled((start, end, head, live, "masked"), segment)
+
+    def _compiled(self, key: tuple, segment: Callable) -> Callable:
+        """compile_fn(segment), once per key: each key is its own compiled function (code object)."""
         if key not in self.compiled:
             self.compiled[key] = self.compile_fn(segment)
         return self.compiled[key]
