@@ -368,7 +368,7 @@ def _save_final(run: _Run, tokenizer, tuned, save: Callable[..., Path], dtype: t
             if trained_heads is not None:
                 exit_heads.attach(model, trained_heads)
             record["tuning"] = lora.describe(cfg.lora)
-        heads = getattr(model, exit_heads.ATTRIBUTE, None)
+        heads = run.exit_modules
         index = build_index(run.adapter, run.space, metric=cfg.cost_metric, train=record,
                             one_more_layer=heads.with_blocks() if heads is not None else ())
         final = (distributed.unsharded_copy(rt, model, lambda: load_pretrained(cfg.model, dtype=dtype)[0]) if rt.distributed
