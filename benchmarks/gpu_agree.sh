@@ -22,6 +22,8 @@ report() {
     echo "== $r $(wc -l 2>/dev/null < "$r/metrics.jsonl") steps"; tail -c 1500 "$r/log.txt" 2>/dev/null
   done > "$OUT/logs.txt"
   grep -h "steps$" "$OUT/logs.txt"
+  # Generated data comes back too (gpu_stage.sh stages it for a later session's call 1).
+  for d in /root/quality/gen*/; do test -f "$d/data.jsonl" && gzip -1 -c "$d/data.jsonl" > "$OUT/$(basename "$d").jsonl.gz"; done
 }
 if [ "$mode" = wait ]; then
   bash benchmarks/gpu_background.sh wait quality "${1:?seconds}"
@@ -44,5 +46,4 @@ timeout "${QUALITY_TIMEOUT:-540}" "${cmd[@]}" 2>&1 | grep -v "Loading weights\|W
 echo "quality.py exit: ${PIPESTATUS[0]}"
 tail -45 "$OUT/quality.log"
 report
-for d in /root/quality/gen*/; do test -f "$d/data.jsonl" && gzip -1 -c "$d/data.jsonl" > "$OUT/$(basename "$d").jsonl.gz"; done
 ls /root/quality

@@ -124,6 +124,9 @@ RECIPES: dict[str, list[str]] = {
     # The same rows sampled cool: agreement is scored on the full depth's greedy continuations, and
     # temperature 1 spends the on-policy rows on text that greedy decoding never reaches.
     "agree-xl-onpolicy-cool": [*AGREE_XL, *ON_POLICY, "--set", "on_policy_temperature=0.3"],
+    # Round 7: the full depth's anchor to the teacher at 10x instead of 3x (its share of the gradient
+    # against the four exits'), the lever aimed at the full depth's 0.07-nat and WikiText regression.
+    "agree-xl-full10": [*AGREE_XL, "--set", "teacher_full_weight=10"],
     # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
     "agree-pos": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                   "--set", "exit_positions=0.5"],
