@@ -22,8 +22,15 @@ report() {
     echo "== $r $(wc -l 2>/dev/null < "$r/metrics.jsonl") steps"; tail -c 1500 "$r/log.txt" 2>/dev/null
   done > "$OUT/logs.txt"
   grep -h "steps$" "$OUT/logs.txt"
-  # Generated data comes back too (gpu_stage.sh stages it for a later session's call 1).
-  for d in /root/quality/gen*/; do test -f "$d/data.jsonl" && gzip -1 -c "$d/data.jsonl" > "$OUT/$(basename "$d").jsonl.gz"; done
+  # Generated data comes back too, finished or not (gpu_stage.sh stages it for a later session's call
+  # 1; an unfinished one resumes there, so sampling time survives a lost machine).
+  for d in /root/quality/gen*/; do
+    g=$(basename "$d")
+    if [ -f "$d/data.jsonl" ]; then gzip -1 -c "$d/data.jsonl" > "$OUT/$g.jsonl.gz"
+    elif [ -f "$d/data.jsonl.partial" ]; then
+      gzip -1 -c "$d/data.jsonl.partial" > "$OUT/$g.partial.jsonl.gz" && cp "$d/data.jsonl.partial.json" "$OUT/$g.partial.json"
+    fi
+  done
 }
 if [ "$mode" = wait ]; then
   bash benchmarks/gpu_background.sh wait quality "${1:?seconds}"
