@@ -4,13 +4,17 @@
 # run's first batch of Alpaca rows) under variants that each remove one suspect, then the CUDA tests of
 # tests/gpu/test_lora_nan_gpu.py. Needs peft on the device, as a wheel here first:
 #   bash ../shared/tools/gpu-wheels.sh peft   (and carry .whl)
-# About 2 minutes on an H200; the traced layer, every layer's gradient profile, then the table, are the last
-# lines before the pytest summary (all of it is in $OUT/nan_grad_probe.log).
+# About 2 minutes on an H200. Per --init: the weight table, the traced layer, every layer's gradient
+# profile, then the variants' table (all of it in $OUT/nan_grad_probe_<init>.log); then the pytest summary.
 set -uo pipefail
 source benchmarks/gpu_setup.sh
 python3 -c "import torch, peft; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'peft', peft.__version__)" 2>&1 | tail -1
-timeout -s TERM "${PROBE_TIMEOUT:-300}" python3 benchmarks/nan_grad_probe.py --tokenizer /root/smollm2-hf \
-  --data /root/data/alpaca_2000.json --json "$OUT/nan_grad_probe.json" > "$OUT/nan_grad_probe.log" 2>&1
-echo "probe exit $?"
-grep -v "Failed to load\|Enum subclass\|warn" "$OUT/nan_grad_probe.log" | grep -v "^[a-z0-9-]*: {" | tail -130
+# Each --init in turn (PROBE_INITS): the model as from_config leaves it, then every weight drawn again
+# (explicit_init); the weight table printed first says whether from_config's init ran.
+for init in ${PROBE_INITS:-from-config explicit}; do
+  timeout -s TERM "${PROBE_TIMEOUT:-300}" python3 benchmarks/nan_grad_probe.py --tokenizer /root/smollm2-hf \
+    --data /root/data/alpaca_2000.json --init "$init" --variants "${PROBE_VARIANTS:-cli}" > "$OUT/nan_grad_probe_$init.log" 2>&1
+  echo "probe --init $init exit $?"
+  grep -v "Failed to load\|Enum subclass\|warn" "$OUT/nan_grad_probe_$init.log" | grep -v "^[a-z0-9-]*: {" | tail -40
+done
 timeout -s TERM 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_lora_nan_gpu.py 2>&1 | tail -15

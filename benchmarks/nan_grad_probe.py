@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,45 @@ def build(args, tokenizer):
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if args.init == "explicit":
+        explicit_init(model, config.initializer_range)
     return model
+
+
+@torch.no_grad()
+def explicit_init(model, std: float) -> None:
+    """Every weight drawn here, whatever from_config did: N(0, std) for linear and embedding weights (no
+    zeroed padding row), ones for norms, zero biases. Tells a bad init apart from a bad step."""
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif "RMSNorm" in type(module).__name__:
+            module.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def weight_report(model) -> list[str]:
+    """Per kind of weight (its name with the layer number dropped): std, largest magnitude, the share of
+    exact zeros and the number of all-zero rows, over every layer. A model whose init did not run shows
+    here as stds far from initializer_range, zeros or huge values."""
+    kinds: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        kinds.setdefault(re.sub(r"\.\d+\.", ".N.", name), []).append(p.detach())
+    lines = ["| weight | tensors | std | max abs | exact zeros | all-zero rows |", "| --- | --- | --- | --- | --- | --- |"]
+    for kind, ps in kinds.items():
+        n = sum(p.numel() for p in ps)
+        mean = sum(float(p.float().sum()) for p in ps) / n
+        var = sum(float((p.float() - mean).pow(2).sum()) for p in ps) / n
+        zeros = sum(int((p == 0).sum()) for p in ps)
+        rows = sum(int((p.reshape(p.shape[0], -1) == 0).all(-1).sum()) for p in ps if p.dim() >= 2)
+        lines.append(f"| {kind} | {len(ps)} | {var ** 0.5:.4g} | {max(float(p.abs().max()) for p in ps):.4g} | "
+                     f"{zeros / n:.3g} | {rows} |")
+    return lines
 
 
 class Hooks:
@@ -185,7 +224,11 @@ class GradProfile(Hooks):
                 return
             with torch.no_grad():
                 rms = y.float().pow(2).mean(-1).sqrt()  # [batch, seq]: a tiny row makes RMSNorm's backward big
-            row = {"name": name, "max_abs": float(y.detach().float().abs().max()), "min_rms": float(rms.min())}
+            flat = int(rms.argmin())
+            b, t = divmod(flat, rms.shape[1])
+            at_pad = bool(self.pad[b, t]) if self.pad is not None and tuple(self.pad.shape) == tuple(rms.shape) else False
+            row = {"name": name, "max_abs": float(y.detach().float().abs().max()), "min_rms": float(rms.min()),
+                   "min_rms_at": f"{b},{t}" + (" (pad)" if at_pad else "")}
             self.rows.append(row)
             if y.requires_grad:
                 y.register_hook(lambda g: row.update(self._grad_stats(g)))
@@ -201,10 +244,11 @@ class GradProfile(Hooks):
                 "grad_nonfinite": int(bad.sum())}
 
     def table(self) -> list[str]:
-        lines = ["| layer | max abs output | min row rms | max abs output grad | at (row, position) | non-finite grad |",
-                 "| --- | --- | --- | --- | --- | --- |"]
+        lines = ["| layer | max abs output | min row rms | at (row, position) | max abs output grad | at (row, position) "
+                 "| non-finite grad |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in self.rows:
-            lines.append(f"| {r['name']} | {r['max_abs']:.4g} | {r['min_rms']:.3g} | {r.get('grad_max', float('nan')):.3g} | "
+            lines.append(f"| {r['name']} | {r['max_abs']:.4g} | {r['min_rms']:.3g} | {r['min_rms_at']} | "
+                         f"{r.get('grad_max', float('nan')):.3g} | "
                          f"{r.get('grad_at', '-')} | {r.get('grad_nonfinite', '-')} |")
         return lines
 
@@ -317,6 +361,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a 256-wide model instead of the 13B width")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--trace-layer", type=int, help="trace this layer after the variants (default: the cli row's culprit)")
+    parser.add_argument("--init", choices=("from-config", "explicit"), default="from-config",
+                        help="explicit: draw every weight again after from_config (see explicit_init)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -335,6 +381,7 @@ def run_variants(argv=None) -> list[dict]:
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           + (f", cudnn {torch.backends.cudnn.version()}" if device.type == "cuda" else ""), flush=True)
     model = build(args, tokenizer)
+    print(f"weights after build (--init {args.init}):", *weight_report(model), sep="\n", flush=True)
     cfg = TrainConfig(model="probe", data=args.data, lora=LoraSettings(r=16), batch_size=args.batch_size,
                       max_length=args.max_length, output="/nonexistent")
     cfg = cfg.model_copy(update={"template": resolve_template(cfg.template, tokenizer)})
