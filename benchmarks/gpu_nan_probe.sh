@@ -9,9 +9,9 @@
 set -uo pipefail
 source benchmarks/gpu_setup.sh
 python3 -c "import torch, peft; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'peft', peft.__version__)" 2>&1 | tail -1
-# Each --init in turn (PROBE_INITS): the model as from_config leaves it, then every weight drawn again
-# (explicit_init); the weight table printed first says whether from_config's init ran.
-for init in ${PROBE_INITS:-from-config explicit}; do
+# Each --init in turn (PROBE_INITS): the model as from_config leaves it (its padding row zeroed), then
+# with only that row drawn (one_gpu_cli.build_base since 2026-12-03); `explicit` draws every weight again.
+for init in ${PROBE_INITS:-from-config padding-row}; do
   timeout -s TERM "${PROBE_TIMEOUT:-300}" python3 benchmarks/nan_grad_probe.py --tokenizer /root/smollm2-hf \
     --data /root/data/alpaca_2000.json --init "$init" --variants "${PROBE_VARIANTS:-cli}" > "$OUT/nan_grad_probe_$init.log" 2>&1
   echo "probe --init $init exit $?"

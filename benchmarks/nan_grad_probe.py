@@ -27,6 +27,13 @@ finite and their largest magnitudes, and how many non-finite elements sit at pad
 one op between a finite and a non-finite gradient is named (H200, session 2026-12-02: every row above
 pointed at layers.23.self_attn, with eager and math attention alike).
 
+The cause (H200 and CPU, 2026-12-03): the random model's embedding row for the token that begins every
+row was the padding row, which transformers zeroes. Position 0 then stays exactly zero in every layer, and
+RMSNorm's backward at zero multiplies its gradient by 1/sqrt(eps) per layer (`GradProfile`: min row RMS 0
+at position 0 in all 40 layers, the gradient x600-1500 per layer). `--init padding-row` draws that row
+as one_gpu_cli.build_base now does; `manyinone train` warns about such rows
+(train.nonfinite.zero_embedding_starts).
+
     python benchmarks/nan_grad_probe.py --tokenizer /root/smollm2-hf --data /root/data/alpaca_2000.json   # H200
     python benchmarks/nan_grad_probe.py --device cpu --layers 2 --batch-size 2 --max-length 128 \\
         --tokenizer TOKENIZER_FOLDER --data ../shared/assets/data/alpaca_2000.json                          # CPU
@@ -76,6 +83,10 @@ def build(args, tokenizer):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     if args.init == "explicit":
         explicit_init(model, config.initializer_range)
+    elif args.init == "padding-row":  # what one_gpu_cli.build_base now builds
+        from one_gpu_cli import draw_padding_row
+
+        draw_padding_row(model, config.initializer_range)
     return model
 
 
@@ -361,8 +372,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a 256-wide model instead of the 13B width")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--trace-layer", type=int, help="trace this layer after the variants (default: the cli row's culprit)")
-    parser.add_argument("--init", choices=("from-config", "explicit"), default="from-config",
-                        help="explicit: draw every weight again after from_config (see explicit_init)")
+    parser.add_argument("--init", choices=("from-config", "padding-row", "explicit"), default="from-config",
+                        help="from-config: as transformers leaves it (padding row zeroed); padding-row: that row "
+                             "drawn too (one_gpu_cli.build_base); explicit: every weight drawn again (explicit_init)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]

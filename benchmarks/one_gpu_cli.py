@@ -72,6 +72,7 @@ def build_base(folder: Path, tokenizer_dir: str, tiny: bool, device: str, max_sh
     torch.manual_seed(0)
     with torch.device(device):  # parameters are allocated in bf16 where they live: no fp32 copy
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    draw_padding_row(model, config.initializer_range)
     dtypes = {str(p.dtype) for p in model.parameters()}
     n = sum(p.numel() for p in model.parameters())
     print(f"built {n / 1e9:.3f}B parameters on {device}, dtypes {sorted(dtypes)}", flush=True)
@@ -84,6 +85,19 @@ def build_base(folder: Path, tokenizer_dir: str, tiny: bool, device: str, max_sh
     partial.rename(folder)
     files = sorted(p.name for p in folder.glob("*.safetensors"))
     print(f"saved {folder}: {len(files)} safetensors file(s), {folder_gib(folder):.2f} GiB", flush=True)
+
+
+def draw_padding_row(model, std: float) -> None:
+    """Draw the embedding's padding row like every other row. transformers zeroes a fresh model's
+    padding_idx row; a pretrained checkpoint has no such row, and where the pad token also begins
+    every training row (SmolLM2's tokenizer as converted on the GPU machine) step 1's gradient
+    overflows to NaN (manyinone.train.nonfinite.zero_embedding_starts says why)."""
+    import torch
+
+    pad = getattr(model.get_input_embeddings(), "padding_idx", None)
+    if pad is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[pad].normal_(0.0, std)
 
 
 # ---------------------------------------------------------------- measuring

@@ -121,3 +121,56 @@ def test_nonfinite_grads_reads_every_gradient():
     a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
     a.grad, b.grad = torch.tensor([1.0, float("inf")]), torch.tensor([0.0, 1.0])  # c has no gradient
     assert nonfinite.nonfinite_grads([("a", a), ("b", b), ("c", c)]) == ["a"]
+
+
+# --- a known cause, checked before training: a row that begins with an all-zero embedding ----------
+def _deep_grad_at_start(zero_start: bool) -> float:
+    """Largest gradient reaching the embeddings of a 16-layer float32 model at position 0, whose token
+    (BOS) has its embedding row zeroed or left as drawn."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from helpers import BOS_ID, VOCAB_SIZE
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=16,
+                         num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    if zero_start:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[BOS_ID] = 0
+    ids = torch.cat([torch.tensor([[BOS_ID]]), torch.randint(4, VOCAB_SIZE, (1, 31))], dim=1)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    model(inputs_embeds=embeds, labels=ids).loss.backward()
+    return float(embeds.grad[0, 0].abs().max())
+
+
+def test_a_zero_embedding_at_the_row_start_grows_the_gradient_by_orders_of_magnitude():
+    # The 13B stand-in's NaN (benchmarks/RESULTS.md): the same model, the same tokens; only the BOS row differs.
+    drawn, zeroed = _deep_grad_at_start(False), _deep_grad_at_start(True)
+    assert math.isfinite(drawn) and drawn < 10
+    assert not math.isfinite(zeroed) or zeroed > 1e6 * drawn
+
+
+def test_training_warns_when_rows_begin_with_an_all_zero_embedding(tiny_llama, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from manyinone.train.batches import load_run_data
+
+    folder = tmp_path / "zero-bos"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    cfg = TrainConfig(model=str(folder), output=str(tmp_path / "run"), **FAST, max_steps=1)
+    firsts = {ex.input_ids[0] for ex in load_run_data(cfg, tokenizer, 1).unpacked}
+    assert nonfinite.zero_embedding_starts(model, firsts) == {}
+    with torch.no_grad():
+        for t in firsts:
+            model.get_input_embeddings().weight[t] = 0
+    assert set(nonfinite.zero_embedding_starts(model, firsts)) == firsts
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    capsys.readouterr()
+    loop.train(cfg, show_progress=False)
+    err = capsys.readouterr().err
+    assert "input embedding is all zeros" in err and f"id {min(firsts)} " in err
+    run(tiny_llama, tmp_path / "plain", max_steps=1)  # the same data on the drawn rows: no warning
+    assert "input embedding is all zeros" not in capsys.readouterr().err

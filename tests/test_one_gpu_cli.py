@@ -58,3 +58,16 @@ def test_the_table_shows_the_torch_peak_beside_nvidia_smi(tmp_path, capsys):
     driver.table()
     out = capsys.readouterr().out
     assert "| torch / proc / GPU GiB |" in out and "| 64.3 / 66.0 / 115.6 |" in out
+
+
+def test_the_built_base_has_no_zero_embedding_row(tmp_path):
+    # transformers zeroes the padding row; where the pad token also begins every row, step 1 was NaN
+    # (benchmarks/RESULTS.md, the 13B NaN): the stand-in draws that row like the others.
+    from helpers import make_char_tokenizer
+
+    make_char_tokenizer().save_pretrained(tmp_path / "tok")
+    one_gpu_cli.build_base(tmp_path / "base", str(tmp_path / "tok"), tiny=True, device="cpu", max_shard_size="5GB")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    weight = model.get_input_embeddings().weight
+    assert model.config.pad_token_id is not None
+    assert not bool((weight == 0).all(-1).any())

@@ -166,6 +166,9 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     # `auto` is settled here, once: train_config.yaml and the index record the template the run used.
     cfg = cfg.model_copy(update={"template": resolve_template(cfg.template, tokenizer)})
     data = load_run_data(cfg, tokenizer, rt.world)
+    warning = nonfinite.zero_start_warning(model, tokenizer, (ex.input_ids[0] for ex in data.unpacked if ex.input_ids))
+    if warning and rt.is_main:
+        print(warning, file=sys.stderr, flush=True)
     layers = _place(model, adapter, cfg, rt, device)
     optimizer = make_optimizer(cfg.optimizer, _param_groups(model, exit_modules, cfg, layers), cfg.lr, cfg.weight_decay,
                                device)

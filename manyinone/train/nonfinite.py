@@ -59,6 +59,40 @@ def nonfinite_grads(named_params: Iterable[tuple[str, torch.Tensor]]) -> list[st
     return bad
 
 
+def zero_embedding_starts(model, first_ids: Iterable[int]) -> dict[int, int]:
+    """Of the token ids that begin a training row (`first_ids`, one per row), those whose input
+    embedding is all zeros, with how many rows begin with each.
+
+    Such a position attends only to itself, so its hidden state stays exactly zero through every layer,
+    and every later token still reads its key and value. RMSNorm's backward at a zero vector scales the
+    gradient by 1/sqrt(eps) (316 at eps 1e-5), once per layer: in a 40-layer model the gradient passes
+    float32's range within a few layers and step 1 ends as NaN. transformers zeroes the padding row of a
+    freshly initialised model, so a random model whose pad token is also the BOS meets it; a
+    pretrained checkpoint normally has no zero row."""
+    counts: dict[int, int] = {}
+    for t in first_ids:
+        counts[t] = counts.get(t, 0) + 1
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    if not counts or weight is None or weight.is_meta:
+        return {}
+    ids = sorted(t for t in counts if 0 <= t < weight.shape[0])
+    with torch.no_grad():
+        zero = (weight.detach()[torch.tensor(ids, device=weight.device)] == 0).all(-1).tolist()
+    return {t: counts[t] for t, z in zip(ids, zero) if z}
+
+
+def zero_start_warning(model, tokenizer, first_ids: Iterable[int]) -> str | None:
+    """The warning `zero_embedding_starts` calls for, naming the tokens, or None."""
+    found = zero_embedding_starts(model, first_ids)
+    if not found:
+        return None
+    named = ", ".join(f"id {t} ({tokenizer.convert_ids_to_tokens(t)!r}, {n} rows)" for t, n in found.items())
+    return (f"warning: training rows begin with token(s) whose input embedding is all zeros: {named}; such a "
+            "position stays zero in every layer, and RMSNorm's backward at zero scales its gradient by "
+            "1/sqrt(eps) per layer, so a deep model's step 1 overflows to NaN; give the row values (e.g. a "
+            "random model's padding row drawn like the others) or begin rows with another token")
+
+
 def describe(step: int, metrics: Mapping[str, float], bad_metrics: list[str], bad_grads: list[str],
              shown: int = 3) -> str:
     """The one-line account of a non-finite step: which values, and which parameters' gradients.
