@@ -127,6 +127,11 @@ RECIPES: dict[str, list[str]] = {
     # Round 7: the full depth's anchor to the teacher at 10x instead of 3x (its share of the gradient
     # against the four exits'), the lever aimed at the full depth's 0.07-nat and WikiText regression.
     "agree-xl-full10": [*AGREE_XL, "--set", "teacher_full_weight=10"],
+    # Round 8 candidates (not run yet): round 7's two gains together (exit blocks for the exits, the
+    # full depth at 10x for itself and WikiText), and on-policy rows sampled cool on top of them.
+    "agree-xl-block-full10": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10"],
+    "agree-xl-block-full10-cool": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10",
+                                   *ON_POLICY, "--set", "on_policy_temperature=0.3"],
     # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
     "agree-pos": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                   "--set", "exit_positions=0.5"],
