@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from manyinone.core.errors import ManyinoneError
+from manyinone.runtime.attention import decode_attention
 from manyinone.runtime.cache import StaticKVCache, attention_masks, live_length, position_ids
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # both take an additive [batch, 1, q, keys] mask
@@ -111,6 +112,8 @@ class LayerStack:
         if not any(self.sliding):
             self.window = None
         self.head_dim, self.kv_heads = parts.head_dim, parts.kv_heads
+        heads = getattr(config, "num_attention_heads", None)
+        self.grouped = isinstance(heads, int) and self.kv_heads < heads  # GQA: decode_attention packs the queries
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self.fused: Sequence[Callable] | None = None  # the adapter's fused decode forwards, once `fuse` ran
@@ -130,6 +133,11 @@ class LayerStack:
         if shares is not None and not shares():
             raise ManyinoneError("the model's q/k/v or gate/up weights were moved or reloaded after the runtime fused "
                                  "them (e.g. model.to(), load_state_dict(assign=True)); build a new Runtime")
+
+    def decode_attention(self) -> contextlib.AbstractContextManager[None]:
+        """The block in which segment calls attend through `runtime.attention.grouped_sdpa` (GQA models
+        on SDPA): the KV cache is read once per KV head instead of copied to every query head."""
+        return decode_attention(self.model.config, self.grouped)
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         return StaticKVCache(self.num_layers, batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
@@ -327,7 +335,7 @@ class SegmentRunner:
         else:
             fn, args = self.masked_step_fn(start, end, head, live, masked[0]), [inputs, slots, pad, masked[1]]
         if not self.graphs:
-            with self.stack.sliced(plan):
+            with self.stack.sliced(plan), self.stack.decode_attention():
                 out = fn(*args)
         else:
             key = (start, end, head, *shapes[:2], live, plan, mask_shape)
@@ -335,7 +343,7 @@ class SegmentRunner:
             if call is None:
                 # The plan's views exist only inside `sliced`: the graph records their addresses (views of
                 # the one copy of the weights), so replays need no slicing.
-                with self.stack.sliced(plan):
+                with self.stack.sliced(plan), self.stack.decode_attention():
                     call = self.captured[key] = CapturedCall(fn, args)
             out = call(*args)
         if fresh:
@@ -346,7 +354,7 @@ class SegmentRunner:
         """Layers [0, end) on whole prompts ids [batch, prompt] at slots 0..prompt-1, eagerly (one call per
         request); returns float32 logits of the last position [batch, 1, vocab]."""
         slots = torch.arange(ids.shape[1], device=ids.device)  # [prompt]
-        with self.stack.sliced(plan):
+        with self.stack.sliced(plan), self.stack.decode_attention():
             _, logits = self.stack.run(self.cache, 0, end, ids, slots, pad, head=True, last_only=True,
                                        live=self.live_for(ids.shape[1]))
         return logits
