@@ -95,6 +95,28 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.allclose(probs, torch.tensor([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]))
 
 
+def test_top_p_on_candidates_equals_the_full_sort(monkeypatch):
+    from manyinone.runtime import sampling
+
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(64, 5000, generator=g) * 6  # the top 1024 hold 0.95 of every row
+    flat = torch.randn(64, 5000, generator=g) * 0.1  # they do not: the whole vocabulary is sorted
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES_FROM", 1)  # the candidate path on these small inputs
+    sorts = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorts.append(1) or real_sort(self, *a, **k))
+    for logits, expect_sort in ((peaked, 0), (flat, 1), (torch.cat([peaked, flat[:1]]), 1)):
+        probs = torch.softmax(logits, -1)
+        sorts.clear()
+        got = sampling.nucleus(probs, 0.95)
+        assert len(sorts) == expect_sort
+        sorted_probs, order = real_sort(probs, dim=-1, descending=True)
+        want = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (sorted_probs.cumsum(-1) - sorted_probs) < 0.95)
+        assert torch.equal(got, want)
+        kept = got.sum(-1)
+        assert int(kept.max()) > 1 and int(kept.max()) < probs.shape[-1]  # a real cut: not all, not only the top
+
+
 def test_masks_hide_padding_future_and_out_of_window_slots():
     full, sliding = attention_masks(torch.tensor([4, 5]), torch.tensor([0, 2]), 8, torch.float32, sliding_window=3)
     seen = full == 0  # [batch, 1, q, max_len]
