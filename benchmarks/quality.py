@@ -130,6 +130,7 @@ RECIPES: dict[str, list[str]] = {
     # Round 8 candidates (not run yet): round 7's two gains together (exit blocks for the exits, the
     # full depth at 10x for itself and WikiText), and on-policy rows sampled cool on top of them.
     "agree-xl-block-full10": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10"],
+    "agree-xl-block-full30": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=30"],
     "agree-xl-block-full10-cool": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10",
                                    *ON_POLICY, "--set", "on_policy_temperature=0.3"],
     # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
