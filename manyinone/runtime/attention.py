@@ -7,7 +7,7 @@ attention reads it again: 41% of `manyinone distill-data`'s GPU time on SmolLM2 
 (benchmarks/RESULTS.md, the sampler profile). Here the few queries of a decode or verify step are
 packed instead: a query head h = kv * groups + g (repeat_kv's order) becomes row g * q + t of its KV
 head, so SDPA runs on [batch, kv_heads, groups * q, head_dim] against the cache as it is, with the
-mask repeated per group (a few rows). The same kernels, no copy of the cache. Longer queries
+mask repeated per group (a few rows): SDPA itself, with no copy of the cache. Longer queries
 (prefill), models without grouping and anything unusual go to transformers' own SDPA function.
 
 Used only inside the runtime's segment calls (`decode_attention`), so training and every other caller

@@ -33,8 +33,8 @@ class Sampling:
 
 # Top-p looks among the most probable tokens first, on a distribution this large or larger (rows x
 # vocab): a sort of the whole vocabulary per row was 18% of distill-data's GPU time at batch 1,024
-# (benchmarks/RESULTS.md, the sampler profile). Smaller ones keep the plain sort, which is cheaper
-# there than the one host read the candidate check needs.
+# (benchmarks/RESULTS.md, the sampler profile). Smaller ones keep the plain sort: the candidate check
+# reads the device once, and at a few rows that wait would cost the decode loop its lead over the GPU.
 TOP_P_CANDIDATES = 1024
 TOP_P_CANDIDATES_FROM = 1 << 22
 

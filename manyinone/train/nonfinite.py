@@ -65,8 +65,8 @@ def zero_embedding_starts(model, first_ids: Iterable[int]) -> dict[int, int]:
 
     Such a position attends only to itself, so its hidden state stays exactly zero through every layer,
     and every later token still reads its key and value. RMSNorm's backward at a zero vector scales the
-    gradient by 1/sqrt(eps) (316 at eps 1e-5), once per layer: in a 40-layer model the gradient passes
-    float32's range within a few layers and step 1 ends as NaN. transformers zeroes the padding row of a
+    gradient by 1/sqrt(eps) (316 at eps 1e-5), once per layer: in a 40-layer model the gradient passed
+    float32's range 17 layers down and step 1 ended as NaN (benchmarks/RESULTS.md). transformers zeroes the padding row of a
     freshly initialised model, so a random model whose pad token is also the BOS meets it; a
     pretrained checkpoint normally has no zero row."""
     counts: dict[int, int] = {}

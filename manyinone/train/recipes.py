@@ -3,8 +3,8 @@
 A recipe is a set of TrainConfig values applied first; a config file, `--set` and flags given by
 the user win over it. Figures: SmolLM2-135M + Alpaca on one H200 (benchmarks/quality.py), where
 "gentle" is `manyinone-gentle` and "agree" is `agree-xl-block` (round 7: with 16 samples per prompt from
-`manyinone distill-data --samples 16`, started from the teacher itself, a feed-forward block per exit). The learning rates were tuned at
-135M only; docs/training.md says how to start at 7B or 13B.
+`manyinone distill-data --samples 16`, started from the teacher itself, a feed-forward block per exit).
+The learning rates were tuned at 135M only; docs/training.md says how to start at 7B or 13B.
 """
 
 from __future__ import annotations
