@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "adapters")]
+sys.path[:0] = [str(ROOT), str(ROOT / "adapters"), str(ROOT / "benchmarks")]
 
 from manyinone.core.registry import adapter_for  # noqa: E402
 from manyinone.train import distributed, lora, step_parts  # noqa: E402
