@@ -167,7 +167,8 @@ def main() -> None:
                          for part, rows in (("dev", args.eval_rows), ("holdout", args.holdout_rows)) if rows}
         # Per-exit modules (translators) score their own exits, as `manyinone eval` does.
         rows = {part: evaluate_exits(adapter, nested.space, examples, nested.tokenizer.pad_token_id, args.batch_size,
-                                     device, logits_for=nested.exit_logits) for part, examples in eval_sets.items()}
+                                     device, logits_for=nested.exit_logits,
+                                     forward=nested.forward_nested) for part, examples in eval_sets.items()}
         holdout = {r["spec"]: r["loss"] for r in rows.get("holdout", [])}
         by_label = {",".join(f"{k}={v}" for k, v in sorted(e["spec"].items())): e for e in index["specs"]}
         points = []

@@ -130,6 +130,9 @@ RECIPES: dict[str, list[str]] = {
     # Round 8 candidates (not run yet): round 7's two gains together (exit blocks for the exits, the
     # full depth at 10x for itself and WikiText), and on-policy rows sampled cool on top of them.
     "agree-xl-block-full10": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10"],
+    # Kangaroo's exit adapter itself: a whole decoder layer (attention + MLP) per exit instead of the block's
+    # MLP alone. Measured by forward passes (losses, agreement); the runtime does not serve such exits yet.
+    "agree-xl-layer": [*AGREE_XL, "--set", "exit_heads=layer"],
     "agree-xl-block-full30": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=30"],
     "agree-xl-block-full10-cool": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10",
                                    *ON_POLICY, "--set", "on_policy_temperature=0.3"],

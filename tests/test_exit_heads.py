@@ -1,4 +1,5 @@
-"""Per-exit modules (translators, SFT+heads, feed-forward blocks): init, loss routing, checkpoint round trip, export folding."""
+"""Per-exit modules (translators, SFT+heads, feed-forward blocks, decoder layers): init, loss routing,
+checkpoint round trip, export folding."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("kind", ["translator", "head", "block"])
+@pytest.mark.parametrize("kind", ["translator", "head", "block", "layer"])
 def test_fresh_exit_heads_equal_the_shared_head(tiny_llama, kind):
     """Initialised from the model's own norm and head, every exit's logits start unchanged."""
     adapter = adapter_for(_model(tiny_llama))
@@ -93,13 +94,18 @@ def block_run(tiny_llama_tied, tmp_path_factory) -> Path:
     return _exit_heads_run(tiny_llama_tied, tmp_path_factory, "block")
 
 
+@pytest.fixture(scope="module")
+def layer_run(tiny_llama_tied, tmp_path_factory) -> Path:
+    return _exit_heads_run(tiny_llama_tied, tmp_path_factory, "layer")
+
+
 def _export_exit_2(run: Path, out: Path):
     """(exported model, ids, mask, its logits, the nested exit's, manyinone.load's) for exit 2 of `run`."""
     nested = manyinone.open_checkpoint(run)
     spec = SubnetSpec(depth=2)
     ids, mask = sample_batch()
     with torch.no_grad():
-        expected = nested.exit_logits(spec, nested.adapter.forward_nested(ids, mask, [spec])[spec])
+        expected = nested.exit_logits(spec, nested.forward_nested(ids, mask, [spec])[spec])
     budget = next(e["relative"]["flops"] for e in nested.index["specs"] if e["spec"] == {"depth": 2})
     exported = _model(export_budget(run, budget, out))
     with torch.no_grad():
@@ -118,7 +124,8 @@ def test_translator_run_trains_the_maps_and_keeps_the_full_model_plain(translato
     assert not plain[1]["unexpected_keys"] and not plain[1]["missing_keys"]
 
 
-@pytest.mark.parametrize("run, layers", [("translator_run", 2), ("block_run", 3)])  # a block is one more layer
+# a block or a layer is one more decoder layer
+@pytest.mark.parametrize("run, layers", [("translator_run", 2), ("block_run", 3), ("layer_run", 3)])
 def test_exported_exit_with_heads_equals_the_nested_exit(run, layers, request, tmp_path):
     folder = request.getfixturevalue(run)
     exported, _, mask, got, expected, served = _export_exit_2(folder, tmp_path / "b")
@@ -226,7 +233,7 @@ def test_exported_block_layer_adds_nothing_through_attention_and_caches_like_any
     assert nested.model.config.num_hidden_layers == 4 and len(nested.model.model.layers) == 4
 
 
-@pytest.mark.parametrize("run, costed_as", [("translator_run", 2), ("block_run", 3)])
+@pytest.mark.parametrize("run, costed_as", [("translator_run", 2), ("block_run", 3), ("layer_run", 3)])
 def test_the_index_costs_a_block_exit_as_the_layer_its_export_appends(run, costed_as, request):
     nested = manyinone.open_checkpoint(request.getfixturevalue(run))
     entry = next(e for e in nested.index["specs"] if e["spec"] == {"depth": 2})
@@ -272,3 +279,66 @@ class _BareAdapter(ModelAdapter):
     model_types = ()
     axes = ("depth",)
     space = forward_nested = exit_logits = cost = extract = None
+
+
+# --- exit_heads="layer": a per-exit decoder layer (attention + MLP) before the translator ------------
+def test_exit_layer_is_copied_from_the_first_skipped_layer_with_zero_outputs(tiny_llama):
+    adapter = adapter_for(_model(tiny_llama))
+    heads = for_adapter(adapter, "layer", adapter.space({"depth": [1, 2, 4]}))
+    layers = adapter.model.model.layers
+    for depth in (1, 2):
+        layer = heads.layers[f"depth_{depth}"]
+        assert torch.equal(layer.self_attn.q_proj.weight, layers[depth].self_attn.q_proj.weight)
+        assert layer.self_attn.q_proj.weight.data_ptr() != layers[depth].self_attn.q_proj.weight.data_ptr()
+        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+
+
+def test_exit_layers_run_on_the_exit_with_its_mask_and_start_as_the_identity(tiny_llama):
+    from manyinone.train.exit_heads import forward_nested
+
+    adapter = adapter_for(_model(tiny_llama))
+    space = adapter.space({"depth": [2, 4]})
+    heads = for_adapter(adapter, "layer", space)
+    spec, full = SubnetSpec(depth=2), space.full()
+    ids, mask = sample_batch()
+    with torch.no_grad():
+        plain = adapter.forward_nested(ids, mask, [spec, full])
+        fresh = forward_nested(adapter, heads, ids, mask, [spec, full])
+        assert torch.equal(fresh[spec], plain[spec]) and torch.equal(fresh[full], plain[full])
+        for p in heads.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        moved = forward_nested(adapter, heads, ids, mask, [spec, full])
+        # by hand: the exit's layer after layer 2, with the mask, positions and rotary of the model's own call
+        sub = adapter.extract(spec)
+        adapter.append_exit_layer(sub, heads.layers["depth_2"])
+        sub.model.norm = torch.nn.Identity()
+        by_hand = sub(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(moved[full], plain[full])  # the main stream is untouched
+    assert max_abs_diff(moved[spec], plain[spec], mask) > 1e-3  # the layer now does something
+    assert max_abs_diff(moved[spec], by_hand, mask) <= TOL
+
+
+def test_layer_run_trains_the_layers_and_the_runtime_refuses_to_serve_them(layer_run):
+    from manyinone.runtime import Runtime
+
+    nested = manyinone.open_checkpoint(layer_run)
+    assert nested.index["exit_heads"]["kind"] == "layer"
+    assert nested.exit_heads.layers["depth_2"].self_attn.o_proj.weight.abs().max() > 0  # trained away from zero
+    plain = AutoModelForCausalLM.from_pretrained(layer_run, dtype=torch.float32, output_loading_info=True)
+    assert not plain[1]["unexpected_keys"] and not plain[1]["missing_keys"]  # the layers live beside, not inside
+    rt = Runtime.from_nested(nested, max_len=64)
+    assert len(rt.generate([[5, 6, 7]], max_new_tokens=4, stop_ids=set()).tokens[0]) == 4  # the full depth serves
+    budget = next(e["relative"]["flops"] for e in nested.index["specs"] if e["spec"] == {"depth": 2})
+    with pytest.raises(ManyinoneError, match="exit at depth 2 runs a decoder layer of its own.*manyinone export"):
+        rt.generate([[5, 6, 7]], budget=budget, max_new_tokens=4, stop_ids=set())
+
+
+def test_exit_layers_train_at_the_body_rate_and_lora_is_refused(tiny_llama):
+    adapter = adapter_for(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    heads = for_adapter(adapter, "layer", adapter.space({"depth": [2, 4]}))
+    cfg = TrainConfig(model=str(tiny_llama), exits=[2, 4], exit_heads="layer", exit_heads_lr_scale=10.0)
+    scale = {id(p): g["lr_scale"] for g in _param_groups(adapter.model, heads, cfg) for p in g["params"]}
+    assert scale[id(heads.maps["depth_2"])] == 10.0
+    assert scale[id(heads.layers["depth_2"].self_attn.k_proj.weight)] == 1.0
+    with pytest.raises(ValueError, match="exit_heads='layer'.*LoRA"):
+        TrainConfig(model="x", exit_heads="layer", lora=8)

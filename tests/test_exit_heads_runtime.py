@@ -1,4 +1,4 @@
-"""A checkpoint's exit heads (every registered kind) in the decode runtime, eager and fused (compiled):
+"""A checkpoint's exit heads (every registered kind the runtime serves) in the decode runtime, eager and fused (compiled):
 the same logits as the checkpoint's own exits, the same greedy tokens, and speculation whose drafts exit
 through the heads giving plain greedy's tokens in float32.
 
@@ -18,10 +18,12 @@ from manyinone.io.api import open_checkpoint
 from manyinone.runtime import Runtime
 from manyinone.runtime.stack import compile_step
 from manyinone.runtime.tune import measure_step_costs
-from manyinone.train.exit_heads import ExitHeads, for_adapter
+from manyinone.train.exit_heads import ExitHeads, for_adapter, has_layers
 from test_runtime import random_prompts
 
-KINDS = list(EXIT_HEAD_KINDS.names())
+# Every kind the runtime serves: an exit with a decoder layer of its own ("layer") is refused there until
+# the runtime keeps its KV cache (tests/test_exit_heads.py checks the refusal).
+KINDS = [k for k in EXIT_HEAD_KINDS.names() if not has_layers(k)]
 
 
 def whole_step(fn):

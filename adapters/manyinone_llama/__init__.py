@@ -150,6 +150,29 @@ class LlamaDepthAdapter(ModelAdapter):
         if getattr(sub.config, "layer_types", None):  # per-layer attention kinds (e.g. Qwen2's sliding window)
             sub.config.layer_types = [*sub.config.layer_types[:depth], sub.config.layer_types[depth - 1]]
 
+    # --- exit layers (exit_heads="layer") ----------------------------------------------------
+    def exit_layer(self, index: int) -> nn.Module:
+        types = getattr(self.base.config, "layer_types", None)
+        if isinstance(types, list) and index < len(types) and types[index] != types[index - 1]:
+            # It runs with the mask its exit's last layer got: a sliding window there, or not.
+            raise ManyinoneError(f"exit_heads='layer' at depth {index}: layer {index} is {types[index]!r} but layer "
+                                 f"{index - 1} is {types[index - 1]!r}; use exit_heads=block for this exit")
+        layer = copy.deepcopy(self.base.layers[index])
+        with torch.no_grad():
+            _zero(layer.self_attn.o_proj)
+            _zero(layer.mlp.down_proj)
+        return layer
+
+    def append_exit_layer(self, sub: nn.Module, layer: nn.Module) -> None:
+        layers = sub.model.layers
+        depth = len(layers)
+        new = copy.deepcopy(layer)
+        new.self_attn.layer_idx = depth  # its own KV-cache slot
+        layers.append(new.requires_grad_(False))
+        sub.config.num_hidden_layers = depth + 1
+        if getattr(sub.config, "layer_types", None):
+            sub.config.layer_types = [*sub.config.layer_types[:depth], sub.config.layer_types[depth - 1]]
+
     # --- runtime ---------------------------------------------------------------------------
     def decoder_stack(self) -> DecoderStack:
         base = self.base

@@ -132,6 +132,17 @@ class ModelAdapter(ABC):
         """Append to extracted sub-model `sub` one plain decoder layer computing h + mlp(norm(h))."""
         raise ManyinoneError(f"the {self.name!r} adapter cannot export exit blocks as decoder layers")
 
+    def exit_layer(self, index: int) -> nn.Module:
+        """A decoder layer for exit_heads="layer": a fresh copy of decoder layer `index` whose attention
+        and feed-forward outputs are zero, so it starts as the identity. It is called with the keyword
+        arguments of the exit's last layer (`train.exit_heads.forward_nested`)."""
+        raise ManyinoneError(f"exit_heads='layer' needs decoder layers it can copy; the {self.name!r} adapter "
+                             "offers none (use exit_heads=translator or block)")
+
+    def append_exit_layer(self, sub: nn.Module, layer: nn.Module) -> None:
+        """Append exit layer `layer` (a copy) to extracted sub-model `sub` as its last decoder layer."""
+        raise ManyinoneError(f"the {self.name!r} adapter cannot export exit layers as decoder layers")
+
     def decoder_stack(self) -> DecoderStack:
         """The pieces the runtime's KV-cached decoding drives (`DecoderStack`); adapters whose
         models the runtime cannot drive keep this default, and the runtime refuses them in one line."""

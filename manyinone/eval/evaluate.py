@@ -24,15 +24,18 @@ LogitsFn = Callable[[SubnetSpec, torch.Tensor], torch.Tensor]
 @torch.no_grad()
 def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Example], pad_id: int,
                    batch_size: int = 8, device: str | torch.device = "cpu", costs: dict[str, float] | None = None,
-                   show_progress: bool = False, logits_for: LogitsFn | None = None) -> list[dict[str, Any]]:
+                   show_progress: bool = False, logits_for: LogitsFn | None = None,
+                   forward: Callable[..., dict[SubnetSpec, torch.Tensor]] | None = None) -> list[dict[str, Any]]:
     """One row per spec: mean response-token loss, perplexity, top-1 accuracy (argmax == target),
     top-1 agreement and KL(full || spec).
 
     logits_for(spec, hidden) gives an exit's logits (default: the adapter's shared norm and head;
-    pass `NestedModel.exit_logits` for checkpoints with per-exit modules).
+    pass `NestedModel.exit_logits` for checkpoints with per-exit modules); forward(ids, mask, specs) the
+    hidden states (default the adapter's `forward_nested`; pass `NestedModel.forward_nested` with them).
     """
     specs, full = space.specs(), space.full()
     logits_for = logits_for or (lambda _spec, h: adapter.exit_logits(h))
+    forward = forward or adapter.forward_nested
     sums = {s: {"nll": 0.0, "agree": 0.0, "kl": 0.0, "hit": 0.0} for s in specs}
     count = 0
     adapter.model.eval()
@@ -42,7 +45,7 @@ def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Exa
         for i, start in enumerate(batches):
             batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
             with autocast:
-                hidden = adapter.forward_nested(batch["input_ids"], batch["attention_mask"], specs)
+                hidden = forward(batch["input_ids"], batch["attention_mask"], specs)
             full_feats, targets = supervised_positions(hidden[full], batch["labels"])
             full_logits = logits_for(full, full_feats).float()  # [tokens, vocab]
             full_logp = F.log_softmax(full_logits, -1)  # [tokens, vocab]

@@ -49,6 +49,14 @@ class NestedModel:
     def spec_for(self, budget: float | None) -> SubnetSpec:
         return resolve(self.index, budget)
 
+    def forward_nested(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       specs) -> dict[SubnetSpec, torch.Tensor]:
+        """Each spec's last hidden state (`adapter.forward_nested`), after the exit's own decoder layer
+        where it has one (exit_heads="layer"): what `exit_logits` takes."""
+        from manyinone.train.exit_heads import forward_nested
+
+        return forward_nested(self.adapter, self.exit_heads, input_ids, attention_mask, specs)
+
     def exit_logits(self, spec: SubnetSpec, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of `spec` from its last hidden state: its own exit modules if it has any."""
         if self.exit_heads is not None and spec in self.exit_heads:
@@ -62,7 +70,8 @@ class NestedModel:
         sub = self.adapter.extract(spec)
         if self.exit_heads is not None and spec in self.exit_heads:
             norm = self.adapter.linear_head().norm
-            sub = self.exit_heads.fold(sub, spec, module_path(self.model, norm), self.adapter.append_exit_block)
+            sub = self.exit_heads.fold(sub, spec, module_path(self.model, norm), self.adapter.append_exit_block,
+                                       self.adapter.append_exit_layer)
         return sub
 
 

@@ -228,9 +228,9 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _frozen_needs_heads(self) -> "TrainConfig":
-        if self.exit_heads == "block" and self.lora is not None:
-            raise ValueError("exit_heads='block' copies decoder layers, which LoRA wraps; use exit_heads=translator "
-                             "with --lora")
+        if self.exit_heads in ("block", "layer") and self.lora is not None:
+            raise ValueError(f"exit_heads={self.exit_heads!r} copies decoder layers, which LoRA wraps; use "
+                             "exit_heads=translator with --lora")
         if self.freeze_base and self.exit_heads == "none":
             raise ValueError("freeze_base=true trains only exit modules; set exit_heads to translator or head")
         if self.lora is not None and set(self.axes) - {"depth"}:

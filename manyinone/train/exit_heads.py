@@ -1,6 +1,6 @@
 """Per-exit modules between an exit's hidden state and the vocabulary.
 
-Three kinds, all optional (plain SoFT shares the model's own final norm and LM head at every exit),
+Four kinds, all optional (plain SoFT shares the model's own final norm and LM head at every exit),
 each registered in `core.registry.EXIT_HEAD_KINDS` (a new kind is one more registered class with
 the same three methods; its `linear_head` gives a LinearHead whose norm is an nn.Module, which the
 decode runtime holds in its compiled steps):
@@ -17,6 +17,12 @@ decode runtime holds in its compiled steps):
   from the first layer the exit skips with its down projection zeroed, so it starts as the plain
   translator. It exports as one more decoder layer whose attention output projection is zero, so
   exports stay plain HF models; being position-wise, it needs no KV cache in the runtime.
+- "layer" (Kangaroo's exit adapter itself: attention as well): a translator with one whole decoder
+  layer before it, copied from the first layer the exit skips with its attention output and down
+  projections zeroed, so it too starts as the plain translator. It runs on the exit's hidden states
+  with the call arguments (mask, positions, rotary) of the exit's last layer (`forward_nested`) and
+  exports as that decoder layer. Its attention needs a KV cache of its own, which the decode runtime
+  does not keep yet: it refuses to serve or draft from such an exit (serve the export instead).
 
 The full depth never gets exit modules: it stays the model's own forward.
 """
@@ -108,6 +114,13 @@ class Block(Translator):
     needs_block = True
 
 
+@EXIT_HEAD_KINDS.register("layer")
+class Layer(Translator):
+    """own decoder layer (attention + MLP, from the next layer, zero-initialised outputs) + translator; exports as one more layer; not served by the runtime yet"""
+
+    needs_layer = True
+
+
 def _key(spec: SubnetSpec) -> str:
     return spec.label.replace("=", "_").replace(",", "__")  # module names may not hold '=' or ','
 
@@ -121,7 +134,9 @@ class ExitHeads(nn.Module):
     """
 
     def __init__(self, kind: str, specs: Iterable[SubnetSpec], norm: nn.Module, head_weight: torch.Tensor,
-                 make_block: Callable[[int], tuple[nn.Module, nn.Module]] | None = None) -> None:
+                 make_block: Callable[[int], object] | None = None) -> None:
+        """`make_block(depth)`: the adapter's `exit_block` ((norm, mlp)) for kind "block", its
+        `exit_layer` (a decoder layer) for kind "layer" (`block_maker` picks it)."""
         super().__init__()
         if kind not in EXIT_HEAD_KINDS.names():
             raise ManyinoneError(f"exit_heads {kind!r} unknown; allowed {list(EXIT_HEAD_KINDS.names())} (or none)")
@@ -130,6 +145,7 @@ class ExitHeads(nn.Module):
         self.norms = nn.ModuleDict({_key(s): copy.deepcopy(norm) for s in self.specs})
         self.maps = nn.ParameterDict({_key(s): nn.Parameter(self._rule.initial_map(head_weight)) for s in self.specs})
         self.blocks = nn.ModuleDict(self._blocks(make_block) if has_blocks(kind) else {})
+        self.layers = nn.ModuleDict(self._layers(make_block) if has_layers(kind) else {})
         self._shared = [head_weight]  # a list, so the shared head is not registered as our parameter
 
     def _blocks(self, make_block: Callable[[int], tuple[nn.Module, nn.Module]] | None) -> dict[str, ResidualMLP]:
@@ -143,9 +159,31 @@ class ExitHeads(nn.Module):
             blocks[_key(s)] = ResidualMLP(*make_block(s["depth"])).requires_grad_(True)
         return blocks
 
+    def _layers(self, make_layer: Callable[[int], nn.Module] | None) -> dict[str, nn.Module]:
+        """Per exit, the adapter's decoder layer copied from the first layer it skips (`make_layer(depth)`)."""
+        if make_layer is None:
+            raise ManyinoneError(f"exit_heads={self.kind!r} needs the model's adapter to build its layers")
+        layers = {}
+        for s in self.specs:
+            if set(s) != {"depth"}:
+                raise ManyinoneError(f"exit_heads={self.kind!r} serves depth exits only; got {s.label}")
+            layers[_key(s)] = make_layer(s["depth"]).requires_grad_(True)
+        return layers
+
     def with_blocks(self) -> list[SubnetSpec]:
-        """The exits that run a block: one decoder layer more than their depth once exported."""
-        return [s for s in self.specs if _key(s) in self.blocks]
+        """The exits that run a block or a layer of their own: one decoder layer more than their depth
+        once exported."""
+        return [s for s in self.specs if _key(s) in self.blocks or _key(s) in self.layers]
+
+    def with_layers(self) -> list[SubnetSpec]:
+        """The exits with a decoder layer of their own (kind "layer"): the runtime cannot serve them yet."""
+        return [s for s in self.specs if _key(s) in self.layers]
+
+    def run_layer(self, spec: SubnetSpec, hidden: torch.Tensor, call: dict) -> torch.Tensor:
+        """The exit's own decoder layer on its hidden states [batch, seq, hidden], called with `call`, the
+        keyword arguments its last layer was called with (mask, positions, rotary)."""
+        out = self.layers[_key(spec)](hidden, **{k: v for k, v in call.items() if k != "hidden_states"})
+        return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
 
     def __contains__(self, spec: SubnetSpec) -> bool:
         return _key(spec) in self.norms
@@ -165,7 +203,8 @@ class ExitHeads(nn.Module):
         return self._rule.folded_weight(self.maps[_key(spec)], self._shared[0])
 
     def fold(self, sub: nn.Module, spec: SubnetSpec, norm_path: str,
-             append_block: Callable[[nn.Module, nn.Module, nn.Module], None] | None = None) -> nn.Module:
+             append_block: Callable[[nn.Module, nn.Module, nn.Module], None] | None = None,
+             append_layer: Callable[[nn.Module, nn.Module], None] | None = None) -> nn.Module:
         """Give extracted sub-model `sub` this exit's norm (at `norm_path`) and an untied LM head."""
         # A fresh module, never a copy into the old one: extracted sub-models share their tensors
         # with the full model, so writing into the norm's weight would change the full model too.
@@ -176,6 +215,10 @@ class ExitHeads(nn.Module):
                 raise ManyinoneError(f"exit {spec.label} has an exit block; folding it needs the adapter's append_exit_block")
             block = self.blocks[_key(spec)]
             append_block(sub, block.norm, block.mlp)
+        if _key(spec) in self.layers:  # likewise, as the exit's own decoder layer
+            if append_layer is None:
+                raise ManyinoneError(f"exit {spec.label} has an exit layer; folding it needs the adapter's append_exit_layer")
+            append_layer(sub, self.layers[_key(spec)])
         head = sub.get_output_embeddings()
         head.weight = nn.Parameter(self.folded_head_weight(spec).to(head.weight.device), requires_grad=False)
         sub.config.tie_word_embeddings = False
@@ -215,9 +258,42 @@ def has_blocks(kind: str) -> bool:
     return getattr(EXIT_HEAD_KINDS.get(kind), "needs_block", False)
 
 
-def block_maker(adapter, kind: str) -> Callable[[int], tuple[nn.Module, nn.Module]] | None:
-    """The adapter's `exit_block` when exit-head `kind` has blocks (None otherwise)."""
-    return adapter.exit_block if has_blocks(kind) else None
+def has_layers(kind: str) -> bool:
+    """Whether registered exit-head `kind` puts a decoder layer of its own before each exit's head."""
+    return getattr(EXIT_HEAD_KINDS.get(kind), "needs_layer", False)
+
+
+def block_maker(adapter, kind: str) -> Callable[[int], object] | None:
+    """The adapter's `exit_block` when exit-head `kind` has blocks, its `exit_layer` when it has layers
+    (None otherwise)."""
+    return adapter.exit_block if has_blocks(kind) else adapter.exit_layer if has_layers(kind) else None
+
+
+def forward_nested(adapter, heads: ExitHeads | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   specs, **kwargs) -> dict[SubnetSpec, torch.Tensor]:
+    """`adapter.forward_nested`, with each exit that has a decoder layer of its own read after that layer.
+
+    The exit's layer runs after the forward, outside it (so activation checkpointing never recomputes
+    it), with the keyword arguments the exit's last decoder layer was called with: the model's own
+    attention mask (padding, or packed rows' blocks), positions and rotary embeddings."""
+    layered = [s for s in specs if heads is not None and s in heads.with_layers()]
+    if not layered:
+        return adapter.forward_nested(input_ids, attention_mask, specs, **kwargs)
+    layers = adapter.decoder_stack().layers
+    calls: dict[int, dict] = {}
+
+    def keep(depth: int):
+        def hook(_module, _args, call, _output):
+            calls.setdefault(depth, call)  # the first call: a recompute under checkpointing passes the same
+        return hook
+
+    handles = [layers[s["depth"] - 1].register_forward_hook(keep(s["depth"]), with_kwargs=True) for s in layered]
+    try:
+        hidden = adapter.forward_nested(input_ids, attention_mask, specs, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {**hidden, **{s: heads.run_layer(s, hidden[s], calls[s["depth"]]) for s in layered}}
 
 
 def for_adapter(adapter, kind: str, space) -> ExitHeads:

@@ -84,12 +84,13 @@ def _param_groups(model, heads, cfg: TrainConfig, layers=None) -> list[dict]:
         groups.insert(0, {"params": base, "lr_scale": 1.0})
     if heads is not None:
         # No weight decay: it would pull identity-initialised translators towards zero.
-        # Exit blocks are copies of body layers: they train at the body's rate, not the translators'.
-        blocks = {id(p) for p in heads.blocks.parameters()}
+        # Exit blocks and layers are copies of body layers: they train at the body's rate, not the translators'.
+        body = [*heads.blocks.parameters(), *heads.layers.parameters()]
+        blocks = {id(p) for p in body}
         groups.append({"params": [p for p in heads.parameters() if id(p) not in blocks],
                        "lr_scale": cfg.exit_heads_lr_scale, "weight_decay": 0.0})
         if blocks:
-            groups.append({"params": list(heads.blocks.parameters()), "lr_scale": 1.0, "weight_decay": 0.0})
+            groups.append({"params": body, "lr_scale": 1.0, "weight_decay": 0.0})
     return groups
 
 
@@ -318,7 +319,8 @@ class _Run:
             with autocast, dropout:
                 # Packed rows pass position_ids (and no mask); plain rows call exactly as before.
                 packed = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
-                hidden = self.adapter.forward_nested(batch["input_ids"], batch.get("attention_mask"), sampled, **packed)
+                hidden = exit_heads.forward_nested(self.adapter, self.exit_modules, batch["input_ids"],
+                                                   batch.get("attention_mask"), sampled, **packed)
                 out = step_parts.exit_losses(cfg, self.adapter, self.space, self.exit_modules, self.weights, hidden,
                                              batch["labels"], teacher_target, step, micro)
             (out.total / cfg.grad_accum).backward()
