@@ -131,7 +131,7 @@ RECIPES: dict[str, list[str]] = {
     # full depth at 10x for itself and WikiText), and on-policy rows sampled cool on top of them.
     "agree-xl-block-full10": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10"],
     # Kangaroo's exit adapter itself: a whole decoder layer (attention + MLP) per exit instead of the block's
-    # MLP alone. Measured by forward passes (losses, agreement); the runtime does not serve such exits yet.
+    # MLP alone; in the runtime each exit layer has a KV cache of its own.
     "agree-xl-layer": [*AGREE_XL, "--set", "exit_heads=layer"],
     "agree-xl-block-full30": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=30"],
     "agree-xl-block-full10-cool": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10",

@@ -19,10 +19,10 @@ from manyinone.train.samplers import RandomK, Sandwich, sampler_for
 
 def test_config_values_are_the_registered_ones():
     assert SAMPLERS.names() == ("all", "random-k", "sandwich")
-    assert EXIT_HEAD_KINDS.names() == ("translator", "head", "block")
+    assert EXIT_HEAD_KINDS.names() == ("translator", "head", "block", "layer")
     assert COST_METRICS.names() == ("flops", "params")
     for key, bad, allowed in [("sampler", "greedy", "['all', 'random-k', 'sandwich']"),
-                              ("exit_heads", "lens", "['none', 'translator', 'head', 'block']"),
+                              ("exit_heads", "lens", "['none', 'translator', 'head', 'block', 'layer']"),
                               ("cost_metric", "watts", "['flops', 'params']")]:
         with pytest.raises(ManyinoneError) as err:
             load_config(None, [f"{key}={bad}"])
@@ -111,5 +111,5 @@ def test_a_registered_exit_head_kind_is_built_by_exit_heads(monkeypatch):
     monkeypatch.setitem(EXIT_HEAD_KINDS._entries, "zero", ZeroHead)
     heads = ExitHeads("zero", [SubnetSpec(depth=1)], nn.LayerNorm(4), torch.ones(8, 4))
     assert torch.equal(heads.linear_head(SubnetSpec(depth=1)).weight, torch.zeros(8, 4))
-    with pytest.raises(ManyinoneError, match=r"exit_heads 'lens' unknown; allowed \['translator', 'head', 'block', 'zero'\]"):
+    with pytest.raises(ManyinoneError, match=r"exit_heads 'lens' unknown; allowed \['translator', 'head', 'block', 'layer', 'zero'\]"):
         ExitHeads("lens", [SubnetSpec(depth=1)], nn.LayerNorm(4), torch.ones(8, 4))

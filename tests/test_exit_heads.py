@@ -318,7 +318,7 @@ def test_exit_layers_run_on_the_exit_with_its_mask_and_start_as_the_identity(tin
     assert max_abs_diff(moved[spec], by_hand, mask) <= TOL
 
 
-def test_layer_run_trains_the_layers_and_the_runtime_refuses_to_serve_them(layer_run):
+def test_layer_run_trains_the_layers_and_the_runtime_serves_its_export_s_tokens(layer_run, tmp_path):
     from manyinone.runtime import Runtime
 
     nested = manyinone.open_checkpoint(layer_run)
@@ -327,10 +327,13 @@ def test_layer_run_trains_the_layers_and_the_runtime_refuses_to_serve_them(layer
     plain = AutoModelForCausalLM.from_pretrained(layer_run, dtype=torch.float32, output_loading_info=True)
     assert not plain[1]["unexpected_keys"] and not plain[1]["missing_keys"]  # the layers live beside, not inside
     rt = Runtime.from_nested(nested, max_len=64)
-    assert len(rt.generate([[5, 6, 7]], max_new_tokens=4, stop_ids=set()).tokens[0]) == 4  # the full depth serves
     budget = next(e["relative"]["flops"] for e in nested.index["specs"] if e["spec"] == {"depth": 2})
-    with pytest.raises(ManyinoneError, match="exit at depth 2 runs a decoder layer of its own.*manyinone export"):
-        rt.generate([[5, 6, 7]], budget=budget, max_new_tokens=4, stop_ids=set())
+    exported = _model(export_budget(layer_run, budget, tmp_path / "e"))
+    prompt = [5, 6, 7, 8, 9]
+    with torch.no_grad():
+        want = exported.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 eos_token_id=None, pad_token_id=3)[0, len(prompt):].tolist()
+    assert rt.generate([prompt], budget=budget, max_new_tokens=8, stop_ids=set()).tokens[0] == want
 
 
 def test_exit_layers_train_at_the_body_rate_and_lora_is_refused(tiny_llama):

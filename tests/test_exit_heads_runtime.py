@@ -1,4 +1,4 @@
-"""A checkpoint's exit heads (every registered kind the runtime serves) in the decode runtime, eager and fused (compiled):
+"""A checkpoint's exit heads (every registered kind) in the decode runtime, eager and fused (compiled):
 the same logits as the checkpoint's own exits, the same greedy tokens, and speculation whose drafts exit
 through the heads giving plain greedy's tokens in float32.
 
@@ -21,8 +21,8 @@ from manyinone.runtime.tune import measure_step_costs
 from manyinone.train.exit_heads import ExitHeads, for_adapter, has_layers
 from test_runtime import random_prompts
 
-# Every kind the runtime serves: an exit with a decoder layer of its own ("layer") is refused there until
-# the runtime keeps its KV cache (tests/test_exit_heads.py checks the refusal).
+# The position-wise kinds: an exit with a decoder layer of its own ("layer") reads its logits after that
+# layer, not from the stack's hidden state; it has tests of its own at the end.
 KINDS = [k for k in EXIT_HEAD_KINDS.names() if not has_layers(k)]
 
 
@@ -125,3 +125,59 @@ def test_a_head_whose_norm_is_not_a_module_is_refused_when_the_runtime_is_built(
 
     with pytest.raises(ManyinoneError, match="exit head at depth 2 has a function norm; the runtime needs an nn.Module"):
         ExitLogits({2: LinearHead(norm=lambda h: h, weight=torch.ones(8, 4))}, shared=lambda h: h)
+
+
+# --- exit_heads="layer": the exit's own decoder layer, with a KV-cache slot of its own -----------------
+def forward_greedy(nested, prompt: list[int], depth: int, new: int) -> list[int]:
+    """Greedy tokens of the exit at `depth` by full forwards, no cache: the exit layer over the whole sequence."""
+    spec, ids = SubnetSpec(depth=depth), list(prompt)
+    for _ in range(new):
+        x = torch.tensor([ids])
+        hidden = nested.forward_nested(x, torch.ones_like(x), [spec])[spec]
+        ids.append(int(nested.exit_logits(spec, hidden[:, -1]).argmax(-1)))
+    return ids[len(prompt):]
+
+
+@torch.no_grad()
+def test_exit_layers_serve_their_exit_with_a_cache_of_their_own(trained_run_tied):
+    nested = with_heads(trained_run_tied, "layer")
+    eager, fused = runtimes(nested)
+    assert eager.stack.cache_layers == 4 + 3  # exits 1, 2, 3 each have a layer, and a cache slot
+    prompts = random_prompts(2, seed=5)
+    for depth in (1, 2, 3):
+        want = [forward_greedy(nested, p, depth, 10) for p in prompts]
+        for rt in (eager, fused):
+            got = [rt.generate([p], max_new_tokens=10, stop_ids=set(), spec={"depth": depth}).tokens[0] for p in prompts]
+            assert got == want, (depth, rt.fused)
+
+
+@torch.no_grad()
+def test_speculation_fills_the_exit_layers_caches_so_drafts_see_every_position(trained_run_tied):
+    nested = with_heads(trained_run_tied, "layer")
+    eager, _ = runtimes(nested)
+    prompt = random_prompts(1, seed=3)[0]
+    spec = SubnetSpec(depth=2)
+    x = torch.tensor([prompt + prompt[-1:]])  # step_logits feeds the last prompt token again, one slot on
+    want = nested.exit_logits(spec, nested.forward_nested(x, torch.ones_like(x), [spec])[spec][:, -1:]).float()
+    # After a full-depth prefill, a draft step from exit 2 as speculation makes it: with the exit layers'
+    # caches filled it equals the full forward; without, its layer reads empty slots and differs.
+    run = eager.runner(1)
+    run.fill_exits = True
+    _, filled = step_logits(eager, prompt, 2)
+    torch.testing.assert_close(filled, want, rtol=1e-5, atol=1e-5)
+    fresh = Runtime.from_nested(nested, max_len=96)  # a cache of its own: nothing filled it before
+    _, holes = step_logits(fresh, prompt, 2)
+    assert not torch.allclose(holes, want, atol=1e-3)
+
+
+@torch.no_grad()
+def test_speculation_drafting_through_exit_layers_equals_plain_greedy(trained_run_tied):
+    nested = with_heads(trained_run_tied, "layer")
+    eager, fused = runtimes(nested)
+    prompts = random_prompts(2, seed=9)
+    plain = [eager.generate([p], max_new_tokens=16, stop_ids=set()).tokens[0] for p in prompts]
+    for rt in (eager, fused):
+        for settings in ({"draft_depth": 2, "draft_tokens": 3}, {"adaptive_draft": True, "draft_tokens": 3}):
+            out = rt.generate(prompts, max_new_tokens=16, stop_ids=set(), speculative=True, **settings)
+            assert out.tokens == plain and out.stats["rounds"] > 0, (rt.fused, settings)
+            assert not rt.runner(2).fill_exits  # speculation turned the filling off again

@@ -33,7 +33,7 @@ def runtimes(folder) -> tuple[Runtime, Runtime]:
 def verify_shapes(rt: Runtime, rows: int, depth: int) -> dict[int, set]:
     """Input shapes each verify segment (n..depth) of the `rows`-row runner was traced for, per exit n."""
     out: dict[int, set] = {}
-    for (start, end, head, _live), shapes in rt.runner(rows).shapes.items():
+    for (start, end, *_), shapes in rt.runner(rows).shapes.items():  # (start, end, head, live, fill)
         if start > 0 and end == depth:
             out.setdefault(start, set()).update(s[0] for s in shapes)
     return out

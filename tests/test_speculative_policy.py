@@ -53,10 +53,10 @@ def test_batched_speculation_reads_a_live_bucket_covering_the_furthest_row(model
     monkeypatch.setattr(stack, "live_length", lambda n, max_len: live_length(n, max_len, 8))
     seen, real = [], rt.stack.run
 
-    def checked(cache, start, end, inputs, slots, pad, head, last_only=False, live=None):
+    def checked(cache, start, end, inputs, slots, pad, head, last_only=False, live=None, **kwargs):
         seen.append(live)
         assert live is None or int(slots.max()) < live, (live, slots.tolist())
-        return real(cache, start, end, inputs, slots, pad, head, last_only, live=live)
+        return real(cache, start, end, inputs, slots, pad, head, last_only, live=live, **kwargs)
 
     monkeypatch.setattr(rt.stack, "run", checked)
     spec = rt.generate(prompts, max_new_tokens=24, stop_ids=set(), speculative=True, draft_depth=2, draft_tokens=3)

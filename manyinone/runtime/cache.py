@@ -84,6 +84,21 @@ class StaticKVCache:
         return self.max_len
 
 
+class CacheSlot:
+    """A cache as one layer sees it: every write and read goes to buffer `slot`, whatever layer index the
+    layer passes. An exit's own decoder layer (exit_heads="layer") is a copy of a model layer and
+    carries that layer's index; through this it uses a buffer of its own past the model's layers."""
+
+    def __init__(self, cache: StaticKVCache, slot: int) -> None:
+        self.cache, self.slot = cache, slot
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, _layer_idx: int, *args, **kwargs):
+        return self.cache.update(key_states, value_states, self.slot, *args, **kwargs)
+
+    def __getattr__(self, name: str):  # everything else (get_seq_length, is_compileable, ...) as the cache answers
+        return getattr(self.cache, name)
+
+
 def attention_masks(slots: torch.Tensor, pad: torch.Tensor, max_len: int, dtype: torch.dtype,
                     sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Additive masks [batch, 1, q, max_len] (0 = attend, dtype-min = hidden) for queries at `slots`

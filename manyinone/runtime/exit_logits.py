@@ -41,20 +41,17 @@ class ExitLogits(nn.Module):
     (the model's own final norm and LM head, what SoFT exits and the full depth use)."""
 
     def __init__(self, heads: Mapping[int, LinearHead], shared: Callable[[torch.Tensor], torch.Tensor],
-                 unserved: tuple[int, ...] = ()) -> None:
-        """`unserved`: depths whose exit runs a decoder layer of its own (exit_heads="layer"), refused."""
+                 layers: Mapping[int, nn.Module] | None = None) -> None:
+        """`layers`: depth -> the exit's own decoder layer (exit_heads="layer"), which `LayerStack` runs on
+        the exit's hidden states, with a KV cache of its own, before these heads."""
         super().__init__()
         self.heads = nn.ModuleDict({str(d): HeadModule(h, d) for d, h in sorted(heads.items())})
         self.depths = tuple(sorted(heads))  # plain ints: a step's depth is a constant, so the branch is resolved when traced
         self.shared = shared
-        self.unserved = tuple(sorted(unserved))
+        self.layers = dict(sorted((layers or {}).items()))  # the exit heads' own modules, not registered twice
 
     def forward(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [..., vocab] (the head's dtype) of the exit after `depth` layers from hidden [..., hidden]."""
-        if depth in self.unserved:
-            raise ManyinoneError(f"the exit at depth {depth} runs a decoder layer of its own (exit_heads='layer'), "
-                                 "whose attention needs a KV cache the runtime does not keep yet; serve its export "
-                                 f"(`manyinone export --budget`) or a depth without one (not {list(self.unserved)})")
         if depth in self.depths:
             return self.heads[str(depth)](hidden)
         return self.shared(hidden)
@@ -67,4 +64,4 @@ class ExitLogits(nn.Module):
         param = next(nested.model.parameters())
         heads = nested.exit_heads.to(device=param.device, dtype=param.dtype)
         exits = {s["depth"]: heads.linear_head(s) for s in heads.specs if set(s) == {"depth"}}
-        return cls(exits, nested.adapter.exit_logits, tuple(s["depth"] for s in heads.with_layers()))
+        return cls(exits, nested.adapter.exit_logits, {s["depth"]: heads.layers_of(s) for s in heads.with_layers()})

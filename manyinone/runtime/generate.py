@@ -240,7 +240,7 @@ class Runtime:
     def cache_bytes(self, batch: int) -> int:
         """Bytes of the KV cache (keys and values) for `batch` rows at this runtime's context length."""
         st = self.stack
-        return 2 * st.num_layers * batch * st.kv_heads * self._cache_len() * st.head_dim * st.dtype.itemsize
+        return 2 * st.cache_layers * batch * st.kv_heads * self._cache_len() * st.head_dim * st.dtype.itemsize
 
     def fit_batch(self, batch: int) -> "Runtime":
         """Raise the cache limit (max_cache_mib) to hold `batch` rows at this context, for a job sized to

@@ -27,7 +27,7 @@ from torch import nn
 
 from manyinone.core.errors import ManyinoneError
 from manyinone.runtime.attention import decode_attention
-from manyinone.runtime.cache import StaticKVCache, attention_masks, live_length, position_ids
+from manyinone.runtime.cache import CacheSlot, StaticKVCache, attention_masks, live_length, position_ids
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # both take an additive [batch, 1, q, keys] mask
 RECOMPILE_LIMIT = 256  # compiled variants per step function: depths x batches x plans x live buckets
@@ -117,6 +117,11 @@ class LayerStack:
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self.fused: Sequence[Callable] | None = None  # the adapter's fused decode forwards, once `fuse` ran
+        # Exits with a decoder layer of their own (exit_heads="layer"): each gets a KV-cache buffer past the
+        # model's layers (`exit_slots`, through `CacheSlot`), and `run` calls it on the hidden state leaving its depth.
+        self.exit_layers: dict[int, nn.Module] = dict(getattr(exit_logits, "layers", None) or {})
+        self.exit_slots = {depth: self.num_layers + j for j, depth in enumerate(sorted(self.exit_layers))}
+        self.cache_layers = self.num_layers + len(self.exit_layers)
 
     def fuse(self) -> None:
         """Opt in to the adapter's fused decode forwards (`DecoderStack.fused_layers`), which the compiled
@@ -140,7 +145,7 @@ class LayerStack:
         return decode_attention(self.model.config, self.grouped)
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
-        return StaticKVCache(self.num_layers, batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
+        return StaticKVCache(self.cache_layers, batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
 
     def sliced(self, plan) -> contextlib.AbstractContextManager[None]:
         """Within the block the layers compute `plan` (a SubnetSpec of sizes per layer, bottom first) as views
@@ -155,7 +160,8 @@ class LayerStack:
     def run(self, cache: StaticKVCache, start: int, end: int, inputs: torch.Tensor, slots: torch.Tensor,
             pad: torch.Tensor, head: bool, last_only: bool = False,
             live: int | None = None, layers: Sequence[Callable] | None = None,
-            unit_masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            unit_masks: torch.Tensor | None = None,
+            fill_exits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layers [start, end) on `inputs` (token ids [batch, q] if start == 0, else hidden [batch, q, hidden]).
 
         Writes keys/values of those layers at `slots` ([q], or [batch, q] for per-row slots); attention
@@ -164,6 +170,10 @@ class LayerStack:
         through the final norm and head, or None). `layers`: forwards called instead of the decoder layers
         (the fused ones, `self.fused`), same signature; default the model's own. `unit_masks`: [batch, q or 1,
         layers, intermediate], each layer's MLP neurons scaled per row (only the fused forwards take it).
+
+        Exit layers (`exit_layers`): the one at `end` runs when `head` (its exit's logits come after it); with
+        `fill_exits` every one whose depth the segment passes runs too, only to write its keys and values,
+        so that a later draft from that exit finds them at every position (speculation turns it on).
         """
         parts = self.parts
         layers = parts.layers if layers is None else layers
@@ -173,17 +183,26 @@ class LayerStack:
         hidden = parts.embed(inputs, positions) if start == 0 else inputs  # [batch, q, hidden]
         rotary = parts.rotary(hidden, positions) if parts.rotary is not None else None  # (cos, sin) [batch, q, head_dim]
         full, sliding = attention_masks(slots, pad, cache.live, hidden.dtype, self.window)  # [batch, 1, q, live]
+        exited = hidden
         for i in range(start, end):
             kwargs = {self.cache_arg: cache}
             if unit_masks is not None:
                 kwargs["unit_mask"] = unit_masks[:, :, i]  # [batch, q or 1, intermediate]
-            out = layers[i](hidden, attention_mask=sliding if self.sliding[i] else full,
-                                 position_ids=positions, use_cache=True, position_embeddings=rotary, **kwargs)
+            mask = sliding if self.sliding[i] else full
+            out = layers[i](hidden, attention_mask=mask, position_ids=positions, use_cache=True,
+                            position_embeddings=rotary, **kwargs)
             # transformers >= 5 returns a tensor from a decoder layer, older versions a tuple.
             hidden = out[0] if isinstance(out, tuple) else out
+            exit_layer = self.exit_layers.get(i + 1)
+            if exit_layer is not None and ((i + 1 == end and head) or fill_exits):
+                slot = CacheSlot(cache, self.exit_slots[i + 1])
+                out = exit_layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 position_embeddings=rotary, **{self.cache_arg: slot})
+                exited = out[0] if isinstance(out, tuple) else out
         if not head:
             return hidden, None
-        return hidden, self.logits(end, hidden[:, -1:] if last_only else hidden)  # [batch, q or 1, vocab]
+        at_exit = exited if end in self.exit_layers else hidden  # the hidden state the exit's head reads
+        return hidden, self.logits(end, at_exit[:, -1:] if last_only else at_exit)  # [batch, q or 1, vocab]
 
     def logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [..., vocab] of the exit at `depth` from hidden [..., hidden] (before the final norm)."""
@@ -261,20 +280,28 @@ class SegmentRunner:
         self.compile_fn = compile_fn
         self.log = log if log is not None else CompileLog()
         self.shapes: dict[tuple, set[tuple]] = {}  # compiled step -> input shapes it has been traced for
+        # Speculation sets this while it runs: every call then also fills the exit layers' caches (`LayerStack.run`).
+        self.fill_exits = False
 
     def step_fn(self, start: int, end: int, head: bool, live: int | None = None) -> Callable:
         """The (compiled, if compile_fn) function of (inputs, slots, pad) one segment call runs."""
+        fill = self.filling()
         if self.compile_fn is None:
             def segment(inputs, slots, pad):
-                return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live)
+                return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live, fill_exits=fill)
 
             return segment
         fused = self.stack.fused  # compiled steps run the fused forwards where the adapter has them
 
         def segment(inputs, slots, pad):
-            return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live, layers=fused)
+            return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live, layers=fused,
+                                  fill_exits=fill)
 
-        return self._compiled((start, end, head, live), segment)
+        return self._compiled((start, end, head, live, fill), segment)
+
+    def filling(self) -> bool:
+        """Whether calls now also fill the exit layers' caches (only a stack with exit layers ever does)."""
+        return self.fill_exits and bool(self.stack.exit_layers)
 
     def masked_step_fn(self, start: int, end: int, head: bool, live: int | None,
                        apply: Callable[[torch.Tensor], contextlib.AbstractContextManager]) -> Callable:
@@ -282,19 +309,19 @@ class SegmentRunner:
         over the fused forwards, which take the masks as an argument (a compiled function of its own:
         dynamo does not guard on module hooks, so hooks must never come and go around a shared one);
         otherwise the plain layers inside `apply(unit_masks)`, the adapter's mask hooks."""
-        fused = self.stack.fused
+        fused, fill = self.stack.fused, self.filling()
         if self.compile_fn is None or fused is None:
             def hooked(inputs, slots, pad, masks):
                 with apply(masks):
-                    return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live)
+                    return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live, fill_exits=fill)
 
             return hooked
 
         def segment(inputs, slots, pad, masks):
             return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live, layers=fused,
-                                  unit_masks=masks)
+                                  unit_masks=masks, fill_exits=fill)
 
-        return self._compiled((start, end, head, live, "masked"), segment)
+        return self._compiled((start, end, head, live, fill, "masked"), segment)
 
     def _compiled(self, key: tuple, segment: Callable) -> Callable:
         """compile_fn(segment), once per key: each key is its own compiled function (code object)."""
@@ -320,14 +347,15 @@ class SegmentRunner:
         ([batch, 1, layers, intermediate]; `apply` the adapter's `masked` for the unfused path), an input
         like the others, so a recorded graph reads each call's masks (`masked_step_fn`).
         Prefill goes through `prefill`."""
-        live = self.live_for(slots_end)
+        live, fill = self.live_for(slots_end), self.filling()
         mask_shape = None if masked is None else tuple(masked[1].shape)
         shapes = (tuple(inputs.shape), tuple(slots.shape), plan, mask_shape)  # [q] and per-row [batch, q] slots differ
         # A masked step compiles only over fused forwards (masked_step_fn); otherwise it runs eagerly.
         compiled = self.compile_fn is not None and (masked is None or self.stack.fused is not None)
-        fresh = compiled and shapes not in self.shapes.get((start, end, head, live), ())
+        fresh = compiled and shapes not in self.shapes.get((start, end, head, live, fill), ())
         if fresh:  # a new compiled variant: count it and time it apart from decoding
-            self.log.admit(self.shapes.setdefault((start, end, head, live), set()), shapes, (start, end, head, live))
+            self.log.admit(self.shapes.setdefault((start, end, head, live, fill), set()), shapes,
+                           (start, end, head, live))
             self.stack.check_fused()
             begin = self.log.clock(inputs.device)
         if masked is None:
@@ -338,7 +366,7 @@ class SegmentRunner:
             with self.stack.sliced(plan), self.stack.decode_attention():
                 out = fn(*args)
         else:
-            key = (start, end, head, *shapes[:2], live, plan, mask_shape)
+            key = (start, end, head, *shapes[:2], live, plan, mask_shape, fill)
             call = self.captured.get(key)
             if call is None:
                 # The plan's views exist only inside `sliced`: the graph records their addresses (views of
@@ -356,5 +384,5 @@ class SegmentRunner:
         slots = torch.arange(ids.shape[1], device=ids.device)  # [prompt]
         with self.stack.sliced(plan), self.stack.decode_attention():
             _, logits = self.stack.run(self.cache, 0, end, ids, slots, pad, head=True, last_only=True,
-                                       live=self.live_for(ids.shape[1]))
+                                       live=self.live_for(ids.shape[1]), fill_exits=self.filling())
         return logits

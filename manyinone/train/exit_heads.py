@@ -21,8 +21,8 @@ decode runtime holds in its compiled steps):
   layer before it, copied from the first layer the exit skips with its attention output and down
   projections zeroed, so it too starts as the plain translator. It runs on the exit's hidden states
   with the call arguments (mask, positions, rotary) of the exit's last layer (`forward_nested`) and
-  exports as that decoder layer. Its attention needs a KV cache of its own, which the decode runtime
-  does not keep yet: it refuses to serve or draft from such an exit (serve the export instead).
+  exports as that decoder layer. In the decode runtime its attention has a KV-cache buffer of its own
+  (`runtime.stack.LayerStack.exit_layers`); speculation fills it at every position the draft may read.
 
 The full depth never gets exit modules: it stays the model's own forward.
 """
@@ -116,7 +116,7 @@ class Block(Translator):
 
 @EXIT_HEAD_KINDS.register("layer")
 class Layer(Translator):
-    """own decoder layer (attention + MLP, from the next layer, zero-initialised outputs) + translator; exports as one more layer; not served by the runtime yet"""
+    """own decoder layer (attention + MLP, from the next layer, zero-initialised outputs) + translator; exports as one more layer"""
 
     needs_layer = True
 
@@ -176,8 +176,12 @@ class ExitHeads(nn.Module):
         return [s for s in self.specs if _key(s) in self.blocks or _key(s) in self.layers]
 
     def with_layers(self) -> list[SubnetSpec]:
-        """The exits with a decoder layer of their own (kind "layer"): the runtime cannot serve them yet."""
+        """The exits with a decoder layer of their own (kind "layer"), which need their own KV cache."""
         return [s for s in self.specs if _key(s) in self.layers]
+
+    def layers_of(self, spec: SubnetSpec) -> nn.Module:
+        """The exit's own decoder layer (kind "layer")."""
+        return self.layers[_key(spec)]
 
     def run_layer(self, spec: SubnetSpec, hidden: torch.Tensor, call: dict) -> torch.Tensor:
         """The exit's own decoder layer on its hidden states [batch, seq, hidden], called with `call`, the
