@@ -162,7 +162,7 @@ def test_speculation_fills_the_exit_layers_caches_so_drafts_see_every_position(t
     # After a full-depth prefill, a draft step from exit 2 as speculation makes it: with the exit layers'
     # caches filled it equals the full forward; without, its layer reads empty slots and differs.
     run = eager.runner(1)
-    run.fill_exits = True
+    run.fill_exits = frozenset({2})
     _, filled = step_logits(eager, prompt, 2)
     torch.testing.assert_close(filled, want, rtol=1e-5, atol=1e-5)
     fresh = Runtime.from_nested(nested, max_len=96)  # a cache of its own: nothing filled it before

@@ -106,9 +106,9 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
     offsets = torch.arange(max(MAX_DRAFT_TOKENS, width or 0), device=device)  # [K]
     drafted = accepted = rounds = plain_steps = rejections = 0
     per_exit: dict[int, list[int]] = {}  # exit -> [rounds, drafted, accepted]
-    # Drafts read the exit layers' caches (exit_heads="layer") at every earlier position: the prefill, plain
-    # steps and verify passes fill them too while this stream runs.
-    run.fill_exits, was_filling = True, run.fill_exits
+    # A draft exit's own layer (exit_heads="layer") reads its cache at every earlier position: the prefill,
+    # plain steps and verify passes fill it too while this stream runs.
+    run.fill_exits, was_filling = frozenset(plan.exits), run.fill_exits
     try:
         with torch.no_grad():
             ids, pad = left_pad(prompts, pad_id, device)

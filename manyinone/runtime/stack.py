@@ -161,7 +161,7 @@ class LayerStack:
             pad: torch.Tensor, head: bool, last_only: bool = False,
             live: int | None = None, layers: Sequence[Callable] | None = None,
             unit_masks: torch.Tensor | None = None,
-            fill_exits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            fill_exits: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layers [start, end) on `inputs` (token ids [batch, q] if start == 0, else hidden [batch, q, hidden]).
 
         Writes keys/values of those layers at `slots` ([q], or [batch, q] for per-row slots); attention
@@ -172,8 +172,9 @@ class LayerStack:
         layers, intermediate], each layer's MLP neurons scaled per row (only the fused forwards take it).
 
         Exit layers (`exit_layers`): the one at `end` runs when `head` (its exit's logits come after it); with
-        `fill_exits` every one whose depth the segment passes runs too, only to write its keys and values,
-        so that a later draft from that exit finds them at every position (speculation turns it on).
+        the ones at the depths in `fill_exits` run too wherever the segment passes them, only to write their
+        keys and values, so that a later draft from that exit finds them at every position (speculation
+        names its draft exits).
         """
         parts = self.parts
         layers = parts.layers if layers is None else layers
@@ -194,7 +195,7 @@ class LayerStack:
             # transformers >= 5 returns a tensor from a decoder layer, older versions a tuple.
             hidden = out[0] if isinstance(out, tuple) else out
             exit_layer = self.exit_layers.get(i + 1)
-            if exit_layer is not None and ((i + 1 == end and head) or fill_exits):
+            if exit_layer is not None and ((i + 1 == end and head) or i + 1 in fill_exits):
                 slot = CacheSlot(cache, self.exit_slots[i + 1])
                 out = exit_layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
                                  position_embeddings=rotary, **{self.cache_arg: slot})
@@ -280,8 +281,9 @@ class SegmentRunner:
         self.compile_fn = compile_fn
         self.log = log if log is not None else CompileLog()
         self.shapes: dict[tuple, set[tuple]] = {}  # compiled step -> input shapes it has been traced for
-        # Speculation sets this while it runs: every call then also fills the exit layers' caches (`LayerStack.run`).
-        self.fill_exits = False
+        # Speculation sets its draft exits here while it runs: every call then also fills those exits' own
+        # layers' caches (`LayerStack.run`).
+        self.fill_exits: frozenset[int] = frozenset()
 
     def step_fn(self, start: int, end: int, head: bool, live: int | None = None) -> Callable:
         """The (compiled, if compile_fn) function of (inputs, slots, pad) one segment call runs."""
@@ -299,9 +301,9 @@ class SegmentRunner:
 
         return self._compiled((start, end, head, live, fill), segment)
 
-    def filling(self) -> bool:
-        """Whether calls now also fill the exit layers' caches (only a stack with exit layers ever does)."""
-        return self.fill_exits and bool(self.stack.exit_layers)
+    def filling(self) -> frozenset[int]:
+        """The exit depths whose own layers' caches calls now also fill (those that have one)."""
+        return frozenset(d for d in self.fill_exits if d in self.stack.exit_layers)
 
     def masked_step_fn(self, start: int, end: int, head: bool, live: int | None,
                        apply: Callable[[torch.Tensor], contextlib.AbstractContextManager]) -> Callable:
