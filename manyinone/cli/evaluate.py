@@ -50,7 +50,8 @@ def eval_(
     records = load_records(data, rows)
     examples = tokenize_records(records, nested.tokenizer, max_length, template)
     result = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, dev,
-                            costs, show_progress=sys.stderr.isatty(), logits_for=nested.exit_logits, forward=nested.forward_nested)
+                            costs, show_progress=sys.stderr.isatty(), logits_for=nested.exit_logits,
+                            forward=nested.forward_nested)
     extra_cols = _extra_metrics(result, nested, space, dev, template, max_length, batch_size, text, text_blocks, qa, qa_limit)
     if gen_prompts:
         extra_cols.update(_generation_agreement(result, nested, space, dev, records[:gen_prompts], template,
@@ -84,7 +85,8 @@ def _generation_agreement(rows, nested, space, device, records, template, new_to
         console.print("[yellow]--gen-prompts: the full depth stopped at once on every prompt; no agreement columns[/]")
         return {}
     scored = evaluate_exits(nested.adapter, space, examples, nested.tokenizer.pad_token_id, batch_size, device,
-                            logits_for=nested.exit_logits, forward=nested.forward_nested, show_progress=sys.stderr.isatty())
+                            logits_for=nested.exit_logits, forward=nested.forward_nested,
+                            show_progress=sys.stderr.isatty())
     add_generation_agreement(rows, scored)
     return {"gen_agreement": "gen agree", "gen_kl": "gen KL"}
 
@@ -101,7 +103,8 @@ def _extra_metrics(rows, nested, space, device, template, max_length, batch_size
             _at_least(text_blocks, 1, "--text-blocks")
         blocks = text_examples(text, nested.tokenizer, max_length, text_blocks)
         scored = evaluate_exits(nested.adapter, space, blocks, nested.tokenizer.pad_token_id, batch_size, device,
-                                logits_for=nested.exit_logits, forward=nested.forward_nested, show_progress=sys.stderr.isatty())
+                                logits_for=nested.exit_logits, forward=nested.forward_nested,
+                                show_progress=sys.stderr.isatty())
         for row, s in zip(rows, scored):
             row["text_ppl"], row["text_file"] = s["perplexity"], str(text)
         columns["text_ppl"] = f"{text.name} ppl"

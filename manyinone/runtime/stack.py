@@ -171,10 +171,10 @@ class LayerStack:
         (the fused ones, `self.fused`), same signature; default the model's own. `unit_masks`: [batch, q or 1,
         layers, intermediate], each layer's MLP neurons scaled per row (only the fused forwards take it).
 
-        Exit layers (`exit_layers`): the one at `end` runs when `head` (its exit's logits come after it); with
-        the ones at the depths in `fill_exits` run too wherever the segment passes them, only to write their
+        Exit layers (`exit_layers`): the one at `end` runs when `head` (its exit's logits come after it), and
+        those at the depths in `fill_exits` also run wherever the segment passes them, only to write their
         keys and values, so that a later draft from that exit finds them at every position (speculation
-        names its draft exits).
+        names its draft exits there).
         """
         parts = self.parts
         layers = parts.layers if layers is None else layers

@@ -221,7 +221,8 @@ class ExitHeads(nn.Module):
             append_block(sub, block.norm, block.mlp)
         if _key(spec) in self.layers:  # likewise, as the exit's own decoder layer
             if append_layer is None:
-                raise ManyinoneError(f"exit {spec.label} has an exit layer; folding it needs the adapter's append_exit_layer")
+                raise ManyinoneError(f"exit {spec.label} has an exit layer; folding it needs the adapter's "
+                                     "append_exit_layer")
             append_layer(sub, self.layers[_key(spec)])
         head = sub.get_output_embeddings()
         head.weight = nn.Parameter(self.folded_head_weight(spec).to(head.weight.device), requires_grad=False)
