@@ -133,6 +133,7 @@ RECIPES: dict[str, list[str]] = {
     # Kangaroo's exit adapter itself: a whole decoder layer (attention + MLP) per exit instead of the block's
     # MLP alone; in the runtime each exit layer has a KV cache of its own.
     "agree-xl-layer": [*AGREE_XL, "--set", "exit_heads=layer"],
+    "agree-xl-layer-full10": [*AGREE_XL, "--set", "exit_heads=layer", "--set", "teacher_full_weight=10"],
     "agree-xl-block-full30": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=30"],
     "agree-xl-block-full10-cool": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10",
                                    *ON_POLICY, "--set", "on_policy_temperature=0.3"],
