@@ -108,109 +108,105 @@ def speculative_batch_stream(runtime, prompts: list[list[int]], budget: float | 
     per_exit: dict[int, list[int]] = {}  # exit -> [rounds, drafted, accepted]
     # A draft exit's own layer (exit_heads="layer") reads its cache at every earlier position: the prefill,
     # plain steps and verify passes fill it too while this stream runs.
-    run.fill_exits, was_filling = frozenset(plan.exits), run.fill_exits
-    try:
-        with torch.no_grad():
-            ids, pad = left_pad(prompts, pad_id, device)
-            token = choose(run.prefill(depth, ids, pad)[:, -1], sampling, generator)  # [rows]
-            first = token.tolist()
-            live = [t not in stop for t in first]
-            yield [[t] if ok else [] for t, ok in zip(first, live)]
-            done = [1] * rows  # tokens emitted per row
-            live = [ok and max_new_tokens > 1 for ok in live]
-            pos = torch.full((rows,), ids.shape[1], dtype=torch.long, device=device)  # [rows] slot of `token`, uncached
-            # The same on the host, so each call can name its live bucket without a sync: attention reads
-            # only the first live_length(furthest) slots, which must cover the furthest row's query slots
-            # (finished rows included: they still write at their standing slots).
-            pos_host = [ids.shape[1]] * rows
+    with torch.no_grad(), run.drafting_from(plan.exits):
+        ids, pad = left_pad(prompts, pad_id, device)
+        token = choose(run.prefill(depth, ids, pad)[:, -1], sampling, generator)  # [rows]
+        first = token.tolist()
+        live = [t not in stop for t in first]
+        yield [[t] if ok else [] for t, ok in zip(first, live)]
+        done = [1] * rows  # tokens emitted per row
+        live = [ok and max_new_tokens > 1 for ok in live]
+        pos = torch.full((rows,), ids.shape[1], dtype=torch.long, device=device)  # [rows] slot of `token`, uncached
+        # The same on the host, so each call can name its live bucket without a sync: attention reads
+        # only the first live_length(furthest) slots, which must cover the furthest row's query slots
+        # (finished rows included: they still write at their standing slots).
+        pos_host = [ids.shape[1]] * rows
 
-            def at(slots: torch.Tensor) -> torch.Tensor:
-                """Per-row slots [rows, q]; one row's as [q], the shape plain decoding's steps take, so that a
-                batch-1 plain step reuses the plain step's compiled graph and drafts use its one-row cache write."""
-                return slots[0] if rows == 1 else slots
+        def at(slots: torch.Tensor) -> torch.Tensor:
+            """Per-row slots [rows, q]; one row's as [q], the shape plain decoding's steps take, so that a
+            batch-1 plain step reuses the plain step's compiled graph and drafts use its one-row cache write."""
+            return slots[0] if rows == 1 else slots
 
-            while any(live):
-                n, k = tracker.choose()
-                if k == 0:  # the adaptive policy expects no gain from drafting now: one plain step at the serving depth
-                    _, logits = run(0, depth, token[:, None], at(pos[:, None]), pad,
-                                    slots_end=max(pos_host) + 1)  # [rows, 1, vocab]
-                    live_dev = torch.tensor(live, device=device)  # [rows]
-                    token = torch.where(live_dev, choose(logits[:, -1], sampling, generator), token)  # [rows]
-                    pos = pos + live_dev.long()
-                    pos_host = [p + ok for p, ok in zip(pos_host, live)]
-                    chosen = token.tolist()  # the one sync of this step
-                    out = [_cut([chosen[b]], b, live, done, stop, max_new_tokens) if live[b] else [] for b in range(rows)]
-                    tracker.observe(None, [], [])
-                    plain_steps += 1
-                    yield out
-                    continue
-                k = min(k, max(max_new_tokens - d for d, ok in zip(done, live) if ok))  # never draft past the end
-                # Padded verify positions get zero hidden states: finite keys/values at slots past the draft, which
-                # masked attention multiplies by exactly 0 until they are rewritten (garbage could be NaN: 0 * NaN).
-                hidden = (torch.empty(rows, k, hidden_size, dtype=runtime.stack.dtype, device=device) if width is None
-                          else torch.zeros(rows, width, hidden_size, dtype=runtime.stack.dtype,
-                                           device=device))  # [rows, k or width, hidden]
-                drafts = torch.empty(rows, k, dtype=torch.long, device=device)  # [rows, k]
-                draft_probs = None if sampling.greedy else torch.empty(rows, k, runtime.model.config.vocab_size,
-                                                                      device=device)  # [rows, k, vocab]
-                # Made here, while the device is idle after the last round's sync: a host-to-device copy waits for it.
+        while any(live):
+            n, k = tracker.choose()
+            if k == 0:  # the adaptive policy expects no gain from drafting now: one plain step at the serving depth
+                _, logits = run(0, depth, token[:, None], at(pos[:, None]), pad,
+                                slots_end=max(pos_host) + 1)  # [rows, 1, vocab]
                 live_dev = torch.tensor(live, device=device)  # [rows]
-                sure = live_dev.clone()  # [rows] live rows whose draft is still confident
-                current, d, furthest = token, k, max(pos_host)
-                for i in range(k):  # draft: layers 0..n-1, one position per row, keys/values land in the cache
-                    h, logits = run(0, n, current[:, None], at(pos[:, None] + i), pad,
-                                    slots_end=furthest + i + 1)  # [rows, 1, hidden], [rows, 1, vocab]
-                    hidden[:, i] = h[:, 0]
-                    probs = None if sampling.greedy else probabilities(logits[:, -1], sampling)  # [rows, vocab]
-                    current = choose(logits[:, -1], sampling, generator)  # [rows]
-                    drafts[:, i] = current
-                    if probs is not None:
-                        draft_probs[:, i] = probs
-                    if plan.threshold is not None and i < k - 1:
-                        sure &= _top1(logits[:, -1], sampling, probs) >= plan.threshold
-                        if not bool(sure.any()):  # a sync: every live row has doubted; verify what there is
-                            d = i + 1
-                            break
-                # verify: layers n..depth-1 on the drafted positions of every row, from the draft's hidden states.
-                # Every drafted token is verified, also a row's tokens after its own first doubt: free and lossless.
-                # Compiled steps verify `width` positions whatever d is (one static shape per exit: nothing
-                # recompiles when a threshold or the end of the request shortens a draft); only the first d count.
-                q = d if width is None else width
-                _, logits = run(n, depth, hidden[:, :q], at(pos[:, None] + offsets[:q]), pad,
-                                slots_end=furthest + q)  # [rows, q, vocab]
-                logits = logits[:, :d]  # [rows, d, vocab]
-                if sampling.greedy:
-                    target = logits.argmax(-1)  # [rows, d]
-                    matched = (drafts[:, :d] == target).long().cumprod(1).sum(1)  # [rows]
-                    fix = target.gather(1, matched.clamp(max=d - 1)[:, None])[:, 0]  # [rows]
-                else:
-                    matched, fix = accept_sampled_rows(drafts[:, :d], draft_probs[:, :d], probabilities(logits, sampling),
-                                                       generator)
-                short = matched < d  # [rows] a rejection: the fix token follows the accepted ones
-                token = torch.where(live_dev, torch.where(short, fix, drafts[:, d - 1]), token)
-                pos = pos + torch.where(live_dev, matched + short.long(), 0)
-                host = torch.cat([matched, fix, drafts[:, :d].flatten()]).tolist()  # one sync per round
-                m_rows, fixes = host[:rows], host[rows: 2 * rows]
-                out: list[list[int]] = []
-                offered, kept = [], []
-                for b in range(rows):
-                    if not live[b]:
-                        out.append([])
-                        continue
-                    m = m_rows[b]
-                    pos_host[b] += m + (m < d)
-                    new = host[2 * rows + b * d: 2 * rows + b * d + m] + ([fixes[b]] if m < d else [])
-                    offered.append(d)
-                    kept.append(m)
-                    out.append(_cut(new, b, live, done, stop, max_new_tokens))
-                tracker.observe(n, offered, kept)
-                rejections += sum(m < o for m, o in zip(kept, offered))
-                rounds, drafted, accepted = rounds + 1, drafted + sum(offered), accepted + sum(kept)
-                tally = per_exit.setdefault(n, [0, 0, 0])
-                tally[0], tally[1], tally[2] = tally[0] + 1, tally[1] + sum(offered), tally[2] + sum(kept)
+                token = torch.where(live_dev, choose(logits[:, -1], sampling, generator), token)  # [rows]
+                pos = pos + live_dev.long()
+                pos_host = [p + ok for p, ok in zip(pos_host, live)]
+                chosen = token.tolist()  # the one sync of this step
+                out = [_cut([chosen[b]], b, live, done, stop, max_new_tokens) if live[b] else [] for b in range(rows)]
+                tracker.observe(None, [], [])
+                plain_steps += 1
                 yield out
-    finally:
-        run.fill_exits = was_filling
+                continue
+            k = min(k, max(max_new_tokens - d for d, ok in zip(done, live) if ok))  # never draft past the end
+            # Padded verify positions get zero hidden states: finite keys/values at slots past the draft, which
+            # masked attention multiplies by exactly 0 until they are rewritten (garbage could be NaN: 0 * NaN).
+            hidden = (torch.empty(rows, k, hidden_size, dtype=runtime.stack.dtype, device=device) if width is None
+                      else torch.zeros(rows, width, hidden_size, dtype=runtime.stack.dtype,
+                                       device=device))  # [rows, k or width, hidden]
+            drafts = torch.empty(rows, k, dtype=torch.long, device=device)  # [rows, k]
+            draft_probs = None if sampling.greedy else torch.empty(rows, k, runtime.model.config.vocab_size,
+                                                                  device=device)  # [rows, k, vocab]
+            # Made here, while the device is idle after the last round's sync: a host-to-device copy waits for it.
+            live_dev = torch.tensor(live, device=device)  # [rows]
+            sure = live_dev.clone()  # [rows] live rows whose draft is still confident
+            current, d, furthest = token, k, max(pos_host)
+            for i in range(k):  # draft: layers 0..n-1, one position per row, keys/values land in the cache
+                h, logits = run(0, n, current[:, None], at(pos[:, None] + i), pad,
+                                slots_end=furthest + i + 1)  # [rows, 1, hidden], [rows, 1, vocab]
+                hidden[:, i] = h[:, 0]
+                probs = None if sampling.greedy else probabilities(logits[:, -1], sampling)  # [rows, vocab]
+                current = choose(logits[:, -1], sampling, generator)  # [rows]
+                drafts[:, i] = current
+                if probs is not None:
+                    draft_probs[:, i] = probs
+                if plan.threshold is not None and i < k - 1:
+                    sure &= _top1(logits[:, -1], sampling, probs) >= plan.threshold
+                    if not bool(sure.any()):  # a sync: every live row has doubted; verify what there is
+                        d = i + 1
+                        break
+            # verify: layers n..depth-1 on the drafted positions of every row, from the draft's hidden states.
+            # Every drafted token is verified, also a row's tokens after its own first doubt: free and lossless.
+            # Compiled steps verify `width` positions whatever d is (one static shape per exit: nothing
+            # recompiles when a threshold or the end of the request shortens a draft); only the first d count.
+            q = d if width is None else width
+            _, logits = run(n, depth, hidden[:, :q], at(pos[:, None] + offsets[:q]), pad,
+                            slots_end=furthest + q)  # [rows, q, vocab]
+            logits = logits[:, :d]  # [rows, d, vocab]
+            if sampling.greedy:
+                target = logits.argmax(-1)  # [rows, d]
+                matched = (drafts[:, :d] == target).long().cumprod(1).sum(1)  # [rows]
+                fix = target.gather(1, matched.clamp(max=d - 1)[:, None])[:, 0]  # [rows]
+            else:
+                matched, fix = accept_sampled_rows(drafts[:, :d], draft_probs[:, :d], probabilities(logits, sampling),
+                                                   generator)
+            short = matched < d  # [rows] a rejection: the fix token follows the accepted ones
+            token = torch.where(live_dev, torch.where(short, fix, drafts[:, d - 1]), token)
+            pos = pos + torch.where(live_dev, matched + short.long(), 0)
+            host = torch.cat([matched, fix, drafts[:, :d].flatten()]).tolist()  # one sync per round
+            m_rows, fixes = host[:rows], host[rows: 2 * rows]
+            out: list[list[int]] = []
+            offered, kept = [], []
+            for b in range(rows):
+                if not live[b]:
+                    out.append([])
+                    continue
+                m = m_rows[b]
+                pos_host[b] += m + (m < d)
+                new = host[2 * rows + b * d: 2 * rows + b * d + m] + ([fixes[b]] if m < d else [])
+                offered.append(d)
+                kept.append(m)
+                out.append(_cut(new, b, live, done, stop, max_new_tokens))
+            tracker.observe(n, offered, kept)
+            rejections += sum(m < o for m, o in zip(kept, offered))
+            rounds, drafted, accepted = rounds + 1, drafted + sum(offered), accepted + sum(kept)
+            tally = per_exit.setdefault(n, [0, 0, 0])
+            tally[0], tally[1], tally[2] = tally[0] + 1, tally[1] + sum(offered), tally[2] + sum(kept)
+            yield out
     if stats is not None:
         merged = {int(e): list(v) for e, v in (stats.get("exits") or {}).items()}
         for e, v in per_exit.items():

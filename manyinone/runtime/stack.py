@@ -20,7 +20,7 @@ import contextlib
 import inspect
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -281,13 +281,13 @@ class SegmentRunner:
         self.compile_fn = compile_fn
         self.log = log if log is not None else CompileLog()
         self.shapes: dict[tuple, set[tuple]] = {}  # compiled step -> input shapes it has been traced for
-        # Speculation sets its draft exits here while it runs: every call then also fills those exits' own
-        # layers' caches (`LayerStack.run`).
+        # The draft exits with a layer of their own, while speculation runs (`drafting_from`): every call then
+        # also fills those layers' caches (`LayerStack.run`).
         self.fill_exits: frozenset[int] = frozenset()
 
     def step_fn(self, start: int, end: int, head: bool, live: int | None = None) -> Callable:
         """The (compiled, if compile_fn) function of (inputs, slots, pad) one segment call runs."""
-        fill = self.filling()
+        fill = self.fill_exits
         if self.compile_fn is None:
             def segment(inputs, slots, pad):
                 return self.stack.run(self.cache, start, end, inputs, slots, pad, head, live=live, fill_exits=fill)
@@ -301,9 +301,16 @@ class SegmentRunner:
 
         return self._compiled((start, end, head, live, fill), segment)
 
-    def filling(self) -> frozenset[int]:
-        """The exit depths whose own layers' caches calls now also fill (those that have one)."""
-        return frozenset(d for d in self.fill_exits if d in self.stack.exit_layers)
+    @contextlib.contextmanager
+    def drafting_from(self, exits: Sequence[int]) -> Iterator[None]:
+        """Within the block every call also fills the caches of the own layers of `exits` (those that have
+        one), so a draft from them finds keys at every position; restored on leaving."""
+        previous = self.fill_exits
+        self.fill_exits = frozenset(d for d in exits if d in self.stack.exit_layers)
+        try:
+            yield
+        finally:
+            self.fill_exits = previous
 
     def masked_step_fn(self, start: int, end: int, head: bool, live: int | None,
                        apply: Callable[[torch.Tensor], contextlib.AbstractContextManager]) -> Callable:
@@ -311,7 +318,7 @@ class SegmentRunner:
         over the fused forwards, which take the masks as an argument (a compiled function of its own:
         dynamo does not guard on module hooks, so hooks must never come and go around a shared one);
         otherwise the plain layers inside `apply(unit_masks)`, the adapter's mask hooks."""
-        fused, fill = self.stack.fused, self.filling()
+        fused, fill = self.stack.fused, self.fill_exits
         if self.compile_fn is None or fused is None:
             def hooked(inputs, slots, pad, masks):
                 with apply(masks):
@@ -349,7 +356,7 @@ class SegmentRunner:
         ([batch, 1, layers, intermediate]; `apply` the adapter's `masked` for the unfused path), an input
         like the others, so a recorded graph reads each call's masks (`masked_step_fn`).
         Prefill goes through `prefill`."""
-        live, fill = self.live_for(slots_end), self.filling()
+        live, fill = self.live_for(slots_end), self.fill_exits
         mask_shape = None if masked is None else tuple(masked[1].shape)
         shapes = (tuple(inputs.shape), tuple(slots.shape), plan, mask_shape)  # [q] and per-row [batch, q] slots differ
         # A masked step compiles only over fused forwards (masked_step_fn); otherwise it runs eagerly.
@@ -386,5 +393,5 @@ class SegmentRunner:
         slots = torch.arange(ids.shape[1], device=ids.device)  # [prompt]
         with self.stack.sliced(plan), self.stack.decode_attention():
             _, logits = self.stack.run(self.cache, 0, end, ids, slots, pad, head=True, last_only=True,
-                                       live=self.live_for(ids.shape[1]), fill_exits=self.filling())
+                                       live=self.live_for(ids.shape[1]), fill_exits=self.fill_exits)
         return logits

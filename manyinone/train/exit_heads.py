@@ -144,31 +144,24 @@ class ExitHeads(nn.Module):
         self.specs = list(specs)
         self.norms = nn.ModuleDict({_key(s): copy.deepcopy(norm) for s in self.specs})
         self.maps = nn.ParameterDict({_key(s): nn.Parameter(self._rule.initial_map(head_weight)) for s in self.specs})
-        self.blocks = nn.ModuleDict(self._blocks(make_block) if has_blocks(kind) else {})
-        self.layers = nn.ModuleDict(self._layers(make_block) if has_layers(kind) else {})
+        self.blocks = nn.ModuleDict(self._per_exit(make_block, "blocks", lambda parts: ResidualMLP(*parts))
+                                    if has_blocks(kind) else {})
+        self.layers = nn.ModuleDict(self._per_exit(make_block, "layers", lambda layer: layer)
+                                    if has_layers(kind) else {})
         self._shared = [head_weight]  # a list, so the shared head is not registered as our parameter
 
-    def _blocks(self, make_block: Callable[[int], tuple[nn.Module, nn.Module]] | None) -> dict[str, ResidualMLP]:
-        """Per exit, the adapter's block from the first layer it skips (`make_block(depth)`: (norm, mlp))."""
-        if make_block is None:
-            raise ManyinoneError(f"exit_heads={self.kind!r} needs the model's adapter to build its blocks")
-        blocks = {}
+    def _per_exit(self, make: Callable[[int], object] | None, what: str,
+                  build: Callable[[object], nn.Module]) -> dict[str, nn.Module]:
+        """Per exit, `build` of what the adapter's `make(depth)` copies from the first layer the exit skips
+        (its block's (norm, mlp), or its decoder layer): trainable modules, depth exits only."""
+        if make is None:
+            raise ManyinoneError(f"exit_heads={self.kind!r} needs the model's adapter to build its {what}")
+        modules = {}
         for s in self.specs:
             if set(s) != {"depth"}:
                 raise ManyinoneError(f"exit_heads={self.kind!r} serves depth exits only; got {s.label}")
-            blocks[_key(s)] = ResidualMLP(*make_block(s["depth"])).requires_grad_(True)
-        return blocks
-
-    def _layers(self, make_layer: Callable[[int], nn.Module] | None) -> dict[str, nn.Module]:
-        """Per exit, the adapter's decoder layer copied from the first layer it skips (`make_layer(depth)`)."""
-        if make_layer is None:
-            raise ManyinoneError(f"exit_heads={self.kind!r} needs the model's adapter to build its layers")
-        layers = {}
-        for s in self.specs:
-            if set(s) != {"depth"}:
-                raise ManyinoneError(f"exit_heads={self.kind!r} serves depth exits only; got {s.label}")
-            layers[_key(s)] = make_layer(s["depth"]).requires_grad_(True)
-        return layers
+            modules[_key(s)] = build(make(s["depth"])).requires_grad_(True)
+        return modules
 
     def with_blocks(self) -> list[SubnetSpec]:
         """The exits that run a block or a layer of their own: one decoder layer more than their depth
@@ -281,7 +274,8 @@ def forward_nested(adapter, heads: ExitHeads | None, input_ids: torch.Tensor, at
     The exit's layer runs after the forward, outside it (so activation checkpointing never recomputes
     it), with the keyword arguments the exit's last decoder layer was called with: the model's own
     attention mask (padding, or packed rows' blocks), positions and rotary embeddings."""
-    layered = [s for s in specs if heads is not None and s in heads.with_layers()]
+    own = set(heads.with_layers()) if heads is not None else set()
+    layered = [s for s in specs if s in own]
     if not layered:
         return adapter.forward_nested(input_ids, attention_mask, specs, **kwargs)
     layers = adapter.decoder_stack().layers
