@@ -33,7 +33,11 @@ def pausing(real):
         real(obj, path, *args, **kwargs)
         written += 1
         if written == PAUSE_AT and MARKER:
-            Path(MARKER).write_text(str(path))
+            # Renamed into place: the test polls for the marker and kills at once, so it must never
+            # see the file before its text is in it (a CI run caught it empty).
+            staged = Path(MARKER).with_suffix(".partial")
+            staged.write_text(str(path))
+            staged.rename(MARKER)
             time.sleep(60)  # the test kills us here
 
     return write
