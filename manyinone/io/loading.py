@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from manyinone.core.errors import ManyinoneError, first_line, resource_error
 from manyinone.core.registry import adapter_class
@@ -135,7 +137,7 @@ def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float3
     Every parameter comes out in `dtype`. The model is built on the meta device and filled from the
     weight files (transformers' low-CPU-memory path), onto `device` directly when given: a 13B model
     in bf16 goes to the GPU without a full copy in CPU memory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from manyinone.io.checkpoint import verify_checkpoint
 
@@ -149,21 +151,87 @@ def load_pretrained(source: str | ModelSource, dtype: torch.dtype = torch.float3
         placed = {"device_map": {"": str(device)}} if device is not None and not src.gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype, trust_remote_code=False,
                                                      low_cpu_mem_usage=True, **placed, **src.kwargs())
-        tokenizer = AutoTokenizer.from_pretrained(src.folder, trust_remote_code=False, **src.kwargs())
     except Exception as exc:  # transformers/safetensors raise many types for a damaged folder
-        first = first_line(exc)
-        if src.is_hub and isinstance(exc, OSError):
-            raise hub_failure(src, exc) from None
-        raise resource_error(exc, f"loading model {str(src)!r}") or ManyinoneError(
-            f"cannot load model from {str(src)!r}: {first}") from None
+        raise load_failure(src, exc) from None
     if src.gguf_file:
         _forget_gguf_quantization(model)
         model.to(dtype)  # GGUF dequantizes to its own float type
         if device is not None:
             model.to(device)
+    return model, load_tokenizer(src)
+
+
+def load_tokenizer(source: ModelSource):
+    """The source's tokenizer, its pad token set (to EOS where the model names none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=False, **source.kwargs())
+    except Exception as exc:
+        raise load_failure(source, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def load_failure(source: ModelSource, exc: BaseException) -> ManyinoneError:
+    """The one-line error for weights or a tokenizer that would not load, naming the cause."""
+    if source.is_hub and isinstance(exc, OSError):
+        return hub_failure(source, exc)
+    return resource_error(exc, f"loading model {str(source)!r}") or ManyinoneError(
+        f"cannot load model from {str(source)!r}: {first_line(exc)}")
+
+
+@contextmanager
+def parameters_on_meta(dtype: torch.dtype):
+    """Modules built inside have every parameter on the meta device (no memory, no init), in `dtype`,
+    while buffers stay real. Not `torch.device("meta")`: non-persistent buffers such as the rotary
+    frequencies are in no weight file, so the values the constructor computes must be kept."""
+    real = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param) -> None:
+        if param is not None and not param.is_meta:  # a meta one is a tie (lm_head = embed_tokens): keep it
+            float_type = dtype if param.is_floating_point() else param.dtype
+            param = nn.Parameter(param.to("meta", float_type), requires_grad=param.requires_grad)
+        real(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = real
+
+
+def build_empty(source: str | ModelSource, dtype: torch.dtype = torch.float32):
+    """The source's model with its parameters on the meta device, to be filled by whoever holds the
+    weights (a sharded load, a gathered state dict), so that no full copy is ever made on the CPU.
+    Config, generation config and buffers are those `load_pretrained` gives."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    src = source if isinstance(source, ModelSource) else resolve_source(source)
+    config = load_config(src)
+    adapter_class(config.model_type)
+    with parameters_on_meta(dtype):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    if src.gguf_file:
+        _forget_gguf_quantization(model)
+    elif (Path(src.folder) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(src.folder)
+    return model.eval()
+
+
+def safetensors_names(source: ModelSource) -> set[str]:
+    """Names of the tensors in the source folder's safetensors files; empty for a GGUF file, a hub
+    name or a folder of other weight files."""
+    from safetensors import safe_open
+
+    if source.gguf_file or source.is_hub:
+        return set()
+    names: set[str] = set()
+    for path in sorted(Path(source.folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(f.keys())
+    return names
 
 
 def _forget_gguf_quantization(model) -> None:

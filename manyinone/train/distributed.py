@@ -118,12 +118,56 @@ class Runtime:
         return device
 
     def shard(self, model: nn.Module) -> nn.Module:
-        """FSDP2 in place: one unit per decoder layer, then the root; shards land on the mesh's device."""
-        from torch.distributed.fsdp import fully_shard
+        """FSDP2 in place: one unit per decoder layer, then the root; shards land on the mesh's device.
+        A model `load_sharded` made is already sharded and is returned as it is."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if isinstance(model, FSDPModule):
+            return model
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=self.mesh)
         fully_shard(model, mesh=self.mesh)
+        return model
+
+    def load_sharded(self, source: str, dtype: torch.dtype, device: torch.device) -> nn.Module | None:
+        """The model of `source`, sharded like `shard` and filled by each rank reading only its own
+        rows of the safetensors files, so that no rank ever holds the whole model (CPU or GPU).
+
+        How: parameters are built on the meta device (`loading.build_empty`), sharded, given
+        uninitialised memory for their shards alone (`to_empty`), then filled by torch distributed
+        checkpoint's HuggingFaceStorageReader, which reads each shard's slice of each tensor. The
+        buffers (rotary frequencies) are the constructor's own. None where this path cannot serve
+        (a GGUF file, a hub name, other weight files, names that differ from the module's, torch
+        older than 2.8): the caller then loads the whole model and shards it."""
+        try:
+            from torch.distributed.checkpoint import HuggingFaceStorageReader
+        except ImportError:
+            return None
+        import torch.distributed.checkpoint as dcp
+
+        from manyinone.io.checkpoint import verify_checkpoint
+        from manyinone.io.loading import build_empty, load_failure, resolve_source, safetensors_names
+
+        src = resolve_source(source)
+        stored = safetensors_names(src)
+        if not stored:
+            return None
+        verify_checkpoint(src.folder)  # a manyinone checkpoint as the base model is checked like any other
+        model = build_empty(src, dtype)
+        named = {id(p): n for n, p in model.named_parameters(remove_duplicate=False) if n in stored}
+        if any(id(p) not in named for p in model.parameters()):  # transformers renames such keys itself
+            return None
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self.shard(model)
+        model.to_empty(device=device)  # each rank allocates its own shards only
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+        state = {k: v for k, v in model.state_dict().items() if k in stored}
+        try:
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(src.folder))
+        except Exception as exc:  # a damaged file, or memory: said as what it is
+            raise load_failure(src, exc) from None
         return model
 
     def close(self) -> None:
@@ -209,15 +253,18 @@ def restore_state(rt: Runtime, output: Path, model: nn.Module, optimizer) -> int
 
 
 def unsharded_copy(rt: Runtime, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
-    """On rank 0, a plain CPU model (made by `build`) holding the sharded model's full weights; None elsewhere.
+    """On rank 0, a plain CPU model holding the sharded model's full weights; None elsewhere.
 
     Every rank must call it: the weights are all-gathered shard by shard into rank 0's CPU memory.
+    `build` gives the model's skeleton with its parameters on the meta device (`loading.build_empty`):
+    the gathered tensors become its parameters, so rank 0 holds one copy of the weights, not two.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not rt.is_main:
         return None
-    plain = build().to("cpu")
-    plain.load_state_dict(full)
+    plain = build()
+    plain.load_state_dict(full, assign=True)
+    plain.tie_weights()  # assign gives a tied head its own tensor: tie it to the embedding again
     return plain.eval()

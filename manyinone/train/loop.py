@@ -35,7 +35,7 @@ from manyinone.train.data import batch_tokens, resolve_template
 from manyinone.core.device import pick_device
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.interrupt import deferred_stop_signals
-from manyinone.io.loading import load_pretrained
+from manyinone.io.loading import build_empty, load_pretrained, load_tokenizer, resolve_source
 from manyinone.train.on_policy import runtime_sampler as on_policy_sampler
 from manyinone.train import step_parts
 from manyinone.train.losses import exit_weights
@@ -161,7 +161,7 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     distributed.refuse_unsupported(rt, cfg)
     dtype = training_dtype(cfg.dtype, device, cfg.lora is not None)
     check_precision(dtype, cfg.optimizer, cfg.lora is not None)
-    model, tokenizer, tuned, adapter, space, exit_modules = _load_model(cfg, device, dtype)
+    model, tokenizer, tuned, adapter, space, exit_modules = _load_model(cfg, rt, device, dtype)
     weights = exit_weights(space.specs(), cfg.exit_weights)
     sampler = sampler_for(cfg, space)
     # `auto` is settled here, once: train_config.yaml and the index record the template the run used.
@@ -227,12 +227,16 @@ def _nonfinite_step(cfg: TrainConfig, output: Path, summary: str, skipped: int) 
     return skipped + 1
 
 
-def _load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
+def _load_model(cfg: TrainConfig, rt: distributed.Runtime, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer, peft model or None, adapter, space, exit modules or None) of the run."""
-    # Straight onto the GPU (transformers builds the model on the meta device and fills it from the
-    # weight files): no full copy in CPU memory, so under torchrun no rank holds the whole model on
-    # the CPU; each rank's GPU holds it only until FSDP2 shards it in place.
-    model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device if device.type == "cuda" else None)
+    # Under torchrun each rank reads only its own shards of the weight files (`load_sharded`). Else,
+    # or where that cannot serve (a GGUF file), straight onto the GPU: transformers builds the model
+    # on the meta device and fills it from the files, so no full copy sits in CPU memory.
+    model = rt.load_sharded(cfg.model, dtype, device) if rt.distributed else None
+    if model is not None:
+        tokenizer = load_tokenizer(resolve_source(cfg.model))
+    else:
+        model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device if device.type == "cuda" else None)
     tuned = lora.apply_lora(model, cfg.lora) if cfg.lora is not None else None  # `model` itself, adapters inside
     adapter = adapter_for(model, cfg.axes)
     adapter.check_axes(cfg.axes)
@@ -376,7 +380,7 @@ def _save_final(run: _Run, tokenizer, tuned, save: Callable[..., Path], dtype: t
         heads = run.exit_modules
         index = build_index(run.adapter, run.space, metric=cfg.cost_metric, train=record,
                             one_more_layer=heads.with_blocks() if heads is not None else ())
-        final = (distributed.unsharded_copy(rt, model, lambda: load_pretrained(cfg.model, dtype=dtype)[0]) if rt.distributed
+        final = (distributed.unsharded_copy(rt, model, lambda: build_empty(cfg.model, dtype)) if rt.distributed
                  else model.to("cpu"))
         if rt.is_main:
             with exit_heads.detached(final) as trained_heads:

@@ -77,7 +77,10 @@ def zero_embedding_starts(model, first_ids: Iterable[int]) -> dict[int, int]:
         return {}
     ids = sorted(t for t in counts if 0 <= t < weight.shape[0])
     with torch.no_grad():
-        zero = (weight.detach()[torch.tensor(ids, device=weight.device)] == 0).all(-1).tolist()
+        rows = weight.detach()
+        if hasattr(rows, "full_tensor"):  # sharded under torchrun (a DTensor): gather this one matrix, briefly
+            rows = rows.full_tensor()
+        zero = (rows[torch.tensor(ids, device=rows.device)] == 0).all(-1).tolist()
     return {t: counts[t] for t, z in zip(ids, zero) if z}
 
 
