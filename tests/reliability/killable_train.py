@@ -6,6 +6,10 @@ Environment:
                               optimizer state, resumable or final), write MANYINONE_TEST_MARKER and
                               sleep, leaving the checkpoint half-written in its temp folder.
     MANYINONE_TEST_MARKER     file that receives the path of the file just written.
+    MANYINONE_TEST_PAUSE_DCP  K: under torchrun, the rank named by MANYINONE_TEST_PAUSE_RANK pauses
+                              likewise after its K-th torch distributed checkpoint save has written
+                              its shards (the folder not yet published); the marker gets its pid.
+    MANYINONE_TEST_PID_DIR    under torchrun, each rank writes its pid to rank-R there on start.
 """
 
 from __future__ import annotations
@@ -33,15 +37,42 @@ def pausing(real):
         real(obj, path, *args, **kwargs)
         written += 1
         if written == PAUSE_AT and MARKER:
-            # Renamed into place: the test polls for the marker and kills at once, so it must never
-            # see the file before its text is in it (a CI run caught it empty).
-            staged = Path(MARKER).with_suffix(".partial")
-            staged.write_text(str(path))
-            staged.rename(MARKER)
+            publish(MARKER, str(path))  # a CI run once read it empty: written, then renamed
             time.sleep(60)  # the test kills us here
 
     return write
 
+
+def pausing_dcp(real):
+    saves = 0
+
+    def save(*args, **kwargs):
+        nonlocal saves
+        result = real(*args, **kwargs)
+        saves += 1
+        if saves == PAUSE_DCP and os.environ.get("RANK") == os.environ.get("MANYINONE_TEST_PAUSE_RANK", "1"):
+            publish(MARKER, str(os.getpid()))
+            time.sleep(120)  # the test kills this rank here; the others wait at the barrier after the save
+        return result
+
+    return save
+
+
+def publish(path: str, text: str) -> None:
+    """Renamed into place: the test polls for the file and acts at once, so it must never see it
+    before its text is in it."""
+    staged = Path(path).with_suffix(".partial")
+    staged.write_text(text)
+    staged.rename(path)
+
+
+PAUSE_DCP = int(os.environ.get("MANYINONE_TEST_PAUSE_DCP", "0"))
+if PAUSE_DCP:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save = pausing_dcp(dcp.save)
+if os.environ.get("MANYINONE_TEST_PID_DIR") and "RANK" in os.environ:
+    publish(os.path.join(os.environ["MANYINONE_TEST_PID_DIR"], f"rank-{os.environ['RANK']}"), str(os.getpid()))
 
 if PAUSE_AT:
     state_module.save_model = pausing(state_module.save_model)  # resumable state: weights
