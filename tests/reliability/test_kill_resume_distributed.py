@@ -22,12 +22,24 @@ from manyinone.io.integrity import verify_checksums
 STEPS = 6
 
 
-def torchrun(model, output, **env) -> subprocess.Popen:
-    command = train_command(model, output, STEPS)
+def torchrun(model, output, save_every: int = 1, **env) -> subprocess.Popen:
+    command = train_command(model, output, STEPS, save_every=save_every)
     assert command[1] == str(KILLABLE)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *command[1:],
               "--set", "device=cpu"]
-    return subprocess.Popen(launch, env=child_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(launch, env=child_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # one process group: `finish` can end a hung job whole
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for the job; its stderr. A job still running at `timeout` (ranks waiting on each other)
+    is killed with its ranks, so that a failing test leaves no process behind."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -43,17 +55,27 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
 def kill_rank(pid_file, proc: subprocess.Popen) -> str:
     """SIGKILL the rank whose pid is in `pid_file`; torchrun then ends the other. Returns its stderr."""
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=120)
+    stderr = finish(proc, 120)
     assert proc.returncode != 0  # torchrun reports the lost rank
     return stderr
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_killing_one_rank_mid_step_and_inside_a_dcp_save_then_resuming_is_bitwise_exact(tiny_llama, tmp_path):
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, tmp_path_factory):
+    """Final weights of a 2-process run never interrupted."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = torchrun(tiny_llama, out)
+    stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    return run_weights(out)
+
+
+def test_killing_one_rank_mid_step_and_inside_a_dcp_save_then_resuming_is_bitwise_exact(tiny_llama, tmp_path,
+                                                                                         reference):
     rng = random.Random(3)
-    reference = torchrun(tiny_llama, tmp_path / "reference")
-    _, stderr = reference.communicate(timeout=300)
-    assert reference.returncode == 0, stderr[-3000:]
 
     out = tmp_path / "run"
     expected, kills = [], []
@@ -83,12 +105,33 @@ def test_killing_one_rank_mid_step_and_inside_a_dcp_save_then_resuming_is_bitwis
 
     # 3. The last restart runs to the end.
     proc = torchrun(tiny_llama, out)
-    _, stderr = proc.communicate(timeout=300)
+    stderr = finish(proc)
     assert proc.returncode == 0, stderr[-3000:]
     assert f"resuming from step {expected[-1]}" in stderr
 
     assert 0 < expected[0] < STEPS, kills
-    assert_bitwise_equal(run_weights(out), run_weights(tmp_path / "reference"))
+    assert_bitwise_equal(run_weights(out), reference)
     assert metrics_steps(out) == list(range(1, STEPS + 1))  # one line per step, no duplicate tail
     assert leftovers(out) == []  # the restarts cleaned every unfinished save
     assert verify_checksums(out) and verify_checksums(out / "checkpoints" / f"step-{STEPS:07d}", "resume checkpoint")
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_llama, tmp_path, reference):
+    """A scheduler's SIGTERM may reach one rank only: the ranks agree in the step's reduction, both
+    save the same step and exit, and the resumed run ends bitwise equal to one never stopped."""
+    out, pids = tmp_path / "run", tmp_path / "pids"
+    pids.mkdir()
+    # No periodic saves: a rank that stopped alone would save alone, and the other would go on.
+    proc = torchrun(tiny_llama, out, save_every=STEPS, MANYINONE_TEST_PID_DIR=str(pids))
+    wait_for(lambda: metrics_lines(out) >= 2 and (pids / "rank-1").is_file(), proc)
+    os.kill(int((pids / "rank-1").read_text()), signal.SIGTERM)
+    stderr = finish(proc, 120)
+    assert proc.returncode != 0 and "interrupted" in stderr.lower(), stderr[-3000:]
+    saved = complete_steps(out)[-1]
+    assert 2 <= saved < STEPS and metrics_steps(out) == list(range(1, saved + 1))
+    assert verify_checksums(out / "checkpoints" / f"step-{saved:07d}", "resume checkpoint")  # both ranks' shards
+
+    proc = torchrun(tiny_llama, out)
+    stderr = finish(proc)
+    assert proc.returncode == 0 and f"resuming from step {saved}" in stderr, stderr[-3000:]
+    assert_bitwise_equal(run_weights(out), reference)
