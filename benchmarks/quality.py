@@ -134,6 +134,9 @@ RECIPES: dict[str, list[str]] = {
     # MLP alone; in the runtime each exit layer has a KV cache of its own.
     "agree-xl-layer": [*AGREE_XL, "--set", "exit_heads=layer"],
     "agree-xl-layer-full10": [*AGREE_XL, "--set", "exit_heads=layer", "--set", "teacher_full_weight=10"],
+    # Kangaroo's own setting: the SFT body frozen, so the full depth and WikiText stay the SFT run's
+    # exactly, and agreement comes from the exit layers alone. Where round 8 finds it, on that axis.
+    "agree-xl-layer-frozen": [*AGREE_XL, "--set", "exit_heads=layer", "--set", "freeze_base=true"],
     "agree-xl-block-full30": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=30"],
     "agree-xl-block-full10-cool": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10",
                                    *ON_POLICY, "--set", "on_policy_temperature=0.3"],
