@@ -147,3 +147,13 @@ def test_each_rank_reads_only_its_own_shards(tmp_path, tie):
         assert rank["local_fraction"] == pytest.approx(0.5, abs=0.01)  # half of every tensor's rows
     for mine, old in zip(sharded, whole):
         assert mine["peak_growth_mib"] < 0.7 * old["peak_growth_mib"], (mine, old)
+
+
+def test_a_damaged_weight_file_is_a_one_line_error_in_the_sharded_load(tiny_llama, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)  # no valid header
+    with pytest.raises(ManyinoneError, match="cannot load model from"):
+        Runtime().load_sharded(str(broken), torch.float32, torch.device("cpu"))  # fails before any sharding

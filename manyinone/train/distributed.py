@@ -149,10 +149,15 @@ class Runtime:
         from manyinone.io.loading import build_empty, load_failure, resolve_source, safetensors_names
 
         src = resolve_source(source)
-        stored = safetensors_names(src)
-        if not stored:
+        if src.gguf_file or src.is_hub:
             return None
         verify_checkpoint(src.folder)  # a manyinone checkpoint as the base model is checked like any other
+        try:
+            stored = safetensors_names(src)
+        except Exception as exc:  # a damaged header
+            raise load_failure(src, exc) from None
+        if not stored:
+            return None
         model = build_empty(src, dtype)
         named = {id(p): n for n, p in model.named_parameters(remove_duplicate=False) if n in stored}
         if any(id(p) not in named for p in model.parameters()):  # transformers renames such keys itself
