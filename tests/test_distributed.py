@@ -105,6 +105,28 @@ def test_two_process_fsdp2_run_equals_one_process_and_resumes(tiny_llama, tmp_pa
             assert json.loads((two / name).read_text()) == json.loads((ref / name).read_text()), name
 
 
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+@pytest.mark.parametrize("kind", ["translator", "block", "layer"])
+def test_exit_heads_train_under_fsdp2_as_on_one_process(tiny_llama, tmp_path, kind):
+    """Exit modules hang on the model before sharding, so FSDP2 shards them and averages their
+    gradients with the rest; the final checkpoint's exit heads equal one process's."""
+    common = dict(model=str(tiny_llama), exits=[2, 4], data="demo", batch_size=2, lr=1e-3, device="cpu",
+                  min_lr_ratio=1.0, exit_heads=kind)
+    ref = train(TrainConfig(**common, grad_accum=2, max_steps=3, output=str(tmp_path / "one")), show_progress=False)
+    two = tmp_path / "two"
+    done = _torchrun(["--model", str(tiny_llama), "--exits", "2,4", "--batch-size", "2", "--lr", "1e-3", "--output",
+                      str(two), "--max-steps", "3", "--set", "device=cpu", "--set", "min_lr_ratio=1.0",
+                      "--set", f"exit_heads={kind}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(two) == pytest.approx(_losses(ref), rel=1e-5, abs=1e-6)
+    for name in ("model.safetensors", "exit_heads.safetensors"):
+        want, got = load_file(ref / name), load_file(two / name)
+        assert set(got) == set(want), name
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("content", ['{"step": 2, "format": "dc', "", '{"format": "dcp", "world": 2}'])
 def test_a_damaged_state_json_is_a_clean_error(tmp_path, content):
     """restore_state reads state.json through checkpoint.read_resume_state: a one-line error, no JSONDecodeError."""

@@ -53,8 +53,6 @@ def refuse_unsupported(rt: "Runtime", cfg) -> None:
     if {"width", "heads"} & set(cfg.axes):
         raise ManyinoneError(f"axes {cfg.axes} train on one device only (width/heads slice unsharded weights); "
                              "use axes=[depth] under torchrun")
-    if cfg.exit_heads != "none":
-        raise ManyinoneError(f"exit_heads={cfg.exit_heads!r} runs on one device only; use exit_heads=none under torchrun")
     if cfg.on_policy_ratio > 0:
         raise ManyinoneError("on_policy_ratio > 0 samples with the unsharded runtime; run on one device "
                              "(or set on_policy_ratio=0 under torchrun)")

@@ -134,9 +134,12 @@ class ExitHeads(nn.Module):
     """
 
     def __init__(self, kind: str, specs: Iterable[SubnetSpec], norm: nn.Module, head_weight: torch.Tensor,
-                 make_block: Callable[[int], object] | None = None) -> None:
+                 make_block: Callable[[int], object] | None = None,
+                 shared_head: Callable[[], torch.Tensor] | None = None) -> None:
         """`make_block(depth)`: the adapter's `exit_block` ((norm, mlp)) for kind "block", its
-        `exit_layer` (a decoder layer) for kind "layer" (`block_maker` picks it)."""
+        `exit_layer` (a decoder layer) for kind "layer" (`block_maker` picks it). `shared_head()`: the
+        model's head weight as it is now (default `head_weight` itself); FSDP2 replaces the parameter
+        when it shards the model, and swaps the unsharded one in during the forward."""
         super().__init__()
         if kind not in EXIT_HEAD_KINDS.names():
             raise ManyinoneError(f"exit_heads {kind!r} unknown; allowed {list(EXIT_HEAD_KINDS.names())} (or none)")
@@ -148,7 +151,7 @@ class ExitHeads(nn.Module):
                                     if has_blocks(kind) else {})
         self.layers = nn.ModuleDict(self._per_exit(make_block, "layers", lambda layer: layer)
                                     if has_layers(kind) else {})
-        self._shared = [head_weight]  # a list, so the shared head is not registered as our parameter
+        self._shared = shared_head or (lambda: head_weight)  # a function: not registered as our parameter
 
     def _per_exit(self, make: Callable[[int], object] | None, what: str,
                   build: Callable[[object], nn.Module]) -> dict[str, nn.Module]:
@@ -193,11 +196,11 @@ class ExitHeads(nn.Module):
         """The exit's norm (+ translator) and head weight: logits = LinearHead(...)(hidden)."""
         key = _key(spec)
         norm = nn.Sequential(self.blocks[key], self.norms[key]) if key in self.blocks else self.norms[key]
-        return self._rule.linear_head(norm, self.maps[key], self._shared[0])
+        return self._rule.linear_head(norm, self.maps[key], self._shared())
 
     def folded_head_weight(self, spec: SubnetSpec) -> torch.Tensor:
         """[vocab, hidden]: one matrix giving the same logits from norm_k(h) as the exit's head."""
-        return self._rule.folded_weight(self.maps[_key(spec)], self._shared[0])
+        return self._rule.folded_weight(self.maps[_key(spec)], self._shared())
 
     def fold(self, sub: nn.Module, spec: SubnetSpec, norm_path: str,
              append_block: Callable[[nn.Module, nn.Module, nn.Module], None] | None = None,
@@ -301,7 +304,7 @@ def for_adapter(adapter, kind: str, space) -> ExitHeads:
     if head is None or not isinstance(head.norm, nn.Module):
         raise ManyinoneError(f"exit_heads={kind!r} needs a norm + linear LM head; the {adapter.name!r} adapter has none")
     return ExitHeads(kind, [s for s in space.specs() if s != space.full()], head.norm, head.weight,
-                     block_maker(adapter, kind))
+                     block_maker(adapter, kind), shared_head=lambda: adapter.linear_head().weight)
 
 
 ATTRIBUTE = "manyinone_exit_heads"

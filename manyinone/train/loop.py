@@ -207,9 +207,12 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
             if "nonfinite" in record:  # the step was not applied: stop, or skip within the allowance
                 skipped = _nonfinite_step(cfg, output, record["nonfinite"], skipped)
             periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
-            if (periodic or stop) and step + 1 < data.total_steps:
+            # Under torchrun, what the ranks agreed in the step's reduction: a signal that lands on one
+            # rank after it would otherwise send that rank alone into a save, the others into the next step.
+            stopping = run.stop_agreed if rt.distributed else bool(stop)
+            if (periodic or stopping) and step + 1 < data.total_steps:
                 saved = save(output, step + 1, model, optimizer, cfg.keep_checkpoints)
-                if stop:
+                if stopping:
                     raise stop.interrupted(step + 1, saved)
     metrics_file.close()
     _save_final(run, tokenizer, tuned, save, dtype)
@@ -232,7 +235,9 @@ def _load_model(cfg: TrainConfig, rt: distributed.Runtime, device: torch.device,
     # Under torchrun each rank reads only its own shards of the weight files (`load_sharded`). Else,
     # or where that cannot serve (a GGUF file), straight onto the GPU: transformers builds the model
     # on the meta device and fills it from the files, so no full copy sits in CPU memory.
-    model = rt.load_sharded(cfg.model, dtype, device) if rt.distributed else None
+    # Exit modules are copies of the model's own layers, norm and head, made before sharding so that
+    # FSDP2 shards them with the rest: with them, each rank loads the whole model first.
+    model = rt.load_sharded(cfg.model, dtype, device) if rt.distributed and cfg.exit_heads == "none" else None
     if model is not None:
         tokenizer = load_tokenizer(resolve_source(cfg.model))
     else:
@@ -247,6 +252,15 @@ def _load_model(cfg: TrainConfig, rt: distributed.Runtime, device: torch.device,
         if tuned is not None:  # copies of peft's frozen norm: they train, in float32 (the optimizer's master)
             exit_modules.float().requires_grad_(True)
     return model, tokenizer, tuned, adapter, space, exit_modules
+
+
+def _skeleton(cfg: TrainConfig, space, dtype: torch.dtype):
+    """The trained model's shape, parameters on the meta device, exit modules attached: what the
+    gathered weights of a sharded run fill on rank 0."""
+    model = build_empty(cfg.model, dtype)
+    if cfg.exit_heads != "none":
+        exit_heads.attach(model, exit_heads.for_adapter(adapter_for(model, cfg.axes), cfg.exit_heads, space))
+    return model
 
 
 def _place(model, adapter, cfg: TrainConfig, rt: distributed.Runtime, device: torch.device) -> list | None:
@@ -294,6 +308,7 @@ class _Run:
     steps_per_epoch: int
     teacher: Teacher | None = None
     teacher_weights: dict | None = None
+    stop_agreed: bool = False  # every rank saw a stop signal in the last step's reduction
 
     def step(self, step: int, stop) -> dict[str, Any]:
         """One optimizer step (grad_accum micro-batches, every rank together); returns its metrics record."""
@@ -338,7 +353,8 @@ class _Run:
         # Over ranks before the update: a NaN on any rank reaches every rank's mean, so all of them
         # agree on skipping the update below (FSDP2's grad norm is already the global one).
         sums, tokens = self.rt.mean(sums), self.rt.total(tokens)
-        if sums.pop("_stop") > 0 and not stop:
+        self.stop_agreed = sums.pop("_stop") > 0
+        if self.stop_agreed and not stop:
             stop.signum = signal.SIGTERM  # another rank was signalled (torchrun forwards SIGTERM)
         sums["grad_norm"] = distributed.scalar(grad_norm)  # a sync, as the losses' .item() just before it
         bad = nonfinite.nonfinite_metrics(sums)
@@ -380,7 +396,7 @@ def _save_final(run: _Run, tokenizer, tuned, save: Callable[..., Path], dtype: t
         heads = run.exit_modules
         index = build_index(run.adapter, run.space, metric=cfg.cost_metric, train=record,
                             one_more_layer=heads.with_blocks() if heads is not None else ())
-        final = (distributed.unsharded_copy(rt, model, lambda: build_empty(cfg.model, dtype)) if rt.distributed
+        final = (distributed.unsharded_copy(rt, model, lambda: _skeleton(cfg, run.space, dtype)) if rt.distributed
                  else model.to("cpu"))
         if rt.is_main:
             with exit_heads.detached(final) as trained_heads:

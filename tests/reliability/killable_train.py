@@ -10,11 +10,14 @@ Environment:
                               likewise after its K-th torch distributed checkpoint save has written
                               its shards (the folder not yet published); the marker gets its pid.
     MANYINONE_TEST_PID_DIR    under torchrun, each rank writes its pid to rank-R there on start.
+    MANYINONE_TEST_SIGTERM_AT K: under torchrun, rank 1 sends itself SIGTERM just after the K-th step's
+                              reduction over ranks: the moment where only that rank knows of the stop.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -71,6 +74,20 @@ if PAUSE_DCP:
     import torch.distributed.checkpoint as dcp
 
     dcp.save = pausing_dcp(dcp.save)
+SIGTERM_AT = int(os.environ.get("MANYINONE_TEST_SIGTERM_AT", "0"))
+if SIGTERM_AT and os.environ.get("RANK") == "1":
+    from manyinone.train.distributed import Runtime
+
+    real_total, steps = Runtime.total, [0]
+
+    def total_then_signal(self, value):  # the last reduction of each step (after its metrics' mean)
+        result = real_total(self, value)
+        steps[0] += 1
+        if steps[0] == SIGTERM_AT:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: after the reduction
+        return result
+
+    Runtime.total = total_then_signal
 if os.environ.get("MANYINONE_TEST_PID_DIR") and "RANK" in os.environ:
     publish(os.path.join(os.environ["MANYINONE_TEST_PID_DIR"], f"rank-{os.environ['RANK']}"), str(os.getpid()))
 

@@ -10,7 +10,9 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,17 +29,27 @@ def torchrun(model, output, save_every: int = 1, **env) -> subprocess.Popen:
     assert command[1] == str(KILLABLE)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *command[1:],
               "--set", "device=cpu"]
-    return subprocess.Popen(launch, env=child_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # one process group: `finish` can end a hung job whole
+    output.parent.mkdir(parents=True, exist_ok=True)
+    env.setdefault("MANYINONE_TEST_PID_DIR", tempfile.mkdtemp(prefix="pids-", dir=output.parent))
+    proc = subprocess.Popen(launch, env=child_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    proc.pid_dir = Path(env["MANYINONE_TEST_PID_DIR"])  # each rank's pid lands there: `finish` may need them
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     """Wait for the job; its stderr. A job still running at `timeout` (ranks waiting on each other)
-    is killed with its ranks, so that a failing test leaves no process behind."""
+    is killed, torchrun and each rank (torchrun starts them in sessions of their own), so that a
+    failing test leaves no process behind and no pipe open."""
     try:
         return proc.communicate(timeout=timeout)[1]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid_file in proc.pid_dir.glob("rank-*"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
         proc.communicate()
         raise
 
@@ -117,21 +129,18 @@ def test_killing_one_rank_mid_step_and_inside_a_dcp_save_then_resuming_is_bitwis
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_llama, tmp_path, reference):
-    """A scheduler's SIGTERM may reach one rank only: the ranks agree in the step's reduction, both
-    save the same step and exit, and the resumed run ends bitwise equal to one never stopped."""
-    out, pids = tmp_path / "run", tmp_path / "pids"
-    pids.mkdir()
+    """A scheduler's SIGTERM may reach one rank only, and at the worst moment: just after the step's
+    reduction over ranks, so that only that rank knows. The ranks agree at the next step's reduction,
+    both save that step and exit, and the resumed run ends bitwise equal to one never stopped."""
+    out = tmp_path / "run"
     # No periodic saves: a rank that stopped alone would save alone, and the other would go on.
-    proc = torchrun(tiny_llama, out, save_every=STEPS, MANYINONE_TEST_PID_DIR=str(pids))
-    wait_for(lambda: metrics_lines(out) >= 2 and (pids / "rank-1").is_file(), proc)
-    os.kill(int((pids / "rank-1").read_text()), signal.SIGTERM)
+    proc = torchrun(tiny_llama, out, save_every=STEPS, MANYINONE_TEST_SIGTERM_AT="2")
     stderr = finish(proc, 120)
     assert proc.returncode != 0 and "interrupted" in stderr.lower(), stderr[-3000:]
-    saved = complete_steps(out)[-1]
-    assert 2 <= saved < STEPS and metrics_steps(out) == list(range(1, saved + 1))
-    assert verify_checksums(out / "checkpoints" / f"step-{saved:07d}", "resume checkpoint")  # both ranks' shards
+    assert complete_steps(out) == [3] and metrics_steps(out) == [1, 2, 3]  # the step after the signal, saved
+    assert verify_checksums(out / "checkpoints" / "step-0000003", "resume checkpoint")  # both ranks' shards
 
     proc = torchrun(tiny_llama, out)
     stderr = finish(proc)
-    assert proc.returncode == 0 and f"resuming from step {saved}" in stderr, stderr[-3000:]
+    assert proc.returncode == 0 and "resuming from step 3" in stderr, stderr[-3000:]
     assert_bitwise_equal(run_weights(out), reference)
