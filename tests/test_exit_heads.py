@@ -21,7 +21,8 @@ from manyinone.io.export import export_all, export_budget
 from manyinone.train.lean_loss import LinearHead
 from manyinone.train.losses import nested_loss
 from manyinone.core.registry import adapter_for
-from manyinone.train.loop import _param_groups, train
+from manyinone.train.loop import train
+from manyinone.train.model_setup import param_groups
 
 TOL = 1e-5
 
@@ -249,7 +250,7 @@ def test_blocks_train_at_the_body_rate_and_translators_at_theirs(tiny_llama):
     adapter = adapter_for(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
     heads = for_adapter(adapter, "block", adapter.space({"depth": [2, 4]}))
     cfg = TrainConfig(model=str(tiny_llama), exits=[2, 4], exit_heads="block", exit_heads_lr_scale=10.0)
-    groups = _param_groups(adapter.model, heads, cfg)
+    groups = param_groups(adapter.model, heads, cfg)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert scale[id(heads.maps["depth_2"])] == 10.0
     assert scale[id(heads.blocks["depth_2"].mlp.up_proj.weight)] == 1.0
@@ -340,7 +341,7 @@ def test_exit_layers_train_at_the_body_rate_and_lora_is_refused(tiny_llama):
     adapter = adapter_for(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
     heads = for_adapter(adapter, "layer", adapter.space({"depth": [2, 4]}))
     cfg = TrainConfig(model=str(tiny_llama), exits=[2, 4], exit_heads="layer", exit_heads_lr_scale=10.0)
-    scale = {id(p): g["lr_scale"] for g in _param_groups(adapter.model, heads, cfg) for p in g["params"]}
+    scale = {id(p): g["lr_scale"] for g in param_groups(adapter.model, heads, cfg) for p in g["params"]}
     assert scale[id(heads.maps["depth_2"])] == 10.0
     assert scale[id(heads.layers["depth_2"].self_attn.k_proj.weight)] == 1.0
     with pytest.raises(ValueError, match="exit_heads='layer'.*LoRA"):

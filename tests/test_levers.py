@@ -12,7 +12,8 @@ from manyinone.core.errors import ManyinoneError
 from manyinone.io.loading import load_pretrained
 from manyinone.train.config import TrainConfig
 from manyinone.train.layer_dropout import dropped_layers, keep_masks, layer_rates
-from manyinone.train.loop import _param_groups, train
+from manyinone.train.loop import train
+from manyinone.train.model_setup import param_groups
 
 FAST = dict(data="demo", batch_size=2, max_length=200, lr=1e-3, max_steps=3)
 
@@ -77,7 +78,7 @@ def test_segment_lr_scales_put_each_layer_in_its_exit_group(tiny_llama):
     model, _ = load_pretrained(str(tiny_llama))
     cfg = TrainConfig(model=str(tiny_llama), exits=[1, 3], segment_lr_scales=[4.0, 2.0])
     layers = model.model.layers
-    groups = _param_groups(model, None, cfg, layers)
+    groups = param_groups(model, None, cfg, layers)
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}

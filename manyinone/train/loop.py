@@ -35,13 +35,11 @@ from manyinone.train.data import batch_tokens, resolve_template
 from manyinone.core.device import pick_device
 from manyinone.core.errors import ManyinoneError
 from manyinone.train.interrupt import deferred_stop_signals
-from manyinone.io.loading import build_empty, load_pretrained, load_tokenizer, resolve_source
 from manyinone.train.on_policy import runtime_sampler as on_policy_sampler
-from manyinone.train import step_parts
+from manyinone.train import model_setup, step_parts
 from manyinone.train.losses import exit_weights
 from manyinone.train.progress import TrainProgress
 from manyinone.train.reporting import Reporter
-from manyinone.core.registry import adapter_for
 from manyinone.elastic.reorder import reorder_by_importance
 from manyinone.train.samplers import Sampler, sampler_for
 from manyinone.train.optim import check_precision, make_optimizer, set_lr, training_dtype
@@ -60,38 +58,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-
-
-def _param_groups(model, heads, cfg: TrainConfig, layers=None) -> list[dict]:
-    """Base weights at lr (frozen with freeze_base), exit modules at lr * exit_heads_lr_scale.
-
-    With segment_lr_scales, the decoder layers after exit i-1 up to exit i train at lr * scales[i]
-    (`layers`: the adapter's decoder layers, bottom first)."""
-    own = {id(p) for p in heads.parameters()} if heads is not None else set()
-    base = [p for p in model.parameters() if id(p) not in own and p.requires_grad]  # LoRA: the adapters only
-    if cfg.freeze_base:
-        for p in base:
-            p.requires_grad_(False)
-    groups = []
-    if not cfg.freeze_base and cfg.segment_lr_scales is not None:
-        bounds = [0, *cfg.exits]
-        segments = [(scale, [p for layer in layers[lo:hi] for p in layer.parameters() if p.requires_grad])
-                    for scale, lo, hi in zip(cfg.segment_lr_scales, bounds, bounds[1:])]
-        in_segment = {id(p) for _, params in segments for p in params}
-        groups = [{"params": params, "lr_scale": scale} for scale, params in segments if params]
-        base = [p for p in base if id(p) not in in_segment]  # embeddings, final norm, head; layers past the last exit
-    if not cfg.freeze_base:
-        groups.insert(0, {"params": base, "lr_scale": 1.0})
-    if heads is not None:
-        # No weight decay: it would pull identity-initialised translators towards zero.
-        # Exit blocks and layers are copies of body layers: they train at the body's rate, not the translators'.
-        body = [*heads.blocks.parameters(), *heads.layers.parameters()]
-        blocks = {id(p) for p in body}
-        groups.append({"params": [p for p in heads.parameters() if id(p) not in blocks],
-                       "lr_scale": cfg.exit_heads_lr_scale, "weight_decay": 0.0})
-        if blocks:
-            groups.append({"params": body, "lr_scale": 1.0, "weight_decay": 0.0})
-    return groups
 
 
 # --- one run per output folder -----------------------------------------------------------------
@@ -161,7 +127,7 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     distributed.refuse_unsupported(rt, cfg)
     dtype = training_dtype(cfg.dtype, device, cfg.lora is not None)
     check_precision(dtype, cfg.optimizer, cfg.lora is not None)
-    model, tokenizer, tuned, adapter, space, exit_modules = _load_model(cfg, rt, device, dtype)
+    model, tokenizer, tuned, adapter, space, exit_modules = model_setup.load_model(cfg, rt, device, dtype)
     weights = exit_weights(space.specs(), cfg.exit_weights)
     sampler = sampler_for(cfg, space)
     # `auto` is settled here, once: train_config.yaml and the index record the template the run used.
@@ -170,8 +136,8 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     warning = nonfinite.zero_start_warning(model, tokenizer, (ex.input_ids[0] for ex in data.unpacked if ex.input_ids))
     if warning and rt.is_main:
         print(warning, file=sys.stderr, flush=True)
-    layers = _place(model, adapter, cfg, rt, device)
-    optimizer = make_optimizer(cfg.optimizer, _param_groups(model, exit_modules, cfg, layers), cfg.lr, cfg.weight_decay,
+    layers = model_setup.place(model, adapter, cfg, rt, device)
+    optimizer = make_optimizer(cfg.optimizer, model_setup.param_groups(model, exit_modules, cfg, layers), cfg.lr, cfg.weight_decay,
                                device)
     state.check_same_run(output, cfg)
     save = state.saver(rt, trainable_only=tuned is not None)
@@ -228,55 +194,6 @@ def _nonfinite_step(cfg: TrainConfig, output: Path, summary: str, skipped: int) 
     print(f"warning: {summary}; step skipped (no update), {skipped + 1} of nonfinite_skips={cfg.nonfinite_skips}",
           file=sys.stderr, flush=True)
     return skipped + 1
-
-
-def _load_model(cfg: TrainConfig, rt: distributed.Runtime, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer, peft model or None, adapter, space, exit modules or None) of the run."""
-    # Under torchrun each rank reads only its own shards of the weight files (`load_sharded`). Else,
-    # or where that cannot serve (a GGUF file), straight onto the GPU: transformers builds the model
-    # on the meta device and fills it from the files, so no full copy sits in CPU memory.
-    # Exit modules are copies of the model's own layers, norm and head, made before sharding so that
-    # FSDP2 shards them with the rest: with them, each rank loads the whole model first.
-    model = rt.load_sharded(cfg.model, dtype, device) if rt.distributed and cfg.exit_heads == "none" else None
-    if model is not None:
-        tokenizer = load_tokenizer(resolve_source(cfg.model))
-    else:
-        model, tokenizer = load_pretrained(cfg.model, dtype=dtype, device=device if device.type == "cuda" else None)
-    tuned = lora.apply_lora(model, cfg.lora) if cfg.lora is not None else None  # `model` itself, adapters inside
-    adapter = adapter_for(model, cfg.axes)
-    adapter.check_axes(cfg.axes)
-    space = adapter.space(cfg.axis_choices())
-    exit_modules = None
-    if cfg.exit_heads != "none":
-        exit_modules = exit_heads.attach(model, exit_heads.for_adapter(adapter, cfg.exit_heads, space))
-        if tuned is not None:  # copies of peft's frozen norm: they train, in float32 (the optimizer's master)
-            exit_modules.float().requires_grad_(True)
-    return model, tokenizer, tuned, adapter, space, exit_modules
-
-
-def _skeleton(cfg: TrainConfig, space, dtype: torch.dtype):
-    """The trained model's shape, parameters on the meta device, exit modules attached: what the
-    gathered weights of a sharded run fill on rank 0."""
-    model = build_empty(cfg.model, dtype)
-    if cfg.exit_heads != "none":
-        exit_heads.attach(model, exit_heads.for_adapter(adapter_for(model, cfg.axes), cfg.exit_heads, space))
-    return model
-
-
-def _place(model, adapter, cfg: TrainConfig, rt: distributed.Runtime, device: torch.device) -> list | None:
-    """Shard (torchrun) or move the model, switch on training's memory and speed levers; returns the
-    decoder layers for the levers that act per layer (None when none does)."""
-    (rt.shard(model) if rt.distributed else model.to(device)).train()
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = adapter.decoder_stack().layers if cfg.segment_lr_scales or cfg.layer_dropout or cfg.compile_layers \
-        else None
-    if cfg.compile_layers:
-        # The layer's forward only, not its __call__: the exit-capture and layer-dropout hooks come and
-        # go every step and would otherwise be guards that force a recompile.
-        for layer in layers:
-            layer.forward = torch.compile(layer.forward)
-    return layers
 
 
 def _load_teacher(cfg: TrainConfig, tokenizer, device: torch.device, space):
@@ -396,7 +313,7 @@ def _save_final(run: _Run, tokenizer, tuned, save: Callable[..., Path], dtype: t
         heads = run.exit_modules
         index = build_index(run.adapter, run.space, metric=cfg.cost_metric, train=record,
                             one_more_layer=heads.with_blocks() if heads is not None else ())
-        final = (distributed.unsharded_copy(rt, model, lambda: _skeleton(cfg, run.space, dtype)) if rt.distributed
+        final = (distributed.unsharded_copy(rt, model, lambda: model_setup.skeleton(cfg, run.space, dtype)) if rt.distributed
                  else model.to("cpu"))
         if rt.is_main:
             with exit_heads.detached(final) as trained_heads:
