@@ -54,6 +54,7 @@ def soak(model_dir: Path, output: Path, steps: int, save_every: int, sample_ever
     import torch
 
     import manyinone.train.loop as train_module
+    import manyinone.train.model_setup as setup_module
     from manyinone.train.config import TrainConfig
 
     torch.set_num_threads(1)
@@ -62,7 +63,7 @@ def soak(model_dir: Path, output: Path, steps: int, save_every: int, sample_ever
                       keep_checkpoints=2)
     seen: dict = {}
     samples: list[dict] = []
-    real_adapter_for, real_update, real_exit = (train_module.adapter_for, train_module.TrainProgress.update,
+    real_adapter_for, real_update, real_exit = (setup_module.adapter_for, train_module.TrainProgress.update,
                                                 train_module.TrainProgress.__exit__)
 
     def adapter_for(model, *args, **kwargs):  # keep a handle on the model to count its hooks
@@ -81,14 +82,14 @@ def soak(model_dir: Path, output: Path, steps: int, save_every: int, sample_ever
         seen["progress_total"] = self.progress.tasks[0].total
         return real_exit(self, *exc)
 
-    train_module.adapter_for, train_module.TrainProgress.update = adapter_for, update
+    setup_module.adapter_for, train_module.TrainProgress.update = adapter_for, update
     train_module.TrainProgress.__exit__ = exit_
     try:
         started = time.perf_counter()
         train_module.train(cfg, show_progress=True)  # the real progress bar (to stderr)
         seconds = time.perf_counter() - started
     finally:
-        train_module.adapter_for, train_module.TrainProgress.update = real_adapter_for, real_update
+        setup_module.adapter_for, train_module.TrainProgress.update = real_adapter_for, real_update
         train_module.TrainProgress.__exit__ = real_exit
     return {"steps": steps, "save_every": save_every, "seconds": seconds, "samples": samples,
             **check(output, cfg, samples, seen)}

@@ -1,8 +1,8 @@
 """Run under torchrun by tests/test_distributed.py: load a model the way a sharded run does, or the
 old way (the whole model on every rank, then shard), and print this rank's peak memory growth and
-what it holds, as one JSON line.
+what it holds, as OUT/rank-R.json (a file per rank: two ranks printing at once can share a line).
 
-    torchrun --nproc-per-node 2 tests/sharded_load_probe.py MODEL_FOLDER sharded|whole
+    torchrun --nproc-per-node 2 tests/sharded_load_probe.py MODEL_FOLDER sharded|whole OUT
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def main(folder: str, mode: str) -> None:
+def main(folder: str, mode: str, out: str) -> None:
     rt = Runtime.from_env()
     device = rt.device("cpu")
     # Imports first (transformers' modeling code, DCP): ~150 MiB that either way would count.
@@ -45,9 +46,11 @@ def main(folder: str, mode: str) -> None:
         "local_fraction": sum(v.to_local().numel() for v in state.values()) / sum(v.numel() for v in state.values()),
         "buffers_equal": all(torch.equal(b, plain_buffers[n]) for n, b in model.named_buffers()),
     }
-    print(json.dumps(report), flush=True)
+    staged = Path(out) / f".rank-{rt.rank}.json"
+    staged.write_text(json.dumps(report))
+    staged.rename(Path(out) / f"rank-{rt.rank}.json")
     rt.close()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -141,10 +141,13 @@ def test_a_damaged_state_json_is_a_clean_error(tmp_path, content):
 def _probe(folder, mode: str, tmp_path) -> list[dict]:
     probe = os.path.join(os.path.dirname(__file__), "sharded_load_probe.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", probe, str(folder), mode]
+    out = tmp_path / f"probe-{mode}"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", probe, str(folder), mode,
+           str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    return sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    return [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
