@@ -137,8 +137,8 @@ def _train(cfg: TrainConfig, show_progress: bool) -> Path:
     if warning and rt.is_main:
         print(warning, file=sys.stderr, flush=True)
     layers = model_setup.place(model, adapter, cfg, rt, device)
-    optimizer = make_optimizer(cfg.optimizer, model_setup.param_groups(model, exit_modules, cfg, layers), cfg.lr, cfg.weight_decay,
-                               device)
+    groups = model_setup.param_groups(model, exit_modules, cfg, layers)
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, device)
     state.check_same_run(output, cfg)
     save = state.saver(rt, trainable_only=tuned is not None)
     start = state.restore(rt, output, model, optimizer)
@@ -225,7 +225,7 @@ class _Run:
     steps_per_epoch: int
     teacher: Teacher | None = None
     teacher_weights: dict | None = None
-    stop_agreed: bool = False  # every rank saw a stop signal in the last step's reduction
+    stop_agreed: bool = False  # a stop signal had reached some rank by the last step's reduction
 
     def step(self, step: int, stop) -> dict[str, Any]:
         """One optimizer step (grad_accum micro-batches, every rank together); returns its metrics record."""
