@@ -86,6 +86,7 @@ def test_two_process_fsdp2_run_equals_one_process_and_resumes(tiny_llama, tmp_pa
             "--set", "device=cpu", "--set", "distill_weight=0.5", "--set", "min_lr_ratio=1.0", "--set", "gradient_checkpointing=true"]
     first = _torchrun([*args, "--max-steps", "2"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert (first.stdout + first.stderr).count("checkpoint written to") == 1  # rank 0 alone reports
     state = json.loads((two / "checkpoints" / "step-0000002" / "state.json").read_text())
     assert state == {"step": 2, "format": "dcp", "world": 2}
     assert verify_checksums(two / "checkpoints" / "step-0000002", "resume checkpoint")  # shards + state.json listed

@@ -64,8 +64,11 @@ def train(
                       exits=_int_list(exits, "exits"), data=data, rows=rows, output=output, epochs=epochs,
                       max_steps=max_steps, batch_size=batch_size, lr=lr, lora=lora, dtype=dtype,
                       report_to=[t for item in report_to for t in item.split(",")] if report_to else None)
+    from manyinone.train.distributed import Runtime
+
     out = run_training(cfg, show_progress=not quiet)
-    console.print(f"checkpoint written to [bold]{out}[/] (metrics: {out / 'metrics.jsonl'})")
+    if Runtime.from_env().is_main:  # under torchrun, rank 0 speaks for the run
+        console.print(f"checkpoint written to [bold]{out}[/] (metrics: {out / 'metrics.jsonl'})")
 
 
 @app.command(name="distill-data")
