@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from manyinone.io.durable import write_text_durably
 from manyinone.io.loading import build_empty, load_pretrained
 from manyinone.train.distributed import Runtime
 
@@ -46,9 +47,7 @@ def main(folder: str, mode: str, out: str) -> None:
         "local_fraction": sum(v.to_local().numel() for v in state.values()) / sum(v.numel() for v in state.values()),
         "buffers_equal": all(torch.equal(b, plain_buffers[n]) for n, b in model.named_buffers()),
     }
-    staged = Path(out) / f".rank-{rt.rank}.json"
-    staged.write_text(json.dumps(report))
-    staged.rename(Path(out) / f"rank-{rt.rank}.json")
+    write_text_durably(Path(out) / f"rank-{rt.rank}.json", json.dumps(report))
     rt.close()
 
 

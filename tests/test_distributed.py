@@ -64,11 +64,15 @@ def test_decoder_layers_found_by_the_models_own_class_names(tiny_llama):
         decoder_layers(nn.Linear(2, 2))
 
 
-def _torchrun(cfg_args: list[str], tmp_path) -> subprocess.CompletedProcess:
+def _two_processes(program: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """`program` (a script and its arguments, or -m MODULE ...) on 2 processes under torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "manyinone", "train", "--quiet", *cfg_args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *program]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+
+
+def _torchrun(cfg_args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    return _two_processes(["-m", "manyinone", "train", "--quiet", *cfg_args], tmp_path)
 
 
 def _losses(run) -> list[float]:
@@ -141,12 +145,9 @@ def test_a_damaged_state_json_is_a_clean_error(tmp_path, content):
 
 def _probe(folder, mode: str, tmp_path) -> list[dict]:
     probe = os.path.join(os.path.dirname(__file__), "sharded_load_probe.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out = tmp_path / f"probe-{mode}"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", probe, str(folder), mode,
-           str(out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    done = _two_processes([probe, str(folder), mode, str(out)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
 

@@ -221,12 +221,10 @@ def build_empty(source: str | ModelSource, dtype: torch.dtype = torch.float32):
 
 
 def safetensors_names(source: ModelSource) -> set[str]:
-    """Names of the tensors in the source folder's safetensors files; empty for a GGUF file, a hub
-    name or a folder of other weight files."""
+    """Names of the tensors in a local source folder's safetensors files; empty for a folder of other
+    weight files."""
     from safetensors import safe_open
 
-    if source.gguf_file or source.is_hub:
-        return set()
     names: set[str] = set()
     for path in sorted(Path(source.folder).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:

@@ -157,8 +157,8 @@ class Runtime:
         if not stored:
             return None
         model = build_empty(src, dtype)
-        named = {id(p): n for n, p in model.named_parameters(remove_duplicate=False) if n in stored}
-        if any(id(p) not in named for p in model.parameters()):  # transformers renames such keys itself
+        covered = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in stored}
+        if any(id(p) not in covered for p in model.parameters()):  # transformers renames such keys itself
             return None
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         self.shard(model)

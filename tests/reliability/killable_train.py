@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import manyinone.io.checkpoint as checkpoint
+from manyinone.io.durable import write_text_durably
 import manyinone.train.state as state_module
 from manyinone.cli import app
 
@@ -40,7 +41,7 @@ def pausing(real):
         real(obj, path, *args, **kwargs)
         written += 1
         if written == PAUSE_AT and MARKER:
-            publish(MARKER, str(path))  # a CI run once read it empty: written, then renamed
+            write_text_durably(Path(MARKER), str(path))  # in one rename: a CI run once read it empty
             time.sleep(60)  # the test kills us here
 
     return write
@@ -54,19 +55,11 @@ def pausing_dcp(real):
         result = real(*args, **kwargs)
         saves += 1
         if saves == PAUSE_DCP and os.environ.get("RANK") == os.environ.get("MANYINONE_TEST_PAUSE_RANK", "1"):
-            publish(MARKER, str(os.getpid()))
+            write_text_durably(Path(MARKER), str(os.getpid()))
             time.sleep(120)  # the test kills this rank here; the others wait at the barrier after the save
         return result
 
     return save
-
-
-def publish(path: str, text: str) -> None:
-    """Renamed into place: the test polls for the file and acts at once, so it must never see it
-    before its text is in it."""
-    staged = Path(path).with_suffix(".partial")
-    staged.write_text(text)
-    staged.rename(path)
 
 
 PAUSE_DCP = int(os.environ.get("MANYINONE_TEST_PAUSE_DCP", "0"))
@@ -89,7 +82,7 @@ if SIGTERM_AT and os.environ.get("RANK") == "1":
 
     Runtime.total = total_then_signal
 if os.environ.get("MANYINONE_TEST_PID_DIR") and "RANK" in os.environ:
-    publish(os.path.join(os.environ["MANYINONE_TEST_PID_DIR"], f"rank-{os.environ['RANK']}"), str(os.getpid()))
+    write_text_durably(Path(os.environ["MANYINONE_TEST_PID_DIR"]) / f"rank-{os.environ['RANK']}", str(os.getpid()))
 
 if PAUSE_AT:
     state_module.save_model = pausing(state_module.save_model)  # resumable state: weights

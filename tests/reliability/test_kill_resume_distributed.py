@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import KILLABLE, assert_bitwise_equal, child_env, complete_steps, leftovers, metrics_lines, \
+from harness import KILLABLE, _wait, assert_bitwise_equal, child_env, complete_steps, leftovers, metrics_lines, \
     metrics_steps, run_weights, train_command
 from manyinone.io.integrity import verify_checksums
 
@@ -54,14 +54,9 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
         raise
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise RuntimeError(f"the run ended before its kill point (rc={proc.returncode}): {proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError("the run neither reached its kill point nor ended")
-        time.sleep(0.005)
+def wait_for(predicate, proc: subprocess.Popen) -> None:
+    if not _wait(predicate, proc):
+        raise RuntimeError(f"the run ended before its kill point (rc={proc.returncode}): {proc.stderr.read()[-2000:]}")
 
 
 def kill_rank(pid_file, proc: subprocess.Popen) -> str:
