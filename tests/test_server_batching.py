@@ -86,3 +86,23 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(batched, kwargs, stat
     assert err.value.status_code == status and message in err.value.body["message"]
     ok = client.completions.create(model="tiny", prompt="hi", max_tokens=4, temperature=0)
     assert ok.choices[0].text == runtime.decode(runtime.generate([runtime.encode("hi")], max_new_tokens=4).tokens[0])
+
+
+def test_serve_fits_its_default_batch_to_the_cache_limit(trained_run, monkeypatch, capsys):
+    """A model whose 16 rows outgrow max_cache_mib (a 13B export under the 4 GiB default) still starts:
+    the batch takes the rows the limit holds, and says so; rows asked for explicitly stay strict."""
+    import uvicorn
+
+    from manyinone.core.errors import ManyinoneError
+    from manyinone.runtime import server
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app))
+    row_mib = tiny_runtime(trained_run).cache_bytes(1) / 2**20
+    server.serve(str(trained_run), max_len=MAX_LEN, max_cache_mib=3.5 * row_mib)
+    assert started["app"].state.engine.batcher.size == 3
+    assert "continuous batch: 3 rows" in capsys.readouterr().err
+    server.serve(str(trained_run), max_len=MAX_LEN, max_cache_mib=40 * row_mib)
+    assert started["app"].state.engine.batcher.size == server.AUTO_BATCH_ROWS
+    with pytest.raises(ManyinoneError, match="a batch of 16 rows needs .* lower the batch rows"):
+        server.serve(str(trained_run), max_len=MAX_LEN, max_cache_mib=3.5 * row_mib, batch_rows=16)

@@ -95,8 +95,9 @@ def serve(
     draft_threshold: Optional[float] = typer.Option(None, help="default draft confidence threshold, 0 < t < 1"),
     adaptive_draft: Optional[bool] = typer.Option(None, "--adaptive-draft/--fixed-draft",
                                                   help="default: choose the draft exit and length per round"),
-    batch_rows: int = typer.Option(16, help="rows of the continuous batch plain requests share (0: one request "
-                                            "at a time)"),
+    batch_rows: Optional[int] = typer.Option(None, help="rows of the continuous batch plain requests share (default: "
+                                                     "up to 16, as many as --max-cache-mib holds; 0: one request "
+                                                     "at a time)"),
     fused: bool = typer.Option(False, "--fused/--eager", help="compile each decode step into one CUDA graph "
                                                               "(CUDA; the first request of each shape compiles)"),
 ) -> None:
@@ -108,9 +109,11 @@ def serve(
         _at_least(max_len, 2, "--max-len")
     draft = {"draft_depth": draft_exit, "draft_tokens": draft_tokens, "draft_threshold": draft_threshold,
              "adaptive_draft": adaptive_draft}
-    _at_least(batch_rows, 0, "--batch-rows")
+    if batch_rows is not None:
+        _at_least(batch_rows, 0, "--batch-rows")
+    rows = "auto" if batch_rows is None else (batch_rows or None)
     run_server(str(ckpt), host, port, dtype, device, max_len, max_batch=max_batch, max_cache_mib=max_cache_mib,
-               api_key=api_key, batch_rows=batch_rows or None, fused=fused, draft=draft)
+               api_key=api_key, batch_rows=rows, fused=fused, draft=draft)
 
 
 @app.command(name="tune-speculative")

@@ -242,6 +242,10 @@ class Runtime:
         st = self.stack
         return 2 * st.cache_layers * batch * st.kv_heads * self._cache_len() * st.head_dim * st.dtype.itemsize
 
+    def rows_within_cache(self, most: int) -> int:
+        """The most batch rows (up to `most`, at least 1) whose KV cache stays within max_cache_mib."""
+        return max(1, min(most, self.max_cache_bytes // self.cache_bytes(1)))
+
     def fit_batch(self, batch: int) -> "Runtime":
         """Raise the cache limit (max_cache_mib) to hold `batch` rows at this context, for a job sized to
         its own work (an evaluation, a sampling run) rather than a server with a memory cap to keep."""

@@ -38,6 +38,8 @@ from manyinone.runtime.openai_fields import UNSUPPORTED, Unsupported  # noqa: F4
 from manyinone.runtime.sampling import Sampling
 from manyinone.runtime.draft_policy import plan_for
 
+AUTO_BATCH_ROWS = 16  # rows of the shared batch when the cache limit allows (serve's batch_rows="auto")
+
 
 def _unicode(value: Any) -> Any:
     """Text (or a list of texts) that is valid Unicode: JSON's "\\ud800" decodes to a lone surrogate,
@@ -430,9 +432,10 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32", device: str = "auto",
           max_len: int | None = None, default_max_tokens: int = 256, max_batch: int = 16,
           max_cache_mib: float = DEFAULT_MAX_CACHE_MIB, api_key: str | None = None,
-          batch_rows: int | None = 16, fused: bool = False, draft: dict[str, Any] | None = None) -> None:
+          batch_rows: int | str | None = "auto", fused: bool = False, draft: dict[str, Any] | None = None) -> None:
     """Load `ckpt` once and serve it until interrupted; plain requests share a continuous batch of
-    `batch_rows` rows (None: one request at a time); `fused` compiles each decode step (CUDA); `draft`:
+    `batch_rows` rows ("auto": up to AUTO_BATCH_ROWS, as many as `max_cache_mib` holds at this context;
+    None: one request at a time); `fused` compiles each decode step (CUDA); `draft`:
     default draft settings for speculative requests (`Runtime.generate` names), checked against the
     full depth before the model loads."""
     try:
@@ -450,13 +453,20 @@ def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fl
                  draft.get("draft_tokens"), draft.get("draft_threshold"), draft.get("adaptive_draft"))
     runtime = Runtime.open(ckpt, dtype=dtype_named(dtype), device=device, max_len=max_len, max_batch=max_batch,
                            max_cache_mib=max_cache_mib, fused=fused)
+    import sys
+
+    if batch_rows == "auto":
+        # A 13B model's rows are ~16x a 135M model's: a fixed row count would refuse to start under
+        # the default cache limit, so the batch takes the rows the limit holds.
+        batch_rows = runtime.rows_within_cache(AUTO_BATCH_ROWS)
+        if batch_rows < AUTO_BATCH_ROWS:
+            print(f"continuous batch: {batch_rows} rows, what max_cache_mib {max_cache_mib:g} holds at context "
+                  f"{runtime.max_len} (raise --max-cache-mib or lower --max-len for more)", file=sys.stderr, flush=True)
     template = (runtime.index or {}).get("train", {}).get("template", "alpaca")
     from pathlib import Path
 
     app = create_app(runtime, Path(ckpt).resolve().name, template, default_max_tokens, api_key,
                      batch_rows=batch_rows, draft=draft)
-    import sys
-
     where = "only this machine" if host in ("127.0.0.1", "localhost", "::1") else "the network"
     print(f"serving {ckpt} at http://{host}:{port}/v1 (OpenAI-compatible; reachable from {where}"
           f"{', bearer auth on' if api_key else ''})", file=sys.stderr, flush=True)
