@@ -317,7 +317,7 @@ def run_suite(args) -> None:
         smol_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     else:
         smol_model = random_model(TINY_SMOL, dtype, device)
-    smol = Subject("SmolLM2" if not tiny else "tiny-smol", smol_model)
+    smol = Subject("SmolLM2" if args.model and not tiny else "tiny-smol", smol_model)  # never a random model under the real name
     shape = TINY_SEVEN_B if tiny else SEVEN_B
     big = Subject("7B shape" if not tiny else "tiny-7b", random_model(shape, dtype, device))
     half_width = {"width": shape["intermediate_size"] // 2, "heads": shape["num_attention_heads"] // 2}
