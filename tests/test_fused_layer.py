@@ -194,3 +194,31 @@ def test_a_fused_model_saves_and_restore_gives_each_parameter_its_storage_back(t
     save_file(state, tmp_path / "w.safetensors")  # refuses tensors sharing storage: none do now
     with pytest.raises(ManyinoneError, match="moved or reloaded"):
         rt.generate([[5, 6, 7]], max_new_tokens=3, stop_ids=set())
+
+
+@torch.no_grad()
+def test_a_multi_head_plan_runs_q_k_v_as_one_batched_gemm_and_equals_its_exported_model(monkeypatch):
+    """Multi-head attention (the LLaMA-2-7B layout: as many KV heads as query heads): under a heads plan
+    the three equal q/k/v sections go through one batched GEMM, and the tokens still equal the export."""
+    from helpers import tiny_config
+
+    config = tiny_config("llama")
+    config.num_key_value_heads = config.num_attention_heads
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    adapter = LlamaFlextronAdapter(model)
+    sections = []
+    plain = FusedDecoderLayer._sections
+
+    def counted(x, weight, bias, rows, keep):
+        sections.append((weight.shape[0] // rows, rows))
+        return plain(x, weight, bias, rows, keep)
+
+    monkeypatch.setattr(FusedDecoderLayer, "_sections", staticmethod(counted))
+    rt = fused_runtime(model, adapter)
+    sub = adapter.extract(PLAN).eval()
+    for prompt in long_prompts(2, seed=27):
+        assert rt.generate([prompt], spec=PLAN, max_new_tokens=10, stop_ids=set()).tokens[0] == \
+            greedy_without_cache(sub, prompt, 10), prompt
+    kv_rows = model.model.layers[0].self_attn.k_proj.out_features
+    assert (3, kv_rows) in sections and (2, kv_rows) not in sections  # q/k/v at once, never k/v apart from q

@@ -17,7 +17,8 @@ adapter swaps sliced views into the modules (`LlamaFlextronAdapter.sliced`); the
 from those views and the fused buffers are sliced per section, since a plan keeps a prefix of every
 section, not of the buffer:
 - q/k/v: q keeps rows [0, heads*head_dim), k and v each keep their first kv*head_dim rows: one GEMM
-  for q and one batched GEMM over the [2, kv rows, hidden] view of the k/v sections;
+  for q and one batched GEMM over the [2, kv rows, hidden] view of the k/v sections (multi-head
+  attention, where the three sections are equal: one batched GEMM over all three);
 - gate/up: the [2, ffn, hidden] view keeps [:, :width]: one batched GEMM.
 At full size each is one plain GEMM over the whole buffer.
 """
@@ -111,6 +112,10 @@ class FusedDecoderLayer:
         if q_keep == self.q_rows and kv_keep == self.kv_rows:  # full size: one GEMM over the whole buffer
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [batch, q, q_rows + 2 kv_rows]
             q, k, v = qkv.split([self.q_rows, self.kv_rows, self.kv_rows], dim=-1)
+        elif self.q_rows == self.kv_rows and q_keep == kv_keep:
+            # Multi-head attention under a heads plan: q, k and v are three equal sections, so one
+            # batched GEMM serves all three (the exported sub-model runs one GEMM here, not two).
+            q, k, v = self._sections(x, self.qkv_weight, self.qkv_bias, self.q_rows, q_keep)
         else:
             bias = self.qkv_bias
             q = F.linear(x, self.qkv_weight[:q_keep], None if bias is None else bias[:q_keep])
