@@ -100,7 +100,7 @@ def stack_swapped(rt, name: str, value):
 def float32_cache(rt):
     stack = rt.stack
     return stack_swapped(rt, "new_cache", lambda batch, max_len: Float32Cache(
-        stack.num_layers, batch, stack.kv_heads, max_len, stack.head_dim, stack.dtype, stack.device))
+        stack.cache_layers, batch, stack.kv_heads, max_len, stack.head_dim, stack.dtype, stack.device))
 
 
 @contextlib.contextmanager

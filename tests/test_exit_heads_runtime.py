@@ -181,3 +181,22 @@ def test_speculation_drafting_through_exit_layers_equals_plain_greedy(trained_ru
             out = rt.generate(prompts, max_new_tokens=16, stop_ids=set(), speculative=True, **settings)
             assert out.tokens == plain and out.stats["rounds"] > 0, (rt.fused, settings)
             assert not rt.runner(2).fill_exits  # speculation turned the filling off again
+
+
+@torch.no_grad()
+def test_the_float32_cache_probe_has_a_buffer_for_every_exit_layer(trained_run_tied):
+    # benchmarks/bf16_faithfulness.py swaps in a float32 KV cache; it was sized to the model's layers and
+    # failed (IndexError) at the first exit layer of a round-8 checkpoint on the GPU.
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bf16_faithfulness import float32_cache
+
+    eager, _ = runtimes(with_heads(trained_run_tied, "layer"))
+    prompts = random_prompts(2, seed=4)
+    plain = [eager.generate([p], max_new_tokens=8, stop_ids=set()).tokens[0] for p in prompts]
+    with float32_cache(eager):
+        assert len(eager.stack.new_cache(1, 96).layer_keys) == eager.stack.cache_layers
+        spec = [eager.generate([p], max_new_tokens=8, stop_ids=set(), speculative=True, draft_depth=2,
+                               draft_tokens=3).tokens[0] for p in prompts]
+    assert spec == plain
