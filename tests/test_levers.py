@@ -118,7 +118,7 @@ def test_the_agree_recipe_says_what_it_needs(tmp_path):
     cfg = load_config(None, ["teacher=runs/sft", "mix_data=gen.jsonl"], recipe="agree")
     assert (cfg.lr, cfg.epochs, cfg.mix_ratio, cfg.exit_heads_lr_scale) == (3e-4, 1, 0.9, 10.0)
     assert cfg.teacher_full_weight == 3.0 and set(cfg.exit_weights) == {1.0}  # the teacher holds the full depth
-    assert cfg.exit_heads == "block"  # round 7's best (benchmarks/RESULTS.md)
+    assert cfg.exit_heads == "layer"  # round 8's best (benchmarks/RESULTS.md)
     with pytest.raises(ManyinoneError, match="recipe 'fast' unknown; known: gentle, agree"):
         load_config(None, recipe="fast")
 

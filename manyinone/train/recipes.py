@@ -2,8 +2,8 @@
 
 A recipe is a set of TrainConfig values applied first; a config file, `--set` and flags given by
 the user win over it. Figures: SmolLM2-135M + Alpaca on one H200 (benchmarks/quality.py), where
-"gentle" is `manyinone-gentle` and "agree" is `agree-xl-block` (round 7: with 16 samples per prompt from
-`manyinone distill-data --samples 16`, started from the teacher itself, a feed-forward block per exit).
+"gentle" is `manyinone-gentle` and "agree" is `agree-xl-layer` (round 8: with 16 samples per prompt from
+`manyinone distill-data --samples 16`, started from the teacher itself, a decoder layer of its own per exit).
 The learning rates were tuned at 135M only; docs/training.md says how to start at 7B or 13B.
 """
 
@@ -28,8 +28,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any], float]] = {
     # The full depth is held by the teacher (KL x3) rather than by labels x3: closer to SFT's loss.
     "agree": ("exits that agree with the full depth: a frozen teacher (teacher=) and its sampled "
               "responses (mix_data=, from `manyinone distill-data --samples 16`) at 90% of one epoch, "
-              "a feed-forward block per exit",
-              {"epochs": 1, "lr": 3e-4, "warmup_steps": 20, "distill_weight": 1.0, "exit_heads": "block",
+              "a decoder layer of its own per exit",
+              {"epochs": 1, "lr": 3e-4, "warmup_steps": 20, "distill_weight": 1.0, "exit_heads": "layer",
                "exit_heads_lr_scale": 10.0, "mix_ratio": 0.9, "teacher_full_weight": 3.0}, 1.0),
 }
 NEEDS = {"agree": ("teacher", "mix_data")}  # fields the user must supply: they name the user's own runs
