@@ -12,10 +12,11 @@
 # keep the calls back to back.
 set -uo pipefail
 SECONDS=0
-# Two recipes at a time, so that a round's first figures come back within ~10 minutes of device time
-# (a round of four was lost twice with its machine); the next two follow as
-# `bash benchmarks/gpu_agree.sh start sft,gen16,agree-xl-layer,agree-xl-block-full10 --jobs 3`.
-ROUND=${ROUND:-sft,gen16,agree-xl-layer-frozen,agree-xl-layer-full10}
+# Round 9 on round 8's best (exit layers): the teacher's samples drawn cooler (gen16t5, sampled in the
+# round) and on-policy rows sampled cool, side by side; both aim at the full depth's greedy text, where
+# agreement is scored. Round 8 ran two recipes at a time in ~9.5 minutes of device time; the sampler's
+# ~2 minutes overlap the on-policy row. Later: agree-xl2-layer (two epochs over gen16).
+ROUND=${ROUND:-sft,gen16,gen16t5,agree-xl-layer-onpolicy-cool,agree-xl-layer-t5}
 JOBS=${JOBS:-3}
 test -f /root/stage/part-a || { echo STAGE-LOST; exit 3; }
 [ -f /root/smollm2.gguf ] || cat /root/stage/part-a .stage/b/part > /root/smollm2.gguf

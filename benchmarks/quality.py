@@ -52,8 +52,12 @@ G16_AS_GEN6 = ["--set", "mix_data=@gen16", "--set", "mix_rows=0:10800", "--set",
 # The full depth leans on the teacher (KL x3) instead of labels x3.
 FULL_BY_TEACHER = ["--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"]
 # Round 5's best (`--recipe agree`): from the SFT run, one epoch of which 90% is gen16's samples.
-AGREE_XL = ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", "mix_data=@gen16", "--set", "mix_ratio=0.9",
+def agree_xl(data: str = "gen16") -> list[str]:
+    return ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", f"mix_data=@{data}", "--set", "mix_ratio=0.9",
             *LR3, *FULL_BY_TEACHER]
+
+
+AGREE_XL = agree_xl()
 ON_POLICY = ["--set", "on_policy_ratio=0.25", "--set", "on_policy_tokens=64"]
 RECIPES: dict[str, list[str]] = {
     "sft": ["--exits", "30"],
@@ -140,6 +144,15 @@ RECIPES: dict[str, list[str]] = {
     "agree-xl-block-full30": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=30"],
     "agree-xl-block-full10-cool": [*AGREE_XL, "--set", "exit_heads=block", "--set", "teacher_full_weight=10",
                                    *ON_POLICY, "--set", "on_policy_temperature=0.3"],
+    # Round 9 candidates (not run yet), on round 8's best (exit layers). Agreement is scored on the full
+    # depth's greedy continuations, and gen16 samples at temperature 0.8: text that greedy decoding rarely
+    # writes. Two ways to put the exits on the greedy path: the teacher's samples drawn cooler (gen16t5),
+    # and GKD-style on-policy rows sampled cool (on-policy was cut short twice and never measured).
+    "agree-xl-layer-t5": [*agree_xl("gen16t5"), "--set", "exit_heads=layer"],
+    "agree-xl-layer-onpolicy-cool": [*AGREE_XL, "--set", "exit_heads=layer", *ON_POLICY,
+                                     "--set", "on_policy_temperature=0.3"],
+    # Two epochs over gen16 (2,250 steps): does more of the same data still pay with exit layers?
+    "agree-xl2-layer": [*AGREE_XL, "--epochs", "2", "--set", "exit_heads=layer"],
     # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
     "agree-pos": ["--model", "@sft", *AGREE_BIG[:-4], *G16_AS_GEN6, *LR3, *FULL_BY_TEACHER,
                   "--set", "exit_positions=0.5"],
@@ -163,6 +176,9 @@ DATA_STEPS: dict[str, list[str]] = {
     # set): general text against the full depth's WikiText regression.
     "gentext": ["--teacher", "@sft", "--text", PREFIX_TEXT, "--prefixes", "4000", "--prefix-tokens", "64",
                 "--samples", "1", "--max-new-tokens", "192", "--batch-size", "1024"],
+    # gen16 drawn cooler (round 9): closer to the greedy text that agreement is scored on.
+    "gen16t5": ["--teacher", "@sft", "--samples", "16", "--temperature", "0.5", "--top-p", "0.95",
+                "--max-new-tokens", "256", "--batch-size", "1024"],
     "gen6": ["--teacher", "@sft", "--samples", "6", "--temperature", "0.8", "--top-p", "0.95",
              "--max-new-tokens", "256", "--batch-size", "512"],
 }
