@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from manyinone.runtime import Runtime
-from manyinone.runtime.stack import compile_step
+from manyinone.runtime.stack import AUTOTUNE_GEMMS, compile_step
 
 BANDWIDTH = 4.3e12  # bytes/s the H200 streams weights at in practice (the bound: 13.5 GB -> ~319 tok/s)
 SEVEN_B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -238,8 +238,8 @@ def run_suite(args) -> None:
     # On CPU (a check of the script) the step is traced without code generation: seconds, not minutes.
     backend = "inductor" if cuda else "aot_eager"
 
-    def fused_fn(fn, math_attention: bool = True):
-        return compile_step(fn, backend=backend, math_attention=math_attention)
+    def fused_fn(fn, math_attention: bool = True, options: dict | None = None):
+        return compile_step(fn, backend=backend, math_attention=math_attention, options=options)
 
     suite = Suite(args.time_budget, args.only)
     opts = dict(max_len=args.prompt_len + new + 16, max_cache_mib=1e6)
@@ -306,6 +306,15 @@ def run_suite(args) -> None:
             suite.row(self.name, count, "continuous batch, mixed depths 0.3/0.5/1.0",
                       lambda: mixed_batch_rate(self.eager, count, count if not tiny else 3, min(new, 64), args.prompt_len))
 
+        def autotuned(self) -> None:  # Inductor's Triton GEMMs where they measure faster than cuBLAS
+            rt = Runtime(self.model, adapter=self.adapter, graphs=cuda, **opts,
+                         compile_fn=lambda fn: fused_fn(fn, options=AUTOTUNE_GEMMS))
+            row = suite.row(self.name, 1, "runtime fused, autotuned GEMMs", lambda: runtime_rate(rt, self.p1, new),
+                            bound_tok_s=self.bound)
+            suite.row(self.name, 1, "autotuned kernels", lambda: {"fused": kernels_per_layer(rt, self.p1[0])})
+            if row and suite.get(self.name, 1, "runtime eager"):
+                row["agreement_vs_eager"] = agreement(row["tokens"], suite.get(self.name, 1, "runtime eager")["tokens"])
+
         def sdpa(self) -> None:  # the attention choice, measured: SDPA's fused kernels instead of math codegen
             rt = Runtime(self.model, adapter=self.adapter, graphs=cuda, compile_fn=lambda fn: fused_fn(fn, False), **opts)
             suite.row(self.name, 1, "runtime fused, SDPA kernels", lambda: runtime_rate(rt, self.p1, new))
@@ -328,6 +337,8 @@ def run_suite(args) -> None:
     big.core()
     big.sub("half width", half_width)
     big.sub("half depth", {"depth": shape["num_hidden_layers"] // 2})
+    smol.autotuned()
+    big.autotuned()
     for b in batches:
         big.batch(b)
     big.exported("half width", half_width)
@@ -342,14 +353,15 @@ def run_suite(args) -> None:
 
 def print_suite(suite: Suite, args) -> None:
     for r in suite.rows:
-        if r["method"] == "kernels" and "eager" in r:
+        if r["method"].endswith("kernels") and "error" not in r:
             for kind in ("eager", "fused"):
-                print(f"{r['model']} {kind} step, most launched: {r[kind]['top']}")
+                if kind in r:
+                    print(f"{r['model']} {kind} step ({r['method']}), most launched: {r[kind]['top']}")
     print(f"\ntotal wall time {time.perf_counter() - suite.start:.0f}s\n")
     print("| model | batch | method | decode tok/s | vs HF static+compile | vs runtime full (same batch) | warm-up s | notes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in suite.rows:
-        if r["method"] == "kernels":
+        if r["method"].endswith("kernels"):
             continue
         hf = suite.get(r["model"], 1, "HF static cache + torch.compile").get("tok_s")
         base = suite.get(r["model"], r["batch"], "runtime fused").get("tok_s")
@@ -374,12 +386,17 @@ def print_suite(suite: Suite, args) -> None:
         print(f"| {r['model']} | {r['batch']} | {r['method']} | {rate:.1f} | {vs_hf} | {vs_full} | "
               f"{r.get('warmup_s', 0):.1f} | {'; '.join(notes)} |")
     for r in suite.rows:
-        if r["method"] != "kernels":
+        if not r["method"].endswith("kernels"):
             continue
         if "error" in r:
-            print(f"| {r['model']} | 1 | kernels per layer | - | - | - | - | {r['error']} |")
+            print(f"| {r['model']} | 1 | {r['method']} per layer | - | - | - | - | {r['error']} |")
             continue
-        e, f = r["eager"], r["fused"]
+        f = r["fused"]
+        if "eager" not in r:  # a variant's fused step alone
+            print(f"| {r['model']} | 1 | {f['unit']} per layer, fused, {r['method'].split(' ', 1)[0]} GEMMs | "
+                  f"{f['per_layer']:.1f} | | | | per step {f['total']} |")
+            continue
+        e = r["eager"]
         print(f"| {r['model']} | 1 | {e['unit']} per layer, eager -> fused | {e['per_layer']:.1f} -> {f['per_layer']:.1f} "
               f"| | | | per step {e['total']} -> {f['total']} |")
     if args.out:

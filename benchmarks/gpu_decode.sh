@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Device calls for issue 13 (one H200). `suite` (default, ~5 min): the decode suite
 # (benchmarks/decode_suite.py; rows starting after SUITE_BUDGET seconds are listed as skipped; more
-# decode.py flags may follow, e.g. --only "7B shape"). `tests` (~2 min): the fused-path and runtime GPU
-# tests. `all`: both. Expects what benchmarks/gpu_setup.sh expects (wheels in .whl, /root/smollm2-hf).
+# decode.py flags may follow, e.g. --only "7B shape"). `layouts` (~10 s): benchmarks/width_layouts.py.
+# `tests` (~2 min): the fused-path and runtime GPU tests. `all`: all three. Expects what benchmarks/gpu_setup.sh expects (wheels in .whl, /root/smollm2-hf).
 set -uo pipefail
 mode=${1:-suite}
 shift || true
 source benchmarks/gpu_setup.sh
 export PYTHONPATH=$PWD:$PWD/adapters:${PYTHONPATH:-}
+if [ "$mode" = layouts ] || [ "$mode" = all ]; then  # ~10 s: where a width plan's GEMMs lose against dense ones
+  timeout 120 python3 benchmarks/width_layouts.py 2>&1 | tee "$OUT/width_layouts.log"
+fi
 if [ "$mode" = suite ] || [ "$mode" = all ]; then
   timeout "${SUITE_TIMEOUT:-400}" python3 benchmarks/decode.py --suite runtime --model /root/smollm2-hf \
     --time-budget "${SUITE_BUDGET:-290}" --out "$OUT/decode_suite.json" "$@" 2>&1 \

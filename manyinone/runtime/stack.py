@@ -41,7 +41,8 @@ def cache_argument(layer: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool = True, fullgraph: bool = False) -> Callable:
+def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool = True, fullgraph: bool = False,
+                 options: dict | None = None) -> Callable:
     """torch.compile for one whole decode step (static shapes: each bucket is its own graph, recorded
     once as a CUDA graph); raises dynamo's recompile limit so many (depth, batch, plan, bucket)
     variants never fall back to eager silently. `backend="aot_eager"` traces without code generation
@@ -50,7 +51,8 @@ def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool =
     math_attention: trace attention as its plain math (matmuls and a softmax) so that Inductor fuses the
     mask, softmax and GQA expansion into its own kernels, as gpt-fast does for decode; False keeps
     SDPA's fused kernels (benchmarks/decode_suite.py measures both). fullgraph: refuse any graph break
-    (tests use it to prove a step traces whole, exit heads included).
+    (tests use it to prove a step traces whole, exit heads included). options: Inductor's config for this
+    step (torch.compile's `options`; Inductor only), e.g. AUTOTUNE_GEMMS.
     """
     import torch._dynamo
 
@@ -68,7 +70,8 @@ def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool =
     # not guard on the attention backend, so steps compiled with other settings must never share one.
     traced = types.FunctionType(traced.__code__.replace(co_name=f"decode_step_{_STEPS}"), traced.__globals__,
                                 f"decode_step_{_STEPS}", None, traced.__closure__)
-    compiled = torch.compile(traced, backend=backend, dynamic=False, fullgraph=fullgraph)
+    extra = {"options": options} if options and backend == "inductor" else {}
+    compiled = torch.compile(traced, backend=backend, dynamic=False, fullgraph=fullgraph, **extra)
     if not math_attention:
         return compiled
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -78,6 +81,14 @@ def compile_step(fn: Callable, backend: str = "inductor", math_attention: bool =
             return compiled(*args)
 
     return step
+
+
+# Inductor benchmarks its Triton GEMM templates against cuBLAS for every GEMM shape and keeps the faster.
+# A batch-1 decode GEMV through cuBLAS can launch a split-K reduction kernel besides its own; a Triton
+# template is one kernel and can take the neighbouring pointwise work as its epilogue. Measured in
+# benchmarks/decode_suite.py ("runtime fused, autotuned GEMMs"); no CUDA graphs from Inductor: the
+# runtime records its own.
+AUTOTUNE_GEMMS = {"max_autotune": True, "coordinate_descent_tuning": True}
 
 
 class LayerStack:

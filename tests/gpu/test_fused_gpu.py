@@ -56,6 +56,18 @@ def test_fused_equals_eager_and_hf(kind, request):
     assert (logits[0] - logits[1]).abs().max().item() <= LOGIT_TOL
 
 
+@torch.no_grad()
+def test_autotuned_gemms_give_the_same_greedy_tokens(tiny_llama):
+    # Inductor's Triton GEMM templates (benchmarks/decode_suite.py's "autotuned GEMMs" rows) in float32.
+    from manyinone.runtime.stack import AUTOTUNE_GEMMS, compile_step
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda().eval()
+    adapter = LlamaFlextronAdapter(model)
+    tuned = Runtime(model, adapter=adapter, max_len=128, compile_fn=lambda fn: compile_step(fn, options=AUTOTUNE_GEMMS))
+    for p in prompts(2):
+        assert tuned.generate([p], max_new_tokens=24, stop_ids=set()).tokens[0] == greedy_without_cache(model, p, 24)
+
+
 @pytest.mark.skipif(not os.path.isdir(REAL_MODEL), reason=f"real model not at {REAL_MODEL}")
 @torch.no_grad()
 def test_real_model_fused_greedy_matches_eager_for_128_steps():
