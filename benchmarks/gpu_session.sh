@@ -12,11 +12,12 @@
 # keep the calls back to back.
 set -uo pipefail
 SECONDS=0
-# Round 9 on round 8's best (exit layers): the teacher's samples drawn cooler (gen16t5, sampled in the
-# round) and on-policy rows sampled cool, side by side; both aim at the full depth's greedy text, where
-# agreement is scored. Round 8 ran two recipes at a time in ~9.5 minutes of device time; the sampler's
-# ~2 minutes overlap the on-policy row. Later: agree-xl2-layer (two epochs over gen16).
-ROUND=${ROUND:-sft,gen16,gen16t5,agree-xl-layer-onpolicy-cool,agree-xl-layer-t5}
+# Round 9 on round 8's best (exit layers), three levers side by side, each aimed at the full depth's own
+# greedy text, where agreement is scored: the teacher's samples drawn cooler (gen16t5, sampled in the
+# round), on-policy rows sampled cool, and self-distillation from the full depth at 3x. The order fills
+# the three job slots: t5 starts when gen16t5 is written. Round 8 ran two recipes at a time in ~9.5
+# minutes of device time. Later: agree-xl2-layer (two epochs over gen16).
+ROUND=${ROUND:-sft,gen16,gen16t5,agree-xl-layer-onpolicy-cool,agree-xl-layer-selfkd3,agree-xl-layer-t5}
 JOBS=${JOBS:-3}
 test -f /root/stage/part-a || { echo STAGE-LOST; exit 3; }
 [ -f /root/smollm2.gguf ] || cat /root/stage/part-a .stage/b/part > /root/smollm2.gguf

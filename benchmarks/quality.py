@@ -151,6 +151,9 @@ RECIPES: dict[str, list[str]] = {
     "agree-xl-layer-t5": [*agree_xl("gen16t5"), "--set", "exit_heads=layer"],
     "agree-xl-layer-onpolicy-cool": [*AGREE_XL, "--set", "exit_heads=layer", *ON_POLICY,
                                      "--set", "on_policy_temperature=0.3"],
+    # Agreement is counted against the trained full depth, not the teacher: the exits' self-distillation
+    # from the full depth at 3x (with the teacher's KL unchanged) pulls them towards what is scored.
+    "agree-xl-layer-selfkd3": [*AGREE_XL, "--set", "exit_heads=layer", "--set", "distill_weight=3"],
     # Two epochs over gen16 (2,250 steps): does more of the same data still pay with exit layers?
     "agree-xl2-layer": [*AGREE_XL, "--epochs", "2", "--set", "exit_heads=layer"],
     # Exit losses on half the positions: the exits' LM-head work is about half of a step's FLOPs.
