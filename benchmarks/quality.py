@@ -256,6 +256,8 @@ def tables(results: dict[str, dict]) -> str:
     lines += per_exit("Agreement on generations, dev slice only", "dev_gen_agreement", ".3f")
     lines += per_exit("Agreement on generations, held-out slice only", "holdout_gen_agreement", ".3f")
     lines += per_exit("KL(full || exit) on those generations", "gen_kl", ".3f")
+    lines += per_exit("The full depth's token among the exit's 2 most probable, on those generations", "gen_top2", ".3f")
+    lines += per_exit("... among the exit's 4 most probable", "gen_top4", ".3f")
     lines += per_exit("Perplexity on WikiText-2 test (lower is better)", "text_ppl", ".1f")
     lines += per_exit("Top-1 agreement with the same model's full depth (teacher forcing on references)",
                       "top1_agreement", ".3f")
@@ -292,7 +294,9 @@ def merge_slices(dev: list[dict], holdout: list[dict]) -> list[dict]:
             row[f"dev_{key}"], row[f"holdout_{key}"] = d[key], h[key]
             row[key] = (d[key] * d["tokens"] + h[key] * h["tokens"]) / (d["tokens"] + h["tokens"])
         if "gen_agreement" in d:
-            for key in ("gen_agreement", "gen_kl"):
+            for key in ("gen_agreement", "gen_kl", "gen_top2", "gen_top4"):
+                if key not in d:  # an eval.json written before the key existed
+                    continue
                 row[f"dev_{key}"], row[f"holdout_{key}"] = d[key], h[key]
                 row[key] = (d[key] * d["gen_tokens"] + h[key] * h["gen_tokens"]) / (d["gen_tokens"] + h["gen_tokens"])
         merged.append(row)

@@ -31,7 +31,7 @@ def eval_(
     qa: Optional[Path] = typer.Option(None, help="QA .jsonl (question, golden_answers): greedy exact match per exit"),
     qa_limit: Optional[int] = typer.Option(None, help="score only the first N questions of --qa"),
     gen_prompts: int = typer.Option(0, help="agreement on generations: the full depth greedily continues the first "
-                                            "N prompts; each exit's top-1 agreement and KL to full on those tokens"),
+                                            "N prompts; each exit's top-1 agreement, top-2 hits and KL to full on those tokens"),
     gen_tokens: int = typer.Option(128, help="new tokens per prompt for --gen-prompts"),
 ) -> None:
     """Per-exit table: held-out loss, perplexity, top-1 agreement and KL to full, relative cost;
@@ -88,7 +88,7 @@ def _generation_agreement(rows, nested, space, device, records, template, new_to
                             logits_for=nested.exit_logits, forward=nested.forward_nested,
                             show_progress=sys.stderr.isatty())
     add_generation_agreement(rows, scored)
-    return {"gen_agreement": "gen agree", "gen_kl": "gen KL"}
+    return {"gen_agreement": "gen agree", "gen_top2": "gen top-2", "gen_kl": "gen KL"}
 
 
 def _extra_metrics(rows, nested, space, device, template, max_length, batch_size, text, text_blocks, qa, qa_limit

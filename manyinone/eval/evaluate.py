@@ -26,8 +26,9 @@ def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Exa
                    batch_size: int = 8, device: str | torch.device = "cpu", costs: dict[str, float] | None = None,
                    show_progress: bool = False, logits_for: LogitsFn | None = None,
                    forward: Callable[..., dict[SubnetSpec, torch.Tensor]] | None = None) -> list[dict[str, Any]]:
-    """One row per spec: mean response-token loss, perplexity, top-1 accuracy (argmax == target),
-    top-1 agreement and KL(full || spec).
+    """One row per spec: mean response-token loss, perplexity, top-1 accuracy (argmax == target), top-2
+    and top-4 accuracy (the target among the spec's 2 / 4 most probable tokens), top-1 agreement and
+    KL(full || spec).
 
     logits_for(spec, hidden) gives an exit's logits (default: the adapter's shared norm and head;
     pass `NestedModel.exit_logits` for checkpoints with per-exit modules); forward(ids, mask, specs) the
@@ -36,7 +37,7 @@ def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Exa
     specs, full = space.specs(), space.full()
     logits_for = logits_for or (lambda _spec, h: adapter.exit_logits(h))
     forward = forward or adapter.forward_nested
-    sums = {s: {"nll": 0.0, "agree": 0.0, "kl": 0.0, "hit": 0.0} for s in specs}
+    sums = {s: {"nll": 0.0, "agree": 0.0, "kl": 0.0, "hit": 0.0, "hit2": 0.0, "hit4": 0.0} for s in specs}
     count = 0
     adapter.model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -57,9 +58,13 @@ def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Exa
                     feats, _ = supervised_positions(hidden[spec], batch["labels"])
                     logp = F.log_softmax(logits_for(spec, feats).float(), -1)  # [tokens, vocab]
                 sums[spec]["nll"] += F.nll_loss(logp, targets, reduction="sum").item()
-                top1 = logp.argmax(-1)  # [tokens]
+                top4 = logp.topk(min(4, logp.shape[-1]), -1).indices  # [tokens, 4], most probable first
+                top1 = top4[:, 0]  # [tokens]
                 sums[spec]["agree"] += (top1 == full_top1).sum().item()
-                sums[spec]["hit"] += (top1 == targets).sum().item()
+                found = top4 == targets[:, None]  # [tokens, 4]
+                sums[spec]["hit"] += found[:, 0].sum().item()
+                sums[spec]["hit2"] += found[:, :2].any(-1).sum().item()
+                sums[spec]["hit4"] += found.any(-1).sum().item()
                 sums[spec]["kl"] += F.kl_div(logp, full_logp, log_target=True, reduction="sum").item()
             count += targets.numel()
             progress.update(i + 1, {})
@@ -68,7 +73,8 @@ def evaluate_exits(adapter: ModelAdapter, space: NestedSpace, examples: list[Exa
         loss = sums[spec]["nll"] / count
         rows.append({"spec": spec.label, **spec.to_dict(), "relative_cost": (costs or {}).get(spec.label),
                      "loss": loss, "perplexity": math.exp(min(loss, 80.0)),
-                     "top1_accuracy": sums[spec]["hit"] / count,
+                     "top1_accuracy": sums[spec]["hit"] / count, "top2_accuracy": sums[spec]["hit2"] / count,
+                     "top4_accuracy": sums[spec]["hit4"] / count,
                      "top1_agreement": sums[spec]["agree"] / count, "kl_to_full": sums[spec]["kl"] / count,
                      "tokens": count})
     return rows
@@ -89,9 +95,12 @@ def generation_examples(generate: Callable[[list[list[int]]], list[list[int]]], 
 
 
 def add_generation_agreement(rows: list[dict[str, Any]], scored: list[dict[str, Any]]) -> None:
-    """Copy the scores on the full depth's own generations into each exit's row."""
+    """Copy the scores on the full depth's own generations into each exit's row. gen_top2 / gen_top4: the
+    full depth's token is among the exit's 2 / 4 most probable, the acceptance a draft tree that offers
+    that many candidates at a position would see there (a chain of single drafts sees gen_agreement)."""
     for row, s in zip(rows, scored):
-        row.update(gen_agreement=s["top1_accuracy"], gen_kl=s["kl_to_full"], gen_tokens=s["tokens"])
+        row.update(gen_agreement=s["top1_accuracy"], gen_top2=s["top2_accuracy"], gen_top4=s["top4_accuracy"],
+                   gen_kl=s["kl_to_full"], gen_tokens=s["tokens"])
 
 
 def write_report(rows: list[dict[str, Any]], output: str | os.PathLike, title: str = "") -> Path:
