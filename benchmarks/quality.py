@@ -155,7 +155,7 @@ RECIPES: dict[str, list[str]] = {
     # from the full depth at 3x (with the teacher's KL unchanged) pulls them towards what is scored.
     "agree-xl-layer-selfkd3": [*AGREE_XL, "--set", "exit_heads=layer", "--set", "distill_weight=3"],
     # Twice the samples (gen32, ~4 GPU-minutes with the grouped-attention sampler), 94.7% of an epoch:
-    # 32,400 generated rows an epoch (about half record of gen32) and ~2,140 steps, as many draws as
+    # 32,400 generated rows an epoch (about half of gen32) and ~2,140 steps, as many draws as
     # agree-xl2-layer's two epochs over gen16, which repeat records instead. Round 5's 2.7x the records
     # bought +0.02 agreement.
     "agree-xl-layer-g32": [*agree_xl("gen32"), "--set", "mix_ratio=0.9474", "--set", "exit_heads=layer"],
