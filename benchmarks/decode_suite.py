@@ -142,9 +142,13 @@ def kernels_per_layer(rt: Runtime, prompt: list[int], spec=None) -> dict:
             with profile(activities=acts) as prof:
                 fn(*args)
                 sync(rt.device)
+    times: collections.Counter = collections.Counter()  # kernel -> device µs in the step (CUDA only)
     if cuda:
-        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                 and not e.name.startswith(("Memcpy", "Memset"))]
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith(("Memcpy", "Memset"))]
+        names = [e.name for e in kernels]
+        for e in kernels:
+            times[e.name[:60]] += e.time_range.elapsed_us()
     else:
         def top_level(e) -> bool:  # an aten op not called by another aten op
             parent = e.cpu_parent
@@ -154,8 +158,10 @@ def kernels_per_layer(rt: Runtime, prompt: list[int], spec=None) -> dict:
 
         names = [e.name for e in prof.events() if e.name.startswith("aten::") and top_level(e)]
     top = collections.Counter(n[:60] for n in names).most_common(8)
+    # Where the step's device time goes: what a sliced plan spends that its exported model does not.
     return {"per_layer": len(names) / depth, "total": len(names), "unit": "CUDA kernels" if cuda else "aten ops",
-            "top": top}
+            "top": top, "time_top": [(n, round(us, 1)) for n, us in times.most_common(8)],
+            "device_us": round(sum(times.values()), 1)}
 
 
 def mixed_batch_rate(rt: Runtime, requests: int, rows: int, new: int, prompt_len: int, fractions=(0.3, 0.5, 1.0)) -> dict:
@@ -278,6 +284,9 @@ def run_suite(args) -> None:
         def sub(self, label: str, spec: dict) -> None:
             suite.row(self.name, 1, f"runtime fused {label}", lambda: runtime_rate(self.fused, self.p1, new, spec=spec))
 
+        def sub_kernels(self, label: str, spec: dict) -> None:  # the sliced step's kernels and their device time
+            suite.row(self.name, 1, f"{label} kernels", lambda: {"fused": kernels_per_layer(self.fused, self.p1[0], spec)})
+
         def exported(self, label: str, spec: dict) -> None:
             def rate():
                 sub = self.adapter.extract(spec).eval()
@@ -291,6 +300,20 @@ def run_suite(args) -> None:
                         torch.cuda.empty_cache()
 
             suite.row(self.name, 1, f"exported {label} fused", rate)
+
+        def exported_kernels(self, label: str, spec: dict) -> None:
+            def count():
+                sub = self.adapter.extract(spec).eval()
+                rt = Runtime(sub, graphs=cuda, compile_fn=fused_fn, **opts)
+                try:
+                    return {"fused": kernels_per_layer(rt, self.p1[0])}
+                finally:
+                    del rt, sub
+                    gc.collect()
+                    if cuda:
+                        torch.cuda.empty_cache()
+
+            suite.row(self.name, 1, f"exported {label} kernels", count)
 
         def batch(self, batch: int, kind: str = "fused") -> None:
             pb = prompts_for(self.model, batch)
@@ -342,6 +365,8 @@ def run_suite(args) -> None:
     for b in batches:
         big.batch(b)
     big.exported("half width", half_width)
+    big.sub_kernels("half width", half_width)
+    big.exported_kernels("half width", half_width)
     smol.mixed()
     big.hf()
     smol.sdpa()
@@ -357,6 +382,9 @@ def print_suite(suite: Suite, args) -> None:
             for kind in ("eager", "fused"):
                 if kind in r:
                     print(f"{r['model']} {kind} step ({r['method']}), most launched: {r[kind]['top']}")
+                    if r[kind].get("time_top"):
+                        print(f"{r['model']} {kind} step ({r['method']}), {r[kind]['device_us']} µs on the device, "
+                              f"most time: {r[kind]['time_top']}")
     print(f"\ntotal wall time {time.perf_counter() - suite.start:.0f}s\n")
     print("| model | batch | method | decode tok/s | vs HF static+compile | vs runtime full (same batch) | warm-up s | notes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -393,8 +421,9 @@ def print_suite(suite: Suite, args) -> None:
             continue
         f = r["fused"]
         if "eager" not in r:  # a variant's fused step alone
-            print(f"| {r['model']} | 1 | {f['unit']} per layer, fused, {r['method'].split(' ', 1)[0]} GEMMs | "
-                  f"{f['per_layer']:.1f} | | | | per step {f['total']} |")
+            print(f"| {r['model']} | 1 | {f['unit']} per layer, fused, {r['method'][: -len(' kernels')]} | "
+                  f"{f['per_layer']:.1f} | | | | per step {f['total']}"
+                  + (f", {f['device_us']:.0f} µs on the device" if f.get("time_top") else "") + " |")
             continue
         e = r["eager"]
         print(f"| {r['model']} | 1 | {e['unit']} per layer, eager -> fused | {e['per_layer']:.1f} -> {f['per_layer']:.1f} "
