@@ -51,7 +51,8 @@ AGREE_BIG = [*AGREE[:-4], "--set", "mix_data=@gen6", "--set", "mix_ratio=0.75"]
 G16_AS_GEN6 = ["--set", "mix_data=@gen16", "--set", "mix_rows=0:10800", "--set", "mix_ratio=0.75"]
 # The full depth leans on the teacher (KL x3) instead of labels x3.
 FULL_BY_TEACHER = ["--set", "teacher_full_weight=3", "--set", "exit_weights=[1,1,1,1,1]"]
-# Round 5's best (`--recipe agree`): from the SFT run, one epoch of which 90% is gen16's samples.
+# Round 5's best: from the SFT run, one epoch of which 90% is the teacher's samples (gen16 by default);
+# `--recipe agree` is this with exit layers (round 8).
 def agree_xl(data: str = "gen16") -> list[str]:
     return ["--model", "@sft", *AGREE[:-4], "--epochs", "1", "--set", f"mix_data=@{data}", "--set", "mix_ratio=0.9",
             *LR3, *FULL_BY_TEACHER]
@@ -184,6 +185,7 @@ DATA_STEPS: dict[str, list[str]] = {
     # set): general text against the full depth's WikiText regression.
     "gentext": ["--teacher", "@sft", "--text", PREFIX_TEXT, "--prefixes", "4000", "--prefix-tokens", "64",
                 "--samples", "1", "--max-new-tokens", "192", "--batch-size", "1024"],
+    # Twice gen16's samples per prompt, for agree-xl-layer-g32.
     "gen32": ["--teacher", "@sft", "--samples", "32", "--temperature", "0.8", "--top-p", "0.95",
               "--max-new-tokens", "256", "--batch-size", "1024"],
     # gen16 drawn cooler (round 9): closer to the greedy text that agreement is scored on.
