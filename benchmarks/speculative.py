@@ -6,6 +6,10 @@
 - HF `generate(assistant_early_exit=n)` beside HF's own plain generate;
 - output equality with plain greedy: in the run's dtype and in float32.
 
+The policy is tuned on `--tune-prompts` prompts and timed on the next ones, never on those it was tuned
+on: batch 1 on `--eval-prompts` prompts, each decoded alone (total tokens over total decode seconds),
+batch b on b of them together.
+
 Greedy, every generation forced to `--new-tokens` (EOS does not stop it); decode time excludes prefill and
 is measured after an identical untimed run of the same setting (every step compiled and its CUDA graph
 recorded), with device synchronisation. Compile / warm-up seconds are reported apart from decode speed,
@@ -90,23 +94,34 @@ def open_runtime(path: str, exits: str | None, dtype: torch.dtype, device: str, 
             model, False)
 
 
-def batch_rate(rt: Runtime, rows: list[list[int]], new: int, **kwargs) -> dict:
-    """Decode tokens/s of all rows together (after an identical untimed run, whose seconds and compile
-    seconds are reported apart), plus speculation stats and compiles during the timed run (should be 0)."""
+def batch_rate(rt: Runtime, rows: list[list[int]], new: int, serial: bool = False, **kwargs) -> dict:
+    """Decode tokens/s of all rows together, or with `serial` of each row alone at batch 1, one after
+    another (total tokens over total decode seconds); each after an identical untimed run, whose seconds
+    and compile seconds are reported apart. Plus speculation stats and compiles during the timed runs
+    (should be 0)."""
+    groups = [[row] for row in rows] if serial else [rows]
     log = rt.compile_log
     compile_s, start = log.seconds, time.perf_counter()
-    rt.generate(rows, max_new_tokens=new, stop_ids=set(), **kwargs)
+    for group in groups:
+        rt.generate(group, max_new_tokens=new, stop_ids=set(), **kwargs)
     warmup_s, compile_s = time.perf_counter() - start, log.seconds - compile_s
     before = log.compiles
-    g = rt.generate(rows, max_new_tokens=new, stop_ids=set(), **kwargs)
-    out = {"tok_s": g.decode_tokens_per_s, "tokens": g.tokens, "warmup_s": warmup_s, "compile_s": compile_s,
-           "timed_compiles": log.compiles - before}
+    runs = [rt.generate(group, max_new_tokens=new, stop_ids=set(), **kwargs) for group in groups]
+    decoded = [sum(len(t) - 1 for t in g.tokens) for g in runs]  # the first token comes from the prefill
+    seconds = sum(n / g.decode_tokens_per_s for n, g in zip(decoded, runs) if g.decode_tokens_per_s)
+    out = {"tok_s": sum(decoded) / seconds if seconds else 0.0, "tokens": [t for g in runs for t in g.tokens],
+           "warmup_s": warmup_s, "compile_s": compile_s, "timed_compiles": log.compiles - before}
     if kwargs.get("speculative"):
-        out["acceptance"] = g.stats["accepted"] / max(g.stats["drafted"], 1)
-        steps = g.stats["rounds"] + g.stats.get("plain_steps", 0)  # a plain step is a round of one token
-        out["tokens_per_round"] = sum(len(t) - 1 for t in g.tokens) / max(steps, 1) / len(rows)
-        out["plain_steps"] = g.stats.get("plain_steps", 0) / max(steps, 1)
-        out["exits"] = g.stats.get("exits")
+        total = {key: sum(g.stats.get(key, 0) for g in runs) for key in ("accepted", "drafted", "rounds", "plain_steps")}
+        out["acceptance"] = total["accepted"] / max(total["drafted"], 1)
+        steps = total["rounds"] + total["plain_steps"]  # a plain step is a round of one token
+        out["tokens_per_round"] = sum(decoded) / max(steps, 1) / len(groups[0])
+        out["plain_steps"] = total["plain_steps"] / max(steps, 1)
+        exits: dict = {}
+        for g in runs:
+            for e, v in (g.stats.get("exits") or {}).items():
+                exits[e] = [a + b for a, b in zip(exits.get(e, [0, 0, 0]), v)]
+        out["exits"] = exits
     return out
 
 
@@ -204,6 +219,8 @@ def main() -> None:
     parser.add_argument("--rows", default="1800:2000", help="held-out record slice")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--tune-prompts", type=int, default=2, help="prompts per batch-1 sweep setting")
+    parser.add_argument("--eval-prompts", type=int, default=8,
+                        help="prompts timed at batch 1, each alone, after the tune prompts (never tuned on)")
     parser.add_argument("--lengths", default="1,2,3,4",
                         help="draft lengths swept (thresholds and the adaptive policy draft up to twice the longest)")
     parser.add_argument("--thresholds", default="0.4,0.7", help="confidence thresholds tried with a longer draft")
@@ -251,11 +268,15 @@ def main() -> None:
     errors: dict = {}
 
     probe, _, _ = open_runtime(args.ckpt, args.exits, torch.float32, "cpu", 8, False)  # for the prompts only
-    prompts = instruction_prompts(probe, args.prompts, args.rows, max(batches + [args.tune_prompts]))
-    while len(prompts) < max(batches):  # a small data slice: reuse prompts to fill the batch
+    # The policy is tuned on the first prompts and timed on the ones after them, so no figure is
+    # measured on a prompt it was chosen on.
+    prompts = instruction_prompts(probe, args.prompts, args.rows,
+                                  args.tune_prompts + max(batches + [args.eval_prompts, 4]))
+    tune_prompts, prompts = prompts[: args.tune_prompts], prompts[args.tune_prompts:]
+    while len(prompts) < max(batches + [args.eval_prompts]):  # a small data slice: reuse prompts to fill it
         prompts = prompts + prompts
     del probe
-    max_len = max(len(p) for p in prompts) + args.new_tokens + 32
+    max_len = max(len(p) for p in tune_prompts + prompts) + args.new_tokens + 32
     rt, hf_model, checkpoint = open_runtime(args.ckpt, args.exits, dtype, device, max_len, graphs, compile_fn)
     if args.fused:  # one compiled verify step per exit serves every draft length, thresholds and adaptive
         rt.verify_width = longest
@@ -270,7 +291,7 @@ def main() -> None:
     DEADLINE[0] = started + args.time_budget
     sweep_deadline = started + args.sweep_share * args.time_budget
     progress: list[dict] = []  # what the sweep timed so far: printed if it is interrupted
-    choice = guarded("sweep", lambda: autotune(rt, prompts[: args.tune_prompts], args.new_tokens,
+    choice = guarded("sweep", lambda: autotune(rt, tune_prompts, args.new_tokens,
                                                draft_lengths=lengths, thresholds=thresholds,
                                                deadline=sweep_deadline, progress=progress), results, errors)
     if choice is None and progress:
@@ -295,7 +316,7 @@ def main() -> None:
                                   compile_fn if same else None)
         rt32.verify_width = rt.verify_width if same else None
         with_policy(rt32, choice)
-        rows = prompts[: max(args.tune_prompts, 4)]
+        rows = prompts[:4]
         plain = [rt32.generate([p], max_new_tokens=args.new_tokens, stop_ids=set()).tokens[0] for p in rows]
         out = {}
         for name, settings in policies.items():
@@ -339,11 +360,12 @@ def main() -> None:
     for b in batches:
         if b > 1 and args.float32_kind == "unfused":
             check_float32()
-        rows = prompts[:b]
+        rows = prompts[: args.eval_prompts] if b == 1 else prompts[:b]  # batch 1: each of them alone
         if b > 1 and too_long(b, f"plain b{b}", None):
             continue
         # Batch 1 reuses the sweep's compiled steps (seconds of decoding): it runs even past the budget.
-        plain = guarded(f"plain b{b}", lambda: batch_rate(rt, rows, args.new_tokens), results, errors, b == 1)
+        plain = guarded(f"plain b{b}", lambda: batch_rate(rt, rows, args.new_tokens, serial=b == 1), results, errors,
+                        b == 1)
         for name, settings in policies.items():
             if b > 1 and name == "adaptive":  # its own compiles at every batch size: batch 1 shows it
                 continue
@@ -351,8 +373,8 @@ def main() -> None:
                 continue
             ready.setdefault(b, set()).update({e["exit"] for e in choice["exits"]} if settings.get("adaptive_draft")
                                               else {settings["draft_depth"]})
-            spec = guarded(f"{name} b{b}", lambda s=settings: batch_rate(rt, rows, args.new_tokens, speculative=True,
-                                                                        **s), results, errors, b == 1)
+            spec = guarded(f"{name} b{b}", lambda s=settings: batch_rate(rt, rows, args.new_tokens, serial=b == 1,
+                                                                        speculative=True, **s), results, errors, b == 1)
             if spec and plain:
                 spec["speedup"] = spec["tok_s"] / plain["tok_s"] if plain["tok_s"] else 0.0
                 spec["same"] = agreement(spec["tokens"], plain["tokens"])
@@ -468,15 +490,16 @@ def print_tables(results: dict, errors: dict, policies: dict, batches: list[int]
 
     for b in batches:
         plain = results.get(f"plain b{b}")
+        batch = f"1 ({len(plain['tokens'])} prompts, each alone)" if plain and b == 1 else str(b)
         if plain:
-            print(f"| {b} | plain | {plain['tok_s']:.1f} | 1.00x | | | | | {cost(plain)} |")
+            print(f"| {batch} | plain | {plain['tok_s']:.1f} | 1.00x | | | | | {cost(plain)} |")
         for name, settings in policies.items():
             r = results.get(f"{name} b{b}")
             if r and "speedup" in r:
                 same, prefix = r["same"]
-                print(f"| {b} | {name}: {label_of(settings)} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
-                      f"{r['acceptance']:.3f} | {r['tokens_per_round']:.2f} | {r['plain_steps']:.0%} | {same}/{b}, "
-                      f"{prefix:.3f} | {cost(r)} |")
+                print(f"| {batch} | {name}: {label_of(settings)} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
+                      f"{r['acceptance']:.3f} | {r['tokens_per_round']:.2f} | {r['plain_steps']:.0%} | "
+                      f"{same}/{len(r['tokens'])}, {prefix:.3f} | {cost(r)} |")
     f32 = results.get("float32 equality")
     if f32:
         for name, rows in f32.items():
