@@ -6,8 +6,8 @@
 #   1. the model put together and benchmarks/gpu_setup.sh;
 #   2. issue 19's round (ROUND, JOBS) started in the background: it trains on across later calls;
 #   3. gpu_agree.sh wait for what is left of the call.
-# Later calls: `bash benchmarks/gpu_agree.sh wait 560` until the round ends, then
-# `bash benchmarks/gpu_speculative.sh /root/quality/<best>` (issue 14). A machine given back between
+# Later calls, with the same carry: `bash benchmarks/gpu_next.sh`, each call the same command (it waits
+# on the round, then runs issue 14's, 13's and 18's measurements in turn). A machine given back between
 # calls loses the round's checkpoints (only tables, logs and generated data come back in $OUT), so
 # keep the calls back to back.
 set -uo pipefail
