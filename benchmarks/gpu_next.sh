@@ -33,20 +33,11 @@ if pending round; then
 fi
 
 if pending spec; then
-  best=$(python3 - <<'EOF'
-import json, pathlib
-path = pathlib.Path("/root/quality/results.json")
-results = json.loads(path.read_text()) if path.is_file() else {}
-def mean_agreement(r):  # the exits' agreement on generations; the full depth left out
-    values = [e.get("gen_agreement") for e in r.get("exits", [])[:-1]]
-    return sum(values) / len(values) if values and None not in values else -1.0
-ranked = sorted(((mean_agreement(r), n) for n, r in results.items() if n not in ("sft", "_data") and isinstance(r, dict)), reverse=True)
-print(f"/root/quality/{ranked[0][1]}" if ranked and ranked[0][0] >= 0 else "")
-EOF
-)
+  best=$(python3 benchmarks/best_recipe.py /root/quality/results.json)
   if [ -z "$best" ]; then
     echo "== no trained recipe with agreement figures: spec skipped"
   else
+    best=/root/quality/$best
     fits 340 "spec ($best)"
     echo "== spec on $best ($SECONDS s)"
     timeout -k 20 320 python3 benchmarks/speculative.py --ckpt "$best" --prompts /root/data/alpaca_2000.json \
