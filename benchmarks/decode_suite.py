@@ -287,33 +287,25 @@ def run_suite(args) -> None:
         def sub_kernels(self, label: str, spec: dict) -> None:  # the sliced step's kernels and their device time
             suite.row(self.name, 1, f"{label} kernels", lambda: {"fused": kernels_per_layer(self.fused, self.p1[0], spec)})
 
-        def exported(self, label: str, spec: dict) -> None:
-            def rate():
-                sub = self.adapter.extract(spec).eval()
-                rt = Runtime(sub, graphs=cuda, compile_fn=fused_fn, **opts)
-                try:
-                    return runtime_rate(rt, self.p1, new)
-                finally:
-                    del rt, sub
-                    gc.collect()
-                    if cuda:
-                        torch.cuda.empty_cache()
+        def on_exported(self, spec: dict, measure):
+            """measure(runtime) on a fused runtime of the exported `spec` model, freed afterwards."""
+            sub = self.adapter.extract(spec).eval()
+            rt = Runtime(sub, graphs=cuda, compile_fn=fused_fn, **opts)
+            try:
+                return measure(rt)
+            finally:
+                del rt, sub
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
 
-            suite.row(self.name, 1, f"exported {label} fused", rate)
+        def exported(self, label: str, spec: dict) -> None:
+            suite.row(self.name, 1, f"exported {label} fused",
+                      lambda: self.on_exported(spec, lambda rt: runtime_rate(rt, self.p1, new)))
 
         def exported_kernels(self, label: str, spec: dict) -> None:
-            def count():
-                sub = self.adapter.extract(spec).eval()
-                rt = Runtime(sub, graphs=cuda, compile_fn=fused_fn, **opts)
-                try:
-                    return {"fused": kernels_per_layer(rt, self.p1[0])}
-                finally:
-                    del rt, sub
-                    gc.collect()
-                    if cuda:
-                        torch.cuda.empty_cache()
-
-            suite.row(self.name, 1, f"exported {label} kernels", count)
+            suite.row(self.name, 1, f"exported {label} kernels",
+                      lambda: self.on_exported(spec, lambda rt: {"fused": kernels_per_layer(rt, self.p1[0])}))
 
         def batch(self, batch: int, kind: str = "fused") -> None:
             pb = prompts_for(self.model, batch)
@@ -335,8 +327,9 @@ def run_suite(args) -> None:
             row = suite.row(self.name, 1, "runtime fused, autotuned GEMMs", lambda: runtime_rate(rt, self.p1, new),
                             bound_tok_s=self.bound)
             suite.row(self.name, 1, "autotuned kernels", lambda: {"fused": kernels_per_layer(rt, self.p1[0])})
-            if row and suite.get(self.name, 1, "runtime eager"):
-                row["agreement_vs_eager"] = agreement(row["tokens"], suite.get(self.name, 1, "runtime eager")["tokens"])
+            eager = suite.get(self.name, 1, "runtime eager")
+            if row and eager:
+                row["agreement_vs_eager"] = agreement(row["tokens"], eager["tokens"])
 
         def sdpa(self) -> None:  # the attention choice, measured: SDPA's fused kernels instead of math codegen
             rt = Runtime(self.model, adapter=self.adapter, graphs=cuda, compile_fn=lambda fn: fused_fn(fn, False), **opts)
